@@ -1,0 +1,262 @@
+"""`AdapterBank`: the validated tensors of one adapted layer and the routers over them."""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Iterable, Sequence
+
+import torch
+
+from . import routing as rt
+
+METHODS = ("seqr", "spectr", "arrow", "naive")
+ROUTE_METHODS = METHODS + ("lag",)
+
+
+def _check_finite(t: torch.Tensor, what: str, names: Sequence[str]) -> None:
+    """Raise naming the first adapter whose slice of t (adapter axis first) holds NaN or inf."""
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)  # (N,)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{what} of adapter {names[i]!r} (index {i}) contains NaN or inf")
+
+
+class AdapterBank:
+    """N rank-r LoRA updates of one linear layer (m x n), prepared for routing.
+
+    A: (r, n) shared by all adapters (SEQR), or (N, r, n) one per adapter (baselines only).
+    B: (N, m, r) with the LoRA scaling already folded in.
+    mu, sigma: (N,) activation-norm statistics of each adapter on its own data (optional).
+
+    Stored: A, B, and for a shared A the packed Grams G_i = R_i^T R_i (r(r+1)/2 numbers per adapter), i.e.
+    n*r + N*(m*r + r(r+1)/2) numbers. SVD factors for the baselines are computed on first use.
+    """
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, *, mu=None, sigma=None, names: Sequence[str] | None = None):
+        if not isinstance(B, torch.Tensor) or B.dim() != 3:
+            raise ValueError(f"B must be a tensor of shape (N, m, r), got {_shape(B)}")
+        N, m, r = B.shape
+        if N == 0:
+            raise ValueError("an AdapterBank needs at least one adapter, got N=0")
+        if r == 0 or m == 0:
+            raise ValueError(f"B must have positive m and r, got shape {tuple(B.shape)}")
+        names = [str(i) for i in range(N)] if names is None else list(names)
+        if len(names) != N:
+            raise ValueError(f"got {len(names)} names for {N} adapters")
+        if len(set(names)) != N:
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"adapter names must be unique, got duplicates {dup}")
+        if not isinstance(A, torch.Tensor) or A.dim() not in (2, 3):
+            raise ValueError(f"A must be a tensor of shape (r, n) or (N, r, n), got {_shape(A)}")
+        if A.shape[-2] != r or (A.dim() == 3 and A.shape[0] != N):
+            want = f"({r}, n)" if A.dim() == 2 else f"({N}, {r}, n)"
+            raise ValueError(f"A has shape {tuple(A.shape)} but B {tuple(B.shape)} needs {want}")
+        for t, what in ((A, "A"), (B, "B")):
+            if not t.is_floating_point():
+                raise ValueError(f"{what} must be a floating-point tensor, got dtype {t.dtype}")
+        if A.dtype != B.dtype:
+            raise ValueError(f"A and B must share a dtype, got {A.dtype} and {B.dtype}")
+        _check_finite(B, "B", names)
+        if A.dim() == 3:
+            _check_finite(A, "A", names)
+        elif not torch.isfinite(A).all():
+            raise ValueError("the shared A contains NaN or inf")
+        self.names: list[str] = names
+        self.index = {n: i for i, n in enumerate(names)}
+        self.A, self.B = A, B
+        self.mu, self.sigma = self._check_stats(mu, sigma, N, B)
+        self.shared_a = A.dim() == 2
+        if self.shared_a:
+            _, R = rt.qr_positive(B.to(rt.compute_dtype(B.dtype)))  # (N, r, r)
+            self.G_packed = rt.pack_gram(R)  # (N, r(r+1)/2)
+
+    def _check_stats(self, mu, sigma, N, B):
+        if (mu is None) != (sigma is None):
+            raise ValueError("mu and sigma must be given together")
+        if mu is None:
+            return None, None
+        cdt = rt.compute_dtype(B.dtype)
+        mu = torch.as_tensor(mu, dtype=cdt, device=B.device)
+        sigma = torch.as_tensor(sigma, dtype=cdt, device=B.device)
+        for t, what in ((mu, "mu"), (sigma, "sigma")):
+            if t.shape != (N,):
+                raise ValueError(f"{what} must have shape ({N},), got {tuple(t.shape)}")
+            _check_finite(t[:, None], what, self.names)
+        if (sigma <= 0).any():
+            i = int((sigma <= 0).nonzero()[0])
+            raise ValueError(f"sigma of adapter {self.names[i]!r} must be positive, got {float(sigma[i])}")
+        return mu, sigma
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def num_adapters(self) -> int:
+        return self.B.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(N, m, n, r)."""
+        N, m, r = self.B.shape
+        return N, m, self.A.shape[-1], r
+
+    @property
+    def numel(self) -> int:
+        """Numbers held for routing and updates (excluding the stats and lazily built baseline factors)."""
+        return self.A.numel() + self.B.numel() + (self.G_packed.numel() if self.shared_a else 0)
+
+    @cached_property
+    def _svd(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cdt = rt.compute_dtype(self.B.dtype)
+        return rt.svd_factors(self.B.to(cdt), self.A.to(cdt))  # S (N, r), V (N, n, r)
+
+    @cached_property
+    def _prototypes(self) -> torch.Tensor:
+        return self._svd[1][:, :, 0].contiguous()  # (N, n): ARROW's top right singular vectors
+
+    @cached_property
+    def _mean_B(self) -> torch.Tensor:
+        return self.B.mean(dim=0)  # (m, r)
+
+    # ----------------------------------------------------------------------------------------------
+    def _flat(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        n = self.A.shape[-1]
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != n:
+            raise ValueError(f"x must have shape (..., {n}), got {_shape(x)}")
+        return x.reshape(-1, n), tuple(x.shape[:-1])
+
+    def z(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared projection z = A x, computed once per token: (..., n) -> (..., r)."""
+        if not self.shared_a:
+            raise ValueError("z = A x needs a shared A; this bank has one A per adapter")
+        return x @ self.A.to(x.dtype).T  # (..., r)
+
+    def scores(self, x: torch.Tensor, method: str = "seqr", *, z: torch.Tensor | None = None) -> torch.Tensor:
+        """(…, N) routing scores. Norm methods are z-scored with mu/sigma when set; arrow gives |v_i.x|."""
+        xf, lead = self._flat(x)
+        self._check_method(method, METHODS)
+        cdt = rt.compute_dtype(self.B.dtype)
+        out = torch.empty(xf.shape[0], self.num_adapters, dtype=cdt, device=xf.device)  # (T, N)
+        zf = None if z is None else z.reshape(-1, z.shape[-1])
+        N, m, n, r = self.shape
+        width = {"seqr": N + r * (r + 1), "spectr": 2 * N * r, "arrow": N, "naive": 2 * N}[method]
+        for c in rt.token_chunks(xf.shape[0], width):
+            out[c] = self._scores_flat(xf[c].to(cdt), method, None if zf is None else zf[c].to(cdt))
+        return out.view(*lead, self.num_adapters)
+
+    def _scores_flat(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
+        if method == "seqr":
+            z = x @ self.A.to(x.dtype).T if z is None else z  # (T, r)
+            return rt.zscore(rt.seqr_norms(z, self.G_packed), self.mu, self.sigma)  # (T, N)
+        if method == "arrow":
+            return rt.arrow_scores(x, self._prototypes)  # (T, N)
+        if method == "spectr":
+            S, V = self._svd
+            return rt.zscore(rt.spectr_norms(x, S, V), self.mu, self.sigma)  # (T, N)
+        norms = rt.naive_norms(x, self.A.to(x.dtype), self.B.to(x.dtype))  # (T, N)
+        return rt.zscore(norms, self.mu, self.sigma)
+
+    def route(self, x: torch.Tensor, method: str = "seqr", *, k: int | None = None, allowed=None,
+              z: torch.Tensor | None = None) -> torch.Tensor:
+        """Chosen adapter index per token, (…,) LongTensor. `allowed`: names, indices or a bool mask
+        of shape (N,) or (…, N); an adapter outside it is never chosen. `lag` takes k."""
+        xf, lead = self._flat(x)
+        self._check_method(method, ROUTE_METHODS)
+        mask = self.allowed_mask(allowed, xf.shape[0], lead)  # None, (1, N) or (T, N)
+        if method != "lag":
+            if k is not None:
+                raise ValueError(f"k is only used by method 'lag', got k={k} with method {method!r}")
+            idx = rt.masked_argmax(self.scores(xf, method, z=z), mask)  # (T,)
+            return idx.view(lead)
+        N = self.num_adapters
+        if k is None or not (1 <= int(k) <= N):
+            raise ValueError(f"lag needs k in [1, {N}], got k={k}")
+        S, V = self._svd
+        cdt = rt.compute_dtype(self.B.dtype)
+        idx = torch.empty(xf.shape[0], dtype=torch.long, device=xf.device)
+        for c in rt.token_chunks(xf.shape[0], N + int(k) * V.shape[1] * V.shape[2]):
+            mc = None if mask is None else (mask if mask.shape[0] == 1 else mask[c])
+            idx[c] = rt.lag_route(xf[c].to(cdt), self._prototypes, S, V, int(k), mc, self.mu, self.sigma)
+        return idx.view(lead)
+
+    def allowed_mask(self, allowed, T: int, lead: tuple[int, ...] = ()) -> torch.Tensor | None:
+        """Normalise `allowed` to a bool mask of shape (1, N) or (T, N); None means every adapter."""
+        if allowed is None:
+            return None
+        N = self.num_adapters
+        if isinstance(allowed, torch.Tensor) and allowed.dtype == torch.bool:
+            if allowed.shape[-1] != N or allowed.shape[:-1] not in ((), lead, (T,)):
+                raise ValueError(f"allowed mask must have shape ({N},) or {(*lead, N)}, got {tuple(allowed.shape)}")
+            mask = allowed.reshape(-1, N).to(self.B.device)
+        else:
+            mask = torch.zeros(1, N, dtype=torch.bool, device=self.B.device)
+            mask[0, self.indices(allowed)] = True
+        empty = ~mask.any(dim=-1)
+        if empty.any():
+            raise ValueError(f"allowed set is empty for token {int(empty.nonzero()[0])}: no adapter can be chosen")
+        return mask
+
+    def indices(self, items: Iterable) -> list[int]:
+        """Adapter names or indices -> indices, with an error naming every unknown item."""
+        if isinstance(items, (str, int)):
+            items = [items]
+        out, unknown = [], []
+        for it in (items.tolist() if isinstance(items, torch.Tensor) else items):
+            if isinstance(it, str):
+                (out.append(self.index[it]) if it in self.index else unknown.append(it))
+            elif isinstance(it, int) and not isinstance(it, bool) and 0 <= it < self.num_adapters:
+                out.append(it)
+            else:
+                unknown.append(it)
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {unknown}; known: {self.names}")
+        return out
+
+    # ----------------------------------------------------------------------------------------------
+    def delta(self, x: torch.Tensor, index, *, z: torch.Tensor | None = None) -> torch.Tensor:
+        """The chosen adapter's update B_i A x per token: (…, n) -> (…, m). `index`: an int, a name, or
+        a LongTensor of the leading shape. Only the adapters actually chosen are touched."""
+        xf, lead = self._flat(x)
+        T = xf.shape[0]
+        if isinstance(index, (int, str)):
+            idx = torch.full((T,), self.indices(index)[0], dtype=torch.long, device=xf.device)
+        else:
+            idx = torch.as_tensor(index, device=xf.device).reshape(-1)
+            if idx.shape[0] != T:
+                raise ValueError(f"index must have shape {lead}, got {tuple(torch.as_tensor(index).shape)}")
+            if idx.numel() and (idx.min() < 0 or idx.max() >= self.num_adapters):
+                raise ValueError(f"index out of range [0, {self.num_adapters}): {idx.min()}..{idx.max()}")
+        if self.shared_a:
+            zf = (xf @ self.A.to(xf.dtype).T) if z is None else z.reshape(T, -1).to(xf.dtype)  # (T, r)
+        out = xf.new_empty(T, self.B.shape[1])  # (T, m)
+        order = torch.argsort(idx, stable=True)  # tokens grouped by adapter
+        used, counts = torch.unique_consecutive(idx[order], return_counts=True)
+        for i, rows in zip(used.tolist(), torch.split(order, counts.tolist())):
+            zi = zf[rows] if self.shared_a else xf[rows] @ self.A[i].to(xf.dtype).T  # (t, r)
+            out[rows] = zi @ self.B[i].to(xf.dtype).T  # (t, m)
+        return out.view(*lead, -1)
+
+    def mean_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """MU baseline: the mean of all N updates, (1/N) sum_i B_i A_i x, without forming any m x n matrix."""
+        xf, lead = self._flat(x)
+        N, m, n, r = self.shape
+        if self.shared_a:
+            y = (xf @ self.A.to(xf.dtype).T) @ self._mean_B.to(xf.dtype).T  # (T, m)
+        else:
+            zs = xf @ self.A.reshape(N * r, n).to(xf.dtype).T  # (T, N*r)
+            y = zs @ self.B.permute(1, 0, 2).reshape(m, N * r).to(xf.dtype).T / N  # (T, m)
+        return y.view(*lead, m)
+
+    # ----------------------------------------------------------------------------------------------
+    def _check_method(self, method: str, valid: tuple[str, ...]) -> None:
+        if method not in valid:
+            raise ValueError(f"unknown routing method {method!r}; expected one of {list(valid)}")
+        if method == "seqr" and not self.shared_a:
+            raise ValueError("method 'seqr' needs a shared A (one frozen A for all adapters); this bank has "
+                             "one A per adapter, so use 'spectr', 'arrow', 'lag' or 'naive'")
+
+    def __repr__(self) -> str:
+        N, m, n, r = self.shape
+        return (f"AdapterBank(N={N}, m={m}, n={n}, r={r}, shared_a={self.shared_a}, "
+                f"calibrated={self.mu is not None}, dtype={self.B.dtype})")
+
+
+def _shape(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"{type(x).__name__}"

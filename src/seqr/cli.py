@@ -1,0 +1,35 @@
+"""`seqr VERB ...`: a small dispatcher; each verb's `main(argv)` lives with the module that owns it."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# verb -> (module, one-line help). Modules are imported only when their verb runs.
+VERBS = {
+    "costs": ("seqr.costs", "print routing MACs and storage per method (the paper's Table 1)"),
+    "bench": ("seqr.bench", "benchmarks: `seqr bench routing` (router speed, --sweep for Figure 5)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: seqr VERB [options]", "", "verbs:"]
+    lines += [f"  {verb:<10} {help_}" for verb, (_, help_) in VERBS.items()]
+    lines += ["", "`seqr VERB --help` shows a verb's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"seqr: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[verb][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

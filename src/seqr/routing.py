@@ -1,0 +1,165 @@
+"""Pure routing math: no I/O, no modules, no files.
+
+Notation follows the paper. One adapted linear layer W (m x n) carries N LoRA updates B_i A_i with
+B_i (m x r) and A_i (r x n). A token x (n,) is routed to one adapter by a score per adapter:
+
+- SEQR (shared A):   z = A x;  B_i = Q_i R_i;  ||B_i A x|| = ||R_i z||,  ||R_i z||^2 = z^T G_i z, G_i = R_i^T R_i
+- SPECTR:            B_i A_i = U_i S_i V_i^T;  score ||S_i V_i^T x||  (= ||B_i A_i x||)
+- ARROW:             v_i = top right singular vector of B_i A_i;  score |v_i . x|
+- naive:             ||B_i A_i x|| computed directly.
+
+Every function takes flat token batches x (T, n) and returns (T, N) or (T,) tensors.
+"""
+from __future__ import annotations
+
+import torch
+
+# Element budget of one temporary block (about 64 MiB of fp32); hot paths chunk tokens to stay under it.
+BLOCK_ELEMENTS = 1 << 24
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores are computed in fp32 at least (bf16/fp16 lose the ordering of close norms), fp64 stays fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def token_chunks(T: int, per_token: int, block: int = BLOCK_ELEMENTS):
+    """Yield slices of the token axis so that each chunk's temporary holds at most `block` elements."""
+    step = max(1, block // max(1, per_token))
+    for start in range(0, T, step):
+        yield slice(start, min(T, start + step))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Offline preprocessing
+# ---------------------------------------------------------------------------------------------------
+
+def qr_positive(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduced QR of every B_i in one batched call, with R_i's diagonal made non-negative (deterministic)."""
+    Q, R = torch.linalg.qr(B, mode="reduced")  # (N, m, r), (N, r, r)
+    sign = torch.where(torch.diagonal(R, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(R.dtype)  # (N, r)
+    return Q * sign[:, None, :], R * sign[:, :, None]  # flip column j of Q and row j of R together
+
+
+def triu_pairs(r: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs (j, k) with j <= k: the r(r+1)/2 coordinates of a packed symmetric r x r matrix."""
+    iu = torch.triu_indices(r, r, device=device)  # (2, P)
+    return iu[0], iu[1]
+
+
+def pack_gram(R: torch.Tensor) -> torch.Tensor:
+    """G_i = R_i^T R_i packed to its upper triangle, off-diagonal entries doubled: (N, r, r) -> (N, P)."""
+    r = R.shape[-1]
+    G = R.transpose(-2, -1) @ R  # (N, r, r)
+    j, k = triu_pairs(r, R.device)
+    weight = torch.where(j == k, 1.0, 2.0).to(R.dtype)  # (P,)
+    return G[:, j, k] * weight  # (N, P)
+
+
+def pack_outer(z: torch.Tensor) -> torch.Tensor:
+    """Packed outer products z_j z_k for j <= k: (T, r) -> (T, P)."""
+    j, k = triu_pairs(z.shape[-1], z.device)
+    return z[:, j] * z[:, k]  # (T, P)
+
+
+def svd_factors(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values and right singular vectors of every B_i A_i, through the rank-r factors only.
+
+    B_i A_i = Q_i R_i (P_i T_i)^T with Aᵢ^T = P_i T_i (QR), so B_i A_i = Q_i (R_i T_i^T) P_i^T and the SVD of the
+    small r x r core R_i T_i^T = U' S W^T gives V_i = P_i W. No m x n matrix is ever formed.
+    Returns S (N, r) descending and V (N, n, r).
+    """
+    _, R = qr_positive(B)  # (N, r, r)
+    At = A.transpose(-2, -1)  # (r, n)->(n, r) shared, or (N, n, r)
+    P, T_ = torch.linalg.qr(At, mode="reduced")  # (…, n, r), (…, r, r)
+    core = R @ T_.transpose(-2, -1)  # (N, r, r)
+    _, S, Wh = torch.linalg.svd(core)  # (N, r), (N, r, r)
+    V = P @ Wh.transpose(-2, -1)  # (N, n, r)
+    return S, V
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scores
+# ---------------------------------------------------------------------------------------------------
+
+def seqr_norms(z: torch.Tensor, G_packed: torch.Tensor) -> torch.Tensor:
+    """||R_i z|| for all adapters from ONE product of packed outer products with the packed Grams."""
+    sq = pack_outer(z) @ G_packed.T  # (T, N)
+    return sq.clamp_min_(0).sqrt_()  # (T, N)
+
+
+def rz_norms(z: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """Reference path: materialise R_i z for every adapter and take its norm."""
+    Rz = torch.einsum("nab,tb->tna", R, z)  # (T, N, r)
+    return Rz.norm(dim=-1)  # (T, N)
+
+
+def spectr_norms(x: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """||S_i V_i^T x|| with the explicit right singular vectors V (N, n, r), as SPECTR computes it."""
+    N, n, r = V.shape
+    proj = x @ V.permute(1, 0, 2).reshape(n, N * r)  # (T, N*r)
+    return (proj.view(-1, N, r) * S).norm(dim=-1)  # (T, N)
+
+
+def spectr_norms_at(x: torch.Tensor, S: torch.Tensor, V: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """SPECTR norms of the k adapters idx (T, k) of each token only: gathers k V_i per token."""
+    T, k = idx.shape
+    Vg = V[idx.reshape(-1)]  # (T*k, n, r)
+    proj = torch.bmm(x.repeat_interleave(k, dim=0)[:, None, :], Vg)[:, 0, :]  # (T*k, r)
+    return (proj * S[idx.reshape(-1)]).norm(dim=-1).view(T, k)  # (T, k)
+
+
+def arrow_scores(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """|v_i . x| for prototypes v (N, n): ARROW's routing logits."""
+    return (x @ v.T).abs_()  # (T, N)
+
+
+def naive_norms(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """||B_i A_i x|| computed directly, adapter block by adapter block (never a (T, N, m) tensor)."""
+    N, m, r = B.shape
+    T = x.shape[0]
+    out = x.new_empty(T, N)
+    a_step = max(1, min(N, BLOCK_ELEMENTS // max(1, T * (m + r))))
+    for a0 in range(0, N, a_step):
+        a = slice(a0, min(N, a0 + a_step))
+        Ab = A if A.dim() == 2 else A[a]  # (r, n) or (b, r, n)
+        z = x @ Ab.T if A.dim() == 2 else torch.einsum("brn,tn->btr", Ab, x)  # (T, r) or (b, T, r)
+        if z.dim() == 2:
+            y = torch.einsum("bmr,tr->btm", B[a], z)  # (b, T, m)
+        else:
+            y = torch.bmm(z, B[a].transpose(1, 2))  # (b, T, m)
+        out[:, a] = y.norm(dim=-1).T  # (T, b)
+    return out
+
+
+def zscore(norms: torch.Tensor, mu: torch.Tensor | None, sigma: torch.Tensor | None) -> torch.Tensor:
+    """s_i = (norm_i - mu_i) / sigma_i, or the raw norms when the bank is uncalibrated."""
+    if mu is None:
+        return norms
+    return (norms - mu) / sigma  # (T, N)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Choice
+# ---------------------------------------------------------------------------------------------------
+
+def masked_argmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Index of the best score per token among allowed adapters: never a disallowed one."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # (T, N)
+    return scores.argmax(dim=-1)  # (T,)
+
+
+def lag_route(x: torch.Tensor, v: torch.Tensor, S: torch.Tensor, V: torch.Tensor, k: int,
+              mask: torch.Tensor | None, mu: torch.Tensor | None, sigma: torch.Tensor | None) -> torch.Tensor:
+    """LAG: ARROW's top-k candidates, then SPECTR's (z-scored) argmax among them."""
+    a = arrow_scores(x, v)  # (T, N)
+    if mask is not None:
+        a = a.masked_fill(~mask, float("-inf"))
+    top = a.topk(k, dim=-1).indices  # (T, k)
+    s = spectr_norms_at(x, S, V, top)  # (T, k)
+    if mu is not None:
+        s = (s - mu[top]) / sigma[top]  # (T, k)
+    if mask is not None:
+        s = s.masked_fill(~mask.expand(x.shape[0], -1).gather(1, top), float("-inf"))
+    return top.gather(1, s.argmax(dim=-1, keepdim=True))[:, 0]  # (T,)

@@ -1,0 +1,71 @@
+"""`NormStats`: streaming, mergeable mean and standard deviation of activation norms."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class NormStats:
+    """Welford's running mean / sum of squared deviations (M2) of a stream of scalars, in float64.
+
+    `std` is the population standard deviation (ddof=0, numpy's default). Two NormStats built from
+    disjoint shards merge exactly (Chan et al.), so silos can calibrate in parallel.
+    """
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def __post_init__(self):
+        if self.count < 0:
+            raise ValueError(f"count must be non-negative, got {self.count}")
+        if self.m2 < 0 or not math.isfinite(self.m2) or not math.isfinite(self.mean):
+            raise ValueError(f"mean and m2 must be finite and m2 >= 0, got mean={self.mean}, m2={self.m2}")
+
+    def update(self, values) -> "NormStats":
+        """Add a batch of values (any shape); batches are combined with the parallel formula."""
+        v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+        if v.numel() == 0:
+            return self
+        if not torch.isfinite(v).all():
+            raise ValueError("NormStats.update got NaN or inf values")
+        b_mean = float(v.mean())
+        self._combine(v.numel(), b_mean, float(((v - b_mean) ** 2).sum()))
+        return self
+
+    def merge(self, other: "NormStats") -> "NormStats":
+        """Fold another shard's stats into this one (in place) and return self."""
+        self._combine(other.count, other.mean, other.m2)
+        return self
+
+    def _combine(self, n_b: int, mean_b: float, m2_b: float) -> None:
+        if n_b == 0:
+            return
+        n_a, n = self.count, self.count + n_b
+        d = mean_b - self.mean
+        self.mean += d * n_b / n
+        self.m2 += m2_b + d * d * n_a * n_b / n
+        self.count = n
+
+    @property
+    def var(self) -> float:
+        if self.count == 0:
+            raise ValueError("NormStats is empty: no value was recorded")
+        return self.m2 / self.count
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2, "std": self.std if self.count else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NormStats":
+        try:
+            return cls(count=int(d["count"]), mean=float(d["mean"]), m2=float(d["m2"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed NormStats record {d!r}: {e}") from None
