@@ -1,0 +1,94 @@
+"""Fixed file names and atomic, verified file I/O: the only place that knows how bytes reach disk."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+# A library directory
+MANIFEST = "manifest.json"
+ADAPTERS_DIR = "adapters"
+SHARED_A_PREFIX = "shared_a"
+LIBRARY_FORMAT = "seqr-library"
+LIBRARY_FORMAT_VERSION = 1
+
+# A peft adapter directory (what a silo ships)
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+STATS_FILE = "seqr_stats.json"  # per-layer activation-norm stats written by calibration
+ADAPTER_META = "seqr_adapter.json"  # seqr's own facts about a trained adapter (shared-A seed, task)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported on every platform
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write data to path so that a reader (or a crash) sees either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str | Path, what: str) -> dict:
+    """Read a JSON object with errors that name the file and what it was supposed to be."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid JSON ({e}); the file is corrupt or truncated") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_tensors(path: str | Path, what: str, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, verifying its checksum when one is recorded; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: file {path} is missing")
+    data = path.read_bytes()
+    if expected_sha256 is not None and sha256(data) != expected_sha256:
+        raise ValueError(f"{what}: file {path} is corrupt or truncated (checksum mismatch, {len(data)} bytes)")
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{what}: file {path} is not a readable safetensors file ({e})") from None

@@ -1,0 +1,384 @@
+"""`LoraLibrary`: named adapters x named layers, its on-disk format, and peft import/export.
+
+On disk (a directory)::
+
+    manifest.json                      format + version, metadata, layers, adapters (file, sha256, stats)
+    shared_a-<hash>.safetensors        the shared A of every layer, stored once (shared-A libraries)
+    adapters/<name>-<hash>.safetensors one file per adapter: B (and A for unique-A libraries) per layer
+
+File names carry a content hash, so a save never overwrites a file the current manifest points to: new
+files are written first, then the manifest is replaced atomically, then unreferenced files are deleted.
+A process killed at any point leaves the previous library loadable.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import files
+from .bank import AdapterBank
+from .peft_io import PeftAdapter, read_peft_adapter, write_peft_adapter
+from .stats import NormStats
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+A_REL_TOL = 1e-6  # two A matrices closer than this (relative Frobenius) count as the same shared A
+
+
+@dataclass
+class _Adapter:
+    B: dict[str, torch.Tensor]
+    A: dict[str, torch.Tensor] | None = None  # unique-A libraries only
+    stats: dict[str, NormStats] | None = None
+    file: str | None = None  # relative path of its file once on disk
+    sha256: str | None = None
+
+
+@dataclass
+class LibraryMeta:
+    rank: int
+    layers: dict[str, tuple[int, int]]  # layer name -> (m, n)
+    target_modules: list[str]
+    base_model: str | None = None
+    a_seed: int | None = None
+    fan_in_fan_out: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if not self.layers:
+            raise ValueError("a library needs at least one adapted layer, got none")
+
+
+class LoraLibrary:
+    """Named LoRA adapters over named layers, one `AdapterBank` per layer.
+
+    A library bound to a directory (after `save` or `load`) persists `add` and `remove` immediately,
+    writing only that adapter's file and the manifest.
+    """
+
+    def __init__(self, meta: LibraryMeta, shared_A: dict[str, torch.Tensor] | None = None):
+        self.meta = meta
+        self.shared_A = None if shared_A is None else self._check_A(shared_A, "the shared A")
+        self._adapters: dict[str, _Adapter] = {}
+        self._banks: dict[str, AdapterBank] = {}
+        self.path: Path | None = None
+        self._shared_file: tuple[str, str] | None = None  # (file, sha256) of the stored shared A
+
+    # ---------------------------------------------------------------------------------------------- access
+    @property
+    def names(self) -> list[str]:
+        return list(self._adapters)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.meta.layers)
+
+    @property
+    def shared_a(self) -> bool:
+        return self.shared_A is not None
+
+    @property
+    def rank(self) -> int:
+        return self.meta.rank
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._adapters
+
+    def stats(self, name: str) -> dict[str, NormStats] | None:
+        return self._get(name).stats
+
+    @property
+    def uncalibrated(self) -> list[str]:
+        return [n for n, a in self._adapters.items() if a.stats is None]
+
+    def bank(self, layer: str) -> AdapterBank:
+        """The AdapterBank of one layer (built on first use, cached until the library changes)."""
+        if layer not in self.meta.layers:
+            raise KeyError(f"unknown layer {layer!r}; this library adapts {len(self.layers)} layers, e.g. "
+                           f"{self.layers[:3]}")
+        if not self._adapters:
+            raise ValueError("the library is empty: add an adapter before routing")
+        if layer not in self._banks:
+            ads = list(self._adapters.values())
+            B = torch.stack([a.B[layer] for a in ads])  # (N, m, r)
+            A = self.shared_A[layer] if self.shared_a else torch.stack([a.A[layer] for a in ads])
+            mu = sigma = None
+            if not self.uncalibrated:
+                mu = torch.tensor([a.stats[layer].mean for a in ads], dtype=torch.float64)  # (N,)
+                sigma = torch.tensor([a.stats[layer].std for a in ads], dtype=torch.float64)  # (N,)
+            self._banks[layer] = AdapterBank(A, B, mu=mu, sigma=sigma, names=self.names)
+        return self._banks[layer]
+
+    def adapter_weights(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(A, B) per layer of one adapter, B with its scaling folded in."""
+        ad = self._get(name)
+        return (self.shared_A if self.shared_a else ad.A), ad.B
+
+    def _get(self, name: str) -> _Adapter:
+        if name not in self._adapters:
+            raise KeyError(f"unknown adapter {name!r}; the library holds {self.names}")
+        return self._adapters[name]
+
+    # ---------------------------------------------------------------------------------------------- changes
+    def add(self, name: str, B: dict[str, torch.Tensor], *, A: dict[str, torch.Tensor] | None = None,
+            stats: dict[str, NormStats] | None = None) -> None:
+        """Add one adapter: B (m, r) per layer with scaling folded in; A (r, n) per layer for unique-A
+        libraries (for a shared-A library A may be given only to check it equals the shared A)."""
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ValueError(f"adapter name must match {NAME_RE.pattern} (letters, digits, _ . -), got {name!r}")
+        if name in self._adapters:
+            raise ValueError(f"adapter {name!r} is already in the library; remove it first to replace it")
+        where = f"adapter {name!r}"
+        B = self._check_B(B, where)
+        if self.shared_a:
+            if A is not None:
+                self._check_same_A(self._check_A(A, where), where)
+            A = None
+        elif A is None:
+            raise ValueError(f"{where}: this library has one A per adapter, so add() needs A")
+        else:
+            A = self._check_A(A, where)
+        if stats is not None:
+            stats = self._check_stats(stats, where)
+        ad = _Adapter(B=B, A=A, stats=stats)
+        if self.path is not None:
+            self._write_adapter(self.path, name, ad)
+        self._adapters[name] = ad
+        self._banks.clear()
+        if self.path is not None:
+            self._write_manifest(self.path)
+
+    def remove(self, name: str) -> None:
+        """Remove an adapter; on a bound library its file is deleted after the manifest drops it."""
+        ad = self._get(name)
+        del self._adapters[name]
+        self._banks.clear()
+        if self.path is not None:
+            self._write_manifest(self.path)
+            if ad.file and not self._referenced(ad.file):
+                (self.path / ad.file).unlink(missing_ok=True)
+
+    def set_stats(self, name: str, stats: dict[str, NormStats]) -> None:
+        self._get(name).stats = self._check_stats(stats, f"adapter {name!r}")
+        self._banks.clear()
+        if self.path is not None:
+            self._write_manifest(self.path)
+
+    # ---------------------------------------------------------------------------------------------- checks
+    def _check_tensors(self, d: dict, where: str, kind: str) -> dict[str, torch.Tensor]:
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: {kind} must be a dict layer -> tensor, got {type(d).__name__}")
+        missing, extra = sorted(set(self.meta.layers) - set(d)), sorted(set(d) - set(self.meta.layers))
+        if missing or extra:
+            raise ValueError(f"{where}: {kind} layers do not match the library (missing {missing}, unexpected {extra})")
+        r, out = self.meta.rank, {}
+        for layer, t in d.items():
+            m, n = self.meta.layers[layer]
+            want = (m, r) if kind == "B" else (r, n)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+                raise ValueError(f"{where}, layer {layer}: {kind} must have shape {want}, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if not t.is_floating_point():
+                raise ValueError(f"{where}, layer {layer}: {kind} must be floating point, got {t.dtype}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{where}, layer {layer}: {kind} contains NaN or inf")
+            out[layer] = t.detach().float().contiguous()
+        return out
+
+    def _check_B(self, B, where):
+        return self._check_tensors(B, where, "B")
+
+    def _check_A(self, A, where):
+        return self._check_tensors(A, where, "A")
+
+    def _check_same_A(self, A: dict[str, torch.Tensor], where: str) -> None:
+        bad = [f"{layer} (relative difference {d:.2e})" for layer in A
+               if (d := rel_diff(A[layer], self.shared_A[layer])) > A_REL_TOL]
+        if bad:
+            seed = f" (train with --a-seed {self.meta.a_seed})" if self.meta.a_seed is not None else ""
+            raise ValueError(f"{where}: A differs from the library's shared A{seed} at layers: {bad}")
+
+    def _check_stats(self, stats: dict, where: str) -> dict[str, NormStats]:
+        if not isinstance(stats, dict) or set(stats) != set(self.meta.layers):
+            got = sorted(stats) if isinstance(stats, dict) else type(stats).__name__
+            raise ValueError(f"{where}: stats must cover exactly the library's layers; got {got}")
+        out = {}
+        for layer, s in stats.items():
+            s = s if isinstance(s, NormStats) else NormStats.from_dict(s)
+            if s.count < 2 or not s.std > 0:
+                raise ValueError(f"{where}, layer {layer}: stats need count >= 2 and std > 0, got "
+                                 f"count={s.count}, std={s.std if s.count else None}")
+            out[layer] = s
+        return out
+
+    # ---------------------------------------------------------------------------------------------- disk
+    def save(self, path: str | Path) -> Path:
+        """Write the library to a directory (new files, then the manifest, atomically) and bind to it."""
+        path = Path(path)
+        (path / files.ADAPTERS_DIR).mkdir(parents=True, exist_ok=True)
+        if self.shared_a:
+            self._shared_file = _write_hashed(path, files.SHARED_A_PREFIX,
+                                             {f"{layer}.A": t for layer, t in self.shared_A.items()})
+        for name, ad in self._adapters.items():
+            self._write_adapter(path, name, ad)
+        self._write_manifest(path)
+        self.path = path
+        keep = {ad.file for ad in self._adapters.values()} | ({self._shared_file[0]} if self._shared_file else set())
+        for f in [*path.glob(f"{files.SHARED_A_PREFIX}-*.safetensors"), *path.glob(".*.tmp"),
+                  *(path / files.ADAPTERS_DIR).glob("*")]:
+            if str(f.relative_to(path)) not in keep:
+                f.unlink(missing_ok=True)  # files of a previous version, or left by a killed save
+        return path
+
+    def _write_adapter(self, path: Path, name: str, ad: _Adapter) -> None:
+        tensors = {f"{layer}.B": t for layer, t in ad.B.items()}
+        if ad.A is not None:
+            tensors.update({f"{layer}.A": t for layer, t in ad.A.items()})
+        ad.file, ad.sha256 = _write_hashed(path, f"{files.ADAPTERS_DIR}/{name}", tensors)
+
+    def _referenced(self, file: str) -> bool:
+        return any(a.file == file for a in self._adapters.values())
+
+    def _write_manifest(self, path: Path) -> None:
+        m = self.meta
+        files.atomic_write_json(path / files.MANIFEST, {
+            "format": files.LIBRARY_FORMAT, "format_version": files.LIBRARY_FORMAT_VERSION,
+            "base_model": m.base_model, "rank": m.rank, "target_modules": m.target_modules,
+            "shared_a": self.shared_a, "a_seed": m.a_seed, "fan_in_fan_out": m.fan_in_fan_out,
+            "extra": m.extra, "layers": {k: list(v) for k, v in m.layers.items()},
+            "shared_a_file": None if self._shared_file is None else
+            {"file": self._shared_file[0], "sha256": self._shared_file[1]},
+            "adapters": [{"name": n, "file": a.file, "sha256": a.sha256,
+                          "stats": None if a.stats is None else {k: s.to_dict() for k, s in a.stats.items()}}
+                         for n, a in self._adapters.items()],
+        })
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LoraLibrary":
+        """Load a library directory, verifying the format version and every file's checksum."""
+        path = Path(path)
+        man = files.read_json(path / files.MANIFEST, "library manifest")
+        if man.get("format") != files.LIBRARY_FORMAT:
+            raise ValueError(f"{path / files.MANIFEST} is not a seqr library manifest (format={man.get('format')!r})")
+        if man.get("format_version") != files.LIBRARY_FORMAT_VERSION:
+            raise ValueError(f"library {path} has format_version {man.get('format_version')!r}; this seqr reads "
+                             f"version {files.LIBRARY_FORMAT_VERSION} (upgrade seqr to read newer libraries)")
+        try:
+            meta = LibraryMeta(rank=man["rank"], layers={k: tuple(v) for k, v in man["layers"].items()},
+                               target_modules=man["target_modules"], base_model=man.get("base_model"),
+                               a_seed=man.get("a_seed"), fan_in_fan_out=bool(man.get("fan_in_fan_out")),
+                               extra=man.get("extra") or {})
+            entries, sa = man["adapters"], man.get("shared_a_file")
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"library manifest {path / files.MANIFEST} is missing or malforms field {e}") from None
+        shared = None
+        if man.get("shared_a"):
+            t = files.read_tensors(path / sa["file"], f"library {path}: shared A", sa["sha256"])
+            shared = {layer: t[f"{layer}.A"] for layer in meta.layers if f"{layer}.A" in t}
+        lib = cls(meta, shared)
+        lib._shared_file = None if sa is None else (sa["file"], sa["sha256"])
+        for e in entries:
+            name = e["name"]
+            t = files.read_tensors(path / e["file"], f"library {path}: adapter {name!r}", e["sha256"])
+            B = {layer: t[key] for layer in meta.layers if (key := f"{layer}.B") in t}
+            A = None if lib.shared_a else {layer: t[k] for layer in meta.layers if (k := f"{layer}.A") in t}
+            stats = None if e.get("stats") is None else {k: NormStats.from_dict(v) for k, v in e["stats"].items()}
+            lib.add(name, B, A=A, stats=stats)
+            lib._adapters[name].file, lib._adapters[name].sha256 = e["file"], e["sha256"]
+        lib.path = path
+        return lib
+
+    # ---------------------------------------------------------------------------------------------- peft
+    @classmethod
+    def from_peft(cls, paths) -> "LoraLibrary":
+        """Build a library from standard peft adapter dirs (a list, or a dict name -> dir).
+
+        All adapters must share base model, rank, target modules and layer shapes; every mismatch is listed
+        in one error. If every layer's A is identical across adapters (to 1e-6 relative) the library is
+        shared-A (SEQR-routable); otherwise it is a unique-A library that only the baselines can route.
+        """
+        items = list(paths.items()) if isinstance(paths, dict) else [(None, p) for p in paths]
+        if not items:
+            raise ValueError("from_peft needs at least one adapter directory, got none")
+        ads = [read_peft_adapter(p, name) for name, p in items]
+        _check_compatible(ads)
+        first = ads[0]
+        shared = all(rel_diff(a.A[layer], first.A[layer]) <= A_REL_TOL for a in ads[1:] for layer in first.A)
+        seeds = {a.meta.get("a_seed") for a in ads}
+        order = sorted(first.A, key=natural_key)
+        meta = LibraryMeta(rank=first.rank, layers={k: (first.B[k].shape[0], first.A[k].shape[1]) for k in order},
+                           target_modules=first.target_modules,
+                           base_model=next((a.base_model for a in ads if a.base_model), None),
+                           a_seed=seeds.pop() if len(seeds) == 1 and shared else None,
+                           fan_in_fan_out=first.fan_in_fan_out)
+        lib = cls(meta, first.A if shared else None)
+        for a in ads:
+            lib.add(a.name, a.B, A=None if shared else a.A, stats=a.stats)
+        return lib
+
+    def to_peft(self, name: str, path: str | Path) -> Path:
+        """Write one adapter as a standard peft adapter dir that `PeftModel.from_pretrained` loads."""
+        A, B = self.adapter_weights(name)
+        meta = {"a_seed": self.meta.a_seed} if self.shared_a and self.meta.a_seed is not None else None
+        return write_peft_adapter(path, A=A, B=B, rank=self.rank, target_modules=self.meta.target_modules,
+                                  base_model=self.meta.base_model, fan_in_fan_out=self.meta.fan_in_fan_out,
+                                  stats=self._get(name).stats, meta=meta)
+
+    def __repr__(self) -> str:
+        return (f"LoraLibrary({len(self)} adapters, {len(self.layers)} layers, rank={self.rank}, "
+                f"shared_a={self.shared_a}, base_model={self.meta.base_model!r})")
+
+
+def natural_key(layer: str) -> list:
+    """Sort key that orders `layers.10` after `layers.9`."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", layer)]
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative Frobenius distance ||a - b|| / ||b||; inf when shapes differ."""
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def _write_hashed(path: Path, stem: str, tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """Write tensors to `<stem>-<hash>.safetensors` (skipped when that exact content is already there)."""
+    data = files.tensors_to_bytes(tensors)
+    digest = files.sha256(data)
+    rel = f"{stem}-{digest[:16]}.safetensors"
+    target = path / rel
+    if not (target.is_file() and target.stat().st_size == len(data)):
+        files.atomic_write_bytes(target, data)
+    return rel, digest
+
+
+def _check_compatible(ads: list[PeftAdapter]) -> None:
+    """One error listing every adapter and layer that does not match the first adapter."""
+    first, problems = ads[0], []
+    names = [a.name for a in ads]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"adapter name {dup!r} is used more than once")
+    for a in ads[1:]:
+        tag = f"adapter {a.name!r} ({a.path})"
+        if a.base_model and first.base_model and a.base_model != first.base_model:
+            problems.append(f"{tag}: base model {a.base_model!r} differs from {first.name!r}'s {first.base_model!r}")
+        if a.rank != first.rank:
+            problems.append(f"{tag}: rank {a.rank} differs from {first.name!r}'s rank {first.rank}")
+        if a.target_modules != first.target_modules:
+            problems.append(f"{tag}: target modules {a.target_modules} differ from {first.target_modules}")
+        missing, extra = sorted(set(first.A) - set(a.A)), sorted(set(a.A) - set(first.A))
+        if missing or extra:
+            problems.append(f"{tag}: layers differ (missing {missing}, extra {extra})")
+        for layer in sorted(set(first.A) & set(a.A)):
+            if a.A[layer].shape[1] != first.A[layer].shape[1] or a.B[layer].shape[0] != first.B[layer].shape[0]:
+                problems.append(f"{tag}, layer {layer}: shape {tuple(a.B[layer].shape[:1]) + tuple(a.A[layer].shape[1:])}"
+                                f" differs from {tuple(first.B[layer].shape[:1]) + tuple(first.A[layer].shape[1:])}")
+    if problems:
+        raise ValueError(f"{len(problems)} incompatible adapter(s):\n  " + "\n  ".join(problems))
