@@ -40,6 +40,9 @@ class AdapterBank:
         if r == 0 or m == 0:
             raise ValueError(f"B must have positive m and r, got shape {tuple(B.shape)}")
         names = [str(i) for i in range(N)] if names is None else list(names)
+        bad = [nm for nm in names if not isinstance(nm, str) or not nm]
+        if bad:
+            raise ValueError(f"adapter names must be non-empty strings, got {bad[:5]}")
         if len(names) != N:
             raise ValueError(f"got {len(names)} names for {N} adapters")
         if len(set(names)) != N:
@@ -105,11 +108,11 @@ class AdapterBank:
     @cached_property
     def _svd(self) -> tuple[torch.Tensor, torch.Tensor]:
         cdt = rt.compute_dtype(self.B.dtype)
-        return rt.svd_factors(self.B.to(cdt), self.A.to(cdt))  # S (N, r), V (N, n, r)
+        return rt.svd_factors(self.B.to(cdt), self.A.to(cdt))  # S (N, r), Vt (N, r, n)
 
     @cached_property
     def _prototypes(self) -> torch.Tensor:
-        return self._svd[1][:, :, 0].contiguous()  # (N, n): ARROW's top right singular vectors
+        return self._svd[1][:, 0, :].contiguous()  # (N, n): ARROW's top right singular vectors
 
     @cached_property
     def _mean_B(self) -> torch.Tensor:
@@ -148,8 +151,8 @@ class AdapterBank:
         if method == "arrow":
             return rt.arrow_scores(x, self._prototypes)  # (T, N)
         if method == "spectr":
-            S, V = self._svd
-            return rt.zscore(rt.spectr_norms(x, S, V), self.mu, self.sigma)  # (T, N)
+            S, Vt = self._svd
+            return rt.zscore(rt.spectr_norms(x, S, Vt), self.mu, self.sigma)  # (T, N)
         norms = rt.naive_norms(x, self.A.to(x.dtype), self.B.to(x.dtype))  # (T, N)
         return rt.zscore(norms, self.mu, self.sigma)
 
@@ -166,14 +169,14 @@ class AdapterBank:
             idx = rt.masked_argmax(self.scores(xf, method, z=z), mask)  # (T,)
             return idx.view(lead)
         N = self.num_adapters
-        if k is None or not (1 <= int(k) <= N):
-            raise ValueError(f"lag needs k in [1, {N}], got k={k}")
-        S, V = self._svd
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
+            raise ValueError(f"lag needs an integer k in [1, {N}], got k={k!r}")
+        S, Vt = self._svd
         cdt = rt.compute_dtype(self.B.dtype)
         idx = torch.empty(xf.shape[0], dtype=torch.long, device=xf.device)
-        for c in rt.token_chunks(xf.shape[0], N + int(k) * V.shape[1] * V.shape[2]):
+        for c in rt.token_chunks(xf.shape[0], N + k * Vt.shape[1] * Vt.shape[2], rt.GATHER_ELEMENTS):
             mc = None if mask is None else (mask if mask.shape[0] == 1 else mask[c])
-            idx[c] = rt.lag_route(xf[c].to(cdt), self._prototypes, S, V, int(k), mc, self.mu, self.sigma)
+            idx[c] = rt.lag_route(xf[c].to(cdt), self._prototypes, S, Vt, k, mc, self.mu, self.sigma)
         return idx.view(lead)
 
     def allowed_mask(self, allowed, T: int, lead: tuple[int, ...] = ()) -> torch.Tensor | None:
@@ -195,7 +198,9 @@ class AdapterBank:
 
     def indices(self, items: Iterable) -> list[int]:
         """Adapter names or indices -> indices, with an error naming every unknown item."""
-        if isinstance(items, (str, int)):
+        if isinstance(items, torch.Tensor) or hasattr(items, "ndim"):
+            items = torch.as_tensor(items).reshape(-1)
+        elif isinstance(items, (str, int)):
             items = [items]
         out, unknown = [], []
         for it in (items.tolist() if isinstance(items, torch.Tensor) else items):
@@ -215,7 +220,8 @@ class AdapterBank:
         a LongTensor of the leading shape. Only the adapters actually chosen are touched."""
         xf, lead = self._flat(x)
         T = xf.shape[0]
-        if isinstance(index, (int, str)):
+        if isinstance(index, (int, str)) or (hasattr(index, "ndim") and index.ndim == 0):
+            index = index if isinstance(index, str) else int(index)
             idx = torch.full((T,), self.indices(index)[0], dtype=torch.long, device=xf.device)
         else:
             idx = torch.as_tensor(index, device=xf.device).reshape(-1)

@@ -20,8 +20,10 @@ class NormStats:
     m2: float = 0.0
 
     def __post_init__(self):
-        if self.count < 0:
-            raise ValueError(f"count must be non-negative, got {self.count}")
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
+            raise ValueError(f"count must be a non-negative integer, got {self.count!r}")
+        if self.count == 0 and (self.mean != 0 or self.m2 != 0):
+            raise ValueError(f"empty NormStats must have mean = m2 = 0, got mean={self.mean}, m2={self.m2}")
         if self.m2 < 0 or not math.isfinite(self.m2) or not math.isfinite(self.mean):
             raise ValueError(f"mean and m2 must be finite and m2 >= 0, got mean={self.mean}, m2={self.m2}")
 
@@ -66,6 +68,9 @@ class NormStats:
     @classmethod
     def from_dict(cls, d: dict) -> "NormStats":
         try:
-            return cls(count=int(d["count"]), mean=float(d["mean"]), m2=float(d["m2"]))
+            count = d["count"]
+            if isinstance(count, float) and count.is_integer():
+                count = int(count)
+            return cls(count=count, mean=float(d["mean"]), m2=float(d["m2"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed NormStats record {d!r}: {e}") from None
