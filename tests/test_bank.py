@@ -690,3 +690,13 @@ def test_low_precision_bank_scores_in_fp32(low, make_lora):
         assert bank.scores(x, method).dtype == torch.float32
     assert bank.G_packed.dtype == torch.float32
     assert bank.route(x, "lag", k=2).shape == (8,)
+
+
+def test_prepare_builds_baseline_factors_up_front(make_lora):
+    A, B = make_lora(20, 16, 24, 4, torch.float32, seed=44)
+    bank = AdapterBank(A, B)
+    assert bank.prepare("seqr") is bank and "_svd" not in bank.__dict__
+    bank.prepare("lag")
+    assert "_svd" in bank.__dict__ and "_prototypes" in bank.__dict__
+    with pytest.raises(ValueError, match="unknown routing method 'fast'"):
+        bank.prepare("fast")

@@ -105,6 +105,16 @@ class AdapterBank:
         """Numbers held for routing and updates (excluding the stats and lazily built baseline factors)."""
         return self.A.numel() + self.B.numel() + (self.G_packed.numel() if self.shared_a else 0)
 
+    def prepare(self, *methods: str) -> "AdapterBank":
+        """Build the lazy factors that the given methods need now (e.g. before timing, or before serving)."""
+        for method in methods:
+            self._check_method(method, ROUTE_METHODS)
+            if method in ("arrow", "lag"):
+                self._prototypes
+            if method in ("spectr", "lag"):
+                self._svd
+        return self
+
     @cached_property
     def _svd(self) -> tuple[torch.Tensor, torch.Tensor]:
         cdt = rt.compute_dtype(self.B.dtype)
@@ -135,26 +145,31 @@ class AdapterBank:
         """(…, N) routing scores. Norm methods are z-scored with mu/sigma when set; arrow gives |v_i.x|."""
         xf, lead = self._flat(x)
         self._check_method(method, METHODS)
+        out = torch.empty(xf.shape[0], self.num_adapters, dtype=rt.compute_dtype(self.B.dtype), device=xf.device)
+        for c, s in self._score_chunks(xf, method, z):
+            out[c] = s  # (t, N)
+        return out.view(*lead, self.num_adapters)
+
+    def _score_chunks(self, xf: torch.Tensor, method: str, z: torch.Tensor | None):
+        """Yield (token slice, fresh (t, N) score tensor) over memory-bounded token chunks."""
         cdt = rt.compute_dtype(self.B.dtype)
-        out = torch.empty(xf.shape[0], self.num_adapters, dtype=cdt, device=xf.device)  # (T, N)
         zf = None if z is None else z.reshape(-1, z.shape[-1])
         N, m, n, r = self.shape
         width = {"seqr": N + r * (r + 1), "spectr": 2 * N * r, "arrow": N, "naive": 2 * N}[method]
         for c in rt.token_chunks(xf.shape[0], width):
-            out[c] = self._scores_flat(xf[c].to(cdt), method, None if zf is None else zf[c].to(cdt))
-        return out.view(*lead, self.num_adapters)
+            yield c, self._scores_flat(xf[c].to(cdt), method, None if zf is None else zf[c].to(cdt))
 
     def _scores_flat(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
         if method == "seqr":
             z = x @ self.A.to(x.dtype).T if z is None else z  # (T, r)
-            return rt.zscore(rt.seqr_norms(z, self.G_packed), self.mu, self.sigma)  # (T, N)
+            return rt.zscore_(rt.seqr_norms(z, self.G_packed), self.mu, self.sigma)  # (T, N)
         if method == "arrow":
             return rt.arrow_scores(x, self._prototypes)  # (T, N)
         if method == "spectr":
             S, Vt = self._svd
-            return rt.zscore(rt.spectr_norms(x, S, Vt), self.mu, self.sigma)  # (T, N)
+            return rt.zscore_(rt.spectr_norms(x, S, Vt), self.mu, self.sigma)  # (T, N)
         norms = rt.naive_norms(x, self.A.to(x.dtype), self.B.to(x.dtype))  # (T, N)
-        return rt.zscore(norms, self.mu, self.sigma)
+        return rt.zscore_(norms, self.mu, self.sigma)
 
     def route(self, x: torch.Tensor, method: str = "seqr", *, k: int | None = None, allowed=None,
               z: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,17 +178,18 @@ class AdapterBank:
         xf, lead = self._flat(x)
         self._check_method(method, ROUTE_METHODS)
         mask = self.allowed_mask(allowed, xf.shape[0], lead)  # None, (1, N) or (T, N)
+        idx = torch.empty(xf.shape[0], dtype=torch.long, device=xf.device)  # (T,)
         if method != "lag":
             if k is not None:
                 raise ValueError(f"k is only used by method 'lag', got k={k} with method {method!r}")
-            idx = rt.masked_argmax(self.scores(xf, method, z=z), mask)  # (T,)
+            for c, s in self._score_chunks(xf, method, z):
+                idx[c] = rt.masked_argmax_(s, None if mask is None else mask if mask.shape[0] == 1 else mask[c])
             return idx.view(lead)
         N = self.num_adapters
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
             raise ValueError(f"lag needs an integer k in [1, {N}], got k={k!r}")
         S, Vt = self._svd
         cdt = rt.compute_dtype(self.B.dtype)
-        idx = torch.empty(xf.shape[0], dtype=torch.long, device=xf.device)
         for c in rt.token_chunks(xf.shape[0], N + k * Vt.shape[1] * Vt.shape[2], rt.GATHER_ELEMENTS):
             mc = None if mask is None else (mask if mask.shape[0] == 1 else mask[c])
             idx[c] = rt.lag_route(xf[c].to(cdt), self._prototypes, S, Vt, k, mc, self.mu, self.sigma)

@@ -138,21 +138,22 @@ def naive_norms(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tens
     return out
 
 
-def zscore(norms: torch.Tensor, mu: torch.Tensor | None, sigma: torch.Tensor | None) -> torch.Tensor:
-    """s_i = (norm_i - mu_i) / sigma_i, or the raw norms when the bank is uncalibrated."""
+def zscore_(norms: torch.Tensor, mu: torch.Tensor | None, sigma: torch.Tensor | None) -> torch.Tensor:
+    """s_i = (norm_i - mu_i) / sigma_i in place, or the raw norms when the bank is uncalibrated."""
     if mu is None:
         return norms
-    return (norms - mu) / sigma  # (T, N)
+    return norms.sub_(mu).div_(sigma)  # (T, N)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Choice
 # ---------------------------------------------------------------------------------------------------
 
-def masked_argmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Index of the best score per token among allowed adapters: never a disallowed one."""
+def masked_argmax_(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Index of the best score per token among allowed adapters (never a disallowed one). Overwrites the
+    scores of disallowed adapters in place."""
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))  # (T, N)
+        scores.masked_fill_(~mask, float("-inf"))  # (T, N)
     return scores.argmax(dim=-1)  # (T,)
 
 

@@ -1,0 +1,168 @@
+"""Analytic cost model of the routers: multiply-accumulates per token and numbers stored (the paper's Table 1).
+
+One adapted layer W (m x n) carries N rank-r updates B_i A_i. Per token x (n,), routing costs (MACs):
+
+    naive    N (r n + m r)        ||B_i A_i x|| formed adapter by adapter
+    spectr   N (r n + r)          ||S_i V_i^T x|| with explicit V_i (n x r)
+    arrow    N n                  |v_i . x| with one prototype v_i (n,) per adapter
+    lag      N n + k (r n + r)    ARROW's top k, then SPECTR on those k
+    seqr     N r^2                ||R_i z||, z = A x shared with the update (shared_macs = r n)
+    seqr, one A_i per adapter:    N (r n + r^2), nothing shared
+
+The baselines are costed as their papers compute them, whether or not A is shared. `shared_macs` is routing work
+left out of `macs` because the chosen adapter's update needs it anyway; the timed routing work is macs + shared_macs.
+
+Numbers stored for routing AND applying the updates: the updates, n r + N m r with a shared A or N (r n + m r)
+otherwise, plus each router's state: naive none; spectr N (n r + r) (V_i, S_i); arrow N n (prototypes);
+lag N n + N (n r + r); seqr N r (r + 1) / 2 (packed Grams G_i = R_i^T R_i). A shared-A SEQR library thus holds
+n r + N (m r + r (r + 1) / 2) numbers, what `AdapterBank.numel` reports.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+METHODS = ("naive", "spectr", "lag", "arrow", "seqr")  # Table 1's order
+
+
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Per-token routing MACs and library storage of one method; derived fields are computed, not passed."""
+
+    method: str
+    N: int
+    n: int
+    m: int
+    r: int
+    k: int | None = None
+    shared_a: bool = True
+    bytes_per_param: float = 4
+    macs: int = field(init=False)  # routing MACs per token
+    shared_macs: int = field(init=False)  # per-token routing work reused by the update (SEQR's z = A x)
+    params: int = field(init=False)  # numbers stored for the whole library: routing state + updates
+    bytes: float = field(init=False)  # params * bytes_per_param
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {list(METHODS)}")
+        for name in ("N", "n", "m", "r"):
+            _check_count(name, getattr(self, name))
+        if self.method == "lag":
+            if self.k is None or isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= self.N:
+                raise ValueError(f"lag needs an integer k in [1, N={self.N}], got k={self.k!r}")
+        else:
+            object.__setattr__(self, "k", None)  # k only means something for lag
+        bpp = self.bytes_per_param
+        if isinstance(bpp, bool) or not isinstance(bpp, (int, float)) or not 0 < bpp < math.inf:
+            raise ValueError(f"bytes_per_param must be a positive number, got {bpp!r}")
+        macs, shared, state = self._formulas()
+        N, n, m, r = self.N, self.n, self.m, self.r
+        updates = n * r + N * m * r if self.shared_a else N * (r * n + m * r)
+        params = updates + state
+        for name, value in (("macs", macs), ("shared_macs", shared), ("params", params)):
+            object.__setattr__(self, name, value)
+        nbytes = params * bpp
+        object.__setattr__(self, "bytes", int(nbytes) if float(nbytes).is_integer() else nbytes)
+
+    def _formulas(self) -> tuple[int, int, int]:
+        """(routing MACs per token, shared MACs per token, routing state stored)."""
+        N, n, m, r, k = self.N, self.n, self.m, self.r, self.k
+        if self.method == "naive":
+            return N * (r * n + m * r), 0, 0
+        if self.method == "spectr":
+            return N * (r * n + r), 0, N * (n * r + r)
+        if self.method == "arrow":
+            return N * n, 0, N * n
+        if self.method == "lag":
+            return N * n + k * (r * n + r), 0, N * n + N * (n * r + r)
+        gram = N * r * (r + 1) // 2
+        if self.shared_a:
+            return N * r * r, r * n, gram
+        return N * (r * n + r * r), 0, gram
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def costs(method: str, N: int, n: int, m: int, r: int, k: int | None = None, *, shared_a: bool = True,
+          bytes_per_param: float = 4) -> Cost:
+    """Cost of routing with `method` over N adapters of rank r on an m x n layer (k: LAG's candidates)."""
+    return Cost(method, N, n, m, r, k, shared_a=shared_a, bytes_per_param=bytes_per_param)
+
+
+def costs_table(N: int, n: int, m: int, r: int, k: int | None, shared_a: bool = True,
+                bytes_per_param: float = 4) -> list[Cost]:
+    """Every method's cost, in Table 1's order."""
+    return [costs(meth, N, n, m, r, k, shared_a=shared_a, bytes_per_param=bytes_per_param) for meth in METHODS]
+
+
+def human(value: float, base: int = 1000, units=("", "K", "M", "G", "T", "P")) -> str:
+    """3 significant digits with a unit suffix: 65536000 -> '65.5M', 4096000 -> '4.1M', 64000 -> '64K'."""
+    i = 0
+    while i + 1 < len(units) and abs(value) >= base ** (i + 1):
+        i += 1
+    scaled = float(f"{value / base ** i:.3g}")
+    if abs(scaled) >= base and i + 1 < len(units):  # 999.96K rounds to 1000K: move up a unit
+        i, scaled = i + 1, float(f"{value / base ** (i + 1):.3g}")
+    return f"{scaled:g}{units[i]}"
+
+
+def human_bytes(nbytes: float) -> str:
+    """Binary units: 131347072 -> '125 MiB'."""
+    return human(nbytes, 1024, (" B", " KiB", " MiB", " GiB", " TiB", " PiB"))
+
+
+def format_table(rows: list[Cost]) -> str:
+    """Markdown table of MACs per token and library storage."""
+    lines = ["| method | routing MACs/token | shared MACs/token | params stored | memory |",
+             "|---|---:|---:|---:|---:|"]
+    for c in rows:
+        lines.append(f"| {c.method} | {human(c.macs)} | {human(c.shared_macs) if c.shared_macs else '-'} "
+                     f"| {human(c.params)} | {human_bytes(c.bytes)} |")
+    return "\n".join(lines)
+
+
+DEFAULT_SHAPE = {"N": 1000, "n": 4096, "m": 4096, "r": 8, "k": 20}  # Table 1's setting
+_SHAPE_HELP = {"N": "number of adapters", "n": "layer input size", "m": "layer output size", "r": "LoRA rank",
+               "k": "LAG's number of candidates"}
+
+
+def add_shape_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """--N --n --m --r --k, shared by `seqr costs` and `seqr bench`; a default of None is shown as Table 1's."""
+    for name, help_ in _SHAPE_HELP.items():
+        parser.add_argument(f"--{name}", type=int, default=defaults[name], metavar="INT",
+                            help=f"{help_} (default {defaults[name] or DEFAULT_SHAPE[name]})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`seqr costs`: print Table 1 for a layer and library size."""
+    p = argparse.ArgumentParser(prog="seqr costs", description="Routing MACs per token and storage per method.")
+    add_shape_args(p, dict(DEFAULT_SHAPE, k=None))
+    p.add_argument("--unique-a", action="store_true", help="one A_i per adapter instead of a shared A")
+    p.add_argument("--bytes-per-param", type=float, default=4, help="bytes per stored number (default 4, fp32)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    args = p.parse_args(argv)
+    if args.k is None:
+        args.k = min(DEFAULT_SHAPE["k"], args.N)  # the default k=20 shrinks to the library when it is smaller
+    bpp = int(args.bytes_per_param) if float(args.bytes_per_param).is_integer() else args.bytes_per_param
+    try:
+        rows = costs_table(args.N, args.n, args.m, args.r, args.k, shared_a=not args.unique_a, bytes_per_param=bpp)
+    except ValueError as e:
+        p.error(str(e))
+    if args.json:
+        print(json.dumps([c.as_dict() for c in rows], indent=2))
+    else:
+        A = "one A_i per adapter" if args.unique_a else "shared A"
+        print(f"N={args.N} adapters, n={args.n}, m={args.m}, r={args.r}, k={args.k} (lag), {A}, "
+              f"{bpp} bytes/param\n")
+        print(format_table(rows))
+    return 0

@@ -1,0 +1,95 @@
+"""`seqr bench routing`: tiny runs check the numbers are complete and consistent (never the speed)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from seqr.bench import METHODS, main
+from seqr.costs import costs
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_routing_quick_json(tmp_path, capsys):
+    path = tmp_path / "routing.json"
+    assert main(["routing", "--quick", "--tokens", "64", "--repeats", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert data["config"]["N"] == 100 and data["config"]["n"] == 512 and data["tokens"] == 64
+    assert list(data["results"]) == list(METHODS)
+    assert data["prep_ms"]["qr"] > 0 and data["prep_ms"]["svd"] > 0
+    seqr_ms = data["results"]["seqr"]["median_ms"]
+    for method, res in data["results"].items():
+        assert res["runs"] == 1 and len(res["times_ms"]) == 1
+        assert res["median_ms"] > 0 and res["min_ms"] > 0 and res["gmac_per_s"] > 0
+        assert res["median_ms"] == pytest.approx(res["times_ms"][0])
+        assert res["ratio_to_seqr"] == pytest.approx(res["median_ms"] / seqr_ms)
+        c = costs(method, 100, 512, 512, 8, 20)
+        assert res["macs_per_token"] == c.macs and res["shared_macs_per_token"] == c.shared_macs
+        work = (c.macs + c.shared_macs) * 64
+        assert res["gmac_per_s"] == pytest.approx(work / (res["median_ms"] / 1e3) / 1e9)
+        assert f"| {method} |" in out
+    for method, t in data["targets"].items():
+        assert t["ratio"] == pytest.approx(data["results"][method]["ratio_to_seqr"])
+        assert t["met"] == (t["ratio"] >= t["target"])
+    assert "targets: ARROW ≥ 10×" in out and "SPECTR ≥ 100×" in out
+    assert out.startswith("machine: ") and "threads" in out.splitlines()[0]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_routing_methods_subset_without_seqr(tmp_path):
+    path = tmp_path / "r.json"
+    args = ["routing", "--quick", "--tokens", "16", "--repeats", "2", "--methods", "arrow,lag", "--k", "3",
+            "--threads", "1", "--json", str(path)]
+    assert main(args) == 0
+    data = json.loads(path.read_text())
+    assert list(data["results"]) == ["arrow", "lag"] and data["k"] == 3
+    assert all(len(r["times_ms"]) == 2 and "ratio_to_seqr" not in r for r in data["results"].values())
+    assert data["targets"]["arrow"]["met"] is None and data["targets"]["spectr"]["ratio"] is None
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--methods", "seqr,magic"], "magic"),
+    (["--tokens", "0"], "--tokens must be positive, got 0"),
+    (["--r", "-1"], "--r must be positive, got -1"),
+    (["--dtype", "int8"], "int8"),
+])
+def test_routing_bad_args(args, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["routing", "--quick", *args])
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_sweep_quick_writes_json_and_png(tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    assert main(["routing", "--sweep", "--quick", "--skip-after", "0", "--out", str(out_dir)]) == 0
+    data = json.loads((out_dir / "sweep.json").read_text())
+    assert (out_dir / "sweep.png").read_bytes()[:8] == PNG_MAGIC
+    assert sorted(p.name for p in out_dir.iterdir()) == ["sweep.json", "sweep.png"]  # no temp files left
+    axes = {"n": [64, 128, 512], "N": [10, 30, 100], "r": [2, 4, 8]}  # the base shape joins every axis
+    for axis, values in axes.items():
+        points = [p for p in data["points"] if p["axis"] == axis]
+        assert [p["value"] for p in points] == values
+        for p in points:
+            assert p[axis] == p["value"] and list(p["results"]) == list(METHODS) and not p["skipped"]
+            assert all(r["median_ms"] > 0 for r in p["results"].values())
+            assert p["k"] == min(20, p["N"])
+            if axis == "n":
+                assert p["m"] == p["n"]
+    text = capsys.readouterr().out
+    assert "varying n (= m)" in text and "| ARROW × SEQR | SPECTR × SEQR |" in text
+
+
+def test_sweep_skips_slow_methods_and_says_so(tmp_path, capsys):
+    args = ["routing", "--sweep", "--quick", "--skip-after", "1e-9", "--methods", "seqr,naive",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    for axis in ("n", "N", "r"):
+        first, *rest = [p for p in data["points"] if p["axis"] == axis]
+        assert not first["skipped"] and set(first["results"]) == {"seqr", "naive"}
+        assert all(set(p["skipped"]) == {"seqr", "naive"} and not p["results"] for p in rest)
+    text = capsys.readouterr().out
+    assert "skipped naive at r = 4, 8:" in text and "--skip-after" in text
