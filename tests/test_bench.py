@@ -93,3 +93,20 @@ def test_sweep_skips_slow_methods_and_says_so(tmp_path, capsys):
         assert all(set(p["skipped"]) == {"seqr", "naive"} and not p["results"] for p in rest)
     text = capsys.readouterr().out
     assert "skipped naive at r = 4, 8:" in text and "--skip-after" in text
+
+
+def test_other_cpu_share_sees_a_busy_neighbour_and_not_itself():
+    from seqr.bench import contention_note, cpu_snapshot, other_cpu_share
+    import subprocess, sys, time
+    s0 = cpu_snapshot()
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.5:  # our own work must not count as contention
+        sum(range(1000))
+    own_only = other_cpu_share(s0, cpu_snapshot())
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<1.5: pass"])
+    s1 = cpu_snapshot()
+    busy.wait()
+    with_neighbour = other_cpu_share(s1, cpu_snapshot())
+    assert with_neighbour >= 0.25  # one of 2 cores spinning is ~50% of the machine
+    assert with_neighbour > own_only
+    assert contention_note({"other_cpu_share": 0.3}) and contention_note({"other_cpu_share": 0.01}) is None

@@ -280,3 +280,19 @@ def test_lag_route_brute_force_with_mask(dtype, make_lora, make_tokens, ref):
             kth = np.sort(arrow[t])[::-1]
             near_cut = abs(kth[k - 1] - kth[min(k, N - 1)]) < 1e-4 * np.abs(kth[0])
             assert near_cut or abs(norms[t, c] - norms[t, want]) < 1e-4 * norms[t].max(), (t, c, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_folded_zscore_equals_zscored_norms(dtype, make_lora, make_tokens):
+    """sqrt(z^T (G_i / sigma_i^2) z) - mu_i / sigma_i is exactly (||R_i z|| - mu_i) / sigma_i."""
+    N, m, n, r, T = 30, 16, 20, 4, 50
+    A, B = make_lora(N, m, n, r, dtype, seed=12)
+    z = make_tokens(T, n=n, dtype=dtype) @ A.T  # (T, r)
+    _, R = rt.qr_positive(B)
+    G = rt.pack_gram(R)
+    mu, sigma = torch.rand(N, dtype=dtype) + 1, torch.rand(N, dtype=dtype) + 0.1
+    want = (rt.rz_norms(z, R) - mu) / sigma
+    got = rt.seqr_scores(z, *rt.fold_zscore(G, mu, sigma))
+    torch.testing.assert_close(got, want, rtol=RTOL[dtype] * 10, atol=RTOL[dtype] * 10 * want.abs().max().item())
+    raw = rt.seqr_scores(z, *rt.fold_zscore(G, None, None))
+    torch.testing.assert_close(raw, rt.rz_norms(z, R), rtol=RTOL[dtype] * 10, atol=RTOL[dtype] * 10)

@@ -71,6 +71,7 @@ class AdapterBank:
         if self.shared_a:
             _, R = rt.qr_positive(B.to(rt.compute_dtype(B.dtype)))  # (N, r, r)
             self.G_packed = rt.pack_gram(R)  # (N, r(r+1)/2)
+            self._G_scored, self._offset = rt.fold_zscore(self.G_packed, self.mu, self.sigma)  # derived
 
     def _check_stats(self, mu, sigma, N, B):
         if (mu is None) != (sigma is None):
@@ -102,7 +103,8 @@ class AdapterBank:
 
     @property
     def numel(self) -> int:
-        """Numbers held for routing and updates (excluding the stats and lazily built baseline factors)."""
+        """Numbers held for routing and updates: A, B and the packed Grams (not counting the stats, the Grams
+        with the z-score folded in, derived from these, or the lazily built baseline factors)."""
         return self.A.numel() + self.B.numel() + (self.G_packed.numel() if self.shared_a else 0)
 
     def prepare(self, *methods: str) -> "AdapterBank":
@@ -162,7 +164,7 @@ class AdapterBank:
     def _scores_flat(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
         if method == "seqr":
             z = x @ self.A.to(x.dtype).T if z is None else z  # (T, r)
-            return rt.zscore_(rt.seqr_norms(z, self.G_packed), self.mu, self.sigma)  # (T, N)
+            return rt.seqr_scores(z, self._G_scored, self._offset)  # (T, N)
         if method == "arrow":
             return rt.arrow_scores(x, self._prototypes)  # (T, N)
         if method == "spectr":

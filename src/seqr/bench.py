@@ -67,23 +67,40 @@ def _load() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
+def cpu_snapshot() -> dict | None:
+    """Machine-wide busy and total CPU seconds (from /proc/stat) and this process's own CPU seconds."""
+    try:
+        v = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    return {"busy": (sum(v) - v[3] - v[4]) / hz, "total": sum(v) / hz, "own": time.process_time()}
+
+
+def other_cpu_share(start: dict | None, end: dict | None) -> float | None:
+    """Share of the machine's CPU capacity that OTHER processes used between two snapshots (0 = idle)."""
+    if start is None or end is None or end["total"] <= start["total"]:
+        return None
+    others = (end["busy"] - start["busy"]) - (end["own"] - start["own"])
+    return max(0.0, others) / (end["total"] - start["total"])
+
+
 def machine_line(info: dict) -> str:
-    load = "" if info["load_avg_1min"] is None else f", 1-min load avg {info['load_avg_1min']:.2f} at start"
-    if info.get("load_avg_1min_end") is not None:
-        load += f", {info['load_avg_1min_end']:.2f} at end"
+    share = info.get("other_cpu_share")
+    busy = "" if share is None else f", other processes used {share:.0%} of the CPUs during the run"
     return (f"machine: {info['processor']} ({info['machine']}), {info['cpu_count']} CPUs, torch {info['torch']}, "
-            f"{info['threads']} threads{load}")
+            f"{info['threads']} threads{busy}")
 
 
 def contention_note(info: dict) -> str | None:
-    """A warning when other processes competed for the CPUs (from the 1-min load averages around the run)."""
-    start, end = info.get("load_avg_1min"), info.get("load_avg_1min_end")
-    cpus, threads = info["cpu_count"] or 1, info["threads"]
-    if start is None or (start + threads <= cpus + 0.5 and (end is None or end <= cpus + 0.5)):
+    """A warning when other processes competed for the CPUs (measured from /proc/stat, not load averages,
+    which lag and count the benchmark's own earlier work)."""
+    share = info.get("other_cpu_share")
+    if share is None or share < 0.05:
         return None
-    return (f"WARNING: other processes were using the CPUs (1-min load {start:.2f} at start, {end or 0:.2f} at end, "
-            f"{cpus} CPUs, {threads} threads): multi-threaded timings of small ops can be inflated many times over "
-            f"by threads waiting for descheduled peers. Rerun on an idle machine, or compare with --threads 1.")
+    return (f"WARNING: other processes used {share:.0%} of the CPUs during the run: multi-threaded timings of small "
+            f"ops can be inflated many times over by threads waiting for descheduled peers. Rerun on an idle "
+            f"machine, or compare with --threads 1.")
 
 
 def timed(fn, repeats: int, warmup: int, budget_s: float | None = None) -> tuple[list[float], float]:
@@ -364,7 +381,7 @@ def cmd_routing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             "seed": args.seed, "budget_s": run["budget_s"] or None}
     payload = {"machine": info, "config": {**shape, **run, "warmup": args.warmup, "methods": args.methods,
                                            "dtype": args.dtype, "seed": args.seed}}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_snapshot()
     if not args.sweep:
         point = measure_routing(shape, args.methods, **opts)
         payload.update(point, targets=targets(point["results"]))
@@ -374,6 +391,7 @@ def cmd_routing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         payload.update(axes={a: list(v) for a, v in axes.items()}, points=points)
     payload["wall_s"] = time.perf_counter() - t0
     info["load_avg_1min_end"] = _load()
+    info["other_cpu_share"] = other_cpu_share(cpu0, cpu_snapshot())
     info["contention_warning"] = contention_note(info)
     if not args.sweep:
         print(routing_report(point, info, args.dtype, run["budget_s"]))

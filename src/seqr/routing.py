@@ -93,6 +93,21 @@ def seqr_norms(z: torch.Tensor, G_packed: torch.Tensor) -> torch.Tensor:
     return sq.clamp_min_(0).sqrt_()  # (T, N)
 
 
+def fold_zscore(G_packed: torch.Tensor, mu: torch.Tensor | None, sigma: torch.Tensor | None):
+    """Fold the z-score into the Grams: (||R_i z|| - mu_i) / sigma_i = sqrt(z^T (G_i / sigma_i^2) z) - mu_i / sigma_i.
+    Returns (scaled packed Grams (N, P), offsets mu_i / sigma_i (N,) or None), so SEQR's scores cost one product,
+    one sqrt and one subtraction."""
+    if mu is None:
+        return G_packed, None
+    return G_packed / (sigma * sigma)[:, None], mu / sigma  # (N, P), (N,)
+
+
+def seqr_scores(z: torch.Tensor, G_scaled: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """SEQR's z-scored scores from `fold_zscore`'s output (raw norms when offset is None)."""
+    s = seqr_norms(z, G_scaled)  # (T, N)
+    return s if offset is None else s.sub_(offset)
+
+
 def rz_norms(z: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """Reference path: materialise R_i z for every adapter and take its norm."""
     Rz = torch.einsum("nab,tb->tna", R, z)  # (T, N, r)
