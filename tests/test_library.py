@@ -318,3 +318,24 @@ def test_banks_carry_calibration_stats(shared_dirs):
     bank = lib.bank(layer)
     assert torch.allclose(bank.mu, torch.tensor([lib.stats(n)[layer].mean for n in lib.names], dtype=bank.mu.dtype))
     assert torch.allclose(bank.sigma, torch.tensor([lib.stats(n)[layer].std for n in lib.names], dtype=bank.mu.dtype))
+
+
+def test_failed_manifest_write_leaves_memory_and_disk_in_agreement(tmp_path, shared_dirs, monkeypatch):
+    lib = LoraLibrary.from_peft({k: v for k, v in shared_dirs.items() if k != "task2"})
+    lib.save(tmp_path / "lib")
+    extra = LoraLibrary.from_peft({"task2": shared_dirs["task2"]})
+    real = files.atomic_write_json
+
+    def full_disk(path, obj):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(files, "atomic_write_json", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        lib.add("task2", extra.adapter_weights("task2")[1])
+    with pytest.raises(OSError, match="No space"):
+        lib.remove("task0")
+    with pytest.raises(OSError, match="No space"):
+        lib.set_stats("task1", _stats(lib))
+    monkeypatch.setattr(files, "atomic_write_json", real)
+    assert lib.names == ["task0", "task1"] and lib.stats("task1") is None
+    _assert_same(lib, LoraLibrary.load(tmp_path / "lib"))

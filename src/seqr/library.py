@@ -152,24 +152,39 @@ class LoraLibrary:
             self._write_adapter(self.path, name, ad)
         self._adapters[name] = ad
         self._banks.clear()
-        if self.path is not None:
-            self._write_manifest(self.path)
+        self._persist(undo=lambda: self._adapters.pop(name))
 
     def remove(self, name: str) -> None:
         """Remove an adapter; on a bound library its file is deleted after the manifest drops it."""
         ad = self._get(name)
+        order = self.names
         del self._adapters[name]
         self._banks.clear()
-        if self.path is not None:
-            self._write_manifest(self.path)
-            if ad.file and not self._referenced(ad.file):
-                (self.path / ad.file).unlink(missing_ok=True)
+        self._persist(undo=lambda: self._restore(order, name, ad))
+        if self.path is not None and ad.file and not self._referenced(ad.file):
+            (self.path / ad.file).unlink(missing_ok=True)
+
+    def _restore(self, order: list[str], name: str, ad: _Adapter) -> None:
+        self._adapters[name] = ad
+        self._adapters = {n: self._adapters[n] for n in order}
 
     def set_stats(self, name: str, stats: dict[str, NormStats]) -> None:
-        self._get(name).stats = self._check_stats(stats, f"adapter {name!r}")
+        ad = self._get(name)
+        old, ad.stats = ad.stats, self._check_stats(stats, f"adapter {name!r}")
         self._banks.clear()
-        if self.path is not None:
+        self._persist(undo=lambda: setattr(ad, "stats", old))
+
+    def _persist(self, undo) -> None:
+        """Write the manifest of a bound library; if that fails, undo the in-memory change and re-raise,
+        so memory and disk never disagree."""
+        if self.path is None:
+            return
+        try:
             self._write_manifest(self.path)
+        except BaseException:
+            undo()
+            self._banks.clear()
+            raise
 
     # ---------------------------------------------------------------------------------------------- checks
     def _check_tensors(self, d: dict, where: str, kind: str) -> dict[str, torch.Tensor]:
