@@ -700,3 +700,19 @@ def test_prepare_builds_baseline_factors_up_front(make_lora):
     assert "_svd" in bank.__dict__ and "_prototypes" in bank.__dict__
     with pytest.raises(ValueError, match="unknown routing method 'fast'"):
         bank.prepare("fast")
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_mean_delta_averages_only_the_allowed_adapters(shared, make_lora, make_tokens):
+    N, m, n, r, T = 6, 16, 24, 4, 10
+    A, B = make_lora(N, m, n, r, torch.float64, shared=shared, seed=45)
+    bank = AdapterBank(A, B, names=[f"a{i}" for i in range(N)])
+    x = make_tokens(T, n=n, dtype=torch.float64)
+    mask = torch.zeros(T, N, dtype=torch.bool)
+    for t in range(T):
+        mask[t, torch.randperm(N)[: 1 + t % N]] = True
+    Ad = A.expand(N, r, n) if shared else A
+    per = torch.einsum("imr,irn,tn->tim", B, Ad, x)  # (T, N, m) every update, dense reference
+    want = (per * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)
+    torch.testing.assert_close(bank.mean_delta(x, allowed=mask), want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(bank.mean_delta(x, allowed=["a1", "a4"]), per[:, [1, 4]].mean(1), rtol=1e-10, atol=1e-10)

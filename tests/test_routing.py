@@ -296,3 +296,18 @@ def test_folded_zscore_equals_zscored_norms(dtype, make_lora, make_tokens):
     torch.testing.assert_close(got, want, rtol=RTOL[dtype] * 10, atol=RTOL[dtype] * 10 * want.abs().max().item())
     raw = rt.seqr_scores(z, *rt.fold_zscore(G, None, None))
     torch.testing.assert_close(raw, rt.rz_norms(z, R), rtol=RTOL[dtype] * 10, atol=RTOL[dtype] * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("a,b", [(8, 16), (3, 5)])  # aligned (grouped GEMM) and unaligned (fallback) sizes
+def test_grouped_matmul_equals_per_token_product(dtype, a, b):
+    torch.manual_seed(13)
+    G, T = 7, 90
+    z, Wt = torch.randn(T, a, dtype=dtype), torch.randn(G, a, b, dtype=dtype)
+    idx = torch.randint(0, G - 2, (T,))  # some matrices unused
+    want = torch.einsum("ta,tab->tb", z.double(), Wt.double()[idx])  # brute force: each token's own matrix
+    got = rt.grouped_matmul(z, idx, Wt)
+    assert got.dtype == dtype and got.shape == (T, b)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    assert rt._grouped_mm_ok(z) == (dtype != torch.float64 and a * z.element_size() % 16 == 0)

@@ -68,6 +68,7 @@ class AdapterBank:
         self.A, self.B = A, B
         self.mu, self.sigma = self._check_stats(mu, sigma, N, B)
         self.shared_a = A.dim() == 2
+        self._casts: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.shared_a:
             _, R = rt.qr_positive(B.to(rt.compute_dtype(B.dtype)))  # (N, r, r)
             self.G_packed = rt.pack_gram(R)  # (N, r(r+1)/2)
@@ -125,10 +126,6 @@ class AdapterBank:
     @cached_property
     def _prototypes(self) -> torch.Tensor:
         return self._svd[1][:, 0, :].contiguous()  # (N, n): ARROW's top right singular vectors
-
-    @cached_property
-    def _mean_B(self) -> torch.Tensor:
-        return self.B.mean(dim=0)  # (m, r)
 
     # ----------------------------------------------------------------------------------------------
     def _flat(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -247,26 +244,36 @@ class AdapterBank:
                 raise ValueError(f"index must have shape {lead}, got {tuple(torch.as_tensor(index).shape)}")
             if idx.numel() and (idx.min() < 0 or idx.max() >= self.num_adapters):
                 raise ValueError(f"index out of range [0, {self.num_adapters}): {idx.min()}..{idx.max()}")
+        A, Bt = self._cast(xf.dtype)  # (r, n) or (N, n, r); (N, r, m)
         if self.shared_a:
-            zf = (xf @ self.A.to(xf.dtype).T) if z is None else z.reshape(T, -1).to(xf.dtype)  # (T, r)
-        out = xf.new_empty(T, self.B.shape[1])  # (T, m)
-        order = torch.argsort(idx, stable=True)  # tokens grouped by adapter
-        used, counts = torch.unique_consecutive(idx[order], return_counts=True)
-        for i, rows in zip(used.tolist(), torch.split(order, counts.tolist())):
-            zi = zf[rows] if self.shared_a else xf[rows] @ self.A[i].to(xf.dtype).T  # (t, r)
-            out[rows] = zi @ self.B[i].to(xf.dtype).T  # (t, m)
-        return out.view(*lead, -1)
+            zf = xf @ A.T if z is None else z.reshape(T, -1).to(xf.dtype)  # (T, r)
+        else:
+            zf = rt.grouped_matmul(xf, idx, A)  # (T, r): each token's own A_i x
+        return rt.grouped_matmul(zf, idx, Bt).view(*lead, -1)  # (…, m)
 
-    def mean_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """MU baseline: the mean of all N updates, (1/N) sum_i B_i A_i x, without forming any m x n matrix."""
+    def mean_delta(self, x: torch.Tensor, allowed=None) -> torch.Tensor:
+        """MU baseline: the mean of the N updates, (1/|S|) sum_{i in S} B_i A_i x, over the allowed set S of
+        each token (all adapters by default), without forming any m x n matrix."""
         xf, lead = self._flat(x)
         N, m, n, r = self.shape
+        mask = self.allowed_mask(allowed, xf.shape[0], lead)
+        mask = torch.ones(1, N, dtype=torch.bool, device=xf.device) if mask is None else mask
+        pats, inv = torch.unique(mask, dim=0, return_inverse=True)  # (P, N) distinct allowed sets, (T or 1,)
+        w = pats.to(xf.dtype) / pats.sum(dim=1, keepdim=True)  # (P, N) averaging weights
+        inv = inv.expand(xf.shape[0]) if inv.shape[0] == 1 else inv  # (T,)
+        A, Bt = self._cast(xf.dtype)
         if self.shared_a:
-            y = (xf @ self.A.to(xf.dtype).T) @ self._mean_B.to(xf.dtype).T  # (T, m)
-        else:
-            zs = xf @ self.A.reshape(N * r, n).to(xf.dtype).T  # (T, N*r)
-            y = zs @ self.B.permute(1, 0, 2).reshape(m, N * r).to(xf.dtype).T / N  # (T, m)
-        return y.view(*lead, m)
+            mean_Bt = (w @ Bt.reshape(N, r * m)).view(-1, r, m)  # (P, r, m)
+            return rt.grouped_matmul(xf @ A.T, inv, mean_Bt).view(*lead, m)
+        zs = (xf @ A.permute(0, 2, 1).reshape(N * r, n).T).view(-1, N, r) * w[inv][:, :, None]  # (T, N, r)
+        return (zs.reshape(-1, N * r) @ Bt.reshape(N * r, m)).view(*lead, m)  # (…, m)
+
+    def _cast(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B^T in the activations' dtype (cached): A (r, n) or (N, n, r), Bt (N, r, m)."""
+        if dtype not in self._casts:
+            A = self.A.to(dtype)
+            self._casts[dtype] = (A if self.shared_a else A.transpose(1, 2), self.B.to(dtype).transpose(1, 2))
+        return self._casts[dtype]
 
     # ----------------------------------------------------------------------------------------------
     def _check_method(self, method: str, valid: tuple[str, ...]) -> None:

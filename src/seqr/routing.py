@@ -153,6 +153,36 @@ def naive_norms(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tens
     return out
 
 
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torch's grouped_mm takes
+
+
+def _grouped_mm_ok(t: torch.Tensor) -> bool:
+    """grouped_mm takes fp32/bf16/fp16 tensors whose non-unit strides and start are 16-byte aligned."""
+    es = t.element_size()
+    return (t.dtype in GROUPED_MM_DTYPES and t.data_ptr() % 16 == 0
+            and all(st * es % 16 == 0 for st in t.stride() if st != 1))
+
+
+def grouped_matmul(z: torch.Tensor, idx: torch.Tensor, Wt: torch.Tensor) -> torch.Tensor:
+    """Per-token product with the token's own matrix: out_t = z_t @ Wt[idx_t], (T, a) x (G, a, b) -> (T, b).
+
+    Tokens are sorted by matrix and multiplied in one grouped GEMM (no Python loop, no (T, a, b) gather);
+    what grouped_mm does not take (fp64, sizes not 16-byte aligned) falls back to one product per used matrix.
+    """
+    G = Wt.shape[0]
+    order = torch.argsort(idx, stable=True)  # (T,) tokens grouped by matrix
+    counts = torch.bincount(idx, minlength=G)  # (G,)
+    zs = z[order]  # (T, a)
+    if _grouped_mm_ok(zs) and _grouped_mm_ok(Wt):
+        ys = torch.nn.functional.grouped_mm(zs, Wt, offs=torch.cumsum(counts, 0).to(torch.int32))  # (T, b)
+    else:
+        used = counts.nonzero()[:, 0].tolist()
+        ys = torch.cat([blk @ Wt[g] for g, blk in zip(used, torch.split(zs, counts[used].tolist()))])  # (T, b)
+    out = torch.empty_like(ys)
+    out[order] = ys
+    return out
+
+
 def zscore_(norms: torch.Tensor, mu: torch.Tensor | None, sigma: torch.Tensor | None) -> torch.Tensor:
     """s_i = (norm_i - mu_i) / sigma_i in place, or the raw norms when the bank is uncalibrated."""
     if mu is None:
