@@ -19,10 +19,14 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 
 
 def make_adapter(path: Path, *, seed: int, a_seed: int | None = 0, r: int = 4, alpha: float = 8,
-                 rslora: bool = False, targets=TARGETS, base_seed: int = 0, base_name: str | None = "tiny-llama"):
-    """Train-free peft adapter: lora_A from `a_seed` (shared when equal) or from `seed`; random non-zero B."""
-    model = get_peft_model(tiny_llama(base_seed), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
-                                                              use_rslora=rslora, init_lora_weights=False))
+                 rslora: bool = False, targets=TARGETS, base_seed: int = 0, base_name: str | None = "tiny-llama",
+                 dominant: float = 1.0, b_scale: float = 0.3, base=None):
+    """Train-free peft adapter: lora_A from `a_seed` (shared when equal) or from `seed`; random non-zero B.
+    `dominant` > 1 scales B's first column so B A has a clearly dominant singular value (for peft's Arrow,
+    whose 15 power-iteration steps need one); `base` builds another base model (default: the tiny Llama)."""
+    base = tiny_llama(base_seed) if base is None else base
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora,
+                                            init_lora_weights=False, fan_in_fan_out=_is_gpt2(base)))
     g_a = torch.Generator().manual_seed(seed if a_seed is None else 1000 + a_seed)
     g_b = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -30,7 +34,8 @@ def make_adapter(path: Path, *, seed: int, a_seed: int | None = 0, r: int = 4, a
             if hasattr(mod, "lora_A") and "default" in mod.lora_A:
                 A, B = mod.lora_A["default"].weight, mod.lora_B["default"].weight
                 A.copy_(torch.randn(A.shape, generator=g_a) / r)
-                B.copy_(torch.randn(B.shape, generator=g_b) * 0.3)
+                B.copy_(torch.randn(B.shape, generator=g_b) * b_scale)
+                B[:, 0] *= dominant
     model.save_pretrained(path)
     if base_name is not None:
         cfg_path = Path(path) / "adapter_config.json"
@@ -38,3 +43,13 @@ def make_adapter(path: Path, *, seed: int, a_seed: int | None = 0, r: int = 4, a
         cfg["base_model_name_or_path"] = base_name
         cfg_path.write_text(json.dumps(cfg))
     return model.eval()
+
+
+def _is_gpt2(model) -> bool:
+    return getattr(model.config, "model_type", "") == "gpt2"
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()

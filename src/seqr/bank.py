@@ -6,7 +6,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from . import routing as rt
+from . import routers as rt
 
 METHODS = ("seqr", "spectr", "arrow", "naive")
 ROUTE_METHODS = METHODS + ("lag",)
@@ -138,7 +138,7 @@ class AdapterBank:
         """The shared projection z = A x, computed once per token: (..., n) -> (..., r)."""
         if not self.shared_a:
             raise ValueError("z = A x needs a shared A; this bank has one A per adapter")
-        return x @ self.A.to(x.dtype).T  # (..., r)
+        return x @ self._cast(x.dtype)[0].T  # (..., r)
 
     def scores(self, x: torch.Tensor, method: str = "seqr", *, z: torch.Tensor | None = None) -> torch.Tensor:
         """(…, N) routing scores. Norm methods are z-scored with mu/sigma when set; arrow gives |v_i.x|."""
@@ -156,7 +156,9 @@ class AdapterBank:
         N, m, n, r = self.shape
         width = {"seqr": N + r * (r + 1), "spectr": 2 * N * r, "arrow": N, "naive": 2 * N}[method]
         for c in rt.token_chunks(xf.shape[0], width):
-            yield c, self._scores_flat(xf[c].to(cdt), method, None if zf is None else zf[c].to(cdt))
+            zc = None if zf is None else zf[c].to(cdt)  # (t, r)
+            xc = xf[c] if method == "seqr" and zc is not None else xf[c].to(cdt)  # SEQR from z never reads x
+            yield c, self._scores_flat(xc, method, zc)
 
     def _scores_flat(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
         if method == "seqr":

@@ -57,7 +57,7 @@ def machine_info() -> dict:
                  if ln.startswith("model name")]
         cpu = names[0] if names else ""
     here = Path(__file__).parent  # which version of the routers was timed
-    sources = {f: hashlib.sha256((here / f).read_bytes()).hexdigest()[:12] for f in ("routing.py", "bank.py")}
+    sources = {f: hashlib.sha256((here / f).read_bytes()).hexdigest()[:12] for f in ("routers.py", "bank.py")}
     return {"processor": cpu or platform.machine(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
             "load_avg_1min": _load(), "sources_sha256": sources}

@@ -1,0 +1,275 @@
+"""Routed inference inside a transformers model: `attach`, `detach` and the `routing` context.
+
+`attach` swaps every adapted `nn.Linear` (or GPT-2 `Conv1D`) named in a `LoraLibrary` for a small
+`RoutedLinear` that computes y = W x + B_i* A x, with i* chosen per token by the model's `RoutingState`:
+the method, LAG's k, the adapters each batch row may use, and an optional trace. A forward pre-hook on
+the model captures the attention mask (so traces skip padding) and counts forward passes.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .bank import AdapterBank
+from .library import LoraLibrary
+from .trace import Trace
+
+ROUTERS = ("seqr", "spectr", "arrow", "lag", "naive")
+METHODS = ROUTERS + ("mu", "base")
+STATE_ATTR = "_seqr_state"
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return ()
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(out m, in n) of an nn.Linear or a GPT-2 Conv1D (weight stored n x m); None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, _conv1d_type()):
+        n, m = module.weight.shape
+        return m, n
+    return None
+
+
+@dataclass
+class _Config:
+    method: str | tuple = "seqr"
+    k: int | None = None
+    allowed: torch.Tensor | None = None  # (R, N) bool: R = 1 (whole batch) or one row per batch row
+    fixed: torch.Tensor | None = None  # (R,) adapter index per batch row for fixed-adapter methods
+
+
+class RoutingState:
+    """What every routed layer of one model reads on each call (shared by all of them)."""
+
+    def __init__(self, library: LoraLibrary):
+        self.names = library.names
+        self.shared_a = library.shared_a
+        self.cfg = _Config()
+        self.trace: Trace | None = None
+        self.attention_mask: torch.Tensor | None = None  # (B, S) of the current forward, if given
+        self.device = torch.device("cpu")  # the model's, where per-token masks are built
+        self.hook = None
+
+    # ------------------------------------------------------------------------------------------ config
+    def configure(self, method, k=None, allowed=None) -> _Config:
+        """Validate a method / k / allowed combination and return it as a config (nothing is changed)."""
+        N, index = len(self.names), {n: i for i, n in enumerate(self.names)}
+        mask = None if allowed is None else self._allowed_mask(allowed, index)
+        fixed = None
+        if isinstance(method, str) and method in METHODS:
+            if method == "seqr" and not self.shared_a:
+                raise ValueError("method 'seqr' needs a shared-A library; this one has one A per adapter")
+            if method == "lag" and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N):
+                raise ValueError(f"method 'lag' needs an integer k in [1, {N}], got k={k!r}")
+        else:
+            rows = [method] if isinstance(method, str) else list(method) if isinstance(method, (list, tuple)) else None
+            unknown = [m for m in rows or [method] if not isinstance(m, str) or m not in index]
+            if rows is None or not rows or unknown:
+                raise ValueError(f"unknown routing method or adapter {unknown or method!r}; expected one of "
+                                 f"{list(METHODS)}, an adapter name {self.names}, or one adapter name per batch row")
+            fixed = torch.tensor([index[m] for m in rows])
+            self._check_fixed_allowed(fixed, mask)
+        return _Config(method if isinstance(method, str) else tuple(method), k if method == "lag" else None, mask, fixed)
+
+    def _allowed_mask(self, allowed, index) -> torch.Tensor:
+        if isinstance(allowed, str):
+            raise ValueError(f"allowed must be a set of adapter names (or one set per row), got the string {allowed!r}")
+        items = list(allowed)
+        per_row = bool(items) and all(isinstance(a, (set, frozenset, list, tuple)) for a in items)
+        rows = items if per_row else [items]
+        mask = torch.zeros(len(rows), len(self.names), dtype=torch.bool)
+        for r, row in enumerate(rows):
+            unknown = [a for a in row if a not in index]
+            if unknown:
+                raise KeyError(f"allowed set {'of row ' + str(r) + ' ' if per_row else ''}names unknown adapter(s) "
+                               f"{unknown}; the library holds {self.names}")
+            if not row:
+                raise ValueError(f"allowed set {'of row ' + str(r) + ' ' if per_row else ''}is empty")
+            mask[r, [index[a] for a in row]] = True
+        return mask
+
+    def _check_fixed_allowed(self, fixed: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if mask is None:
+            return
+        if fixed.shape[0] > 1 and mask.shape[0] > 1 and fixed.shape[0] != mask.shape[0]:
+            raise ValueError(f"{fixed.shape[0]} per-row adapters but {mask.shape[0]} per-row allowed sets")
+        R = max(fixed.shape[0], mask.shape[0])
+        f, m = fixed.expand(R), mask.expand(R, -1)
+        bad = [(r, self.names[int(f[r])]) for r in range(R) if not m[r, f[r]]]
+        if bad:
+            raise PermissionError(f"adapter not in the allowed set: " + ", ".join(f"row {r}: {a!r}" for r, a in bad))
+
+    # ------------------------------------------------------------------------------------------ per call
+    def rows(self, x: torch.Tensor) -> tuple[int, int]:
+        """(batch rows B, tokens per row) of a layer input (B, T, n) or (T, n)."""
+        return (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
+
+    def _per_row(self, t: torch.Tensor, B: int, T: int, what: str) -> torch.Tensor:
+        """Expand a per-row tensor (R, ...) with R = 1 or B to one entry per token (B*T, ...)."""
+        if t.shape[0] not in (1, B):
+            raise ValueError(f"{what} has {t.shape[0]} rows but the batch has {B}")
+        return t.to(self.device).expand(B, *t.shape[1:]).repeat_interleave(T, dim=0)
+
+    def token_mask(self, B: int, T: int) -> torch.Tensor | None:
+        m = self.cfg.allowed
+        return None if m is None else (m.to(self.device) if m.shape[0] == 1 else self._per_row(m, B, T, "allowed"))
+
+    def fixed_index(self, B: int, T: int) -> torch.Tensor:
+        return self._per_row(self.cfg.fixed, B, T, "the per-row adapter list")
+
+    def real_tokens(self, B: int, T: int) -> torch.Tensor:
+        """(B*T,) True for real tokens: the last T columns of the forward's attention mask, if it had one."""
+        am = self.attention_mask
+        if am is None or am.dim() != 2 or am.shape[0] != B or am.shape[1] < T:
+            return torch.ones(B * T, dtype=torch.bool, device=self.device)
+        return am[:, -T:].reshape(-1).bool()
+
+    def pre_hook(self, module, args, kwargs):
+        am = kwargs.get("attention_mask")
+        self.attention_mask = am if isinstance(am, torch.Tensor) else None
+        if self.trace is not None:
+            self.trace.next_step()
+
+
+class RoutedLinear(nn.Module):
+    """A linear layer plus the routed LoRA update of its `AdapterBank`: y = W x + B_i* A x."""
+
+    def __init__(self, base: nn.Module, bank: AdapterBank, state: RoutingState, name: str):
+        super().__init__()
+        self.base, self.bank, self.state, self.name = base, bank, state, name
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects q_proj.weight keeps working
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # (..., m)
+        if self.state.cfg.method == "base":
+            return y
+        return (y + routed_update(self.bank, x, self.state, self.name).view_as(y)).to(y.dtype)  # one rounding
+
+
+def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: str) -> torch.Tensor:
+    """The per-token update of one layer under the state's method; records the trace when one is on."""
+    B, T = st.rows(x)
+    # like peft's default (autocast_adapter_dtype), the adapters run in fp32 under a bf16/fp16 base model
+    xf = x.reshape(B * T, x.shape[-1]).to(torch.promote_types(x.dtype, torch.float32))  # (B*T, n)
+    mask = st.token_mask(B, T)  # None, (1, N) or (B*T, N)
+    cfg, z = st.cfg, None
+    if cfg.method == "mu":
+        upd, idx = bank.mean_delta(xf, allowed=mask), None
+    elif cfg.fixed is not None:
+        idx = st.fixed_index(B, T)  # (B*T,)
+        upd = bank.delta(xf, idx)
+    else:
+        z = bank.z(xf) if bank.shared_a else None  # (B*T, r): A x once, for scoring and the update
+        idx = bank.route(xf, cfg.method, k=cfg.k, allowed=mask, z=z)  # (B*T,)
+        upd = bank.delta(xf, idx, z=z)  # (B*T, m)
+    if st.trace is not None:
+        _record(st, bank, name, xf, z, idx, mask, B, T)
+    return upd
+
+
+def _record(st: RoutingState, bank: AdapterBank, name: str, xf, z, idx, mask, B: int, T: int) -> None:
+    real = st.real_tokens(B, T)  # (B*T,)
+    xr, zr = xf[real], None if z is None else z[real]
+    neg = float("-inf")
+    norm = bank.scores(xr, "seqr" if bank.shared_a else "spectr", z=zr)  # (t, N) calibrated exact norms
+    arrow = bank.scores(xr, "arrow")  # (t, N)
+    if mask is not None:
+        mr = mask.expand(B * T, -1)[real]
+        norm, arrow = norm.masked_fill(~mr, neg), arrow.masked_fill(~mr, neg)
+    chosen = torch.full((xr.shape[0],), -1, dtype=torch.long) if idx is None else idx[real]
+    margin = torch.full((xr.shape[0],), float("nan"))
+    method = st.cfg.method
+    if idx is not None and st.cfg.fixed is None:
+        used = arrow if method == "arrow" else norm
+        if method == "lag":  # LAG's scores are the norms of its k ARROW candidates
+            keep = torch.zeros_like(arrow, dtype=torch.bool).scatter_(1, arrow.topk(st.cfg.k, -1).indices, True)
+            used = norm.masked_fill(~keep, neg)
+        top = used.gather(1, chosen[:, None])[:, 0]
+        margin = top - used.scatter(1, chosen[:, None], neg).max(-1).values
+    rows = torch.arange(B).repeat_interleave(T)[real.cpu()]
+    st.trace.record(name, rows=rows, chosen=chosen, margin=margin, norm=norm.float(), arrow=arrow.float())
+
+
+# ---------------------------------------------------------------------------------------------- public API
+def attach(model: nn.Module, library: LoraLibrary, *, method="seqr", k: int | None = None) -> nn.Module:
+    """Replace each linear layer named in the library by a routed layer; returns the model."""
+    if hasattr(model, STATE_ATTR):
+        raise ValueError("a seqr library is already attached to this model; call seqr.detach(model) first")
+    modules = dict(model.named_modules())
+    problems = []
+    for layer in library.layers:
+        mod, want = modules.get(layer), library.meta.layers[layer]
+        if mod is None:
+            problems.append(f"{layer}: no such module in the model")
+        elif linear_shape(mod) is None:
+            problems.append(f"{layer}: is a {type(mod).__name__}, not an nn.Linear or Conv1D")
+        elif linear_shape(mod) != tuple(want):
+            problems.append(f"{layer}: the model's layer is (out, in) = {linear_shape(mod)}, the library's {tuple(want)}")
+    if problems:
+        raise ValueError(f"the library ({library.meta.base_model or 'unknown base model'}) does not match this "
+                         f"model ({len(problems)} layer(s)):\n  " + "\n  ".join(problems[:20]))
+    state = RoutingState(library)
+    state.cfg = state.configure(method, k)
+    state.device = next(model.parameters()).device
+    for layer in library.layers:
+        bank = library.bank(layer)
+        if isinstance(method, str) and method in ROUTERS:
+            bank.prepare(method)
+        parent, _, child = layer.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, RoutedLinear(modules[layer], bank, state, layer))
+    state.hook = model.register_forward_pre_hook(state.pre_hook, with_kwargs=True)
+    setattr(model, STATE_ATTR, state)
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Put the original linear modules back (the very same objects) and remove the routing hook."""
+    state = _state(model)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, RoutedLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, mod.base)
+    state.hook.remove()
+    delattr(model, STATE_ATTR)
+    return model
+
+
+@contextlib.contextmanager
+def routing(model: nn.Module, method=None, *, allowed=None, k: int | None = None, trace: bool = False):
+    """Route the calls inside the block with `method` (default: the attached one), only among `allowed`
+    adapters (a set of names, or one set per batch row), recording a `Trace` when `trace=True`."""
+    state = _state(model)
+    saved, saved_trace = state.cfg, state.trace
+    method = state.cfg.method if method is None else method
+    k = (state.cfg.k if method == state.cfg.method else None) if k is None else k
+    state.cfg = state.configure(method, k, allowed)
+    state.trace = Trace(list(state.names), method, state.cfg.k) if trace else None
+    try:
+        yield state.trace
+    finally:
+        state.cfg, state.trace = saved, saved_trace
+
+
+def _state(model: nn.Module) -> RoutingState:
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("no seqr library is attached to this model; call seqr.attach(model, library) first")
+    return state

@@ -1,0 +1,114 @@
+"""Routing traces: what every adapted layer decided for every real token, and what each router would have.
+
+One pass with `seqr.routing(model, trace=True)` records, per (token, layer) decision, the adapter used,
+its score margin over the runner-up, and two score vectors over the allowed adapters: the calibrated
+norm scores (z-scored ||B_i A x||, exact: SEQR's when A is shared, SPECTR's otherwise) and ARROW's
+|v_i . x|. Every router's choice on the same x follows from these two, so one pass measures the routing
+accuracy of every method against the norm-maximising adapter.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+NORM_METHODS = ("seqr", "spectr", "naive")  # exact calibrated norms: all three pick the same adapter
+
+
+@dataclass
+class Trace:
+    """Decisions of one `routing(..., trace=True)` block, layer by layer, in call order."""
+
+    names: list[str]
+    method: str | tuple
+    k: int | None = None
+    _parts: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)), repr=False)
+    _step: int = 0
+
+    def record(self, layer: str, **tensors: torch.Tensor) -> None:
+        """Append one layer call's records: rows, chosen, margin (t,), norm, arrow (t, N)."""
+        for key, t in tensors.items():
+            self._parts[layer][key].append(t.detach().cpu())
+        self._parts[layer]["step"].append(torch.full_like(tensors["rows"].cpu(), self._step))
+
+    def next_step(self) -> None:
+        """Called once per model forward (prefill, then each generated token)."""
+        self._step += 1
+
+    # ------------------------------------------------------------------------------------------ access
+    @property
+    def layers(self) -> list[str]:
+        return list(self._parts)
+
+    def layer(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._parts:
+            raise KeyError(f"no decisions recorded for layer {name!r}; traced layers: {self.layers[:4]}...")
+        return {k: torch.cat(v) for k, v in self._parts[name].items()}
+
+    def decisions(self) -> dict[str, torch.Tensor]:
+        """Every (token, layer) decision, all layers concatenated, with a `layer` index column."""
+        per = [self.layer(name) for name in self.layers]
+        if not per:
+            raise ValueError("the trace is empty: no routed layer ran inside the routing block")
+        out = {k: torch.cat([p[k] for p in per]) for k in per[0]}
+        out["layer"] = torch.cat([torch.full_like(p["rows"], i) for i, p in enumerate(per)])
+        return out
+
+    def __len__(self) -> int:
+        return sum(sum(t.numel() for t in parts["rows"]) for parts in self._parts.values())
+
+    # ------------------------------------------------------------------------------------------ analysis
+    def choices(self, method: str | None = None, k: int | None = None) -> torch.Tensor:
+        """The adapter each router picks for every decision: None gives what was actually used;
+        seqr/spectr/naive the calibrated norm-maximiser; arrow; lag with its k."""
+        d = self.decisions()
+        if method is None:
+            return d["chosen"]
+        if method in NORM_METHODS:
+            return d["norm"].argmax(-1)
+        if method == "arrow":
+            return d["arrow"].argmax(-1)
+        if method == "lag":
+            N = len(self.names)
+            if k is None or not 1 <= k <= N:
+                raise ValueError(f"lag needs k in [1, {N}], got {k!r}")
+            top = d["arrow"].topk(k, dim=-1).indices  # (D, k)
+            return top.gather(1, d["norm"].gather(1, top).argmax(-1, keepdim=True))[:, 0]
+        raise ValueError(f"unknown method {method!r}; expected None, 'seqr', 'spectr', 'naive', 'arrow' or 'lag'")
+
+    def routing_accuracy(self, method: str | None = None, k: int | None = None) -> float:
+        """Share of decisions on which `method` picks the calibrated norm-maximising adapter."""
+        return (self.choices(method, k) == self.choices("seqr")).double().mean().item()
+
+    def counts(self, row: int | None = None) -> dict[str, int]:
+        """How many (token, layer) decisions actually went to each adapter (optionally one batch row's)."""
+        d = self.decisions()
+        chosen = d["chosen"] if row is None else d["chosen"][d["rows"] == row]
+        chosen = chosen[chosen >= 0]
+        hist = torch.bincount(chosen, minlength=len(self.names)).tolist()
+        return {name: c for name, c in zip(self.names, hist) if c}
+
+    def outside(self, allowed_rows: list[set[str]]) -> list[int]:
+        """Per batch row, the number of decisions routed to an adapter outside that row's set."""
+        d = self.decisions()
+        out = []
+        for row, allowed in enumerate(allowed_rows):
+            chosen = d["chosen"][(d["rows"] == row) & (d["chosen"] >= 0)]
+            ok = torch.tensor([n in allowed for n in self.names], dtype=torch.bool)
+            out.append(int((~ok[chosen]).sum()))
+        return out
+
+    def summary(self) -> dict:
+        """Decision count, adapter shares, mean margin, and every router's accuracy against the norm-max."""
+        d = self.decisions()
+        N, n_dec = len(self.names), d["rows"].numel()
+        counts = self.counts()
+        acc = {m: self.routing_accuracy(m) for m in ("seqr", "arrow")}
+        acc.update({f"lag@{k}": self.routing_accuracy("lag", k) for k in range(1, N + 1)})
+        if (d["chosen"] >= 0).any():
+            acc["used"] = self.routing_accuracy(None)
+        margin = d["margin"][torch.isfinite(d["margin"])]
+        return {"method": self.method if isinstance(self.method, str) else list(self.method), "decisions": n_dec,
+                "layers": len(self.layers), "share": {n: c / n_dec for n, c in counts.items()},
+                "mean_margin": margin.mean().item() if margin.numel() else None, "routing_accuracy": acc}
