@@ -25,8 +25,12 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 STATS_FILE = "seqr_stats.json"  # per-layer activation-norm stats written by calibration
 ADAPTER_META = "seqr_adapter.json"  # seqr's own facts about a trained adapter (shared-A seed, task)
 
+# A cached model directory (models.py): written last, so its presence means the directory is complete
+MODEL_CACHE_MARKER = "seqr_model_cache.json"
 
-def _fsync_dir(path: Path) -> None:
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (renames, new files) to disk where the platform allows it."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # not supported on every platform
@@ -51,7 +55,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
