@@ -151,6 +151,9 @@ def test_no_token_is_routed_outside_its_rows_allowed_set(dirs, tmp_path, method,
     with seqr.routing(model, method, k=k, trace=True) as free:
         model(ids)
     assert free.counts().get("secret", 0) > 0.5 * len(free)  # the attack works when nothing is forbidden
+    with seqr.routing(model, method, k=k, allowed={"alpha", "gamma"}, trace=True) as whole:  # one set, all rows
+        model(ids)
+    assert whole.outside([{"alpha", "gamma"}] * 3) == [0, 0, 0] and whole.counts()
     rows = [{"alpha", "beta"}, {"gamma"}, {"alpha", "secret"}]
     with seqr.routing(model, method, k=k, allowed=rows, trace=True) as t:
         model(ids)

@@ -202,7 +202,7 @@ class AdapterBank:
             return None
         N = self.num_adapters
         if isinstance(allowed, torch.Tensor) and allowed.dtype == torch.bool:
-            if allowed.shape[-1] != N or allowed.shape[:-1] not in ((), lead, (T,)):
+            if allowed.shape[-1] != N or allowed.shape[:-1] not in ((), (1,), lead, (T,)):
                 raise ValueError(f"allowed mask must have shape ({N},) or {(*lead, N)}, got {tuple(allowed.shape)}")
             mask = allowed.reshape(-1, N).to(self.B.device)
         else:

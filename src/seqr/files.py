@@ -24,6 +24,7 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 STATS_FILE = "seqr_stats.json"  # per-layer activation-norm stats written by calibration
 ADAPTER_META = "seqr_adapter.json"  # seqr's own facts about a trained adapter (shared-A seed, task)
+TRAIN_LOG = "train_log.jsonl"  # loss per training step, beside the adapter
 
 # A cached model directory (models.py): written last, so its presence means the directory is complete
 MODEL_CACHE_MARKER = "seqr_model_cache.json"

@@ -1,0 +1,103 @@
+"""`seqr calibrate`: a silo computes its adapter's activation-norm statistics on its own training data.
+
+For adapter i, the model runs with adapter i active on i's training examples (prompt + gold answer), and
+at every adapted layer the norm ||B_i A x|| of every real token feeds a streaming `NormStats`: mu_i and
+sigma_i per layer. Only the silo's own data is read; what leaves the silo is stats, never data.
+
+What mu and sigma reveal: per layer, the mean and spread of how strongly the adapter reacts to its own
+data (two numbers per layer and a token count). They carry no text, but they are a fingerprint of the data
+distribution; `--noise S` adds Gaussian noise of S standard deviations to each mu (the paper's Appendix E)
+to blur that fingerprint, at some cost in routing accuracy (`seqr eval` measures it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import files
+from .layers import attach, detach, routing
+from .library import LoraLibrary
+from .peft_io import stats_json
+from .stats import NormStats
+
+
+def norm_stats(model, tokenizer, adapter_dir: str | Path, examples, *, batch_size: int = 8,
+               progress: bool = True) -> tuple[dict[str, NormStats], int]:
+    """(per-layer NormStats of ||B A x|| over every real token of prompt + gold answer, token count)."""
+    from tqdm import tqdm
+
+    from .train import encode
+
+    name = Path(adapter_dir).name
+    lib = LoraLibrary.from_peft({name: adapter_dir})  # one adapter, no stats: traces give raw norms
+    attach(model, lib, method=name)
+    stats = {layer: NormStats() for layer in lib.layers}
+    tokens = 0
+    try:
+        encoded = [encode(ex, tokenizer)[0] for ex in examples]
+        for start in tqdm(range(0, len(encoded), batch_size), desc=f"calibrate {name}", disable=not progress,
+                          file=sys.stderr):
+            rows = encoded[start:start + batch_size]
+            L = max(map(len, rows))
+            ids = torch.tensor([r + [tokenizer.pad_token_id] * (L - len(r)) for r in rows])  # (B, L)
+            mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])  # (B, L)
+            with torch.no_grad(), routing(model, name, trace=True) as tr:
+                model(input_ids=ids, attention_mask=mask)
+            for layer in lib.layers:
+                stats[layer].update(tr.layer(layer)["norm"][:, 0])  # (t,) ||B A x|| of real tokens
+            tokens += int(mask.sum())
+    finally:
+        detach(model)
+    return stats, tokens
+
+
+def add_noise(stats: dict[str, NormStats], noise: float, seed: int = 0) -> dict[str, NormStats]:
+    """mu + noise * sigma * eps per layer, eps ~ N(0, 1) seeded (Appendix E); sigma and counts unchanged."""
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer, s in stats.items():
+        eps = float(torch.randn((), generator=g, dtype=torch.float64))
+        out[layer] = NormStats(count=s.count, mean=s.mean + noise * s.std * eps, m2=s.m2)
+    return out
+
+
+def calibrate(model, tokenizer, adapter_dir: str | Path, examples, *, noise: float = 0.0, seed: int = 0,
+              batch_size: int = 8, progress: bool = True) -> dict[str, NormStats]:
+    """Compute the stats and write them atomically into the adapter dir (seqr_stats.json)."""
+    stats, tokens = norm_stats(model, tokenizer, adapter_dir, examples, batch_size=batch_size, progress=progress)
+    stats = add_noise(stats, noise, seed) if noise else stats
+    files.atomic_write_json(Path(adapter_dir) / files.STATS_FILE,
+                            stats_json(stats, examples=len(examples), tokens=tokens, noise=noise, seed=seed))
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="seqr calibrate",
+                                description="Per-layer activation-norm stats of one adapter on its own training data.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", required=True, help="the adapter dir (seqr train's --out)")
+    p.add_argument("--task", required=True, help="the adapter's own task: a name or a JSONL file")
+    p.add_argument("--data", help="directory laid out as <task>/{train,dev}.jsonl (default $SEQR_TASK_DATA)")
+    p.add_argument("--max-examples", type=int, default=200, help="training examples to use (default 200)")
+    p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise on mu, in standard deviations")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if not (Path(a.adapter) / files.PEFT_WEIGHTS).exists():
+        p.error(f"{a.adapter} holds no adapter ({files.PEFT_WEIGHTS} missing); run seqr train first")
+    from .models import load_model
+    from .tasks import load_task
+
+    model, tok = load_model(a.model)
+    examples = load_task(a.task, "train", data_dir=a.data, max_examples=a.max_examples, seed=a.seed)
+    stats = calibrate(model, tok, a.adapter, examples, noise=a.noise, seed=a.seed, batch_size=a.batch_size)
+    means = [s.mean for s in stats.values()]
+    print(json.dumps({"adapter": a.adapter, "layers": len(stats), "examples": len(examples),
+                      "mean_mu": sum(means) / len(means), "min_mu": min(means), "max_mu": max(means)}, indent=1))
+    return 0
