@@ -151,3 +151,15 @@ def test_build_refuses_uncalibrated_and_info_describes(tmp_path, tok, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["adapters"] == 2 and info["shared_a"] and info["a_seed"] == 0 and info["rank"] == 4
     assert all(r["calibrated"] and r["mu_min"] <= r["mu_mean"] <= r["mu_max"] for r in info["adapter_stats"])
+
+
+def test_encode_puts_the_loss_on_the_answer_only_in_both_formats(tok):
+    from seqr.tasks import build_prompt
+    from seqr.train import encode
+    ex = _examples("pos", 2)[1]  # label 1: "negative", letter B
+    for scoring, answer in (("choices", "negative"), ("letter", "B")):
+        ids, labels = encode(ex, tok, scoring)
+        n_prompt = len(tok(build_prompt(ex, tok, scoring=scoring), add_special_tokens=False).input_ids)
+        assert labels[:n_prompt] == [-100] * n_prompt
+        assert tok.decode(labels[n_prompt:]) == answer + tok.eos_token
+        assert ids[n_prompt:] == labels[n_prompt:]

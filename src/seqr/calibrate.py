@@ -26,7 +26,7 @@ from .stats import NormStats
 
 
 def norm_stats(model, tokenizer, adapter_dir: str | Path, examples, *, batch_size: int = 8,
-               progress: bool = True) -> tuple[dict[str, NormStats], int]:
+               progress: bool = True, scoring: str = "choices") -> tuple[dict[str, NormStats], int]:
     """(per-layer NormStats of ||B A x|| over every real token of prompt + gold answer, token count)."""
     from tqdm import tqdm
 
@@ -38,7 +38,7 @@ def norm_stats(model, tokenizer, adapter_dir: str | Path, examples, *, batch_siz
     stats = {layer: NormStats() for layer in lib.layers}
     tokens = 0
     try:
-        encoded = [encode(ex, tokenizer)[0] for ex in examples]
+        encoded = [encode(ex, tokenizer, scoring)[0] for ex in examples]
         for start in tqdm(range(0, len(encoded), batch_size), desc=f"calibrate {name}", disable=not progress,
                           file=sys.stderr):
             rows = encoded[start:start + batch_size]
@@ -68,9 +68,10 @@ def add_noise(stats: dict[str, NormStats], noise: float, seed: int = 0) -> dict[
 
 
 def calibrate(model, tokenizer, adapter_dir: str | Path, examples, *, noise: float = 0.0, seed: int = 0,
-              batch_size: int = 8, progress: bool = True) -> dict[str, NormStats]:
+              batch_size: int = 8, progress: bool = True, scoring: str = "choices") -> dict[str, NormStats]:
     """Compute the stats and write them atomically into the adapter dir (seqr_stats.json)."""
-    stats, tokens = norm_stats(model, tokenizer, adapter_dir, examples, batch_size=batch_size, progress=progress)
+    stats, tokens = norm_stats(model, tokenizer, adapter_dir, examples, batch_size=batch_size, progress=progress,
+                               scoring=scoring)
     stats = add_noise(stats, noise, seed) if noise else stats
     files.atomic_write_json(Path(adapter_dir) / files.STATS_FILE,
                             stats_json(stats, examples=len(examples), tokens=tokens, noise=noise, seed=seed))
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise on mu, in standard deviations")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scoring", choices=("choices", "letter"), default="choices", help="answer format (as trained)")
     a = p.parse_args(argv)
     if not (Path(a.adapter) / files.PEFT_WEIGHTS).exists():
         p.error(f"{a.adapter} holds no adapter ({files.PEFT_WEIGHTS} missing); run seqr train first")
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tok = load_model(a.model)
     examples = load_task(a.task, "train", data_dir=a.data, max_examples=a.max_examples, seed=a.seed)
-    stats = calibrate(model, tok, a.adapter, examples, noise=a.noise, seed=a.seed, batch_size=a.batch_size)
+    stats = calibrate(model, tok, a.adapter, examples, noise=a.noise, seed=a.seed, batch_size=a.batch_size,
+                      scoring=a.scoring)
     means = [s.mean for s in stats.values()]
     print(json.dumps({"adapter": a.adapter, "layers": len(stats), "examples": len(examples),
                       "mean_mu": sum(means) / len(means), "min_mu": min(means), "max_mu": max(means)}, indent=1))

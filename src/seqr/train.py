@@ -45,6 +45,7 @@ class TrainConfig:
     force: bool = False
     seed: int = 0
     warmup: float = 0.05
+    scoring: str = "choices"  # answer format trained on: the choice text, or its option letter ("letter")
     target_modules: tuple[str, ...] = field(default=TARGETS)
 
     def __post_init__(self):
@@ -56,6 +57,8 @@ class TrainConfig:
         for name in ("epochs", "lr", "alpha"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.scoring not in ("choices", "letter"):
+            raise ValueError(f"scoring must be 'choices' or 'letter', got {self.scoring!r}")
         if not 0 <= self.dropout < 1 or not 0 <= self.warmup < 1:
             raise ValueError(f"dropout and warmup must be in [0, 1), got {self.dropout} and {self.warmup}")
 
@@ -130,7 +133,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, examples=None, progre
     torch.manual_seed(cfg.seed)
     peft_model = lora_model(model, cfg)
     peft_model.train()
-    encoded = [encode(ex, tokenizer) for ex in examples]
+    encoded = [encode(ex, tokenizer, cfg.scoring) for ex in examples]
     steps = math.ceil(len(encoded) / cfg.batch_size)
     total = max(1, round(steps * cfg.epochs))
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -202,13 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--max-train", type=int, help="use at most this many training examples (seeded subset)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--scoring", choices=("choices", "letter"), default="choices",
+                   help="answer format: the choice text (default) or its option letter")
     p.add_argument("--unique-a", action="store_true", help="ordinary LoRA: train A too (baselines only)")
     p.add_argument("--force", action="store_true", help="retrain even if --out holds an adapter")
     a = p.parse_args(argv)
     try:
         cfg = TrainConfig(model=a.model, task=a.task, out=a.out, data=a.data, a_seed=a.a_seed, rank=a.rank,
                           alpha=a.alpha, dropout=a.dropout, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
-                          max_train=a.max_train, unique_a=a.unique_a, force=a.force, seed=a.seed)
+                          max_train=a.max_train, unique_a=a.unique_a, force=a.force, seed=a.seed,
+                          scoring=a.scoring)
     except ValueError as e:
         p.error(str(e))
     out = train(cfg)
