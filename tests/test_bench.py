@@ -110,3 +110,54 @@ def test_other_cpu_share_sees_a_busy_neighbour_and_not_itself():
     assert with_neighbour >= 0.25  # one of 2 cores spinning is ~50% of the machine
     assert with_neighbour > own_only
     assert contention_note({"other_cpu_share": 0.3}) and contention_note({"other_cpu_share": 0.01}) is None
+
+
+# --- `seqr bench forward` -----------------------------------------------------------------------------------
+
+def test_forward_quick_json(tmp_path, capsys):
+    from seqr.bench_forward import VARIANTS
+    path = tmp_path / "forward.json"
+    assert main(["forward", "--quick", "--repeats", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert data["config"]["adapters"] == [4, 8] and data["config"]["batch"] == 2 and data["config"]["seq"] == 16
+    assert [p["N"] for p in data["points"]] == [4, 8]
+    for p in data["points"]:
+        res = p["results"]
+        assert list(res) == list(VARIANTS)
+        static, plain = res["peft-static"]["median_ms"], res["untouched"]["median_ms"]
+        for variant, r in res.items():
+            assert r["runs"] == 1 and len(r["times_ms"]) == 1
+            assert r["median_ms"] > 0 and r["min_ms"] > 0 and r["first_call_ms"] > 0
+            assert r["median_ms"] == pytest.approx(r["times_ms"][0]) and r["min_ms"] <= r["median_ms"]
+            assert r["tokens_per_s"] == pytest.approx(2 * 16 / (r["median_ms"] / 1e3))
+            assert r["ratio_to_peft_static"] == pytest.approx(r["median_ms"] / static)
+            assert r["ratio_to_untouched"] == pytest.approx(r["median_ms"] / plain)
+            assert f"| {p['N']} | {variant} |" in out
+        checks = p["checks"]
+        assert checks["seqr_fixed_vs_peft_static"]["ok"] and checks["seqr_base_vs_untouched"]["ok"]
+        assert checks["untouched_unchanged"]["ok"] and checks["isolation"]["ok"]
+        assert checks["peft_static_changes_output"]["ok"]
+        assert checks["seqr_arrow_vs_peft_arrow"]["ok"] is None  # reported only
+        assert p["layouts"]["peft-arrow"]["lora_adapters"] == sorted(["arrow_router"] + [f"task_{i}" for i in range(p["N"])])
+        assert p["layouts"]["seqr"]["routed_layers"] == 2 * 4 and p["layouts"]["untouched"]["lora_layers"] == 0
+    t, last = data["targets"], data["points"][-1]["results"]
+    assert t["N"] == 8
+    assert t["seqr_vs_peft_static"]["ratio"] == pytest.approx(last["seqr"]["median_ms"] / last["peft-static"]["median_ms"])
+    assert t["peft_arrow_vs_seqr"]["ratio"] == pytest.approx(last["peft-arrow"]["median_ms"] / last["seqr"]["median_ms"])
+    assert t["seqr_vs_peft_static"]["met"] == (t["seqr_vs_peft_static"]["ratio"] <= 1.15)
+    assert t["peft_arrow_vs_seqr"]["met"] == (t["peft_arrow_vs_seqr"]["ratio"] >= 5)
+    assert out.startswith("machine: ") and "targets at N=8: SEQR within 1.15× of peft-static" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--adapters", "4,x"], "positive integers"),
+    (["--adapters", "0"], "positive integers"),
+    (["--batch", "0"], "--batch must be positive, got 0"),
+    (["--warmup", "-1"], "--warmup"),
+])
+def test_forward_bad_args(args, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["forward", "--quick", *args])
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 routing  times `AdapterBank.route` per method on a random shared-A bank, beside the MACs that `seqr.costs`
          predicts (the paper's Table 1); `--sweep` varies n, N and r one axis at a time (the paper's Figure 5).
+forward  a whole model's forward pass with N routed adapters beside peft's static LoRA and Arrow (bench_forward.py).
 
 Every method is timed exactly as the bank routes: SEQR from x (z = A x included), the baselines the way their papers
 compute them (explicit V_i, explicit prototypes, LAG's per-token candidates). Times are medians of repeated calls
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -411,10 +413,20 @@ def cmd_routing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 # --- `seqr bench` -------------------------------------------------------------------------------------------
 
-# name -> (help, add its options, run(args, parser)). `forward` and `serve` will join here.
+def _lazy(module: str, attr: str):
+    """`module.attr`, imported on first call: a subcommand in its own module reuses this one's helpers, so
+    importing it here at load time would be an import cycle."""
+    def call(*args):
+        return getattr(importlib.import_module(module, __package__), attr)(*args)
+    return call
+
+
+# name -> (help, add its options, run(args, parser)). `serve` will join here.
 SUBCOMMANDS = {
     "routing": ("time every router per token against the predicted MACs (--sweep: Figure 5)", add_routing_args,
                 cmd_routing),
+    "forward": ("time a whole model's forward with N routed adapters beside peft (static LoRA, Arrow)",
+                _lazy(".bench_forward", "add_forward_args"), _lazy(".bench_forward", "cmd_forward")),
 }
 
 
