@@ -139,6 +139,8 @@ def test_forward_quick_json(tmp_path, capsys):
         assert checks["untouched_unchanged"]["ok"] and checks["isolation"]["ok"]
         assert checks["peft_static_changes_output"]["ok"]
         assert checks["seqr_arrow_vs_peft_arrow"]["ok"] is None  # reported only
+        protos = checks["peft_arrow_prototypes"]
+        assert protos["ok"] is None and protos["pairs"] == 2 * 4 * p["N"] and 0 <= protos["min_abs_cos"] <= 1 + 1e-6
         assert p["layouts"]["peft-arrow"]["lora_adapters"] == sorted(["arrow_router"] + [f"task_{i}" for i in range(p["N"])])
         assert p["layouts"]["seqr"]["routed_layers"] == 2 * 4 and p["layouts"]["untouched"]["lora_layers"] == 0
     t, last = data["targets"], data["points"][-1]["results"]

@@ -14,8 +14,14 @@ layer drawn N(0, 1/r^2), random B per adapter. The N = 10 library is the first 1
 Every variant other than `untouched` runs on its own deep copy of the model, and its adapter layout is checked,
 so none sees another's layers; the untouched model's logits are checked unchanged at the end of each N.
 Cheap correctness checks (untimed, on the first call's logits): seqr fixed to one adapter equals peft-static,
-seqr's 'base' method equals the untouched model, and seqr-arrow vs peft-arrow is reported (peft's prototypes come
-from 15 power-iteration steps from a random start, which random adapters need not converge in).
+seqr's 'base' method equals the untouched model, and seqr-arrow vs peft-arrow is reported with the alignment of
+peft's prototypes to the exact top singular vectors (peft finds them with 15 power-iteration steps from a random
+start, which random adapters need not converge in).
+
+Timing: all variants but peft-arrow are timed interleaved, one forward of each per round, so that drift and bursts
+of other load on a shared machine fall on all of them alike (blocks of one variant after another measured SEQR at
+1.33x peft-static in one idle run where interleaved rounds gave 1.09x). peft-arrow, ~10x slower, is timed after
+them with `timed`'s budget, which caps its repeats.
 """
 from __future__ import annotations
 
@@ -148,17 +154,46 @@ def expected_layout(variant: str, n_layers: int, N: int) -> dict:
 
 # --- measuring ----------------------------------------------------------------------------------------------
 
-def time_forward(model, ids: torch.Tensor, opts: dict) -> tuple[dict, torch.Tensor]:
-    """One untimed first call (its logits feed the checks; lazy set-up such as peft's Arrow prototypes happens
-    here), then `timed` forwards. Returns (numbers, first logits)."""
-    t0 = time.perf_counter()
-    logits = model(ids).logits  # (B, S, V)
-    first = time.perf_counter() - t0
-    times, warm = timed(lambda: model(ids).logits, opts["repeats"], opts["warmup"], opts["budget_s"])
+def _numbers(times: list[float], first: float, warm: float | None, tokens: int) -> dict:
     med = statistics.median(times)
     return {"times_ms": [t * 1e3 for t in times], "runs": len(times), "first_call_ms": first * 1e3,
-            "warmup_ms": warm * 1e3 if opts["warmup"] else None, "median_ms": med * 1e3,
-            "min_ms": min(times) * 1e3, "tokens_per_s": ids.numel() / med}, logits
+            "warmup_ms": None if warm is None else warm * 1e3, "median_ms": med * 1e3, "min_ms": min(times) * 1e3,
+            "tokens_per_s": tokens / med}
+
+
+def _first_call(call) -> tuple[torch.Tensor, float]:
+    """The untimed first call: its logits feed the checks; lazy set-up (peft's Arrow prototypes) happens here."""
+    t0 = time.perf_counter()
+    logits = call()  # (B, S, V)
+    return logits, time.perf_counter() - t0
+
+
+def time_forward(call, tokens: int, opts: dict) -> tuple[dict, torch.Tensor]:
+    """First call, then `timed` forwards (budget-trimmed). Returns (numbers, first call's logits)."""
+    logits, first = _first_call(call)
+    times, warm = timed(call, opts["repeats"], opts["warmup"], opts["budget_s"])
+    return _numbers(times, first, warm if opts["warmup"] else None, tokens), logits
+
+
+def time_interleaved(calls: dict, tokens: int, opts: dict, bar) -> tuple[dict, dict]:
+    """Each call's first call and warm-ups, then rounds of one `timed` forward per variant, the order rotated every
+    round: drift and bursts of other load fall on every variant alike, which blocks of repeats of one variant after
+    another do not give on a shared machine. A variant whose warm-up exceeds budget / repeats joins fewer rounds
+    (at least one). Returns ({variant: numbers}, {variant: first call's logits})."""
+    names, logits, first, warm, runs = list(calls), {}, {}, {}, {}
+    for v in names:
+        bar.set_postfix_str(f"{v} first call + warm-up")
+        logits[v], first[v] = _first_call(calls[v])
+        warm[v] = timed(calls[v], 0, opts["warmup"])[1] if opts["warmup"] else None
+        budget = opts["budget_s"]
+        runs[v] = max(1, min(opts["repeats"], int(budget // warm[v]))) if budget and warm[v] else opts["repeats"]
+    times = {v: [] for v in names}
+    for i in range(max(runs.values())):
+        bar.set_postfix_str(f"round {i + 1} of {max(runs.values())}")
+        for v in names[i % len(names):] + names[:i % len(names)]:
+            if len(times[v]) < runs[v]:
+                times[v] += timed(calls[v], 1, 0)[0]
+    return {v: _numbers(times[v], first[v], warm[v], tokens) for v in names}, logits
 
 
 def compare(a: torch.Tensor, b: torch.Tensor, tol: float | None = None, **extra) -> dict:
@@ -171,61 +206,84 @@ def compare(a: torch.Tensor, b: torch.Tensor, tol: float | None = None, **extra)
     return out
 
 
+def prototype_alignment(arrow_model, lib) -> dict:
+    """|cos| between peft's Arrow prototypes (15 power-iteration steps) and the exact top right singular vectors
+    that seqr's arrow routes with, over every (layer, adapter): why the two Arrows may route differently."""
+    cos = []
+    for name, mod in arrow_model.named_modules():
+        arrow = mod.lora_arrow["arrow_router"] if "arrow_router" in getattr(mod, "lora_arrow", ()) else None
+        layer = name.removeprefix("base_model.model.")
+        if arrow is not None and getattr(arrow, "_protos_ready", False) and layer in lib.meta.layers:
+            exact = lib.bank(layer)._prototypes  # (N, n), unit rows
+            cos.append(torch.nn.functional.cosine_similarity(arrow.prototypes.float(), exact, dim=-1).abs())
+    c = torch.cat(cos) if cos else torch.empty(0)
+    return {"what": "peft Arrow prototypes vs exact top singular vectors, |cos| over (layer, adapter)",
+            "pairs": c.numel(), "median_abs_cos": float(c.median()) if c.numel() else None,
+            "min_abs_cos": float(c.min()) if c.numel() else None,
+            "share_above_0.99": float((c > 0.99).float().mean()) if c.numel() else None, "ok": None}
+
+
 def measure_point(base, dirs: list[Path], ids: torch.Tensor, opts: dict, seed: int, n_layers: int) -> dict:
-    """Every variant for one N = len(dirs): numbers, set-up seconds, layouts and the correctness checks."""
+    """Every variant for one N = len(dirs): numbers, set-up seconds, layouts and the correctness checks. The fast
+    variants are timed interleaved (`time_interleaved`); peft's Arrow, many times slower, after them on its own."""
     from peft import ArrowConfig, PeftModel, create_arrow_model
 
     from .layers import attach, routing
 
-    N = len(dirs)
-    results, setup, layouts, logits, checks = {}, {}, {}, {}, {}
-    bar = tqdm(total=len(VARIANTS), desc=f"N={N}", file=sys.stderr, leave=False)
+    N, tokens = len(dirs), ids.numel()
+    setup, checks = {}, {}
+    bar = tqdm(total=2, desc=f"N={N}", file=sys.stderr, leave=False)
 
-    def run(variant: str, model) -> None:
-        bar.set_postfix_str(variant)
-        layouts[variant] = layout(model)
-        results[variant], logits[variant] = time_forward(model, ids, opts)
-        bar.update()
-
-    def build(variant: str, make):
+    def build(what: str, make):
+        bar.set_postfix_str(f"set-up {what}")
         t0 = time.perf_counter()
-        model = make()
-        setup[variant] = time.perf_counter() - t0
-        return model
+        out = make()
+        setup[what] = time.perf_counter() - t0
+        return out
 
-    run("untouched", base)
-    model = build("peft-static", lambda: PeftModel.from_pretrained(copy.deepcopy(base), str(dirs[0])).eval())
-    run("peft-static", model)
-    del model
-    arrow_cfg = ArrowConfig(top_k=1, rng_seed=seed)  # seeded power iterations: reproducible prototypes
-    model = build("peft-arrow", lambda: create_arrow_model(copy.deepcopy(base), [str(d) for d in dirs], arrow_cfg).eval())
-    run("peft-arrow", model)
-    del model
-    gc.collect()
+    def routed(method):
+        def call():
+            with routing(seqr_model, method):
+                return seqr_model(ids).logits
+        return call
+
+    static = build("peft-static", lambda: PeftModel.from_pretrained(copy.deepcopy(base), str(dirs[0])).eval())
     lib = build("seqr-library", lambda: seqr_library(dirs, seed))
-    model = build("seqr-attach", lambda: attach(copy.deepcopy(base), lib, method="seqr"))
-    for variant, method in SEQR_METHODS.items():
-        with routing(model, method):
-            run(variant, model)
-    with routing(model, lib.names[0]):  # every token to adapter 0: what peft-static computes
-        checks["seqr_fixed_vs_peft_static"] = compare(model(ids).logits, logits["peft-static"], FIXED_TOL,
-                                                      what=f"seqr fixed to {lib.names[0]} vs peft-static")
-    with routing(model, "base"):
-        checks["seqr_base_vs_untouched"] = compare(model(ids).logits, logits["untouched"], BASE_TOL,
-                                                   what="seqr method 'base' vs untouched")
-    del model, lib
-    gc.collect()
-    checks["seqr_arrow_vs_peft_arrow"] = compare(logits["seqr-arrow"], logits["peft-arrow"], None,
-                                                 what="seqr-arrow vs peft-arrow (top_k=1)")
+    seqr_model = build("seqr-attach", lambda: attach(copy.deepcopy(base), lib, method="seqr"))
+    models = {"untouched": base, "peft-static": static, **dict.fromkeys(SEQR_METHODS, seqr_model)}
+    layouts = {v: layout(m) for v, m in models.items()}
+    calls = {"untouched": lambda: base(ids).logits, "peft-static": lambda: static(ids).logits,
+             **{v: routed(method) for v, method in SEQR_METHODS.items()}}
+    results, logits = time_interleaved(calls, tokens, opts, bar)
+    bar.update()
+    checks["seqr_fixed_vs_peft_static"] = compare(routed(lib.names[0])(), logits["peft-static"], FIXED_TOL,
+                                                  what=f"seqr fixed to {lib.names[0]} vs peft-static")
+    checks["seqr_base_vs_untouched"] = compare(routed("base")(), logits["untouched"], BASE_TOL,
+                                               what="seqr method 'base' vs untouched")
     static_effect = compare(logits["peft-static"], logits["untouched"], None, what="peft-static vs untouched")
     static_effect["ok"] = static_effect["max_abs_diff"] > 100 * FIXED_TOL  # the adapter really changes the output
     checks["peft_static_changes_output"] = static_effect
+    del static, seqr_model, models, calls
+    gc.collect()
+
+    arrow_cfg = ArrowConfig(top_k=1, rng_seed=seed)  # seeded power iterations: reproducible prototypes
+    arrow = build("peft-arrow", lambda: create_arrow_model(copy.deepcopy(base), [str(d) for d in dirs], arrow_cfg).eval())
+    layouts["peft-arrow"] = layout(arrow)
+    bar.set_postfix_str("peft-arrow")
+    results["peft-arrow"], logits["peft-arrow"] = time_forward(lambda: arrow(ids).logits, tokens, opts)
+    bar.update()
+    checks["seqr_arrow_vs_peft_arrow"] = compare(logits["seqr-arrow"], logits["peft-arrow"], None,
+                                                 what="seqr-arrow vs peft-arrow (top_k=1)")
+    checks["peft_arrow_prototypes"] = prototype_alignment(arrow, lib)
+    del arrow, lib
+    gc.collect()
     unchanged = compare(base(ids).logits, logits["untouched"], 0.0, what="untouched model after all variants")
     checks["untouched_unchanged"] = dict(unchanged, ok=unchanged["ok"] and layout(base) == expected_layout("untouched", 0, 0))
     bad = {v: lay for v, lay in layouts.items() if lay != expected_layout(v, n_layers, N)}
     checks["isolation"] = {"what": "each variant holds only its own adapter layers", "ok": not bad, "unexpected": bad}
     bar.close()
     del logits
+    results = {v: results[v] for v in VARIANTS}
     ref, plain = results["peft-static"]["median_ms"], results["untouched"]["median_ms"]
     for res in results.values():
         res["ratio_to_peft_static"] = res["median_ms"] / ref
@@ -255,7 +313,8 @@ def forward_report(payload: dict) -> str:
              f"forward of {cfg['model_label']} ({cfg['layers']} layers): `model(input_ids).logits` on {cfg['batch']} × "
              f"{cfg['seq']} random tokens (seed {cfg['seed']}), torch.no_grad(); rank-{cfg['rank']} adapters on "
              f"{', '.join(TARGET_MODULES)} of every layer, one shared A; median of `runs` timed forwards after "
-             f"{cfg['warmup']} warm-up{budget}", "",
+             f"{cfg['warmup']} warm-up{budget}; all but peft-arrow timed interleaved (one forward of each per round, "
+             f"order rotated), peft-arrow after them", "",
              "| N | variant | median ms | min ms | runs | tokens/s | × peft-static | × untouched |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for p in points:
@@ -277,6 +336,10 @@ def forward_report(payload: dict) -> str:
     lines += ["", "checks (untimed, first call's logits):"]
     for p in points:
         for c in p["checks"].values():
+            if "median_abs_cos" in c:
+                lines.append(f"  N={p['N']}: {c['what']}: median {c['median_abs_cos']:.3g}, min {c['min_abs_cos']:.3g}, "
+                             f"{c['share_above_0.99']:.1%} above 0.99 (reported only)")
+                continue
             if "max_abs_diff" not in c:
                 verdict = "ok" if c["ok"] else f"FAILED: {c['unexpected']}"
                 lines.append(f"  N={p['N']}: {c['what']}: {verdict}")

@@ -11,7 +11,7 @@ VERBS = {
     "build": ("seqr.build", "build a routing library from calibrated adapter dirs"),
     "info": ("seqr.info", "describe a library: adapters, layers, rank, shared A, sizes, stats"),
     "costs": ("seqr.costs", "print routing MACs and storage per method (the paper's Table 1)"),
-    "bench": ("seqr.bench", "benchmarks: `seqr bench routing` (router speed, --sweep for Figure 5)"),
+    "bench": ("seqr.bench", "benchmarks: `seqr bench routing` (router speed, --sweep for Figure 5), `seqr bench forward`"),
 }
 
 
