@@ -26,6 +26,10 @@ STATS_FILE = "seqr_stats.json"  # per-layer activation-norm stats written by cal
 ADAPTER_META = "seqr_adapter.json"  # seqr's own facts about a trained adapter (shared-A seed, task)
 TRAIN_LOG = "train_log.jsonl"  # loss per training step, beside the adapter
 
+# An evaluation output directory (seqr eval / seqr demo)
+EVAL_RESULTS = "eval.json"  # every number the report and figures are drawn from
+EVAL_REPORT = "report.md"
+
 # A cached model directory (models.py): written last, so its presence means the directory is complete
 MODEL_CACHE_MARKER = "seqr_model_cache.json"
 

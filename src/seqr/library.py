@@ -13,7 +13,7 @@ A process killed at any point leaves the previous library loadable.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -173,6 +173,18 @@ class LoraLibrary:
         old, ad.stats = ad.stats, self._check_stats(stats, f"adapter {name!r}")
         self._banks.clear()
         self._persist(undo=lambda: setattr(ad, "stats", old))
+
+    def with_stats(self, stats: dict[str, dict[str, NormStats]]) -> "LoraLibrary":
+        """An unbound copy (nothing it does touches disk) sharing this library's tensors, with the stats of
+        the adapters named in `stats` replaced: e.g. noised mu for a robustness study."""
+        unknown = [n for n in stats if n not in self._adapters]
+        if unknown:
+            raise KeyError(f"stats given for unknown adapter(s) {unknown}; the library holds {self.names}")
+        new = LoraLibrary(self.meta)
+        new.shared_A = self.shared_A
+        new._adapters = {n: replace(a, file=None, sha256=None, stats=self._check_stats(stats[n], f"adapter {n!r}")
+                                    if n in stats else a.stats) for n, a in self._adapters.items()}
+        return new
 
     def _persist(self, undo) -> None:
         """Write the manifest of a bound library; if that fails, undo the in-memory change and re-raise,

@@ -162,6 +162,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, examples=None, progre
             "n_train": len(encoded), "steps": step, "train_seconds": round(time.time() - t0, 1),
             "final_loss": log[-1]["loss"], "config": asdict(cfg)}
     _save(peft_model, cfg, out, meta, log)
+    peft_model.unload()  # the caller's model gets its own linear layers back
     return out
 
 

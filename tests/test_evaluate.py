@@ -1,0 +1,287 @@
+"""`seqr eval` on a tiny chat model: every method's accuracy against a direct scoring reference, trace tallies
+against brute force over the same trace, resume, re-plot, tables against hand-computed numbers, the CLI."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+import seqr
+from seqr import eval_report as er
+from seqr import evaluate as ev
+from seqr import files, plots
+from seqr.calibrate import calibrate
+from seqr.scoring import score_choices
+from seqr.tasks import Example
+from peft_factory import make_adapter
+from tiny_chat import chat_tokenizer, tiny_chat_llama
+
+TASKS = {"sst2": ("negative", "positive"), "cola": ("unacceptable", "acceptable"),
+         "rte": ("entailment", "not_entailment")}
+
+
+def task_examples(task: str, split: str, n: int) -> list[Example]:
+    rnd = random.Random(f"{task}-{split}")
+    words = {"sst2": "film plot actor scene", "cola": "the a of sentence grammar", "rte": "premise claim fact"}[task]
+    out = []
+    for i in range(n):
+        text = " ".join(rnd.choice(words.split()) for _ in range(rnd.randint(2, 9)))
+        pair = "does it follow" if task == "rte" else None
+        out.append(Example(task=task, id=f"{task}-{split}-{i}", text=text, text_pair=pair, choices=TASKS[task],
+                           label=rnd.randrange(2)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return chat_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_chat_llama(len(tok))
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory, tok, model):
+    """Three shared-A peft adapters named like tasks, each calibrated on its own task's train examples."""
+    root = tmp_path_factory.mktemp("adapters")
+    dirs = {}
+    for i, task in enumerate(TASKS):
+        make_adapter(root / task, seed=i + 1, base=tiny_chat_llama(len(tok)), b_scale=0.5 + 0.3 * i)
+        calibrate(model, tok, root / task, task_examples(task, "train", 6), progress=False)
+        dirs[task] = root / task
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def library(adapter_dirs):
+    return seqr.LoraLibrary.from_peft(adapter_dirs)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return {t: task_examples(t, "dev", 7) for t in TASKS}
+
+
+def cfg(**kw):
+    base = dict(tasks=list(TASKS), k=2, max_eval=7, noise=(0.5, 1.0), batch_size=3, model="tiny")
+    return ev.EvalConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def doc(model, tok, library, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    return ev.evaluate(model, tok, {"shared-0": library}, data, cfg(), out_dir=out, progress=False), out
+
+
+def reference_acc(model, tok, library, examples, method, k=None):
+    """Accuracy of one method through the public API: attach, route, score every example in one call."""
+    seqr.attach(model, library, method="base")
+    try:
+        with seqr.routing(model, method, k=k):
+            scores = score_choices(model, tok, examples, batch_size=len(examples), progress=False)
+    finally:
+        seqr.detach(model)
+    return sum(max(range(len(s)), key=s.__getitem__) == ex.label for s, ex in zip(scores, examples)) / len(examples)
+
+
+@pytest.mark.parametrize("method", ev.METHODS)
+def test_pass_accuracy_matches_direct_scoring(doc, model, tok, library, data, method):
+    d, _ = doc
+    for task in TASKS:
+        res = d["base"] if method == "base" else d["libraries"]["shared-0"]["methods"]["lag@2" if method == "lag"
+                                                                                           else method]
+        route = task if method == "oracle" else method
+        want = reference_acc(model, tok, library, data[task], route, k=2 if method == "lag" else None)
+        assert res["tasks"][task]["acc"] == pytest.approx(want, abs=1e-12), (method, task)
+        assert res["tasks"][task]["n"] == 7 and len(res["tasks"][task]["pred"]) == 7
+
+
+def real_token_count(tok, examples) -> int:
+    """Every real token both scoring forwards route: prompt tokens plus each choice's tokens but the last."""
+    from seqr.scoring import encode
+
+    prompts, answers = encode(examples, tok)
+    return sum(len(p) for p in prompts) + sum(len(a) - 1 for ch in answers for a in ch)
+
+
+def test_traced_passes_count_every_real_token_and_layer(doc, tok, library, data):
+    d, _ = doc
+    for key in ("seqr", "spectr", "arrow", "lag@2"):
+        for task in TASKS:
+            r = d["libraries"]["shared-0"]["methods"][key]["tasks"][task]
+            assert r["decisions"] == real_token_count(tok, data[task]) * len(library.layers)
+            assert sum(r["counts"].values()) == r["decisions"]
+    seqr_pass = d["libraries"]["shared-0"]["methods"]["seqr"]["tasks"]
+    spectr_pass = d["libraries"]["shared-0"]["methods"]["spectr"]["tasks"]
+    for task in TASKS:  # the exact-norm routers pick the calibrated norm-max on every decision
+        assert seqr_pass[task]["agree"] == seqr_pass[task]["decisions"]
+        assert spectr_pass[task]["agree"] == spectr_pass[task]["decisions"]
+        w = seqr_pass[task]["would_agree"]
+        assert w["lag@3"] == w["seqr"] == seqr_pass[task]["decisions"]  # LAG with every adapter = the norm-max
+        assert w["arrow"] == w["lag@1"] <= w["lag@2"] <= w["lag@3"]
+
+
+def test_trace_tally_matches_brute_force_over_the_same_trace(model, tok, library, data):
+    """Mean raw norms = ||B_i A x|| recomputed densely from the traced layer inputs; LAG(k) choices by loops."""
+    seqr.attach(model, library, method="seqr")
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, name=name: inputs.setdefault(name, []).append(a[0].detach()))
+             for name, m in model.named_modules() if isinstance(m, seqr.layers.RoutedLinear)]
+    try:
+        exs = data["sst2"][:3]
+        ids = tok([e.text for e in exs], padding=True, return_tensors="pt")
+        with torch.no_grad(), seqr.routing(model, trace=True) as tr:
+            model(**ids)
+    finally:
+        for h in hooks:
+            h.remove()
+        seqr.detach(model)
+    tally = ev.TraceTally.for_library(library, reference=True)
+    tally.add(tr)
+    got = tally.result()
+    real = ids["attention_mask"].reshape(-1).bool()
+    raw = torch.zeros(len(library), dtype=torch.float64)
+    for layer in library.layers:
+        x = inputs[layer][0].reshape(-1, inputs[layer][0].shape[-1])[real].double()  # (t, n)
+        for i, name in enumerate(library.names):
+            A, B = library.adapter_weights(name)
+            raw[i] += (x @ A[layer].double().T @ B[layer].double().T).norm(dim=-1).sum()
+    D = int(real.sum()) * len(library.layers)
+    assert got["decisions"] == D
+    for i, name in enumerate(library.names):
+        assert got["mean_raw_norm"][name] == pytest.approx(raw[i].item() / D, rel=1e-4)
+    d = tr.decisions()
+    for k in (1, 2, 3):
+        hits = 0
+        for norm, arrow in zip(d["norm"].tolist(), d["arrow"].tolist()):
+            short = sorted(range(3), key=lambda j: -arrow[j])[:k]
+            hits += max(short, key=lambda j: norm[j]) == max(range(3), key=lambda j: norm[j])
+        assert got["would_agree"][f"lag@{k}"] == hits
+
+
+def test_noise_passes_use_noised_mu(doc, model, tok, library, data):
+    d, _ = doc
+    noise = d["libraries"]["shared-0"]["noise"]
+    assert set(noise) == {"0.5@0", "1@0"}
+    noisy = ev.noisy(library, 1.0, 0)
+    for n in library.names:
+        for layer in library.layers:
+            s, t = library.stats(n)[layer], noisy.stats(n)[layer]
+            assert t.std == s.std and t.mean != s.mean
+    assert noisy.path is None and library.stats("sst2") is not noisy.stats("sst2")
+    want = reference_acc(model, tok, noisy, data["cola"], "seqr")
+    assert noise["1@0"]["tasks"]["cola"]["acc"] == pytest.approx(want)
+
+
+def test_rerun_reuses_passes_and_changed_settings_rerun(doc, model, tok, library, data, monkeypatch, capsys, tmp_path):
+    d, first = doc
+    out = tmp_path
+    (out / files.EVAL_RESULTS).write_bytes((first / files.EVAL_RESULTS).read_bytes())
+    calls = []
+    real = ev.run_pass
+    monkeypatch.setattr(ev, "run_pass", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    again = ev.evaluate(model, tok, {"shared-0": library}, data, cfg(), out_dir=out, progress=False)
+    assert calls == [] and again["libraries"] == d["libraries"]
+    assert "reusing" in capsys.readouterr().err
+    more = ev.evaluate(model, tok, {"shared-0": library}, data, cfg(noise=(0.5, 1.0, 0.25), k=1), out_dir=out,
+                       progress=False)
+    assert sorted(calls) == ["lag", "seqr"]  # only the new LAG k and the new noise level ran
+    assert {"lag@1", "lag@2"} <= set(more["libraries"]["shared-0"]["methods"])
+    calls.clear()
+    ev.evaluate(model, tok, {"shared-0": library}, {t: v[:5] for t, v in data.items()}, cfg(max_eval=5),
+                out_dir=out, progress=False)
+    assert "other settings" in capsys.readouterr().err and len(calls) == 7 + 2  # every method, both noise levels
+
+
+def test_unique_a_library_runs_baselines_and_spectr_is_its_reference(model, tok, data, tmp_path):
+    dirs = {}
+    for i, task in enumerate(TASKS):
+        make_adapter(tmp_path / task, seed=i + 1, a_seed=None, base=tiny_chat_llama(len(tok)))
+        calibrate(model, tok, tmp_path / task, task_examples(task, "train", 4), progress=False)
+        dirs[task] = tmp_path / task
+    lib = seqr.LoraLibrary.from_peft(dirs)
+    assert not lib.shared_a
+    d = ev.evaluate(model, tok, {"unique-0": lib}, data, cfg(noise=()), progress=False)
+    methods = d["libraries"]["unique-0"]["methods"]
+    assert set(methods) == {"oracle", "mu", "arrow", "lag@2", "spectr"}  # no seqr without a shared A
+    assert all("would_agree" in r for r in methods["spectr"]["tasks"].values())
+    assert er.norms(d, "unique-0", "z") is not None
+
+
+def test_errors_name_the_problem(model, tok, library, data):
+    with pytest.raises(ValueError, match="unknown method"):
+        cfg(methods=("seqr", "bogus"))
+    with pytest.raises(ValueError, match="noise levels"):
+        cfg(noise=(-1,))
+    with pytest.raises(ValueError, match="oracle needs an adapter named like the task 'mnli'"):
+        ev.evaluate(model, tok, {"s": library}, {"mnli": data["rte"]}, cfg(tasks=["mnli"], methods=("oracle",)),
+                    progress=False)
+    with pytest.raises(ValueError, match="no eval examples for task.*cola"):
+        ev.evaluate(model, tok, {"s": library}, {"sst2": data["sst2"]}, cfg(tasks=["sst2", "cola"]), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def fake_doc(accs: dict, base: dict, routing=None) -> dict:
+    """A results document with given accuracies: accs[label][method][task], base[task]."""
+    ts = list(base)
+
+    def res(a):
+        return {"tasks": {t: {"n": 10, "acc": a[t], "correct": round(10 * a[t]), "pred": []} for t in ts}}
+
+    libs = {}
+    for label, methods in accs.items():
+        libs[label] = {"shared_a": not label.startswith("u"), "adapters": ts, "noise": {},
+                       "methods": {m: res(a) for m, a in methods.items()}}
+    return {"config": {"tasks": ts, "split": "dev", "max_eval": 10, "seed": 0, "scoring": "choices", "k": 3,
+                       "model": "m"}, "base": res(base), "libraries": libs}
+
+
+def test_normalised_table_mean_and_std_over_libraries_by_hand():
+    d = fake_doc({"s0": {"oracle": {"a": 0.8, "b": 0.5}, "mu": {"a": 0.4, "b": 0.5}},
+                  "s1": {"oracle": {"a": 0.5, "b": 1.0}, "mu": {"a": 0.5, "b": 0.5}}}, {"a": 0.2, "b": 0.25})
+    s = er.accuracy_summary(d)
+    assert list(s) == ["base", "mu", "oracle"]
+    assert s["mu"]["norm"]["a"] == pytest.approx((0.75, 0.3535533905932738))  # 0.5 and 1.0
+    assert s["mu"]["norm"]["avg"][0] == pytest.approx(((0.5 + 1.0) / 2 + (1.0 + 0.5) / 2) / 2)
+    assert s["base"]["norm"]["b"][0] == pytest.approx((0.5 + 0.25) / 2)
+    assert s["oracle"]["norm"]["avg"] == (1.0, 0.0)
+    md = er.markdown(d)
+    assert "| mu | 75.0 ± 35.4 | 75.0 ± 35.4 | 75.0 ± 0.0 |" in md
+
+
+def test_report_and_figures_replot_from_json(doc, tmp_path, capsys):
+    d, out = doc
+    report, figs = plots.write_report(d, out)
+    assert {"accuracy_shared.png", "routing_accuracy_shared.png", "confusion_shared.png", "norms.png",
+            "noise.png"} == set(figs)
+    for f in figs:
+        assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = report.read_text()
+    assert "Table 3" in text and "Figure 4" in text and "Figure 6" in text and "Table 4" in text
+    assert "| seqr | 100.0 | 100.0 |" in text  # own pass and reference pass: the norm-max by construction
+    before = text
+    report.unlink()
+    assert ev.main(["--replot", "--out", str(out)]) == 0
+    assert report.read_text() == before and "Table 3" in capsys.readouterr().out
+
+
+def test_cli_end_to_end_from_a_model_dir_and_jsonl(adapter_dirs, model, tok, tmp_path, capsys):
+    mdir, data_dir, out = tmp_path / "model", tmp_path / "data", tmp_path / "out"
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    for t in TASKS:
+        (data_dir / t).mkdir(parents=True)
+        (data_dir / t / "dev.jsonl").write_text("".join(json.dumps(e.__dict__ | {"choices": list(e.choices)}) + "\n"
+                                                        for e in task_examples(t, "dev", 4)))
+    lib = seqr.LoraLibrary.from_peft(adapter_dirs).save(tmp_path / "lib")
+    rc = ev.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
+                  "--noise", "1", "--out", str(out), "--k", "2"])
+    assert rc == 0
+    saved = json.loads((out / files.EVAL_RESULTS).read_text())
+    assert saved["config"]["max_eval"] == 3 and saved["libraries"]["shared-0"]["path"] == str(lib)
+    assert all(r["n"] == 3 for r in saved["base"]["tasks"].values())
+    assert "accuracy normalised by the oracle" in capsys.readouterr().out
