@@ -163,3 +163,16 @@ def test_encode_puts_the_loss_on_the_answer_only_in_both_formats(tok):
         assert labels[:n_prompt] == [-100] * n_prompt
         assert tok.decode(labels[n_prompt:]) == answer + tok.eos_token
         assert ids[n_prompt:] == labels[n_prompt:]
+
+
+def test_train_hands_the_callers_model_back_unchanged(tmp_path, tok):
+    model = _model(tok)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    cfg = TrainConfig(model="tiny-chat", task="pos", out=str(tmp_path / "a"), rank=4, alpha=8, epochs=1, batch_size=4)
+    train(cfg, model=model, tokenizer=tok, examples=_examples("pos"), progress=False)
+    assert not any("lora" in name for name, _ in model.named_modules())  # peft's layers are gone
+    assert not model.training
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)  # base weights untouched
