@@ -283,5 +283,6 @@ def test_cli_end_to_end_from_a_model_dir_and_jsonl(adapter_dirs, model, tok, tmp
     assert rc == 0
     saved = json.loads((out / files.EVAL_RESULTS).read_text())
     assert saved["config"]["max_eval"] == 3 and saved["libraries"]["shared-0"]["path"] == str(lib)
+    assert saved["command"].startswith("seqr eval --library ")
     assert all(r["n"] == 3 for r in saved["base"]["tasks"].values())
     assert "accuracy normalised by the oracle" in capsys.readouterr().out

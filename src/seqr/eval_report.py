@@ -181,6 +181,16 @@ def markdown(doc: dict, figures: list[str] | None = None) -> str:
              f"per task (seed {cfg['seed']}), scoring `{cfg['scoring']}`, LAG k = {cfg['k']}. Libraries: "
              + ", ".join(f"`{label}` ({'shared' if e['shared_a'] else 'unique'} A, {len(e['adapters'])} adapters)"
                          for label, e in doc["libraries"].items()) + ".", ""]
+    if doc.get("command"):
+        lines += [f"Command: `{doc['command']}`", ""]
+    if doc.get("demo"):
+        demo = doc["demo"]
+        lines += [f"`seqr demo`: {demo['data']}; seconds per step: "
+                  + ", ".join(f"{k.removesuffix('_s')} {v:g}" for k, v in demo["timings"].items()) + ".", ""]
+    passes = [r for r in [doc.get("base"), *(r for e in doc["libraries"].values()
+                                              for r in [*e["methods"].values(), *e["noise"].values()])] if r]
+    if passes:
+        lines += [f"{len(passes)} evaluation passes, {sum(r['seconds'] for r in passes) / 60:.1f} minutes in all.", ""]
     n = examples_per_task(doc)
     if n:
         lines += ["Examples per task: " + ", ".join(f"{t} {n[t]}" for t in ts) + ".", ""]

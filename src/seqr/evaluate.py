@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
 
         model, tok = load_model(a.model)
         doc = evaluate(model, tok, libs, data, cfg, out_dir=out)
+        doc["command"] = "seqr eval " + " ".join(sys.argv[2:] if argv is None else argv)
+        files.atomic_write_json(out / files.EVAL_RESULTS, doc)
     report, figs = plots.write_report(doc, out)
     print(report.read_text())
     print(f"seqr eval: wrote {out / files.EVAL_RESULTS}, {report} and {len(figs)} figure(s) to {out}", file=sys.stderr)

@@ -68,6 +68,7 @@ def routing_accuracy(doc: dict, out: Path, kind: str = "shared") -> str | None:
         a2.plot([k for k, _ in lag], [100 * v for _, v in lag], "o-", label="LAG(k)")
         a2.axhline(100 * r["would"]["arrow"][0], color="tab:orange", ls="--", label="ARROW")
         a2.axhline(100, color="tab:green", ls=":", label="SEQR = SPECTR")
+        a2.set_xticks([k for k, _ in lag])
         a2.set_xlabel("k (ARROW shortlist)")
         a2.set_ylim(0, 105)
         a2.legend(fontsize=8)
