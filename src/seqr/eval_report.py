@@ -190,7 +190,7 @@ def markdown(doc: dict, figures: list[str] | None = None) -> str:
     passes = [r for r in [doc.get("base"), *(r for e in doc["libraries"].values()
                                               for r in [*e["methods"].values(), *e["noise"].values()])] if r]
     if passes:
-        lines += [f"{len(passes)} evaluation passes, {sum(r['seconds'] for r in passes) / 60:.1f} minutes in all.", ""]
+        lines += [f"{len(passes)} evaluation passes, {sum(r.get('seconds', 0) for r in passes) / 60:.1f} minutes in all.", ""]
     n = examples_per_task(doc)
     if n:
         lines += ["Examples per task: " + ", ".join(f"{t} {n[t]}" for t in ts) + ".", ""]
