@@ -40,8 +40,9 @@ def accuracy(doc: dict, out: Path, kind: str = "shared") -> str | None:
     for j, key in enumerate(keys):
         cells = [summ[key]["norm"][c] for c in cols]
         xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(cols))]
-        ax.bar(xs, [100 * c[0] if c else 0 for c in cells], width, label=key,
-               yerr=[100 * c[1] if c and c[1] is not None else 0 for c in cells], capsize=2)
+        err = [100 * c[1] if c and c[1] is not None else 0 for c in cells]
+        ax.bar(xs, [100 * c[0] if c else 0 for c in cells], width, label=key, yerr=err if any(err) else None,
+               capsize=2)
     ax.axhline(100, color="k", lw=0.8, ls="--")
     ax.set_xticks(range(len(cols)), cols, rotation=30)
     ax.set_ylabel("accuracy / oracle accuracy (%)")
@@ -58,8 +59,8 @@ def routing_accuracy(doc: dict, out: Path, kind: str = "shared") -> str | None:
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     keys = list(r["own"])
-    a1.bar(keys, [100 * r["own"][k][0] for k in keys],
-           yerr=[100 * (r["own"][k][1] or 0) for k in keys], capsize=3, color="tab:blue")
+    err = [100 * (r["own"][k][1] or 0) for k in keys]
+    a1.bar(keys, [100 * r["own"][k][0] for k in keys], yerr=err if any(err) else None, capsize=3, color="tab:blue")
     a1.set_ylim(0, 105)
     a1.set_ylabel("% decisions = norm-max")
     a1.set_title("each router, its own pass")
@@ -87,10 +88,12 @@ def confusion(doc: dict, out: Path, kind: str = "shared") -> str | None:
     if not keys:
         return None
     plt = _plt()
+    mats = {key: er.confusion(doc, label, key) for key in keys}
+    top = max(v for _, _, mat in mats.values() for row in mat for v in row) or 1.0  # one colour scale for all
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        ts, names, mat = er.confusion(doc, label, key)
-        im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
+        ts, names, mat = mats[key]
+        im = ax.imshow(mat, vmin=0, vmax=top, cmap="viridis")
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
         ax.set_yticks(range(len(ts)), ts, fontsize=7)
         ax.set_title(key, fontsize=9)
@@ -139,8 +142,9 @@ def noise(doc: dict, out: Path) -> str | None:
     summ = er.accuracy_summary(doc, "shared")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     xs = sorted(curve)
-    ax.errorbar(xs, [100 * curve[x][0] for x in xs], yerr=[100 * (curve[x][1] or 0) for x in xs], fmt="o-",
-                capsize=3, label="seqr")
+    err = [100 * (curve[x][1] or 0) for x in xs]
+    ax.errorbar(xs, [100 * curve[x][0] for x in xs], yerr=err if any(err) else None, fmt="o-", capsize=3,
+                label="seqr")
     for key, style in (("arrow", "--"), ("lag", ":")):
         hit = [k for k in summ if k.split("@")[0] == key]
         if hit and summ[hit[0]]["norm"]["avg"]:
