@@ -286,3 +286,17 @@ def test_cli_end_to_end_from_a_model_dir_and_jsonl(adapter_dirs, model, tok, tmp
     assert saved["command"].startswith("seqr eval --library ")
     assert all(r["n"] == 3 for r in saved["base"]["tasks"].values())
     assert "accuracy normalised by the oracle" in capsys.readouterr().out
+
+
+def test_paired_sign_test_by_hand(doc):
+    d, _ = doc
+    entry = d["libraries"]["shared-0"]
+    only_a, only_b, p = er.paired(d, entry, "seqr", "base")
+    gold = {t: d["examples"][t]["gold"] for t in TASKS}
+    a = [p_ == g for t in TASKS for p_, g in zip(entry["methods"]["seqr"]["tasks"][t]["pred"], gold[t])]
+    b = [p_ == g for t in TASKS for p_, g in zip(d["base"]["tasks"][t]["pred"], gold[t])]
+    assert (only_a, only_b) == (sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b)))
+    assert er.paired(d, entry, "seqr", "spectr")[:2] == (0, 0)  # identical choices, identical answers
+    fake = {"examples": {"t": {"gold": [0] * 10}}, "config": {"tasks": ["t"]}, "base": None}
+    ent = {"methods": {"x": {"tasks": {"t": {"pred": [0] * 9 + [1]}}}, "y": {"tasks": {"t": {"pred": [1] * 10}}}}}
+    assert er.paired(fake, ent, "x", "y") == (9, 0, pytest.approx(2 / 2 ** 9))  # 9 discordant pairs, all one way

@@ -7,6 +7,7 @@ libraries of one kind give mean and standard deviation (sample std, over librari
 """
 from __future__ import annotations
 
+import math
 import statistics
 
 ROW_ORDER = ("base", "mu", "arrow", "lag", "spectr", "seqr", "oracle")
@@ -121,6 +122,22 @@ def own_share(doc: dict, kind: str = "shared") -> dict:
     return out
 
 
+def paired(doc: dict, entry: dict, a: str, b: str) -> tuple[int, int, float] | None:
+    """Over every eval example: (only `a` right, only `b` right, two-sided exact sign-test p-value)."""
+    gold = doc.get("examples")
+    ra, rb = _result(doc, entry, a), _result(doc, entry, b)
+    if not gold or ra is None or rb is None:
+        return None
+    only_a = only_b = 0
+    for t in tasks(doc):
+        for pa, pb, g in zip(ra["tasks"][t]["pred"], rb["tasks"][t]["pred"], gold[t]["gold"]):
+            only_a += pa == g and pb != g
+            only_b += pb == g and pa != g
+    n = only_a + only_b
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n) if n else 1.0
+    return only_a, only_b, p
+
+
 def confusion(doc: dict, label: str, key: str) -> tuple[list[str], list[str], list[list[float]]]:
     """(tasks, adapters, share[task][adapter]) of one library's pass."""
     e = doc["libraries"][label]
@@ -206,7 +223,7 @@ def markdown(doc: dict, figures: list[str] | None = None) -> str:
             lines += _table(["method", *ts, "average"],
                             [[key] + [_pct(summ[key][what][t]) for t in ts] + [_pct(summ[key][what]["avg"])]
                              for key in summ]) + [""]
-    lines += _oracle_lines(doc, ts) + _routing_lines(doc, ts) + _noise_lines(doc)
+    lines += _paired_lines(doc) + _oracle_lines(doc, ts) + _routing_lines(doc, ts) + _noise_lines(doc)
     if figures:
         lines += ["## Figures", ""] + [f"![{f.rsplit('.', 1)[0]}]({f})" for f in figures] + [""]
     return "\n".join(lines)
@@ -218,6 +235,22 @@ def examples_per_task(doc: dict) -> dict[str, int]:
         if res:
             return {t: res["tasks"][t]["n"] for t in tasks(doc)}
     return {}
+
+
+def _paired_lines(doc: dict) -> list[str]:
+    libs = libraries(doc, "shared")
+    if not libs or "seqr" not in libs[0][1]["methods"] or not doc.get("examples"):
+        return []
+    label, entry = libs[0]
+    rows = []
+    for key in method_keys(doc, "shared"):
+        if key != "seqr" and (pr := paired(doc, entry, "seqr", key)) is not None:
+            rows.append([key, str(pr[0]), str(pr[1]), f"{pr[2]:.2g}"])
+    n = sum(len(v["gold"]) for v in doc["examples"].values())
+    return [f"## SEQR against each method, example by example (`{label}`, {n} examples)", "",
+            "How many examples only SEQR answers right, how many only the other method does, and the two-sided "
+            "exact sign test on those discordant pairs (small p: a real difference, not sampling noise).", ""] + \
+        _table(["method", "only seqr right", "only it right", "sign-test p"], rows) + [""]
 
 
 def _oracle_lines(doc: dict, ts: list[str]) -> list[str]:

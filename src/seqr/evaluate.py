@@ -226,6 +226,7 @@ def evaluate(model, tokenizer, libraries: dict[str, LoraLibrary], data: dict[str
         raise ValueError(f"no eval examples for task(s) {missing}")
     path = None if out_dir is None else Path(out_dir) / files.EVAL_RESULTS
     doc = _resume(path, cfg)
+    doc["examples"] = {t: {"ids": [ex.id for ex in data[t]], "gold": [ex.label for ex in data[t]]} for t in cfg.tasks}
     save = (lambda: files.atomic_write_json(path, doc)) if path is not None else (lambda: None)
 
     def run(lib, method, label, **kw):
