@@ -12,6 +12,7 @@ VERBS = {
     "build": ("seqr.build", "build a routing library from calibrated adapter dirs"),
     "info": ("seqr.info", "describe a library: adapters, layers, rank, shared A, sizes, stats"),
     "eval": ("seqr.evaluate", "evaluate every routing method on held-out task data: JSON, Markdown, PNG figures"),
+    "serve": ("seqr.serve", "OpenAI-compatible HTTP service; each user routed only among their authorised adapters"),
     "costs": ("seqr.costs", "print routing MACs and storage per method (the paper's Table 1)"),
     "bench": ("seqr.bench", "benchmarks: `seqr bench routing` (router speed, --sweep for Figure 5), `seqr bench forward`"),
 }

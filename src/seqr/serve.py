@@ -1,0 +1,60 @@
+"""`seqr serve LIBRARY_DIR --model MODEL --auth AUTH_FILE`: the OpenAI-compatible service (FastAPI + uvicorn)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_app(library_dir: str, model: str, auth_file: str, *, adapters_root: str | None = None,
+              model_name: str | None = None, max_prompt_tokens: int = 2048, max_tokens_limit: int = 1024,
+              max_batch: int = 8, method: str = "seqr"):
+    """Load the model, library and auth file and return (app, engine)."""
+    from .auth import AuthStore
+    from .engine import Engine
+    from .library import LoraLibrary
+    from .models import load_model
+    from .server import ServeSettings, create_app
+
+    lib = LoraLibrary.load(library_dir)
+    if lib.uncalibrated and method == "seqr":
+        raise ValueError(f"adapter(s) {lib.uncalibrated} have no calibration stats; run seqr calibrate")
+    auth = AuthStore.load(auth_file)
+    auth.check_adapters(set(lib.names))
+    m, tok = load_model(model)
+    engine = Engine(m, tok, lib, method=method, max_batch=max_batch)
+    settings = ServeSettings(model_name=model_name or model, max_prompt_tokens=max_prompt_tokens,
+                             max_tokens_limit=max_tokens_limit, adapters_root=adapters_root)
+    return create_app(engine, auth, settings), engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="seqr serve", description=(
+        "Serve an OpenAI-compatible API; each user is routed only among the adapters their key allows."))
+    p.add_argument("library", help="library dir (seqr build)")
+    p.add_argument("--model", required=True, help="the base model (anything seqr.load_model takes)")
+    p.add_argument("--auth", required=True, help='JSON: {"users": {NAME: {"keys": [...], "adapters": [...]}}, '
+                                                 '"admin_keys": [...]}')
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--adapters-root", help="admins may add adapter dirs under this dir (POST /admin/adapters)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: --model)")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    p.add_argument("--max-batch", type=int, default=8, help="requests batched into one forward")
+    a = p.parse_args(argv)
+    try:
+        app, engine = build_app(a.library, a.model, a.auth, adapters_root=a.adapters_root,
+                                model_name=a.served_model_name, max_prompt_tokens=a.max_prompt_tokens,
+                                max_tokens_limit=a.max_tokens_limit, max_batch=a.max_batch)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"seqr serve: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    print(f"seqr serve: {len(engine.adapters)} adapters, listening on http://{a.host}:{a.port}", file=sys.stderr,
+          flush=True)
+    try:
+        uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,295 @@
+"""The HTTP service: an OpenAI-compatible API where every user is routed only among their own adapters.
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as server-sent
+events), GET /v1/models, GET /health, GET /metrics (Prometheus text). Every request carries
+`Authorization: Bearer KEY`; errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request as HTTPRequest  # module level: FastAPI resolves handler annotations here
+
+from .auth import AuthStore, Principal
+from .generation import Request
+from .metrics import Metrics
+
+SUPPORTED = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "stream", "seed",
+             "adapters", "seqr", "n", "user", "stream_options"}
+
+
+@dataclass
+class ServeSettings:
+    model_name: str = "seqr"
+    max_prompt_tokens: int = 2048
+    max_tokens_limit: int = 1024
+    default_max_tokens: int = 16
+    adapters_root: str | None = None  # admins may add adapter dirs found under it, nowhere else
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, metrics: Metrics | None = None):
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    settings = settings or ServeSettings()
+    metrics = metrics or Metrics()
+    app = FastAPI(title="seqr", docs_url=None, redoc_url=None)
+    app.state.engine, app.state.auth, app.state.metrics = engine, auth, metrics
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        metrics.error(request.url.path, exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):  # never a stack trace to the client
+        metrics.error(request.url.path, 500)
+        return JSONResponse(APIError(500, "internal error", "server_error").body(), status_code=500)
+
+    def principal(request: HTTPRequest) -> Principal:
+        header = request.headers.get("authorization", "")
+        key = header[7:].strip() if header[:7].lower() == "bearer " else None
+        who = auth.lookup(key)
+        if who is None:
+            raise APIError(401, "missing or unknown API key (send Authorization: Bearer KEY)", "authentication_error",
+                           code="invalid_api_key")
+        return who
+
+    async def body_of(request: HTTPRequest) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    def allowed_for(who: Principal, body: dict) -> set[str]:
+        if who.user is None:
+            raise APIError(403, "admin keys manage the service; use a user key to generate", "permission_error")
+        mine = set(who.user.adapters) & engine.adapters
+        asked = body.get("adapters")
+        if asked is None:
+            chosen = mine
+        else:
+            if not isinstance(asked, list) or not asked or not all(isinstance(a, str) for a in asked):
+                raise APIError(400, "adapters must be a non-empty list of adapter names", param="adapters")
+            outside = sorted(set(asked) - mine)
+            if outside:
+                raise APIError(403, f"not authorised for adapter(s) {outside}", "permission_error", param="adapters")
+            chosen = set(asked)
+        if not chosen:
+            raise APIError(403, f"user {who.user.name!r} may use no adapter of this library", "permission_error")
+        return chosen
+
+    def check_common(body: dict) -> tuple[int, float, bool, int | None]:
+        unknown = sorted(set(body) - SUPPORTED)
+        if unknown:
+            raise APIError(400, f"unsupported parameter(s) {unknown}", param=unknown[0])
+        if body.get("model") not in (None, settings.model_name):
+            raise APIError(404, f"unknown model {body.get('model')!r}; this server serves {settings.model_name!r}",
+                           param="model", code="model_not_found")
+        n = body.get("n", 1)
+        if n != 1:
+            raise APIError(400, f"only n=1 is supported, got {n!r}", param="n")
+        mt = body.get("max_completion_tokens", body.get("max_tokens", settings.default_max_tokens))
+        if isinstance(mt, bool) or not isinstance(mt, int) or not 1 <= mt <= settings.max_tokens_limit:
+            raise APIError(400, f"max_tokens must be an integer in [1, {settings.max_tokens_limit}], got {mt!r}",
+                           param="max_tokens")
+        temp = body.get("temperature", 0.0)
+        if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not 0 <= temp <= 2:
+            raise APIError(400, f"temperature must be a number in [0, 2], got {temp!r}", param="temperature")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise APIError(400, f"stream must be a boolean, got {stream!r}", param="stream")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise APIError(400, f"seed must be an integer, got {seed!r}", param="seed")
+        return mt, float(temp), stream, seed
+
+    def encode(text: str) -> list[int]:
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if len(ids) > settings.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, over the limit of {settings.max_prompt_tokens}",
+                           param="prompt", code="context_length_exceeded")
+        return ids
+
+    async def run(request: HTTPRequest, chat: bool):
+        t0 = time.perf_counter()
+        who = principal(request)
+        body = await body_of(request)
+        mt, temp, stream, seed = check_common(body)
+        allowed = allowed_for(who, body)
+        if chat:
+            msgs = body.get("messages")
+            if not isinstance(msgs, list) or not msgs or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in msgs):
+                raise APIError(400, "messages must be a non-empty list of {role, content} strings", param="messages")
+            text = engine.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str):
+                raise APIError(400, "prompt must be a string", param="prompt")
+        ids = encode(text)
+        want_summary = bool(body.get("seqr", True))
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        loop = asyncio.get_running_loop()
+        tokens_q: asyncio.Queue = asyncio.Queue()
+        req = Request(ids, allowed, max_tokens=mt, temperature=temp, seed=seed,
+                      on_token=(lambda t: loop.call_soon_threadsafe(tokens_q.put_nowait, t)) if stream else None)
+        fut = asyncio.wrap_future(engine.submit(req))
+        user = who.user.name
+
+        def finish(result) -> dict:
+            metrics.done(request.url.path, time.perf_counter() - t0, len(ids), len(result.tokens), result.routing,
+                         user)
+            extra = {"seqr": {"routing": result.routing, "adapters": sorted(allowed)}} if want_summary else {}
+            return extra
+
+        if not stream:
+            try:
+                result = await fut
+            except PermissionError as e:
+                raise APIError(403, str(e), "permission_error") from None
+            text_out = engine.tokenizer.decode(result.tokens, skip_special_tokens=True)
+            usage = {"prompt_tokens": len(ids), "completion_tokens": len(result.tokens),
+                     "total_tokens": len(ids) + len(result.tokens)}
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text_out},
+                       "finish_reason": result.finish_reason} if chat else
+                      {"index": 0, "text": text_out, "logprobs": None, "finish_reason": result.finish_reason})
+            return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                                 "created": int(time.time()), "model": settings.model_name, "choices": [choice],
+                                 "usage": usage, **finish(result)})
+
+        async def events():
+            sent, toks = "", []
+            obj = "chat.completion.chunk" if chat else "text_completion"
+
+            def chunk(delta_text, reason=None, **extra):
+                c = ({"index": 0, "delta": ({"content": delta_text} if delta_text is not None else {}),
+                      "finish_reason": reason} if chat else
+                     {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": reason})
+                return "data: " + json.dumps({"id": rid, "object": obj, "created": int(time.time()),
+                                              "model": settings.model_name, "choices": [c], **extra}) + "\n\n"
+
+            if chat:
+                yield "data: " + json.dumps({"id": rid, "object": obj, "created": int(time.time()),
+                                             "model": settings.model_name, "choices": [
+                                                 {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}) + "\n\n"
+            while True:
+                getter = asyncio.ensure_future(tokens_q.get())
+                done, _ = await asyncio.wait({getter, fut}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    toks.append(getter.result())
+                    text_now = engine.tokenizer.decode(toks, skip_special_tokens=True)
+                    if len(text_now) > len(sent) and not text_now.endswith("\ufffd"):
+                        yield chunk(text_now[len(sent):])
+                        sent = text_now
+                    continue
+                getter.cancel()
+                break
+            try:
+                result = fut.result()
+            except Exception as e:
+                yield "data: " + json.dumps(APIError(403 if isinstance(e, PermissionError) else 500, str(e)).body()) + "\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            while not tokens_q.empty():
+                toks.append(tokens_q.get_nowait())
+            text_now = engine.tokenizer.decode(toks, skip_special_tokens=True)
+            if len(text_now) > len(sent):
+                yield chunk(text_now[len(sent):])
+            yield chunk(None if chat else "", result.finish_reason, **finish(result))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        return await run(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        return await run(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models(request: HTTPRequest):
+        principal(request)
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "seqr"}]}
+
+    # ------------------------------------------------------------------------------------------ admin
+    def admin(request: HTTPRequest) -> None:
+        if not principal(request).admin:
+            raise APIError(403, "this endpoint needs an admin key", "permission_error")
+
+    async def on_worker(fn):
+        """Run a library change on the engine's worker, between batches; map its errors to 4xx."""
+        try:
+            return await asyncio.wrap_future(engine.call(fn))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise APIError(404 if isinstance(e, KeyError) else 400, str(e).strip("'\"")) from None
+
+    @app.post("/admin/adapters")
+    async def add_adapter(request: HTTPRequest):
+        admin(request)
+        body = await body_of(request)
+        name, rel = body.get("name"), body.get("path")
+        if not isinstance(name, str) or not isinstance(rel, str):
+            raise APIError(400, "give the adapter's name and its path under the adapters root", param="path")
+        if settings.adapters_root is None:
+            raise APIError(400, "this server has no --adapters-root; adding adapters is disabled", param="path")
+        root = Path(settings.adapters_root).resolve()
+        path = (root / rel).resolve()
+        if not path.is_relative_to(root) or not path.is_dir():
+            raise APIError(400, f"path {rel!r} is not an adapter directory under the adapters root", param="path")
+        await on_worker(lambda e: e.add_adapter(name, path))
+        return JSONResponse({"added": name, "adapters": sorted(engine.adapters)}, status_code=201)
+
+    @app.delete("/admin/adapters/{name}")
+    async def remove_adapter(name: str, request: HTTPRequest):
+        admin(request)
+        await on_worker(lambda e: e.remove_adapter(name))
+        auth.drop_adapter(name)
+        return {"removed": name, "adapters": sorted(engine.adapters)}
+
+    @app.put("/admin/users/{user}")
+    async def put_user(user: str, request: HTTPRequest):
+        admin(request)
+        body = await body_of(request)
+        keys, adapters = body.get("keys"), body.get("adapters")
+        if not isinstance(keys, list) or not isinstance(adapters, list):
+            raise APIError(400, "give 'keys' and 'adapters' lists", param="keys")
+        try:
+            u = auth.put_user(user, keys, adapters, set(engine.adapters))
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        return {"user": u.name, "adapters": sorted(u.adapters)}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "adapters": len(engine.adapters)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
