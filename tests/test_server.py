@@ -150,6 +150,7 @@ def test_metrics_count_requests_and_routed_tokens(server):
     url, _ = server
     text = httpx.get(url + "/metrics").text
     assert 'seqr_requests_total{endpoint="/v1/completions"}' in text and "seqr_request_seconds_bucket" in text
+    assert "seqr_routed_outside_total 0\n" in text  # the server-side trace never saw a decision outside a set
     assert 'seqr_routed_tokens_total{adapter="alpha"}' in text and 'seqr_errors_total{endpoint="/v1/completions",status="401"}' in text
 
 
@@ -250,3 +251,36 @@ def test_seqr_serve_cli_restarts_with_the_persisted_library_and_users(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_removal_under_concurrent_load_fails_nothing_and_is_final(server):
+    url, engine = server
+    adm = {"Authorization": "Bearer sk-admin-0001"}
+    assert httpx.put(url + "/admin/users/frank", json={"keys": ["sk-frank-0001"], "adapters": ["alpha", "beta"]},
+                     headers=adm).status_code == 200
+    removed_at, results, stop = [], [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            sent = time.monotonic()
+            r = httpx.post(url + "/v1/completions", json={"prompt": "busy", "max_tokens": 3},
+                           headers={"Authorization": "Bearer sk-frank-0001"}, timeout=60)
+            results.append((sent, r.status_code, r.json()))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    t_sent = time.monotonic()
+    assert httpx.delete(url + "/admin/adapters/beta", headers=adm, timeout=60).status_code == 200
+    removed_at.append(time.monotonic())
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert results and all(code == 200 for _, code, _ in results)  # no request failed
+    after = [body for sent, _, body in results if sent > removed_at[0]]  # sent once the DELETE had returned
+    before = [body for sent, _, body in results if sent < t_sent]
+    assert after and all("beta" not in b["seqr"]["routing"] for b in after)
+    assert any("beta" in b["seqr"]["routing"] for b in before)  # it was in use until then
+    assert "beta" not in engine.adapters and t_sent < removed_at[0]

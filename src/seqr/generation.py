@@ -43,6 +43,7 @@ class Result:
     finish_reason: str  # "stop" (eos) or "length"
     routing: dict[str, float] = field(default_factory=dict)  # adapter -> share of this row's decisions
     prompt_tokens: int = 0
+    outside: int = 0  # decisions routed outside the row's allowed set, from the server-side trace (must be 0)
 
 
 @torch.no_grad()
@@ -94,12 +95,13 @@ def generate(model, requests: list[Request], *, eos_id: int | None, pad_id: int,
             kw = {"cache" if "cache" in res else "past_key_values": cache}
             res = model(input_ids=step, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
             cache = res["cache"] if "cache" in res else res.get("past_key_values")
+    outside = tr.outside([r.allowed for r in requests]) if len(tr) else [0] * B
     results = []
     for b, r in enumerate(requests):
         counts = tr.counts(b) if len(tr) else {}
         total = sum(counts.values())
         share = {n: c / total for n, c in counts.items() if n in r.allowed} if total else {}
-        results.append(Result(out[b], reasons[b], share, len(r.prompt)))
+        results.append(Result(out[b], reasons[b], share, len(r.prompt), outside[b]))
     return results
 
 

@@ -18,9 +18,10 @@ class Metrics:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.routed = defaultdict(float)  # adapter -> generated tokens routed to it (share-weighted)
+        self.outside = 0  # routing decisions outside a request's allowed set (the isolation invariant: 0)
 
     def done(self, endpoint: str, seconds: float, prompt_tokens: int, completion_tokens: int,
-             routing: dict[str, float], user: str | None = None) -> None:
+             routing: dict[str, float], outside: int = 0) -> None:
         with self._lock:
             self.requests[endpoint] += 1
             self.lat_sum[endpoint] += seconds
@@ -30,6 +31,7 @@ class Metrics:
                     b[i] += 1
             self.prompt_tokens += prompt_tokens
             self.completion_tokens += completion_tokens
+            self.outside += outside
             for name, share in routing.items():
                 self.routed[name] += share * (prompt_tokens + completion_tokens)
 
@@ -58,4 +60,6 @@ class Metrics:
                     "# HELP seqr_routed_tokens_total Tokens routed to each adapter (share of decisions x tokens).",
                     "# TYPE seqr_routed_tokens_total counter"]
             out += [f'seqr_routed_tokens_total{{adapter="{a}"}} {v:.3f}' for a, v in sorted(self.routed.items())]
+            out += ["# HELP seqr_routed_outside_total Routing decisions outside the request's allowed set (always 0).",
+                    "# TYPE seqr_routed_outside_total counter", f"seqr_routed_outside_total {self.outside}"]
             return "\n".join(out) + "\n"

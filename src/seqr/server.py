@@ -156,11 +156,10 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
         req = Request(ids, allowed, max_tokens=mt, temperature=temp, seed=seed,
                       on_token=(lambda t: loop.call_soon_threadsafe(tokens_q.put_nowait, t)) if stream else None)
         fut = asyncio.wrap_future(engine.submit(req))
-        user = who.user.name
 
         def finish(result) -> dict:
             metrics.done(request.url.path, time.perf_counter() - t0, len(ids), len(result.tokens), result.routing,
-                         user)
+                         result.outside)
             extra = {"seqr": {"routing": result.routing, "adapters": sorted(allowed)}} if want_summary else {}
             return extra
 
