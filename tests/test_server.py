@@ -200,10 +200,8 @@ def test_admin_adds_a_calibrated_adapter_that_users_can_then_reach(server):
     assert set(out.model_extra["seqr"]["routing"]) == {"delta"}
 
 
-def test_seqr_serve_cli_restarts_with_the_persisted_library_and_users(tmp_path):
-    import subprocess
-    import sys
-
+def saved_model_and_library(tmp_path):
+    """A tiny chat model dir and a calibrated three-adapter library dir on disk."""
     tok = chat_tokenizer()
     tiny_chat_llama(len(tok)).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
@@ -212,6 +210,26 @@ def test_seqr_serve_cli_restarts_with_the_persisted_library_and_users(tmp_path):
     for n in lib.names:
         lib.set_stats(n, {layer: NormStats().update(torch.rand(30) + 1) for layer in lib.layers})
     lib.save(tmp_path / "lib")
+    return tmp_path / "model", tmp_path / "lib"
+
+
+def test_bench_serve_reports_throughput_and_latency(tmp_path):
+    from seqr.bench import main as bench_main
+
+    model, lib = saved_model_and_library(tmp_path)
+    out = tmp_path / "serve.json"
+    assert bench_main(["serve", str(lib), "--model", str(model), "--clients", "3", "--seconds", "2",
+                       "--max-tokens", "2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["one_process"]
+    assert r["requests"] > 0 and r["errors"] == 0 and r["clients"] == 3
+    assert 0 < r["p50_s"] <= r["p95_s"] and r["requests_per_s"] == pytest.approx(r["requests"] / r["seconds"], rel=1e-2)
+
+
+def test_seqr_serve_cli_restarts_with_the_persisted_library_and_users(tmp_path):
+    import subprocess
+    import sys
+
+    saved_model_and_library(tmp_path)
     (tmp_path / "auth.json").write_text(json.dumps(AUTH))
     bad = {**AUTH, "users": {"eve": {"keys": ["sk-eve-000001"], "adapters": ["omega"]}}}
     (tmp_path / "bad.json").write_text(json.dumps(bad))

@@ -421,12 +421,14 @@ def _lazy(module: str, attr: str):
     return call
 
 
-# name -> (help, add its options, run(args, parser)). `serve` will join here.
+# name -> (help, add its options, run(args, parser)).
 SUBCOMMANDS = {
     "routing": ("time every router per token against the predicted MACs (--sweep: Figure 5)", add_routing_args,
                 cmd_routing),
     "forward": ("time a whole model's forward with N routed adapters beside peft (static LoRA, Arrow)",
                 _lazy(".bench_forward", "add_forward_args"), _lazy(".bench_forward", "cmd_forward")),
+    "serve": ("N concurrent clients against the HTTP service: requests/s, p50/p95 latency",
+              _lazy(".bench_serve", "add_serve_args"), _lazy(".bench_serve", "cmd_serve")),
 }
 
 
