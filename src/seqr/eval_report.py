@@ -284,7 +284,8 @@ def _routing_lines(doc: dict, ts: list[str]) -> list[str]:
                   f"calibrated norm-maximising adapter (the paper's Figure 4)", "",
                   f"`own pass`: each router's decisions in its own evaluation pass. `on {ref}'s pass`: the choice each "
                   f"router would make on the hidden states of the {ref} pass (one trace, every router).", ""]
-        keys = list(dict.fromkeys([*r["own"], *(k for k in r["would"] if not k.startswith("lag@"))]))
+        keys = list(dict.fromkeys([*r["own"], *(k for k in r["would"] if not k.startswith("lag@")
+                                                and (kind == "shared" or k != "seqr"))]))  # no SEQR without a shared A
         lines += _table(["router", "own pass", f"on {ref}'s pass"],
                         [[k, _pct(r["own"].get(k)), _pct(r["would"].get(k))] for k in keys]) + [""]
         lag = {int(k.split("@")[1]): v for k, v in r["would"].items() if k.startswith("lag@")}
