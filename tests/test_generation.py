@@ -69,3 +69,25 @@ def test_eos_stops_a_row_and_sampling_is_seeded(lib):
 def test_bad_requests_name_the_field(kw, match):
     with pytest.raises(ValueError, match=match):
         Request(**{"prompt": [1, 2], "allowed": {"alpha"}, **kw})
+
+
+@torch.no_grad()
+def test_light_trace_counts_equal_the_full_trace(lib):
+    model = seqr.attach(tiny_llama(), lib)
+    ids = torch.randint(3, 97, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    allowed = [{"alpha"}, {"beta", "gamma"}, set(NAMES)]
+    with seqr.routing(model, "seqr", allowed=allowed, trace=True) as full:
+        model(input_ids=ids, attention_mask=mask)
+    with seqr.routing(model, "seqr", allowed=allowed, trace="choices") as light:
+        model(input_ids=ids, attention_mask=mask)
+    assert len(light) == len(full) == (7 + 4 + 7) * len(lib.layers)
+    for row in range(3):
+        assert light.counts(row) == full.counts(row)
+    assert light.outside(allowed) == full.outside(allowed) == [0, 0, 0]
+    with pytest.raises(ValueError, match="trace=True"):
+        light.summary()
+    with pytest.raises(ValueError, match="trace must be"):
+        with seqr.routing(model, trace="all"):
+            pass

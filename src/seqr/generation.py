@@ -64,7 +64,7 @@ def generate(model, requests: list[Request], *, eos_id: int | None, pad_id: int,
     out: list[list[int]] = [[] for _ in requests]
     done = [False] * B
     reasons = ["length"] * B
-    with routing(model, method, k=k, allowed=[set(r.allowed) for r in requests], trace=True) as tr:
+    with routing(model, method, k=k, allowed=[set(r.allowed) for r in requests], trace="choices") as tr:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         cache = res["cache"] if "cache" in res else res.get("past_key_values")

@@ -186,6 +186,10 @@ def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: st
 
 def _record(st: RoutingState, bank: AdapterBank, name: str, xf, z, idx, mask, B: int, T: int) -> None:
     real = st.real_tokens(B, T)  # (B*T,)
+    if st.trace.light:  # only what was used: per-row counts and the outside-set check, no score vectors
+        chosen = torch.full((int(real.sum()),), -1, dtype=torch.long) if idx is None else idx[real].cpu()
+        st.trace.record(name, rows=torch.arange(B).repeat_interleave(T)[real.cpu()], chosen=chosen)
+        return
     xr, zr = xf[real], None if z is None else z[real]
     neg = float("-inf")
     norm = bank.scores(xr, "seqr" if bank.shared_a else "spectr", z=zr)  # (t, N) calibrated exact norms
@@ -253,15 +257,18 @@ def detach(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def routing(model: nn.Module, method=None, *, allowed=None, k: int | None = None, trace: bool = False):
+def routing(model: nn.Module, method=None, *, allowed=None, k: int | None = None, trace: bool | str = False):
     """Route the calls inside the block with `method` (default: the attached one), only among `allowed`
-    adapters (a set of names, or one set per batch row), recording a `Trace` when `trace=True`."""
+    adapters (a set of names, or one set per batch row), recording a `Trace` when `trace=True` (every
+    router's scores too) or `trace="choices"` (only the adapter each decision used: cheap, for serving)."""
     state = _state(model)
     saved, saved_trace = state.cfg, state.trace
     method = state.cfg.method if method is None else method
     k = (state.cfg.k if method == state.cfg.method else None) if k is None else k
     state.cfg = state.configure(method, k, allowed)
-    state.trace = Trace(list(state.names), method, state.cfg.k) if trace else None
+    if trace not in (False, True, "choices"):
+        raise ValueError(f"trace must be False, True or 'choices' (adapters used only), got {trace!r}")
+    state.trace = Trace(list(state.names), method, state.cfg.k, light=trace == "choices") if trace else None
     try:
         yield state.trace
     finally:

@@ -23,6 +23,7 @@ class Trace:
     names: list[str]
     method: str | tuple
     k: int | None = None
+    light: bool = False  # recorded only rows and chosen adapters (routing(..., trace="choices"))
     _parts: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)), repr=False)
     _step: int = 0
 
@@ -65,6 +66,9 @@ class Trace:
         d = self.decisions()
         if method is None:
             return d["chosen"]
+        if self.light:
+            raise ValueError("this trace recorded only the adapters used (trace='choices'); other routers' choices "
+                             "need routing(..., trace=True)")
         if method in NORM_METHODS:
             return d["norm"].argmax(-1)
         if method == "arrow":
@@ -101,6 +105,8 @@ class Trace:
 
     def summary(self) -> dict:
         """Decision count, adapter shares, mean margin, and every router's accuracy against the norm-max."""
+        if self.light:
+            raise ValueError("summary() needs routing(..., trace=True); this trace recorded only the adapters used")
         d = self.decisions()
         N, n_dec = len(self.names), d["rows"].numel()
         counts = self.counts()
