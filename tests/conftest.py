@@ -109,3 +109,19 @@ def make_tokens():
 @pytest.fixture
 def ref():
     return Ref
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The offline byte-level ChatML tokenizer of tests/tiny_chat.py."""
+    from tiny_chat import chat_tokenizer
+
+    return chat_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    """A tiny random chat Llama sized for `tok` (eval mode, seed 0)."""
+    from tiny_chat import tiny_chat_llama
+
+    return tiny_chat_llama(len(tok))

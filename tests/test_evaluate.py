@@ -16,7 +16,7 @@ from seqr.calibrate import calibrate
 from seqr.scoring import score_choices
 from seqr.tasks import Example
 from peft_factory import make_adapter
-from tiny_chat import chat_tokenizer, tiny_chat_llama
+from tiny_chat import tiny_chat_llama
 
 TASKS = {"sst2": ("negative", "positive"), "cola": ("unacceptable", "acceptable"),
          "rte": ("entailment", "not_entailment")}
@@ -32,16 +32,6 @@ def task_examples(task: str, split: str, n: int) -> list[Example]:
         out.append(Example(task=task, id=f"{task}-{split}-{i}", text=text, text_pair=pair, choices=TASKS[task],
                            label=rnd.randrange(2)))
     return out
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return chat_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_chat_llama(len(tok))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -16,6 +15,7 @@ openai = pytest.importorskip("openai")
 
 from seqr import LoraLibrary, NormStats  # noqa: E402
 from seqr.auth import AuthStore  # noqa: E402
+from seqr.bench_serve import free_port  # noqa: E402
 from seqr.engine import Engine  # noqa: E402
 from seqr.server import ServeSettings, create_app  # noqa: E402
 from peft_factory import make_adapter  # noqa: E402
@@ -26,12 +26,6 @@ PATHS: dict = {}  # filled by the server fixture: the auth file and the adapters
 AUTH = {"users": {"alice": {"keys": ["sk-alice-0001"], "adapters": ["alpha"]},
                   "bob": {"keys": ["sk-bob-000001"], "adapters": ["beta", "gamma"]}},
         "admin_keys": ["sk-admin-0001"]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

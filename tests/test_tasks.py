@@ -30,16 +30,6 @@ README_LABELS = {
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return chat_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_chat_llama(len(tok))
-
-
-@pytest.fixture(scope="module")
 def reference(model, tok):
     """Brute-force choice scores of mixed_examples(), computed once."""
     return brute_force(model, tok, mixed_examples(), "choices")

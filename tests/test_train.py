@@ -14,18 +14,13 @@ from seqr.calibrate import add_noise, calibrate
 from seqr.info import main as info_main
 from seqr.tasks import Example
 from seqr.train import TrainConfig, shared_a, train
-from tiny_chat import chat_tokenizer, tiny_chat_llama
+from tiny_chat import tiny_chat_llama
 
 
 def _examples(task: str, n: int = 12) -> list[Example]:
     words = {"pos": ("positive", "negative"), "neg": ("yes", "no")}[task]
     return [Example(task=task, id=f"{task}-{i}", text=f"sample number {i} of {task}", text_pair=None,
                     choices=words, label=i % 2) for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return chat_tokenizer()
 
 
 def _model(tok, seed=0):

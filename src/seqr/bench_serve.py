@@ -39,6 +39,15 @@ def run_load(url: str, keys: list[str], *, seconds: float, max_tokens: int, prom
             "p95_s": round(q[18], 4) if lat else None}
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def user_auth(names: list[str], clients: int) -> dict:
     """One user per client, each allowed a different pair of adapters (round robin)."""
     users = {f"user{i}": {"keys": [f"sk-bench-user-{i:04d}"],
@@ -61,7 +70,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 def cmd_serve(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if a.clients < 1 or a.seconds <= 0:
         parser.error(f"--clients and --seconds must be positive, got {a.clients} and {a.seconds}")
-    import socket
     import tempfile
 
     import uvicorn
@@ -75,9 +83,7 @@ def cmd_serve(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         with open(auth_path, "w") as f:
             json.dump(user_auth(names, a.clients), f)
         app, engine = build_app(a.library, a.model, auth_path, max_batch=a.max_batch)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         th = threading.Thread(target=srv.run, daemon=True)
         th.start()

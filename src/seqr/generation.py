@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from .layers import routing
+from .scoring import _cache_kw, _forward_params, returned_cache
 
 
 @dataclass
@@ -52,7 +53,7 @@ def generate(model, requests: list[Request], *, eos_id: int | None, pad_id: int,
     """Generate for every request in one left-padded batch (the model must have a library attached)."""
     if not requests:
         return []
-    dev = next(model.parameters()).device
+    dev, cache_kw = next(model.parameters()).device, _cache_kw(_forward_params(model))
     B, L = len(requests), max(len(r.prompt) for r in requests)
     ids = torch.full((B, L), pad_id, dtype=torch.long)  # (B, L) left-padded prompts
     mask = torch.zeros((B, L), dtype=torch.long)  # (B, L)
@@ -67,7 +68,7 @@ def generate(model, requests: list[Request], *, eos_id: int | None, pad_id: int,
     with routing(model, method, k=k, allowed=[set(r.allowed) for r in requests], trace="choices") as tr:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache = res["cache"] if "cache" in res else res.get("past_key_values")
+        cache = returned_cache(res)
         while True:
             logits = res.logits[:, -1].float()  # (B, V)
             nxt = []
@@ -92,9 +93,8 @@ def generate(model, requests: list[Request], *, eos_id: int | None, pad_id: int,
             live = torch.tensor([0 if d else 1 for d in done], device=dev)[:, None]  # (B, 1) finished rows: masked
             mask = torch.cat([mask, live], dim=1)  # (B, L + t)
             pos = mask.sum(-1, keepdim=True) - 1  # (B, 1)
-            kw = {"cache" if "cache" in res else "past_key_values": cache}
-            res = model(input_ids=step, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
-            cache = res["cache"] if "cache" in res else res.get("past_key_values")
+            res = model(input_ids=step, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
+            cache = returned_cache(res)
     outside = tr.outside([r.allowed for r in requests]) if len(tr) else [0] * B
     results = []
     for b, r in enumerate(requests):

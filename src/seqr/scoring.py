@@ -89,6 +89,11 @@ def _cache_kw(params: set[str]) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def returned_cache(output):
+    """The KV cache a forward returned (named like the argument: `cache` or `past_key_values`)."""
+    return output["cache"] if "cache" in output else output.get("past_key_values")
+
+
 def _score_batch(model, prompts: list[list[int]], answers: list[list[list[int]]], pad: int) -> list[list[float]]:
     """Scores of one batch: prompts[b] (ids) and answers[b][c] (ids of choice c of example b)."""
     dev, params = _device(model), _forward_params(model)
@@ -117,7 +122,7 @@ def _score_batch(model, prompts: list[list[int]], answers: list[list[list[int]]]
             n = len(a) - 1
             cid[m, :n], tgt[m, :n], cmask[m, :n] = torch.tensor(a[:-1]), torch.tensor(a[1:]), 1
         cid, tgt, cmask = cid.to(dev), tgt.to(dev), cmask.to(dev)
-        cache = first["cache"] if "cache" in first else first.get("past_key_values")  # (named like the argument)
+        cache = returned_cache(first)
         if not hasattr(cache, "batch_select_indices"):
             raise TypeError(f"{type(model).__name__} returned a {type(cache).__name__} cache; choice scoring "
                             f"needs a transformers Cache (DynamicCache) with batch_select_indices")
