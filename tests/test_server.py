@@ -15,11 +15,12 @@ openai = pytest.importorskip("openai")
 
 from seqr import LoraLibrary, NormStats  # noqa: E402
 from seqr.auth import AuthStore  # noqa: E402
-from seqr.bench_serve import free_port  # noqa: E402
+from seqr.bench_serve import free_port, launch, stop  # noqa: E402
 from seqr.engine import Engine  # noqa: E402
 from seqr.server import ServeSettings, create_app  # noqa: E402
 from peft_factory import make_adapter  # noqa: E402
-from tiny_chat import chat_tokenizer, tiny_chat_llama  # noqa: E402
+from serve_load import remove_under_load  # noqa: E402
+from tiny_chat import chat_tokenizer, saved_model_and_library, tiny_chat_llama  # noqa: E402
 
 NAMES = ["alpha", "beta", "gamma"]
 PATHS: dict = {}  # filled by the server fixture: the auth file and the adapters root
@@ -194,26 +195,13 @@ def test_admin_adds_a_calibrated_adapter_that_users_can_then_reach(server):
     assert set(out.model_extra["seqr"]["routing"]) == {"delta"}
 
 
-def saved_model_and_library(tmp_path):
-    """A tiny chat model dir and a calibrated three-adapter library dir on disk."""
-    tok = chat_tokenizer()
-    tiny_chat_llama(len(tok)).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    lib = LoraLibrary.from_peft({n: make_adapter(tmp_path / "a" / n, seed=i, base=tiny_chat_llama(len(tok))) and
-                                 tmp_path / "a" / n for i, n in enumerate(NAMES)})
-    for n in lib.names:
-        lib.set_stats(n, {layer: NormStats().update(torch.rand(30) + 1) for layer in lib.layers})
-    lib.save(tmp_path / "lib")
-    return tmp_path / "model", tmp_path / "lib"
-
-
 def test_bench_serve_reports_throughput_and_latency(tmp_path):
     from seqr.bench import main as bench_main
 
-    model, lib = saved_model_and_library(tmp_path)
+    model, lib = saved_model_and_library(tmp_path, NAMES)
     out = tmp_path / "serve.json"
     assert bench_main(["serve", str(lib), "--model", str(model), "--clients", "3", "--seconds", "2",
-                       "--max-tokens", "2", "--json", str(out)]) == 0
+                       "--max-tokens", "2", "--ray-replicas", "0", "--json", str(out)]) == 0
     r = json.loads(out.read_text())["one_process"]
     assert r["requests"] > 0 and r["errors"] == 0 and r["clients"] == 3
     assert 0 < r["p50_s"] <= r["p95_s"] and r["requests_per_s"] == pytest.approx(r["requests"] / r["seconds"], rel=1e-2)
@@ -223,7 +211,7 @@ def test_seqr_serve_cli_restarts_with_the_persisted_library_and_users(tmp_path):
     import subprocess
     import sys
 
-    saved_model_and_library(tmp_path)
+    saved_model_and_library(tmp_path, NAMES)
     (tmp_path / "auth.json").write_text(json.dumps(AUTH))
     bad = {**AUTH, "users": {"eve": {"keys": ["sk-eve-000001"], "adapters": ["omega"]}}}
     (tmp_path / "bad.json").write_text(json.dumps(bad))
@@ -232,18 +220,8 @@ def test_seqr_serve_cli_restarts_with_the_persisted_library_and_users(tmp_path):
     assert r.returncode == 2 and "omega" in r.stderr and "Traceback" not in r.stderr
 
     def start():
-        port = free_port()
-        proc = subprocess.Popen(cmd + ["--auth", str(tmp_path / "auth.json"), "--port", str(port),
-                                       "--served-model-name", "tiny"], stderr=subprocess.PIPE, text=True)
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    return proc, url
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        proc.kill()
-        raise AssertionError(proc.stderr.read())
+        return launch([str(tmp_path / "lib"), "--model", str(tmp_path / "model"), "--auth", str(tmp_path / "auth.json"),
+                       "--served-model-name", "tiny"], timeout_s=120)
 
     proc, url = start()
     try:
@@ -252,8 +230,7 @@ def test_seqr_serve_cli_restarts_with_the_persisted_library_and_users(tmp_path):
         assert httpx.put(url + "/admin/users/carol", json={"keys": ["sk-carol-0001"], "adapters": ["gamma"]},
                          headers=adm).status_code == 200
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc)
     proc, url = start()  # restart: the removal and the new user survive
     try:
         assert httpx.get(url + "/health").json()["adapters"] == 2
@@ -261,8 +238,7 @@ def test_seqr_serve_cli_restarts_with_the_persisted_library_and_users(tmp_path):
                        headers={"Authorization": "Bearer sk-carol-0001"})
         assert r.status_code == 200 and set(r.json()["seqr"]["routing"]) <= {"gamma"}
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc)
 
 
 def test_removal_under_concurrent_load_fails_nothing_and_is_final(server):
@@ -270,29 +246,11 @@ def test_removal_under_concurrent_load_fails_nothing_and_is_final(server):
     adm = {"Authorization": "Bearer sk-admin-0001"}
     assert httpx.put(url + "/admin/users/frank", json={"keys": ["sk-frank-0001"], "adapters": ["alpha", "beta"]},
                      headers=adm).status_code == 200
-    removed_at, results, stop = [], [], threading.Event()
-
-    def load():
-        while not stop.is_set():
-            sent = time.monotonic()
-            r = httpx.post(url + "/v1/completions", json={"prompt": "busy", "max_tokens": 3},
-                           headers={"Authorization": "Bearer sk-frank-0001"}, timeout=60)
-            results.append((sent, r.status_code, r.json()))
-
-    threads = [threading.Thread(target=load) for _ in range(3)]
-    for t in threads:
-        t.start()
-    time.sleep(1.0)
-    t_sent = time.monotonic()
-    assert httpx.delete(url + "/admin/adapters/beta", headers=adm, timeout=60).status_code == 200
-    removed_at.append(time.monotonic())
-    time.sleep(1.0)
-    stop.set()
-    for t in threads:
-        t.join()
+    results, t_sent, removed_at, r = remove_under_load(url, "sk-frank-0001", "beta", "sk-admin-0001")
+    assert r.status_code == 200
     assert results and all(code == 200 for _, code, _ in results)  # no request failed
-    after = [body for sent, _, body in results if sent > removed_at[0]]  # sent once the DELETE had returned
+    after = [body for sent, _, body in results if sent > removed_at]  # sent once the DELETE had returned
     before = [body for sent, _, body in results if sent < t_sent]
     assert after and all("beta" not in b["seqr"]["routing"] for b in after)
     assert any("beta" in b["seqr"]["routing"] for b in before)  # it was in use until then
-    assert "beta" not in engine.adapters and t_sent < removed_at[0]
+    assert "beta" not in engine.adapters and t_sent < removed_at

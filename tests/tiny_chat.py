@@ -36,3 +36,20 @@ def tiny_chat_llama(vocab_size: int, seed: int = 0, dtype=torch.float32, init: f
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                       initializer_range=init)
     return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def saved_model_and_library(tmp_path, names):
+    """A tiny chat model dir and a calibrated library dir of peft adapters `names` on disk (the adapter
+    dirs stay under tmp_path/a)."""
+    from peft_factory import make_adapter
+    from seqr import LoraLibrary, NormStats
+
+    tok = chat_tokenizer()
+    tiny_chat_llama(len(tok)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    lib = LoraLibrary.from_peft({n: make_adapter(tmp_path / "a" / n, seed=i, base=tiny_chat_llama(len(tok))) and
+                                 tmp_path / "a" / n for i, n in enumerate(names)})
+    for n in lib.names:
+        lib.set_stats(n, {layer: NormStats().update(torch.rand(30) + 1) for layer in lib.layers})
+    lib.save(tmp_path / "lib")
+    return tmp_path / "model", tmp_path / "lib"

@@ -45,8 +45,26 @@ class AuthStore:
 
     def __init__(self, users: dict[str, User], admin_keys: tuple[str, ...], path: Path | None = None,
                  extra: dict | None = None):
-        self.users, self.admin_keys, self.path, self.extra = dict(users), tuple(admin_keys), path, extra or {}
+        self._state = (dict(users), tuple(admin_keys))  # one attribute: a reload swaps both at once
+        self.path, self.extra = path, extra or {}
         self._check_unique_keys()
+
+    @property
+    def users(self) -> dict[str, User]:
+        return self._state[0]
+
+    @users.setter
+    def users(self, users: dict[str, User]) -> None:
+        self._state = (users, self._state[1])
+
+    @property
+    def admin_keys(self) -> tuple[str, ...]:
+        return self._state[1]
+
+    def reload(self) -> None:
+        """Re-read the file (another process changed it); the old state stays if the file is bad."""
+        new = AuthStore.load(self.path)
+        self._state, self.extra = new._state, new.extra
 
     @classmethod
     def from_dict(cls, d: dict, path: Path | None = None) -> "AuthStore":
@@ -93,10 +111,11 @@ class AuthStore:
             return None
         found: Principal | None = None
         given = key.encode()
-        for k in self.admin_keys:
+        users, admin_keys = self._state
+        for k in admin_keys:
             if hmac.compare_digest(given, k.encode()):
                 found = Principal(None, admin=True)
-        for u in self.users.values():
+        for u in users.values():
             for k in u.keys:
                 if hmac.compare_digest(given, k.encode()):
                     found = Principal(u)

@@ -56,6 +56,42 @@ def user_auth(names: list[str], clients: int) -> dict:
     return {"users": users, "admin_keys": ["sk-bench-admin-0"]}
 
 
+def launch(serve_args: list[str], *, timeout_s: float = 600) -> tuple:
+    """Start `seqr serve SERVE_ARGS --port P` in a child process; return (process, url) once /health answers."""
+    import subprocess
+    import tempfile
+
+    import httpx
+
+    port = free_port()
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a server's log never blocks it on a full pipe
+    proc = subprocess.Popen([sys.executable, "-m", "seqr.cli", "serve", *serve_args, "--port", str(port)],
+                            stderr=log, text=True)
+    url, end = f"http://127.0.0.1:{port}", time.monotonic() + timeout_s
+    while time.monotonic() < end and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    log.seek(0)
+    raise RuntimeError(f"seqr serve {' '.join(serve_args)} did not come up:\n{log.read()[-3000:]}")
+
+
+def stop(proc, timeout_s: float = 60) -> None:
+    """SIGTERM (a Ray server shuts its cluster down on it), then SIGKILL if it lingers."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("library", help="a calibrated library dir")
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -64,45 +100,58 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--prompt", default="Write one sentence about the weather.")
+    p.add_argument("--ray-replicas", type=int, default=2,
+                   help="also run seqr serve --ray with this many replicas, side by side (0: one process only)")
     p.add_argument("--json", help="write the results here")
 
 
 def cmd_serve(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if a.clients < 1 or a.seconds <= 0:
-        parser.error(f"--clients and --seconds must be positive, got {a.clients} and {a.seconds}")
+    if a.clients < 1 or a.seconds <= 0 or a.ray_replicas < 0:
+        parser.error(f"--clients and --seconds must be positive and --ray-replicas >= 0, got {a.clients}, "
+                     f"{a.seconds} and {a.ray_replicas}")
     import tempfile
 
-    import uvicorn
+    import httpx
 
     from .library import LoraLibrary
-    from .serve import build_app
 
     names = LoraLibrary.load(a.library).names
+    auth = user_auth(names, a.clients)
+    keys = [u["keys"][0] for u in auth["users"].values()]
+    modes = {"one_process": []}
+    if a.ray_replicas:
+        modes[f"ray_{a.ray_replicas}_replicas"] = ["--ray", "--replicas", str(a.ray_replicas)]
+    res: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        auth_path = f"{tmp}/auth.json"
-        with open(auth_path, "w") as f:
-            json.dump(user_auth(names, a.clients), f)
-        app, engine = build_app(a.library, a.model, auth_path, max_batch=a.max_batch)
-        port = free_port()
-        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        th = threading.Thread(target=srv.run, daemon=True)
-        th.start()
-        while not srv.started:
-            time.sleep(0.05)
-        keys = [u["keys"][0] for u in user_auth(names, a.clients)["users"].values()]
-        try:
-            res = {"one_process": run_load(f"http://127.0.0.1:{port}", keys, seconds=a.seconds,
-                                           max_tokens=a.max_tokens, prompt=a.prompt)}
-        finally:
-            srv.should_exit = True
-            th.join(timeout=30)
-            engine.close()
+        with open(f"{tmp}/auth.json", "w") as f:
+            json.dump(auth, f)
+        for label, extra in modes.items():
+            print(f"seqr bench serve: {label} ...", file=sys.stderr, flush=True)
+            proc, url = launch([a.library, "--model", a.model, "--auth", f"{tmp}/auth.json",
+                                "--max-batch", str(a.max_batch), *extra])
+            try:
+                for k in keys[:4]:  # warm-up, untimed: first forwards allocate
+                    httpx.post(url + "/v1/completions", json={"prompt": a.prompt, "max_tokens": 2},
+                               headers={"Authorization": f"Bearer {k}"}, timeout=300)
+                res[label] = run_load(url, keys, seconds=a.seconds, max_tokens=a.max_tokens, prompt=a.prompt)
+            finally:
+                stop(proc)
+    if len(res) == 2:
+        one, ray = res.values()
+        res["ray_vs_one_process"] = {"requests_per_s": _ratio(ray["requests_per_s"], one["requests_per_s"]),
+                                     "p50": _ratio(ray["p50_s"], one["p50_s"]), "p95": _ratio(ray["p95_s"], one["p95_s"])}
     res["settings"] = {"library": a.library, "model": a.model, "clients": a.clients, "seconds": a.seconds,
-                       "max_tokens": a.max_tokens, "max_batch": a.max_batch}
+                       "max_tokens": a.max_tokens, "max_batch": a.max_batch, "ray_replicas": a.ray_replicas}
     print(json.dumps(res, indent=1))
+    for label in modes:
+        r = res[label]
+        print(f"{label:>16}: {r['requests_per_s']:.3f} req/s, p50 {r['p50_s']} s, p95 {r['p95_s']} s, "
+              f"{r['requests']} ok, {r['errors']} errors", file=sys.stderr)
     if a.json:
         from . import files
         files.atomic_write_json(a.json, res)
-    print("seqr bench serve: Ray Serve replicas are not implemented yet; this is the one-process server only",
-          file=sys.stderr)
     return 0
+
+
+def _ratio(x, y) -> float | None:
+    return round(x / y, 3) if x and y else None

@@ -63,17 +63,14 @@ class Engine:
     # ------------------------------------------------------------------------------------------ changes
     def add_adapter(self, name: str, adapter_dir) -> None:
         """Add a calibrated peft adapter dir to the library (persisted) and route to it from the next batch."""
-        new = LoraLibrary.from_peft({name: adapter_dir})
-        if new.uncalibrated:
-            raise ValueError(f"adapter {name!r} has no calibration stats (seqr_stats.json); run seqr calibrate")
-        A, B = new.adapter_weights(name)
-        self._reattach(lambda: self.library.add(name, B, A=A,
-                                                stats=new.stats(name)))
+        self._reattach(lambda: self.library.add_peft(name, adapter_dir))
 
     def remove_adapter(self, name: str) -> None:
-        if len(self.library) == 1 and name in self.library:
-            raise ValueError(f"cannot remove {name!r}: it is the library's last adapter")
-        self._reattach(lambda: self.library.remove(name))
+        self._reattach(lambda: self.library.remove(name, allow_empty=False))
+
+    def reload(self, library: LoraLibrary) -> None:
+        """Swap in another copy of the library (a replica catching up with a change made elsewhere)."""
+        self._reattach(lambda: setattr(self, "library", library))
 
     def _reattach(self, change) -> None:
         detach(self.model)

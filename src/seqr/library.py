@@ -154,9 +154,19 @@ class LoraLibrary:
         self._banks.clear()
         self._persist(undo=lambda: self._adapters.pop(name))
 
-    def remove(self, name: str) -> None:
+    def add_peft(self, name: str, adapter_dir: str | Path, *, need_stats: bool = True) -> None:
+        """Add one calibrated peft adapter dir under `name` (a live service's "add adapter")."""
+        new = LoraLibrary.from_peft({name: adapter_dir})
+        if need_stats and new.uncalibrated:
+            raise ValueError(f"adapter {name!r} has no calibration stats ({files.STATS_FILE}); run seqr calibrate")
+        A, B = new.adapter_weights(name)
+        self.add(name, B, A=A, stats=new.stats(name))
+
+    def remove(self, name: str, *, allow_empty: bool = True) -> None:
         """Remove an adapter; on a bound library its file is deleted after the manifest drops it."""
         ad = self._get(name)
+        if not allow_empty and len(self) == 1:
+            raise ValueError(f"cannot remove {name!r}: it is the library's last adapter")
         order = self.names
         del self._adapters[name]
         self._banks.clear()

@@ -5,26 +5,36 @@ import argparse
 import sys
 
 
-def build_app(library_dir: str, model: str, auth_file: str, *, adapters_root: str | None = None,
-              model_name: str | None = None, max_prompt_tokens: int = 2048, max_tokens_limit: int = 1024,
-              max_batch: int = 8, method: str = "seqr"):
-    """Load the model, library and auth file and return (app, engine)."""
+def load_checked(library_dir: str, auth_file: str, method: str = "seqr"):
+    """The library and auth file a server starts from, checked against each other: (library, auth)."""
     from .auth import AuthStore
-    from .engine import Engine
     from .library import LoraLibrary
-    from .models import load_model
-    from .server import ServeSettings, create_app
 
     lib = LoraLibrary.load(library_dir)
     if lib.uncalibrated and method == "seqr":
         raise ValueError(f"adapter(s) {lib.uncalibrated} have no calibration stats; run seqr calibrate")
     auth = AuthStore.load(auth_file)
     auth.check_adapters(set(lib.names))
+    return lib, auth
+
+
+def build_app(library_dir: str, model: str, auth_file: str, *, adapters_root: str | None = None,
+              model_name: str | None = None, max_prompt_tokens: int = 2048, max_tokens_limit: int = 1024,
+              max_batch: int = 8, method: str = "seqr", control=None, replica: str | None = None):
+    """Load the model, library and auth file and return (app, engine). With a `control` (a replica of
+    seqr serve --ray) changes are applied elsewhere, so this process's library copy is not bound to disk."""
+    from .engine import Engine
+    from .models import load_model
+    from .server import ServeSettings, create_app
+
+    lib, auth = load_checked(library_dir, auth_file, method)
+    if control is not None:
+        lib.path = None
     m, tok = load_model(model)
     engine = Engine(m, tok, lib, method=method, max_batch=max_batch)
     settings = ServeSettings(model_name=model_name or model, max_prompt_tokens=max_prompt_tokens,
-                             max_tokens_limit=max_tokens_limit, adapters_root=adapters_root)
-    return create_app(engine, auth, settings), engine
+                             max_tokens_limit=max_tokens_limit, adapters_root=adapters_root, replica=replica)
+    return create_app(engine, auth, settings, control=control), engine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prompt-tokens", type=int, default=2048)
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
     p.add_argument("--max-batch", type=int, default=8, help="requests batched into one forward")
+    p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (scale-out)")
+    p.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each with model + library")
+    p.add_argument("--ray-address", help="with --ray: join this Ray cluster (default: start a local one)")
     a = p.parse_args(argv)
+    if a.ray:
+        return _serve_ray(a, p)
     try:
         app, engine = build_app(a.library, a.model, a.auth, adapters_root=a.adapters_root,
                                 model_name=a.served_model_name, max_prompt_tokens=a.max_prompt_tokens,
@@ -57,4 +72,35 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
     finally:
         engine.close()
+    return 0
+
+
+def _serve_ray(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    if a.replicas < 1:
+        p.error(f"--replicas must be positive, got {a.replicas}")
+    try:
+        load_checked(a.library, a.auth)  # fail fast, before starting Ray
+        from . import ray_serve
+    except (ValueError, FileNotFoundError) as e:
+        print(f"seqr serve: {e}", file=sys.stderr)
+        return 2
+    except ImportError:
+        print("seqr serve --ray needs Ray Serve: pip install 'seqr[ray]'", file=sys.stderr)
+        return 2
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        ray_serve.deploy(library_dir=a.library, model=a.model, auth_file=a.auth, replicas=a.replicas, host=a.host,
+                         port=a.port, ray_address=a.ray_address, adapters_root=a.adapters_root,
+                         model_name=a.served_model_name, max_prompt_tokens=a.max_prompt_tokens,
+                         max_tokens_limit=a.max_tokens_limit, max_batch=a.max_batch)
+        print(f"seqr serve: {a.replicas} Ray Serve replicas, listening on http://{a.host}:{a.port}",
+              file=sys.stderr, flush=True)
+        stop.wait()
+    finally:
+        ray_serve.shutdown()
     return 0

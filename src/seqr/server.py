@@ -30,6 +30,28 @@ class ServeSettings:
     max_tokens_limit: int = 1024
     default_max_tokens: int = 16
     adapters_root: str | None = None  # admins may add adapter dirs found under it, nowhere else
+    replica: str | None = None  # this process's id when it is one of several replicas (seqr serve --ray)
+
+
+class LocalControl:
+    """Library and user changes in one process: run on the engine's worker between batches (so a request sees
+    the library before or after a change, never half), persisted to the library dir and the auth file."""
+
+    def __init__(self, engine, auth: AuthStore):
+        self.engine, self.auth = engine, auth
+
+    async def add_adapter(self, name: str, path: Path) -> list[str]:
+        await asyncio.wrap_future(self.engine.call(lambda e: e.add_adapter(name, path)))
+        return sorted(self.engine.adapters)
+
+    async def remove_adapter(self, name: str) -> list[str]:
+        await asyncio.wrap_future(self.engine.call(lambda e: e.remove_adapter(name)))
+        self.auth.drop_adapter(name)
+        return sorted(self.engine.adapters)
+
+    async def put_user(self, user: str, keys: list, adapters: list) -> dict:
+        u = self.auth.put_user(user, keys, adapters, set(self.engine.adapters))
+        return {"user": u.name, "adapters": sorted(u.adapters)}
 
 
 class APIError(Exception):
@@ -42,12 +64,15 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, metrics: Metrics | None = None):
+def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, metrics: Metrics | None = None,
+               control=None):
+    """The FastAPI app. `control` applies admin changes (default: LocalControl, this process only)."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
     settings = settings or ServeSettings()
     metrics = metrics or Metrics()
+    control = control or LocalControl(engine, auth)
     app = FastAPI(title="seqr", docs_url=None, redoc_url=None)
     app.state.engine, app.state.auth, app.state.metrics = engine, auth, metrics
 
@@ -160,7 +185,8 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
         def finish(result) -> dict:
             metrics.done(request.url.path, time.perf_counter() - t0, len(ids), len(result.tokens), result.routing,
                          result.outside)
-            extra = {"seqr": {"routing": result.routing, "adapters": sorted(allowed)}} if want_summary else {}
+            rep = {"replica": settings.replica} if settings.replica else {}
+            extra = {"seqr": {"routing": result.routing, "adapters": sorted(allowed), **rep}} if want_summary else {}
             return extra
 
         if not stream:
@@ -182,17 +208,15 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
             sent, toks = "", []
             obj = "chat.completion.chunk" if chat else "text_completion"
 
-            def chunk(delta_text, reason=None, **extra):
-                c = ({"index": 0, "delta": ({"content": delta_text} if delta_text is not None else {}),
-                      "finish_reason": reason} if chat else
+            def chunk(delta_text, reason=None, delta=None, **extra):
+                delta = delta or ({"content": delta_text} if delta_text is not None else {})
+                c = ({"index": 0, "delta": delta, "finish_reason": reason} if chat else
                      {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": reason})
                 return "data: " + json.dumps({"id": rid, "object": obj, "created": int(time.time()),
                                               "model": settings.model_name, "choices": [c], **extra}) + "\n\n"
 
             if chat:
-                yield "data: " + json.dumps({"id": rid, "object": obj, "created": int(time.time()),
-                                             "model": settings.model_name, "choices": [
-                                                 {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}) + "\n\n"
+                yield chunk(None, delta={"role": "assistant"})
             while True:
                 getter = asyncio.ensure_future(tokens_q.get())
                 done, _ = await asyncio.wait({getter, fut}, return_when=asyncio.FIRST_COMPLETED)
@@ -240,10 +264,10 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
         if not principal(request).admin:
             raise APIError(403, "this endpoint needs an admin key", "permission_error")
 
-    async def on_worker(fn):
-        """Run a library change on the engine's worker, between batches; map its errors to 4xx."""
+    async def change(op, *args):
+        """Apply a library or user change through the control; map its errors to 4xx."""
         try:
-            return await asyncio.wrap_future(engine.call(fn))
+            return await op(*args)
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise APIError(404 if isinstance(e, KeyError) else 400, str(e).strip("'\"")) from None
 
@@ -260,15 +284,13 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
         path = (root / rel).resolve()
         if not path.is_relative_to(root) or not path.is_dir():
             raise APIError(400, f"path {rel!r} is not an adapter directory under the adapters root", param="path")
-        await on_worker(lambda e: e.add_adapter(name, path))
-        return JSONResponse({"added": name, "adapters": sorted(engine.adapters)}, status_code=201)
+        names = await change(control.add_adapter, name, path)
+        return JSONResponse({"added": name, "adapters": names}, status_code=201)
 
     @app.delete("/admin/adapters/{name}")
     async def remove_adapter(name: str, request: HTTPRequest):
         admin(request)
-        await on_worker(lambda e: e.remove_adapter(name))
-        auth.drop_adapter(name)
-        return {"removed": name, "adapters": sorted(engine.adapters)}
+        return {"removed": name, "adapters": await change(control.remove_adapter, name)}
 
     @app.put("/admin/users/{user}")
     async def put_user(user: str, request: HTTPRequest):
@@ -277,15 +299,12 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
         keys, adapters = body.get("keys"), body.get("adapters")
         if not isinstance(keys, list) or not isinstance(adapters, list):
             raise APIError(400, "give 'keys' and 'adapters' lists", param="keys")
-        try:
-            u = auth.put_user(user, keys, adapters, set(engine.adapters))
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-        return {"user": u.name, "adapters": sorted(u.adapters)}
+        return await change(control.put_user, user, keys, adapters)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "adapters": len(engine.adapters)}
+        rep = {"replica": settings.replica} if settings.replica else {}
+        return {"status": "ok", "adapters": len(engine.adapters), **rep}
 
     @app.get("/metrics")
     async def prometheus():
