@@ -25,34 +25,70 @@ from .peft_io import stats_json
 from .stats import NormStats
 
 
+TOKEN_SETS = ("all", "prompt", "answer", "content")  # which tokens feed mu, sigma (content: no template tokens)
+
+
 def norm_stats(model, tokenizer, adapter_dir: str | Path, examples, *, batch_size: int = 8,
-               progress: bool = True, scoring: str = "choices") -> tuple[dict[str, NormStats], int]:
-    """(per-layer NormStats of ||B A x|| over every real token of prompt + gold answer, token count)."""
+               progress: bool = True, scoring: str = "choices", tokens: str = "all") -> tuple[dict[str, NormStats], int]:
+    """(per-layer NormStats of ||B A x|| over the `tokens` of prompt + gold answer, token count)."""
+    stats, counts = norm_stats_sets(model, tokenizer, adapter_dir, examples, {tokens: (tokens, None)},
+                                    batch_size=batch_size, progress=progress, scoring=scoring)
+    return stats[tokens], counts[tokens]
+
+
+def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: dict[str, tuple[str, int | None]], *,
+                    batch_size: int = 8, progress: bool = True, scoring: str = "choices"):
+    """Several calibrations from one traced pass: sets maps a label to (token set, first n examples or None).
+
+    Token sets: "all" real tokens of prompt + gold answer (+ end of turn); "prompt"; "answer"; "content": all
+    but the chat template's fixed tokens (the prefix and suffix every prompt of this silo shares).
+    Returns ({label: per-layer NormStats}, {label: token count})."""
     from tqdm import tqdm
 
     from .train import encode
 
+    bad = {k: v for k, v in sets.items() if v[0] not in TOKEN_SETS}
+    if bad or not sets:
+        raise ValueError(f"token sets must be some of {TOKEN_SETS}, got {bad or sets}")
     name = Path(adapter_dir).name
     lib = LoraLibrary.from_peft({name: adapter_dir})  # one adapter, no stats: traces give raw norms
+    encoded = [encode(ex, tokenizer, scoring) for ex in examples]
+    plen = [sum(1 for y in labels if y == -100) for _, labels in encoded]  # prompt tokens per example
+    pre, suf = _shared_ends([ids[:p] for (ids, _), p in zip(encoded, plen)])
+    stats = {k: {layer: NormStats() for layer in lib.layers} for k in sets}
+    counts = dict.fromkeys(sets, 0)
     attach(model, lib, method=name)
-    stats = {layer: NormStats() for layer in lib.layers}
-    tokens = 0
     try:
-        encoded = [encode(ex, tokenizer, scoring)[0] for ex in examples]
         for start in tqdm(range(0, len(encoded), batch_size), desc=f"calibrate {name}", disable=not progress,
                           file=sys.stderr):
-            rows = encoded[start:start + batch_size]
+            rows = [ids for ids, _ in encoded[start:start + batch_size]]
             L = max(map(len, rows))
             ids = torch.tensor([r + [tokenizer.pad_token_id] * (L - len(r)) for r in rows])  # (B, L)
             mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])  # (B, L)
             with torch.no_grad(), routing(model, name, trace=True) as tr:
                 model(input_ids=ids, attention_mask=mask)
-            for layer in lib.layers:
-                stats[layer].update(tr.layer(layer)["norm"][:, 0])  # (t,) ||B A x|| of real tokens
-            tokens += int(mask.sum())
+            pos = torch.arange(L)[None, :]  # (1, L)
+            p = torch.tensor(plen[start:start + len(rows)])[:, None]  # (B, 1)
+            row = torch.arange(start, start + len(rows))[:, None]  # (B, 1) example index
+            real = mask.bool()  # (B, L)
+            select = {"all": real, "prompt": real & (pos < p), "answer": real & (pos >= p),
+                      "content": real & ((pos >= pre) & (pos < p - suf) | (pos >= p))}
+            for k, (kind, n) in sets.items():
+                keep = (select[kind] & (row < (n if n is not None else len(encoded))))[real]  # (t,) of real tokens
+                for layer in lib.layers:
+                    stats[k][layer].update(tr.layer(layer)["norm"][:, 0][keep])  # ||B A x|| of the kept tokens
+                counts[k] += int(keep.sum())
     finally:
         detach(model)
-    return stats, tokens
+    return stats, counts
+
+
+def _shared_ends(prompts: list[list[int]]) -> tuple[int, int]:
+    """Lengths of the token prefix and suffix every prompt shares (the chat template's fixed tokens)."""
+    shortest = min(map(len, prompts))
+    pre = next((i for i in range(shortest) if len({p[i] for p in prompts}) > 1), shortest)
+    suf = next((i for i in range(shortest - pre) if len({p[-1 - i] for p in prompts}) > 1), shortest - pre)
+    return (pre, suf) if len(prompts) > 1 else (0, 0)
 
 
 def add_noise(stats: dict[str, NormStats], noise: float, seed: int = 0) -> dict[str, NormStats]:
@@ -68,13 +104,15 @@ def add_noise(stats: dict[str, NormStats], noise: float, seed: int = 0) -> dict[
 
 
 def calibrate(model, tokenizer, adapter_dir: str | Path, examples, *, noise: float = 0.0, seed: int = 0,
-              batch_size: int = 8, progress: bool = True, scoring: str = "choices") -> dict[str, NormStats]:
+              batch_size: int = 8, progress: bool = True, scoring: str = "choices",
+              tokens: str = "all") -> dict[str, NormStats]:
     """Compute the stats and write them atomically into the adapter dir (seqr_stats.json)."""
-    stats, tokens = norm_stats(model, tokenizer, adapter_dir, examples, batch_size=batch_size, progress=progress,
-                               scoring=scoring)
+    stats, count = norm_stats(model, tokenizer, adapter_dir, examples, batch_size=batch_size, progress=progress,
+                              scoring=scoring, tokens=tokens)
     stats = add_noise(stats, noise, seed) if noise else stats
     files.atomic_write_json(Path(adapter_dir) / files.STATS_FILE,
-                            stats_json(stats, examples=len(examples), tokens=tokens, noise=noise, seed=seed))
+                            stats_json(stats, examples=len(examples), tokens=count, noise=noise, seed=seed,
+                                       token_set=tokens))
     return stats
 
 
@@ -90,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scoring", choices=("choices", "letter"), default="choices", help="answer format (as trained)")
+    p.add_argument("--tokens", choices=TOKEN_SETS, default="all",
+                   help="tokens that feed mu, sigma: all (paper), prompt, answer, content (no chat-template tokens)")
     a = p.parse_args(argv)
     if not (Path(a.adapter) / files.PEFT_WEIGHTS).exists():
         p.error(f"{a.adapter} holds no adapter ({files.PEFT_WEIGHTS} missing); run seqr train first")
@@ -99,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(a.model)
     examples = load_task(a.task, "train", data_dir=a.data, max_examples=a.max_examples, seed=a.seed)
     stats = calibrate(model, tok, a.adapter, examples, noise=a.noise, seed=a.seed, batch_size=a.batch_size,
-                      scoring=a.scoring)
+                      scoring=a.scoring, tokens=a.tokens)
     means = [s.mean for s in stats.values()]
     print(json.dumps({"adapter": a.adapter, "layers": len(stats), "examples": len(examples),
                       "mean_mu": sum(means) / len(means), "min_mu": min(means), "max_mu": max(means)}, indent=1))

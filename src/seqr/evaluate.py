@@ -25,13 +25,15 @@ import torch
 
 from . import files
 from .calibrate import add_noise
-from .layers import attach, detach, routing
+from .layers import GRANULARITIES, attach, detach, routing
 from .library import LoraLibrary
 from .scoring import score_choices
+from .stats import SCORES
 from .tasks import Example, SCORINGS
 
 METHODS = ("oracle", "base", "mu", "arrow", "lag", "spectr", "seqr")
 ROUTED = ("arrow", "lag", "spectr", "seqr")  # traced passes: their decisions vs the calibrated norm-max
+NORM_ROUTED = ("spectr", "seqr")  # the passes EvalConfig's granularity / mix apply to
 FORMAT = "seqr-eval"
 FORMAT_VERSION = 1
 
@@ -51,6 +53,12 @@ class EvalConfig:
     batch_size: int = 8
     scoring: str = "choices"
     model: str = ""
+    # How the norm routers (seqr, spectr) decide; the defaults are the paper's (see `variant`).
+    score: str = "z"  # stats.SCORES: z-score, raw norm, or norm / mu
+    pooled: bool = False  # one mu, sigma per adapter over all layers instead of per layer
+    granularity: str = "token"  # layers.GRANULARITIES: per token, or per prompt (decided at prefill)
+    mix: int | None = None  # top-k softmax mixture per token instead of one adapter
+    temperature: float = 1.0
 
     def __post_init__(self):
         self.tasks, self.methods, self.noise = list(self.tasks), tuple(self.methods), tuple(self.noise)
@@ -71,6 +79,26 @@ class EvalConfig:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.mix is not None and (isinstance(self.mix, bool) or not isinstance(self.mix, int) or self.mix < 1):
+            raise ValueError(f"mix must be a positive int or None, got {self.mix!r}")
+        if self.mix is not None and self.granularity != "token":
+            raise ValueError("mix is per token; it cannot be combined with granularity 'prompt'")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
+
+    def routing_options(self) -> dict:
+        """routing(...) keyword arguments of the norm routers' passes."""
+        return {"granularity": self.granularity, "mix": self.mix, "temperature": self.temperature}
+
+    def variant(self) -> str:
+        """'' for the paper's routing, else a tag like 'score=ratio granularity=prompt' (labels results)."""
+        default = EvalConfig(tasks=["_"])
+        keys = ("score", "pooled", "granularity", "mix", "temperature")
+        return " ".join(f"{k}={getattr(self, k)}" for k in keys if getattr(self, k) != getattr(default, k))
 
     def data_key(self) -> dict:
         """The settings every cached pass depends on (with the library's fingerprint)."""
@@ -177,11 +205,12 @@ def run_pass(model, tokenizer, library: LoraLibrary, method: str, data: dict[str
         for task in cfg.tasks:
             route, k = _route(method, task, library, cfg)
             traced = method in ROUTED
+            opts = cfg.routing_options() if method in NORM_ROUTED else {}
             tally = TraceTally.for_library(library, reference) if traced else None
             pred: list[int | None] = [None] * len(data[task])
             for chunk in chunks[task]:
                 exs = [data[task][i] for i in chunk]
-                with torch.no_grad(), routing(model, route, k=k, trace=traced) as tr:
+                with torch.no_grad(), routing(model, route, k=k, trace=traced, **opts) as tr:
                     scores = score_choices(model, tokenizer, exs, scoring=cfg.scoring, batch_size=len(exs),
                                            progress=False)
                 for i, s in zip(chunk, scores):
@@ -239,13 +268,17 @@ def evaluate(model, tokenizer, libraries: dict[str, LoraLibrary], data: dict[str
     if "base" in cfg.methods and doc.get("base") is None:
         doc["base"] = run(next(iter(libraries.values())), "base", "")
         save()
+    tag = cfg.variant()
     for label, lib in libraries.items():
-        fp = fingerprint(lib)
+        path_, calibrated = None if lib.path is None else str(lib.path), lib
+        lib = lib.scored(cfg.score, cfg.pooled)
+        label = f"{label} [{tag}]" if tag else label
+        fp, opts = fingerprint(lib), cfg.routing_options()
         entry = doc["libraries"].get(label)
-        if entry is None or entry.get("fingerprint") != fp:
+        if entry is None or entry.get("fingerprint") != fp or entry.get("routing", opts) != opts:
             entry = doc["libraries"][label] = {"fingerprint": fp, "shared_a": lib.shared_a, "adapters": lib.names,
-                                               "path": None if lib.path is None else str(lib.path),
-                                               "methods": {}, "noise": {}}
+                                               "path": path_, "methods": {}, "noise": {}, "routing": opts,
+                                               "variant": tag}
         ref = "seqr" if lib.shared_a else "spectr"
         for method in cfg.methods:
             if method == "base" or (method == "seqr" and not lib.shared_a):
@@ -258,7 +291,8 @@ def evaluate(model, tokenizer, libraries: dict[str, LoraLibrary], data: dict[str
             for level in cfg.noise:
                 key = f"{float(level):g}@{cfg.noise_seed}"
                 if key not in entry["noise"]:
-                    entry["noise"][key] = run(noisy(lib, level, cfg.noise_seed), "seqr", f"{label} noise {level:g}")
+                    entry["noise"][key] = run(noisy(calibrated, level, cfg.noise_seed).scored(cfg.score, cfg.pooled),
+                                              "seqr", f"{label} noise {level:g}")
                     save()
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     save()
@@ -323,6 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise-seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--scoring", choices=SCORINGS, default="choices")
+    g = p.add_argument_group("routing variants of the seqr / spectr passes (default: the paper's)")
+    g.add_argument("--score", choices=SCORES, default="z", help="z-score (paper), raw norm, or norm / mu")
+    g.add_argument("--pooled-stats", action="store_true", help="one mu, sigma per adapter pooled over layers")
+    g.add_argument("--granularity", choices=GRANULARITIES, default="token",
+                   help="per token (paper), or per prompt: mean score over the prompt, kept for later tokens")
+    g.add_argument("--mix", type=int, help="top-K softmax(score / temperature) mixture per token")
+    g.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--out", default="eval-out", help="output dir (default eval-out)")
     p.add_argument("--replot", action="store_true", help="only redraw report.md and figures from --out/eval.json")
     a = p.parse_args(argv)
@@ -346,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = EvalConfig(tasks=tasks, methods=tuple(a.methods), k=a.k, split=a.split, max_eval=a.max_eval or None,
                              seed=a.seed, noise=noise, noise_seed=a.noise_seed, batch_size=a.batch_size,
-                             scoring=a.scoring, model=a.model)
+                             scoring=a.scoring, model=a.model, score=a.score, pooled=a.pooled_stats,
+                             granularity=a.granularity, mix=a.mix, temperature=a.temperature)
         except ValueError as e:
             p.error(str(e))
         data = load_data(cfg.tasks, cfg.split, data_dir=a.data, max_eval=cfg.max_eval, seed=cfg.seed)

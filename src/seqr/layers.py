@@ -13,12 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import routers as rt
 from .bank import AdapterBank
 from .library import LoraLibrary
 from .trace import Trace
 
 ROUTERS = ("seqr", "spectr", "arrow", "lag", "naive")
 METHODS = ROUTERS + ("mu", "base")
+GRANULARITIES = ("token", "prompt")
 STATE_ATTR = "_seqr_state"
 
 
@@ -46,6 +48,9 @@ class _Config:
     k: int | None = None
     allowed: torch.Tensor | None = None  # (R, N) bool: R = 1 (whole batch) or one row per batch row
     fixed: torch.Tensor | None = None  # (R,) adapter index per batch row for fixed-adapter methods
+    granularity: str = "token"  # "prompt": one adapter per row and layer, by the mean score over the prompt
+    mix: int | None = None  # top-`mix` adapters per token, weighted by softmax(score / temperature)
+    temperature: float = 1.0
 
 
 class RoutingState:
@@ -59,11 +64,24 @@ class RoutingState:
         self.attention_mask: torch.Tensor | None = None  # (B, S) of the current forward, if given
         self.device = torch.device("cpu")  # the model's, where per-token masks are built
         self.hook = None
+        self.prefill = True  # the current forward starts new sequences (no KV cache yet)
+        self.sticky: dict[str, torch.Tensor] = {}  # layer -> (B,) per-row choices made at prefill (granularity prompt)
 
     # ------------------------------------------------------------------------------------------ config
-    def configure(self, method, k=None, allowed=None) -> _Config:
-        """Validate a method / k / allowed combination and return it as a config (nothing is changed)."""
+    def configure(self, method, k=None, allowed=None, granularity="token", mix=None, temperature=1.0) -> _Config:
+        """Validate a method / k / allowed / granularity / mixture combination and return it as a config."""
         N, index = len(self.names), {n: i for i, n in enumerate(self.names)}
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if mix is not None and (isinstance(mix, bool) or not isinstance(mix, int) or not 1 <= mix <= N):
+            raise ValueError(f"mix must be an integer in [1, {N}] (adapters mixed per token), got {mix!r}")
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if (granularity != "token" or mix is not None) and method not in ("seqr", "spectr", "naive", "arrow"):
+            raise ValueError(f"granularity / mix apply to the score routers seqr, spectr, naive, arrow; got method "
+                             f"{method!r}")
+        if granularity != "token" and mix is not None:
+            raise ValueError("mix is per token; it cannot be combined with granularity 'prompt'")
         mask = None if allowed is None else self._allowed_mask(allowed, index)
         fixed = None
         if isinstance(method, str) and method in METHODS:
@@ -79,7 +97,8 @@ class RoutingState:
                                  f"{list(METHODS)}, an adapter name {self.names}, or one adapter name per batch row")
             fixed = torch.tensor([index[m] for m in rows])
             self._check_fixed_allowed(fixed, mask)
-        return _Config(method if isinstance(method, str) else tuple(method), k if method == "lag" else None, mask, fixed)
+        return _Config(method if isinstance(method, str) else tuple(method), k if method == "lag" else None, mask, fixed,
+                       granularity, mix, float(temperature))
 
     def _allowed_mask(self, allowed, index) -> torch.Tensor:
         if isinstance(allowed, str):
@@ -134,9 +153,18 @@ class RoutingState:
             return torch.ones(B * T, dtype=torch.bool, device=self.device)
         return am[:, -T:].reshape(-1).bool()
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """The next forwards continue rows `index` of the sequences prefilled last (a KV cache's
+        batch_select_indices): per-row choices follow them."""
+        self.sticky = {k: v[index.to(v.device)] for k, v in self.sticky.items()}
+
     def pre_hook(self, module, args, kwargs):
         am = kwargs.get("attention_mask")
         self.attention_mask = am if isinstance(am, torch.Tensor) else None
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x: `cache`
+        self.prefill = past is None or not hasattr(past, "get_seq_length") or past.get_seq_length() == 0
+        if self.prefill:
+            self.sticky = {}
         if self.trace is not None:
             self.trace.next_step()
 
@@ -177,10 +205,46 @@ def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: st
         upd = bank.delta(xf, idx)
     else:
         z = bank.z(xf) if bank.shared_a else None  # (B*T, r): A x once, for scoring and the update
-        idx = bank.route(xf, cfg.method, k=cfg.k, allowed=mask, z=z)  # (B*T,)
+        if cfg.granularity == "prompt":
+            idx = _prompt_choice(bank, xf, z, st, name, B, T)  # (B*T,)
+        elif cfg.mix is not None:
+            return _mixture(bank, xf, z, st, name, mask, B, T)
+        else:
+            idx = bank.route(xf, cfg.method, k=cfg.k, allowed=mask, z=z)  # (B*T,)
         upd = bank.delta(xf, idx, z=z)  # (B*T, m)
     if st.trace is not None:
         _record(st, bank, name, xf, z, idx, mask, B, T)
+    return upd
+
+
+def _prompt_choice(bank: AdapterBank, xf, z, st: RoutingState, name: str, B: int, T: int) -> torch.Tensor:
+    """Granularity "prompt": at prefill, per row, the adapter with the best mean score over the row's real
+    tokens (an exact argmax of that mean); later forwards of the same rows (generated or answer tokens) keep it."""
+    if st.prefill or name not in st.sticky:
+        s = bank.scores(xf, st.cfg.method, z=z).view(B, T, -1)  # (B, T, N)
+        real = st.real_tokens(B, T).view(B, T, 1).to(s.dtype)  # (B, T, 1)
+        mean = (s * real).sum(1) / real.sum(1).clamp(min=1)  # (B, N) mean score over the prompt
+        m = st.cfg.allowed
+        st.sticky[name] = rt.masked_argmax_(mean, None if m is None else m.to(mean.device).expand(B, -1))  # (B,)
+    rows = st.sticky[name]
+    if rows.shape[0] != B:
+        raise ValueError(f"granularity 'prompt': {B} rows continue {rows.shape[0]} prefilled ones; after a "
+                         f"KV cache's batch_select_indices call seqr.layers.select_rows(model, index) too")
+    return rows.repeat_interleave(T)  # (B*T,)
+
+
+def _mixture(bank: AdapterBank, xf, z, st: RoutingState, name: str, mask, B: int, T: int) -> torch.Tensor:
+    """Top-`mix` adapters per token, their updates weighted by softmax(score / temperature)."""
+    cfg = st.cfg
+    s = bank.scores(xf, cfg.method, z=z)  # (B*T, N)
+    if mask is not None:
+        s = s.masked_fill(~mask.expand_as(s), float("-inf"))
+    k = min(cfg.mix, int(mask.sum(-1).min()) if mask is not None else cfg.mix)
+    top, idx = s.topk(k, dim=-1)  # (B*T, k)
+    w = (top / cfg.temperature).softmax(-1)  # (B*T, k)
+    upd = sum(w[:, j, None] * bank.delta(xf, idx[:, j], z=z) for j in range(k))  # (B*T, m)
+    if st.trace is not None:
+        _record(st, bank, name, xf, z, idx[:, 0], mask, B, T)
     return upd
 
 
@@ -257,15 +321,18 @@ def detach(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def routing(model: nn.Module, method=None, *, allowed=None, k: int | None = None, trace: bool | str = False):
+def routing(model: nn.Module, method=None, *, allowed=None, k: int | None = None, trace: bool | str = False,
+            granularity: str = "token", mix: int | None = None, temperature: float = 1.0):
     """Route the calls inside the block with `method` (default: the attached one), only among `allowed`
     adapters (a set of names, or one set per batch row), recording a `Trace` when `trace=True` (every
-    router's scores too) or `trace="choices"` (only the adapter each decision used: cheap, for serving)."""
+    router's scores too) or `trace="choices"` (only the adapter each decision used: cheap, for serving).
+    `granularity="prompt"`: one adapter per row and layer, chosen at prefill by the mean score over the prompt
+    and kept for the tokens that follow; `mix=K`: the top K adapters per token, softmax(score/temperature)-weighted."""
     state = _state(model)
     saved, saved_trace = state.cfg, state.trace
     method = state.cfg.method if method is None else method
     k = (state.cfg.k if method == state.cfg.method else None) if k is None else k
-    state.cfg = state.configure(method, k, allowed)
+    state.cfg = state.configure(method, k, allowed, granularity, mix, temperature)
     if trace not in (False, True, "choices"):
         raise ValueError(f"trace must be False, True or 'choices' (adapters used only), got {trace!r}")
     state.trace = Trace(list(state.names), method, state.cfg.k, light=trace == "choices") if trace else None
@@ -273,6 +340,14 @@ def routing(model: nn.Module, method=None, *, allowed=None, k: int | None = None
         yield state.trace
     finally:
         state.cfg, state.trace = saved, saved_trace
+
+
+def select_rows(model: nn.Module, index: torch.Tensor) -> None:
+    """Tell a routed model that its next forwards continue rows `index` of the last prefill (call it with a
+    KV cache's batch_select_indices); a model without a seqr library attached is left alone."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is not None:
+        state.select_rows(index)
 
 
 def _state(model: nn.Module) -> RoutingState:

@@ -21,7 +21,7 @@ import torch
 from . import files
 from .bank import AdapterBank
 from .peft_io import PeftAdapter, read_peft_adapter, write_peft_adapter
-from .stats import NormStats
+from .stats import NormStats, as_score, pooled as pool_stats
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 A_REL_TOL = 1e-6  # two A matrices closer than this (relative Frobenius) count as the same shared A
@@ -195,6 +195,20 @@ class LoraLibrary:
         new._adapters = {n: replace(a, file=None, sha256=None, stats=self._check_stats(stats[n], f"adapter {n!r}")
                                     if n in stats else a.stats) for n, a in self._adapters.items()}
         return new
+
+    def scored(self, score: str = "z", pooled: bool = False) -> "LoraLibrary":
+        """An unbound view whose stats make routing use another calibrated score (stats.SCORES) and/or one
+        mu, sigma per adapter pooled over all layers. z with per-layer stats is the paper (self, unchanged)."""
+        if score == "z" and not pooled:
+            return self
+        if self.uncalibrated:
+            raise ValueError(f"adapter(s) {self.uncalibrated} have no stats to rescore; run seqr calibrate")
+        view = {}
+        for n in self.names:
+            st = self.stats(n)
+            st = pool_stats(st) if pooled else st
+            view[n] = {layer: as_score(v, score) for layer, v in st.items()}
+        return self.with_stats(view)
 
     def _persist(self, undo) -> None:
         """Write the manifest of a bound library; if that fails, undo the in-memory change and re-raise,

@@ -12,6 +12,7 @@ import inspect
 
 import torch
 
+from .layers import select_rows
 from .tasks import Example, answer_text, build_prompt
 
 
@@ -127,6 +128,7 @@ def _score_batch(model, prompts: list[list[int]], answers: list[list[list[int]]]
             raise TypeError(f"{type(model).__name__} returned a {type(cache).__name__} cache; choice scoring "
                             f"needs a transformers Cache (DynamicCache) with batch_select_indices")
         cache.batch_select_indices(owner)  # every layer's keys/values: (B, h, Lp, d) -> (M, h, Lp, d)
+        select_rows(model, owner)  # a routed model's per-prompt choices follow their rows
         cpos = mask.sum(-1)[owner, None] + torch.arange(Lc, device=dev)  # (M, Lc) continue after the prompt
         amask = torch.cat([mask[owner], cmask], dim=1)  # (M, Lp + Lc) prompt mask + answer mask
         logits = model(input_ids=cid, attention_mask=amask, position_ids=cpos, use_cache=True,

@@ -74,3 +74,27 @@ class NormStats:
             return cls(count=count, mean=float(d["mean"]), m2=float(d["m2"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed NormStats record {d!r}: {e}") from None
+
+
+SCORES = ("z", "raw", "ratio")  # what a norm is compared by: z-score (paper), the raw norm, norm / mu
+
+
+def as_score(s: NormStats, score: str) -> NormStats:
+    """Stats whose z-score (n - mean) / std is the given calibrated score: "z" keeps s, "raw" gives n itself
+    (mean 0, std 1), "ratio" gives n / mu (mean 0, std mu). Routing stays an exact argmax of that score."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if score == "z":
+        return s
+    scale = 1.0 if score == "raw" else s.mean
+    if not scale > 0:
+        raise ValueError(f"score 'ratio' needs a positive mean norm, got {s.mean}")
+    return NormStats(count=s.count, mean=0.0, m2=s.count * scale * scale)
+
+
+def pooled(stats: dict[str, NormStats]) -> dict[str, NormStats]:
+    """One NormStats merged over every layer (exact, as if all layers' norms were one stream), for each layer."""
+    total = NormStats()
+    for st in stats.values():
+        total.merge(st)
+    return {layer: NormStats(total.count, total.mean, total.m2) for layer in stats}

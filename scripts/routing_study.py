@@ -1,0 +1,199 @@
+"""Issue 7's study: what makes norm-based routing pick the right silo on real data (SmolLM2-135M, ten tasks).
+
+Runs SEQR over the ten-task shared-A library once per routing variant, on the same dev examples as the
+ten-task evaluation (runs/eval-ten: its oracle, untouched, MU, ARROW, LAG, SPECTR and paper-default SEQR
+passes are the reference), then writes one table per axis. Every variant is unsupervised: calibration
+variants read only each silo's own training examples; nothing sees eval labels.
+
+    SEQR_TASK_DATA=../shared/data/tasks python scripts/routing_study.py run   [--only NAME ...]
+    python scripts/routing_study.py report  # docs/results/routing_study/{study.md,study.json,study.png}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LIB, ADAPTERS = ROOT / "runs/ten-task/library", ROOT / "runs/ten-task/adapters"
+REFERENCE, OUT = ROOT / "runs/eval-ten", ROOT / "runs/routing-study"
+DOCS = ROOT / "docs/results/routing_study"
+CALIB_SIZES = (15, 30, 60, 120)  # calibration examples per silo (nested seeded subsets of its train split)
+
+# name -> (axis, EvalConfig overrides, calibration set or None for the library's own stats)
+VARIANTS = {
+    "granularity=prompt": ("granularity", {"granularity": "prompt"}, None),
+    "score=ratio": ("score", {"score": "ratio"}, None),
+    "score=raw": ("score", {"score": "raw"}, None),
+    "stats=pooled": ("calibration", {"pooled": True}, None),
+    "tokens=prompt": ("calibration", {}, "prompt@60"),
+    "tokens=answer": ("calibration", {}, "answer@60"),
+    "tokens=content": ("calibration", {}, "content@60"),
+    "mix=3": ("granularity", {"mix": 3}, None),
+    "examples=15": ("calibration", {}, "all@15"),
+    "examples=120": ("calibration", {}, "all@120"),
+    "ratio+prompt": ("combined", {"score": "ratio", "granularity": "prompt"}, None),
+}
+AXES = {"score": "Score normalisation", "calibration": "Calibration data", "granularity": "Granularity",
+        "combined": "Combinations"}
+
+
+def calibration_sets(model, tok, tasks: list[str], data_dir: str | None) -> dict:
+    """{set label: {adapter: per-layer stats dicts}} for every token set at 60 examples and 'all' at each size;
+    cached in OUT/calibration.json (each silo reads only its own train split)."""
+    from seqr import files
+    from seqr.calibrate import TOKEN_SETS, norm_stats_sets
+    from seqr.tasks import load_task
+
+    path = OUT / "calibration.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    sets = {f"{k}@60": (k, 60) for k in TOKEN_SETS} | {f"all@{n}": ("all", n) for n in CALIB_SIZES}
+    out: dict = {k: {} for k in sets}
+    for t in tasks:
+        nested, seen = [], set()
+        for n in CALIB_SIZES:  # order the largest subset so that its first n examples are the n-subset
+            for ex in load_task(t, "train", data_dir=data_dir, max_examples=n, seed=0):
+                if ex.id not in seen:
+                    seen.add(ex.id)
+                    nested.append(ex)
+        stats, _ = norm_stats_sets(model, tok, ADAPTERS / t, nested, sets)
+        for k in sets:
+            out[k][t] = {layer: s.to_dict() for layer, s in stats[k].items()}
+    files.atomic_write_json(path, out)
+    return out
+
+
+def run(only: list[str] | None, data_dir: str | None) -> None:
+    from seqr import LoraLibrary, NormStats, files
+    from seqr.evaluate import EvalConfig, evaluate, load_data
+    from seqr.models import load_model
+
+    ref = files.read_json(REFERENCE / files.EVAL_RESULTS, "the ten-task evaluation (run seqr eval first)")
+    key = ref["config"]
+    lib = LoraLibrary.load(LIB)
+    model, tok = load_model(key["model"])
+    data = load_data(key["tasks"], key["split"], data_dir=data_dir, max_eval=key["max_eval"], seed=key["seed"])
+    calib = None
+    for name, (_, overrides, cset) in VARIANTS.items():
+        if only and name not in only:
+            continue
+        variant = lib
+        if cset is not None:
+            calib = calib or calibration_sets(model, tok, lib.names, data_dir)
+            variant = lib.with_stats({n: {layer: NormStats.from_dict(d) for layer, d in calib[cset][n].items()}
+                                      for n in lib.names})
+        cfg = EvalConfig(tasks=key["tasks"], methods=("seqr",), split=key["split"], max_eval=key["max_eval"],
+                         seed=key["seed"], scoring=key["scoring"], model=key["model"], noise=(), **overrides)
+        print(f"routing study: {name}", file=sys.stderr, flush=True)
+        evaluate(model, tok, {name: variant}, data, cfg, out_dir=OUT)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _norm_row(res: dict, oracle: dict, tasks: list[str]) -> dict:
+    """Per task and on average: accuracy / oracle accuracy (percent)."""
+    row = {t: 100 * res["tasks"][t]["acc"] / oracle["tasks"][t]["acc"] for t in tasks}
+    row["avg"] = statistics.fmean(row[t] for t in tasks)
+    return row
+
+
+def _own_share(res: dict, tasks: list[str]) -> float | None:
+    """Share of (token, layer) decisions routed to the input's own task adapter, averaged over tasks (percent)."""
+    vals = [res["tasks"][t]["counts"].get(t, 0) / res["tasks"][t]["decisions"] for t in tasks
+            if res["tasks"][t].get("decisions")]
+    return 100 * statistics.fmean(vals) if len(vals) == len(tasks) else None
+
+
+def report() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from seqr import files
+
+    ref = files.read_json(REFERENCE / files.EVAL_RESULTS, "the ten-task evaluation")
+    study = files.read_json(OUT / files.EVAL_RESULTS, "the routing study (run it first)")
+    if study["config"]["data_key"] != ref["config"]["data_key"]:
+        raise ValueError("the study and the reference evaluation used different examples")
+    tasks = ref["config"]["tasks"]
+    shared = next(e for e in ref["libraries"].values() if e["shared_a"])
+    unique = next((e for e in ref["libraries"].values() if not e["shared_a"]), None)
+    oracle = shared["methods"]["oracle"]
+    rows: dict[str, tuple[str, dict, float | None]] = {}
+    for key, label in (("base", "untouched model"), ("mu", "MU"), ("arrow", "ARROW"), ("lag@3", "LAG (k=3)"),
+                       ("spectr", "SPECTR"), ("seqr", "SEQR, paper default (z, per layer, all tokens, per token)")):
+        res = ref["base"] if key == "base" else shared["methods"][key]
+        rows[label] = ("reference", _norm_row(res, oracle, tasks), _own_share(res, tasks) if "counts" in
+                       next(iter(res["tasks"].values())) else None)
+    if unique is not None:
+        rows["SPECTR, unique A (ordinary LoRA)"] = ("adapters", _norm_row(unique["methods"]["spectr"], unique["methods"]
+                                                                          ["oracle"], tasks),
+                                                    _own_share(unique["methods"]["spectr"], tasks))
+    for name, (axis, overrides, _) in VARIANTS.items():
+        e = study["libraries"].get(label(name, overrides))
+        if e is not None and "seqr" in e["methods"]:
+            res = e["methods"]["seqr"]
+            rows[f"SEQR {name}"] = (axis, _norm_row(res, oracle, tasks), _own_share(res, tasks))
+    DOCS.mkdir(parents=True, exist_ok=True)
+    files.atomic_write_json(DOCS / "study.json", {"tasks": tasks, "rows": {k: {"axis": a, "normalised": n, "own_share": o}
+                                                                           for k, (a, n, o) in rows.items()}})
+    lines = ["# Routing study: what makes norm-based routing discriminative (SmolLM2-135M-Instruct, ten tasks)", "",
+             f"Dev examples per task: {ref['config']['max_eval']}; accuracy is normalised by the oracle (the input's "
+             "own task adapter) per task, then averaged. Own share: the percentage of (token, layer) decisions "
+             "routed to the input's own task adapter (chance: 10%). Made by `python scripts/routing_study.py "
+             "report`.", ""]
+    ref_rows = {k: v for k, v in rows.items() if v[0] == "reference"}
+    for axis in ("reference", *AXES, "adapters"):
+        sel = {k: v for k, v in rows.items() if v[0] == axis}
+        if not sel:
+            continue
+        title = {"reference": "Reference methods (runs/eval-ten)", "adapters": "The adapters themselves"}.get(axis, AXES.get(axis))
+        if axis != "reference":
+            sel = {"SEQR, paper default (z, per layer, all tokens, per token)":
+                   ref_rows["SEQR, paper default (z, per layer, all tokens, per token)"], **sel}
+        lines += [f"## {title}", "", "| variant | avg | " + " | ".join(tasks) + " | own share |",
+                  "|---|---|" + "---|" * len(tasks) + "---|"]
+        for k, (_, n, o) in sel.items():
+            lines.append(f"| {k} | **{n['avg']:.1f}** | " + " | ".join(f"{n[t]:.1f}" for t in tasks)
+                         + f" | {'' if o is None else f'{o:.1f}'} |")
+        lines.append("")
+    (DOCS / "study.md").write_text("\n".join(lines))
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1))
+    names = list(rows)
+    ax.barh(range(len(names)), [rows[k][1]["avg"] for k in names], color=["#888" if rows[k][0] == "reference" else
+                                                                           "#3a7" for k in names])
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("average accuracy / oracle (%)")
+    ax.set_xlim(min(rows[k][1]["avg"] for k in names) - 5, 105)
+    fig.tight_layout()
+    fig.savefig(DOCS / "study.png", dpi=120)
+    print((DOCS / "study.md").read_text())
+
+
+def label(name: str, overrides: dict) -> str:
+    """The results label evaluate() gives a variant: its name, plus the EvalConfig variant tag if any."""
+    from seqr.evaluate import EvalConfig
+
+    tag = EvalConfig(tasks=["_"], **overrides).variant()
+    return f"{name} [{tag}]" if tag else name
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("run", "report"))
+    p.add_argument("--only", nargs="+", choices=list(VARIANTS))
+    p.add_argument("--data", help="task dir (default $SEQR_TASK_DATA)")
+    a = p.parse_args()
+    if a.what == "run":
+        run(a.only, a.data)
+    else:
+        report()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
