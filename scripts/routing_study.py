@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LIB, ADAPTERS = ROOT / "runs/ten-task/library", ROOT / "runs/ten-task/adapters"
 REFERENCE, OUT = ROOT / "runs/eval-ten", ROOT / "runs/routing-study"
 DOCS = ROOT / "docs/results/routing_study"
-CALIB_SIZES = (15, 30, 60, 120)  # calibration examples per silo (nested seeded subsets of its train split)
+CALIB_SIZES = (15, 30, 60)  # calibration examples per silo (nested seeded subsets of its train split)
 
 # name -> (axis, EvalConfig overrides, calibration set or None for the library's own stats)
 VARIANTS = {
@@ -31,9 +31,9 @@ VARIANTS = {
     "tokens=prompt": ("calibration", {}, "prompt@60"),
     "tokens=answer": ("calibration", {}, "answer@60"),
     "tokens=content": ("calibration", {}, "content@60"),
-    "mix=3": ("granularity", {"mix": 3}, None),
     "examples=15": ("calibration", {}, "all@15"),
-    "examples=120": ("calibration", {}, "all@120"),
+    "mix=3": ("granularity", {"mix": 3}, None),
+    "examples=30": ("calibration", {}, "all@30"),
     "ratio+prompt": ("combined", {"score": "ratio", "granularity": "prompt"}, None),
 }
 AXES = {"score": "Score normalisation", "calibration": "Calibration data", "granularity": "Granularity",
@@ -112,6 +112,7 @@ def report() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from seqr import eval_report as er
     from seqr import files
 
     ref = files.read_json(REFERENCE / files.EVAL_RESULTS, "the ten-task evaluation")
@@ -122,29 +123,38 @@ def report() -> None:
     shared = next(e for e in ref["libraries"].values() if e["shared_a"])
     unique = next((e for e in ref["libraries"].values() if not e["shared_a"]), None)
     oracle = shared["methods"]["oracle"]
-    rows: dict[str, tuple[str, dict, float | None]] = {}
+    if study["examples"] != ref["examples"]:
+        raise ValueError("the study and the reference evaluation scored different examples")
+    paper = shared["methods"]["seqr"]
+
+    def versus(res: dict) -> tuple[int, int, float] | None:
+        """(only this right, only paper SEQR right, sign-test p) over every example."""
+        return None if res is paper else er.paired(ref, {"methods": {"x": res, "seqr": paper}}, "x", "seqr")
+
+    rows: dict[str, tuple[str, dict, float | None, tuple | None]] = {}
     for key, label in (("base", "untouched model"), ("mu", "MU"), ("arrow", "ARROW"), ("lag@3", "LAG (k=3)"),
                        ("spectr", "SPECTR"), ("seqr", "SEQR, paper default (z, per layer, all tokens, per token)")):
         res = ref["base"] if key == "base" else shared["methods"][key]
         rows[label] = ("reference", _norm_row(res, oracle, tasks), _own_share(res, tasks) if "counts" in
-                       next(iter(res["tasks"].values())) else None)
+                       next(iter(res["tasks"].values())) else None, versus(res))
     if unique is not None:
-        rows["SPECTR, unique A (ordinary LoRA)"] = ("adapters", _norm_row(unique["methods"]["spectr"], unique["methods"]
-                                                                          ["oracle"], tasks),
-                                                    _own_share(unique["methods"]["spectr"], tasks))
+        res = unique["methods"]["spectr"]
+        rows["SPECTR, unique A (ordinary LoRA; normalised by its own oracle)"] = (
+            "adapters", _norm_row(res, unique["methods"]["oracle"], tasks), _own_share(res, tasks), None)
     for name, (axis, overrides, _) in VARIANTS.items():
-        e = study["libraries"].get(label(name, overrides))
+        e = study["libraries"].get(result_label(name, overrides))
         if e is not None and "seqr" in e["methods"]:
             res = e["methods"]["seqr"]
-            rows[f"SEQR {name}"] = (axis, _norm_row(res, oracle, tasks), _own_share(res, tasks))
+            rows[f"SEQR {name}"] = (axis, _norm_row(res, oracle, tasks), _own_share(res, tasks), versus(res))
     DOCS.mkdir(parents=True, exist_ok=True)
-    files.atomic_write_json(DOCS / "study.json", {"tasks": tasks, "rows": {k: {"axis": a, "normalised": n, "own_share": o}
-                                                                           for k, (a, n, o) in rows.items()}})
+    files.atomic_write_json(DOCS / "study.json", {"tasks": tasks, "rows": {
+        k: {"axis": a, "normalised": n, "own_share": o, "vs_paper_seqr": v} for k, (a, n, o, v) in rows.items()}})
     lines = ["# Routing study: what makes norm-based routing discriminative (SmolLM2-135M-Instruct, ten tasks)", "",
              f"Dev examples per task: {ref['config']['max_eval']}; accuracy is normalised by the oracle (the input's "
              "own task adapter) per task, then averaged. Own share: the percentage of (token, layer) decisions "
-             "routed to the input's own task adapter (chance: 10%). Made by `python scripts/routing_study.py "
-             "report`.", ""]
+             "routed to the input's own task adapter (chance: 10%). vs paper: examples only this variant got right / "
+             "only paper-default SEQR got right, and the two-sided exact sign-test p. Made by "
+             "`python scripts/routing_study.py report`.", ""]
     ref_rows = {k: v for k, v in rows.items() if v[0] == "reference"}
     for axis in ("reference", *AXES, "adapters"):
         sel = {k: v for k, v in rows.items() if v[0] == axis}
@@ -154,11 +164,12 @@ def report() -> None:
         if axis != "reference":
             sel = {"SEQR, paper default (z, per layer, all tokens, per token)":
                    ref_rows["SEQR, paper default (z, per layer, all tokens, per token)"], **sel}
-        lines += [f"## {title}", "", "| variant | avg | " + " | ".join(tasks) + " | own share |",
-                  "|---|---|" + "---|" * len(tasks) + "---|"]
-        for k, (_, n, o) in sel.items():
+        lines += [f"## {title}", "", "| variant | avg | " + " | ".join(tasks) + " | own share | vs paper |",
+                  "|---|---|" + "---|" * len(tasks) + "---|---|"]
+        for k, (_, n, o, v) in sel.items():
+            vs = "" if v is None else f"{v[0]} / {v[1]} (p={v[2]:.2f})"
             lines.append(f"| {k} | **{n['avg']:.1f}** | " + " | ".join(f"{n[t]:.1f}" for t in tasks)
-                         + f" | {'' if o is None else f'{o:.1f}'} |")
+                         + f" | {'' if o is None else f'{o:.1f}'} | {vs} |")
         lines.append("")
     (DOCS / "study.md").write_text("\n".join(lines))
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1))
@@ -174,7 +185,7 @@ def report() -> None:
     print((DOCS / "study.md").read_text())
 
 
-def label(name: str, overrides: dict) -> str:
+def result_label(name: str, overrides: dict) -> str:
     """The results label evaluate() gives a variant: its name, plus the EvalConfig variant tag if any."""
     from seqr.evaluate import EvalConfig
 

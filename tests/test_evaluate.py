@@ -276,6 +276,20 @@ def test_cli_end_to_end_from_a_model_dir_and_jsonl(adapter_dirs, model, tok, tmp
     assert saved["command"].startswith("seqr eval --library ")
     assert all(r["n"] == 3 for r in saved["base"]["tasks"].values())
     assert "accuracy normalised by the oracle" in capsys.readouterr().out
+    # a routing variant joins the same results under its own label; the paper-routing tables stay as they were
+    rc = ev.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
+                  "--noise", "", "--out", str(out), "--methods", "seqr", "--score", "ratio", "--granularity", "prompt"])
+    assert rc == 0
+    saved2 = json.loads((out / files.EVAL_RESULTS).read_text())
+    var = saved2["libraries"]["shared-0 [score=ratio granularity=prompt]"]
+    assert list(var["methods"]) == ["seqr"] and saved2["libraries"]["shared-0"] == saved["libraries"]["shared-0"]
+    assert [label for label, _ in er.libraries(saved2, "shared")] == ["shared-0"]
+    (label, key, cells, own), = er.variant_rows(saved2)
+    oracle = saved2["libraries"]["shared-0"]["methods"]["oracle"]["tasks"]
+    for t in TASKS:
+        if oracle[t]["acc"]:
+            assert cells[t] == pytest.approx(var["methods"]["seqr"]["tasks"][t]["acc"] / oracle[t]["acc"])
+    assert "## Routing variants" in capsys.readouterr().out
 
 
 def test_paired_sign_test_by_hand(doc):

@@ -71,6 +71,21 @@ def test_a_change_returns_only_after_every_live_replica_reloaded_it(tmp_path):
     asyncio.run(scenario())
 
 
+def test_bench_serve_runs_one_process_and_ray_side_by_side(tmp_path):  # before the fixture's cluster starts
+    pytest.importorskip("ray.serve")
+    from seqr.bench import main as bench_main
+
+    model, lib, _ = _files(tmp_path)
+    out = tmp_path / "serve.json"
+    assert bench_main(["serve", str(lib), "--model", str(model), "--clients", "4", "--seconds", "3",
+                       "--max-tokens", "2", "--ray-replicas", "2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    one, ray = res["one_process"], res["ray_2_replicas"]
+    assert one["requests"] > 0 and ray["requests"] > 0 and one["errors"] == ray["errors"] == 0
+    assert res["ray_vs_one_process"]["requests_per_s"] == pytest.approx(
+        ray["requests_per_s"] / one["requests_per_s"], abs=2e-3)
+
+
 # ---------------------------------------------------------------------------------------------- on Ray
 @pytest.fixture(scope="module")
 def ray_server(tmp_path_factory):
@@ -157,18 +172,3 @@ def test_removal_under_load_is_final_on_every_replica(ray_server):
     assert {h["adapters"] for h in health} == {len(LoraLibrary.load(tmp / "lib").names)}
     assert not any(p.name.startswith("beta-") for p in (tmp / "lib" / "adapters").iterdir())  # its file is gone
     assert all("beta" not in u["adapters"] for u in json.loads((tmp / "auth.json").read_text())["users"].values())
-
-
-def test_bench_serve_runs_one_process_and_ray_side_by_side(tmp_path):
-    pytest.importorskip("ray.serve")
-    from seqr.bench import main as bench_main
-
-    model, lib, _ = _files(tmp_path)
-    out = tmp_path / "serve.json"
-    assert bench_main(["serve", str(lib), "--model", str(model), "--clients", "4", "--seconds", "3",
-                       "--max-tokens", "2", "--ray-replicas", "2", "--json", str(out)]) == 0
-    res = json.loads(out.read_text())
-    one, ray = res["one_process"], res["ray_2_replicas"]
-    assert one["requests"] > 0 and ray["requests"] > 0 and one["errors"] == ray["errors"] == 0
-    assert res["ray_vs_one_process"]["requests_per_s"] == pytest.approx(
-        ray["requests_per_s"] / one["requests_per_s"], abs=2e-3)

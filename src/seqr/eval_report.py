@@ -25,7 +25,28 @@ def _mean_std(values: list[float | None]) -> tuple[float, float | None] | None:
 def libraries(doc: dict, kind: str) -> list[tuple[str, dict]]:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return [(label, e) for label, e in doc["libraries"].items() if e["shared_a"] == (kind == "shared")]
+    return [(label, e) for label, e in doc["libraries"].items()
+            if e["shared_a"] == (kind == "shared") and not e.get("variant")]  # routing variants: variant_rows
+
+
+def variant_rows(doc: dict) -> list[tuple[str, str, dict, float | None]]:
+    """Routing-variant passes (seqr eval --score/--granularity/...): (label, method, {task | "avg": normalised
+    accuracy}, own-adapter share), normalised by the oracle of the paper-routing library with the same adapters."""
+    ts, rows = tasks(doc), []
+    for label, e in doc["libraries"].items():
+        if not e.get("variant"):
+            continue
+        base = next((b for _, b in libraries(doc, "shared" if e["shared_a"] else "unique")
+                     if b["adapters"] == e["adapters"] and "oracle" in b["methods"]), None)
+        for key, res in e["methods"].items():
+            cells = {t: (res["tasks"][t]["acc"] / base["methods"]["oracle"]["tasks"][t]["acc"]
+                         if base and base["methods"]["oracle"]["tasks"][t]["acc"] else None) for t in ts}
+            vals = list(cells.values())
+            cells["avg"] = None if None in vals else statistics.fmean(vals)
+            own = [res["tasks"][t]["counts"].get(t, 0) / res["tasks"][t]["decisions"] for t in ts
+                   if res["tasks"][t].get("decisions")]
+            rows.append((label, key, cells, statistics.fmean(own) if own and len(own) == len(ts) else None))
+    return rows
 
 
 def method_keys(doc: dict, kind: str) -> list[str]:
@@ -224,6 +245,13 @@ def markdown(doc: dict, figures: list[str] | None = None) -> str:
                             [[key] + [_pct(summ[key][what][t]) for t in ts] + [_pct(summ[key][what]["avg"])]
                              for key in summ]) + [""]
     lines += _paired_lines(doc) + _oracle_lines(doc, ts) + _routing_lines(doc, ts) + _noise_lines(doc)
+    rows = variant_rows(doc)
+    if rows:
+        lines += ["## Routing variants: accuracy normalised by the oracle, % (own share: decisions routed to the "
+                  "input's own task adapter)", ""]
+        lines += _table(["library [variant]", "method", *ts, "average", "own share"],
+                        [[label, key] + [_pct((c[t], None) if c[t] is not None else None) for t in [*ts, "avg"]]
+                         + [_pct((own, None) if own is not None else None)] for label, key, c, own in rows]) + [""]
     if figures:
         lines += ["## Figures", ""] + [f"![{f.rsplit('.', 1)[0]}]({f})" for f in figures] + [""]
     return "\n".join(lines)

@@ -101,6 +101,9 @@ def _serve_ray(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         print(f"seqr serve: {a.replicas} Ray Serve replicas, listening on http://{a.host}:{a.port}",
               file=sys.stderr, flush=True)
         stop.wait()
+    except RuntimeError as e:  # Ray Serve could not deploy (its log above says why)
+        print(f"seqr serve --ray: the deployment failed: {e}", file=sys.stderr)
+        return 1
     finally:
         ray_serve.shutdown()
     return 0
