@@ -19,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LIB, ADAPTERS = ROOT / "runs/ten-task/library", ROOT / "runs/ten-task/adapters"
 REFERENCE, OUT = ROOT / "runs/eval-ten", ROOT / "runs/routing-study"
+AXIS4 = {"rank 8, 1 epoch, 96 examples (the ten-task adapters)": ROOT / "runs/adapter-axis/96ex-r8/eval",
+         "rank 8, 1 epoch, 300 examples": ROOT / "runs/adapter-axis/300ex-r8/eval"}  # scripts/adapter_axis.sh
 DOCS = ROOT / "docs/results/routing_study"
 CALIB_SIZES = (15, 30, 60)  # calibration examples per silo (nested seeded subsets of its train split)
 
@@ -36,6 +38,7 @@ VARIANTS = {
     "examples=30": ("calibration", {}, "all@30"),
     "ratio+prompt": ("combined", {"score": "ratio", "granularity": "prompt"}, None),
 }
+PAPER = "SEQR, paper default (z, per layer, all tokens, per token)"
 AXES = {"score": "Score normalisation", "calibration": "Calibration data", "granularity": "Granularity",
         "combined": "Combinations"}
 
@@ -133,7 +136,7 @@ def report() -> None:
 
     rows: dict[str, tuple[str, dict, float | None, tuple | None]] = {}
     for key, label in (("base", "untouched model"), ("mu", "MU"), ("arrow", "ARROW"), ("lag@3", "LAG (k=3)"),
-                       ("spectr", "SPECTR"), ("seqr", "SEQR, paper default (z, per layer, all tokens, per token)")):
+                       ("spectr", "SPECTR"), ("seqr", PAPER)):
         res = ref["base"] if key == "base" else shared["methods"][key]
         rows[label] = ("reference", _norm_row(res, oracle, tasks), _own_share(res, tasks) if "counts" in
                        next(iter(res["tasks"].values())) else None, versus(res))
@@ -155,15 +158,13 @@ def report() -> None:
              "routed to the input's own task adapter (chance: 10%). vs paper: examples only this variant got right / "
              "only paper-default SEQR got right, and the two-sided exact sign-test p. Made by "
              "`python scripts/routing_study.py report`.", ""]
-    ref_rows = {k: v for k, v in rows.items() if v[0] == "reference"}
     for axis in ("reference", *AXES, "adapters"):
         sel = {k: v for k, v in rows.items() if v[0] == axis}
         if not sel:
             continue
         title = {"reference": "Reference methods (runs/eval-ten)", "adapters": "The adapters themselves"}.get(axis, AXES.get(axis))
         if axis != "reference":
-            sel = {"SEQR, paper default (z, per layer, all tokens, per token)":
-                   ref_rows["SEQR, paper default (z, per layer, all tokens, per token)"], **sel}
+            sel = {PAPER: rows[PAPER], **sel}
         lines += [f"## {title}", "", "| variant | avg | " + " | ".join(tasks) + " | own share | vs paper |",
                   "|---|---|" + "---|" * len(tasks) + "---|---|"]
         for k, (_, n, o, v) in sel.items():
@@ -171,6 +172,7 @@ def report() -> None:
             lines.append(f"| {k} | **{n['avg']:.1f}** | " + " | ".join(f"{n[t]:.1f}" for t in tasks)
                          + f" | {'' if o is None else f'{o:.1f}'} | {vs} |")
         lines.append("")
+    lines += _axis4_lines() + _best_lines(rows)
     (DOCS / "study.md").write_text("\n".join(lines))
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1))
     names = list(rows)
@@ -183,6 +185,50 @@ def report() -> None:
     fig.tight_layout()
     fig.savefig(DOCS / "study.png", dpi=120)
     print((DOCS / "study.md").read_text())
+
+
+def _axis4_lines() -> list[str]:
+    """Three-task libraries (sst2, agnews, cola) of adapters trained with more data: SEQR vs its own oracle."""
+    from seqr import files
+
+    done = {k: files.read_json(d / files.EVAL_RESULTS, "adapter axis") for k, d in AXIS4.items()
+            if (d / files.EVAL_RESULTS).exists()}
+    if not done:
+        return []
+    tasks = next(iter(done.values()))["config"]["tasks"]
+    lines = ["## The adapters themselves: more training data (3 tasks, 3 adapters; chance own share 33%)", "",
+             "SEQR (paper default) on a library of only the sst2, agnews and cola adapters; "
+             "`bash scripts/adapter_axis.sh`.", "",
+             "| adapters | SEQR avg (norm.) | " + " | ".join(tasks) + " | own share | oracle acc. |",
+             "|---|---|" + "---|" * len(tasks) + "---|---|"]
+    for k, doc in done.items():
+        e = next(iter(doc["libraries"].values()))
+        if not {"seqr", "oracle"} <= set(e["methods"]):
+            continue
+        n, o = _norm_row(e["methods"]["seqr"], e["methods"]["oracle"], tasks), _own_share(e["methods"]["seqr"], tasks)
+        oacc = statistics.fmean(e["methods"]["oracle"]["tasks"][t]["acc"] for t in tasks)
+        lines.append(f"| {k} | **{n['avg']:.1f}** | " + " | ".join(f"{n[t]:.1f}" for t in tasks)
+                     + f" | {o:.1f} | {100 * oacc:.1f} |")
+    return lines + [""]
+
+
+def _best_lines(rows: dict) -> list[str]:
+    """Per axis, the best SEQR variant and whether it beats paper-default SEQR significantly (p < 0.05)."""
+    lines = ["## Best per axis (computed from the tables above)", ""]
+    for axis, title in AXES.items():
+        sel = {k: v for k, v in rows.items() if v[0] == axis}
+        if not sel:
+            continue
+        sel[PAPER] = rows[PAPER]
+        k, (_, n, o, v) = max(sel.items(), key=lambda kv: kv[1][1]["avg"])
+        if v is None:
+            lines.append(f"- {title}: the paper default is best ({n['avg']:.1f}); no variant beat it.")
+            continue
+        sig = v[0] > v[1] and v[2] < 0.05
+        lines.append(f"- {title}: best {k} at {n['avg']:.1f} vs paper {rows[PAPER][1]['avg']:.1f} (own share "
+                     f"{o:.1f}% vs {rows[PAPER][2]:.1f}%); {'significantly' if sig else 'not significantly'} better "
+                     f"example by example ({v[0]} vs {v[1]} discordant examples, sign test p = {v[2]:.2f}).")
+    return lines + [""]
 
 
 def result_label(name: str, overrides: dict) -> str:
