@@ -205,13 +205,12 @@ def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: st
         upd = bank.delta(xf, idx)
     else:
         z = bank.z(xf) if bank.shared_a else None  # (B*T, r): A x once, for scoring and the update
-        if cfg.granularity == "prompt":
-            idx = _prompt_choice(bank, xf, z, st, name, B, T)  # (B*T,)
-        elif cfg.mix is not None:
-            return _mixture(bank, xf, z, st, name, mask, B, T)
+        if cfg.mix is not None:
+            upd, idx = _mixture(bank, xf, z, cfg, mask)  # (B*T, m), (B*T,) each token's top adapter
         else:
-            idx = bank.route(xf, cfg.method, k=cfg.k, allowed=mask, z=z)  # (B*T,)
-        upd = bank.delta(xf, idx, z=z)  # (B*T, m)
+            idx = (_prompt_choice(bank, xf, z, st, name, B, T) if cfg.granularity == "prompt" else
+                   bank.route(xf, cfg.method, k=cfg.k, allowed=mask, z=z))  # (B*T,)
+            upd = bank.delta(xf, idx, z=z)  # (B*T, m)
     if st.trace is not None:
         _record(st, bank, name, xf, z, idx, mask, B, T)
     return upd
@@ -233,9 +232,8 @@ def _prompt_choice(bank: AdapterBank, xf, z, st: RoutingState, name: str, B: int
     return rows.repeat_interleave(T)  # (B*T,)
 
 
-def _mixture(bank: AdapterBank, xf, z, st: RoutingState, name: str, mask, B: int, T: int) -> torch.Tensor:
-    """Top-`mix` adapters per token, their updates weighted by softmax(score / temperature)."""
-    cfg = st.cfg
+def _mixture(bank: AdapterBank, xf, z, cfg: _Config, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`mix` adapters per token, their updates weighted by softmax(score / temperature): (update, top-1)."""
     s = bank.scores(xf, cfg.method, z=z)  # (B*T, N)
     if mask is not None:
         s = s.masked_fill(~mask.expand_as(s), float("-inf"))
@@ -243,9 +241,7 @@ def _mixture(bank: AdapterBank, xf, z, st: RoutingState, name: str, mask, B: int
     top, idx = s.topk(k, dim=-1)  # (B*T, k)
     w = (top / cfg.temperature).softmax(-1)  # (B*T, k)
     upd = sum(w[:, j, None] * bank.delta(xf, idx[:, j], z=z) for j in range(k))  # (B*T, m)
-    if st.trace is not None:
-        _record(st, bank, name, xf, z, idx[:, 0], mask, B, T)
-    return upd
+    return upd, idx[:, 0]
 
 
 def _record(st: RoutingState, bank: AdapterBank, name: str, xf, z, idx, mask, B: int, T: int) -> None:
