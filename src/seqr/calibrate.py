@@ -73,11 +73,14 @@ def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: d
             real = mask.bool()  # (B, L)
             select = {"all": real, "prompt": real & (pos < p), "answer": real & (pos >= p),
                       "content": real & ((pos >= pre) & (pos < p - suf) | (pos >= p))}
-            for k, (kind, n) in sets.items():
-                keep = (select[kind] & (row < (n if n is not None else len(encoded))))[real]  # (t,) of real tokens
-                for layer in lib.layers:
-                    stats[k][layer].update(tr.layer(layer)["norm"][:, 0][keep])  # ||B A x|| of the kept tokens
-                counts[k] += int(keep.sum())
+            keep = {k: (select[kind] & (row < (n if n is not None else len(encoded))))[real]  # (t,) of real tokens
+                    for k, (kind, n) in sets.items()}
+            for layer in lib.layers:
+                norms = tr.layer(layer)["norm"][:, 0]  # (t,) ||B A x|| of the real tokens
+                for k in sets:
+                    stats[k][layer].update(norms[keep[k]])
+            for k in sets:
+                counts[k] += int(keep[k].sum())
     finally:
         detach(model)
     return stats, counts

@@ -154,10 +154,10 @@ class LoraLibrary:
         self._banks.clear()
         self._persist(undo=lambda: self._adapters.pop(name))
 
-    def add_peft(self, name: str, adapter_dir: str | Path, *, need_stats: bool = True) -> None:
+    def add_peft(self, name: str, adapter_dir: str | Path) -> None:
         """Add one calibrated peft adapter dir under `name` (a live service's "add adapter")."""
         new = LoraLibrary.from_peft({name: adapter_dir})
-        if need_stats and new.uncalibrated:
+        if new.uncalibrated:
             raise ValueError(f"adapter {name!r} has no calibration stats ({files.STATS_FILE}); run seqr calibrate")
         A, B = new.adapter_weights(name)
         self.add(name, B, A=A, stats=new.stats(name))
