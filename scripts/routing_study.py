@@ -37,6 +37,9 @@ VARIANTS = {
     "mix=3": ("granularity", {"mix": 3}, None),
     "examples=30": ("calibration", {}, "all@30"),
     "ratio+prompt": ("combined", {"score": "ratio", "granularity": "prompt"}, None),
+    "score=percentile": ("score", {"score": "percentile"}, "all@60"),  # the library's stats plus their quantiles
+    "granularity=prompt-vote": ("granularity", {"granularity": "prompt-vote"}, None),
+    "granularity=layers": ("granularity", {"granularity": "layers"}, None),
 }
 PAPER = "SEQR, paper default (z, per layer, all tokens, per token)"
 AXES = {"score": "Score normalisation", "calibration": "Calibration data", "granularity": "Granularity",
@@ -52,7 +55,9 @@ def calibration_sets(model, tok, tasks: list[str], data_dir: str | None) -> dict
 
     path = OUT / "calibration.json"
     if path.exists():
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if all("quantiles" in d for per in cached.values() for ad in per.values() for d in ad.values()):
+            return cached  # else: made before calibration stored quantiles (the percentile score): redo
     sets = {f"{k}@60": (k, 60) for k in TOKEN_SETS} | {f"all@{n}": ("all", n) for n in CALIB_SIZES}
     out: dict = {k: {} for k in sets}
     for t in tasks:

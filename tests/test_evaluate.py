@@ -290,6 +290,10 @@ def test_cli_end_to_end_from_a_model_dir_and_jsonl(adapter_dirs, model, tok, tmp
         if oracle[t]["acc"]:
             assert cells[t] == pytest.approx(var["methods"]["seqr"]["tasks"][t]["acc"] / oracle[t]["acc"])
     assert "## Routing variants" in capsys.readouterr().out
+    rc = ev.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
+                  "--noise", "", "--out", str(out), "--methods", "seqr", "--granularity", "layers"])
+    saved3 = json.loads((out / files.EVAL_RESULTS).read_text())
+    assert rc == 0 and list(saved3["libraries"]["shared-0 [granularity=layers]"]["methods"]) == ["seqr"]
 
 
 def test_paired_sign_test_by_hand(doc):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,6 +13,7 @@ from seqr.build import build
 from seqr.build import main as build_main
 from seqr.calibrate import add_noise, calibrate
 from seqr.info import main as info_main
+from seqr.stats import QUANTILE_LEVELS, with_quantiles
 from seqr.tasks import Example
 from seqr.train import TrainConfig, shared_a, train
 from tiny_chat import tiny_chat_llama
@@ -116,8 +118,14 @@ def test_calibration_stats_equal_a_brute_force_norm_pass(tmp_path, tok):
         assert stats[layer].count == ref.numel()  # every real token, no padding
         assert stats[layer].mean == pytest.approx(ref.mean().item(), rel=1e-5)
         assert stats[layer].std == pytest.approx(ref.std(unbiased=False).item(), rel=1e-4)
+        want_q = np.quantile(ref.numpy(), QUANTILE_LEVELS)  # numpy's default: linear interpolation
+        np.testing.assert_allclose(stats[layer].quantiles, want_q, rtol=1e-4)
     saved = json.loads((out / files.STATS_FILE).read_text())
     assert saved["examples"] == 6 and set(saved["layers"]) == set(lib.layers)
+    assert LoraLibrary.from_peft([out]).stats("pos")[lib.layers[0]].quantiles == stats[lib.layers[0]].quantiles
+    private = calibrate(model, tok, out, examples, batch_size=4, progress=False, quantiles=False)
+    assert all(s.quantiles is None for s in private.values())  # --no-quantiles: only mu, sigma, counts leave
+    assert "quantiles" not in json.dumps(json.loads((out / files.STATS_FILE).read_text()))
 
 
 def test_noise_shifts_mu_by_sigma_units():
@@ -126,6 +134,11 @@ def test_noise_shifts_mu_by_sigma_units():
     z = torch.tensor([(noisy[k].mean - s.mean) / s.std for k, s in stats.items()])
     assert 0.3 < z.std().item() < 0.7 and all(noisy[k].std == s.std for k, s in stats.items())
     assert add_noise(stats, 0.5, seed=3)["l0"].mean == noisy["l0"].mean  # seeded
+    qs = {k: with_quantiles(s, torch.arange(10.0) + int(k[1:])) for k, s in stats.items()}
+    moved = add_noise(qs, 0.5, seed=3)  # the whole distribution moves with mu: quantiles shift by the same amount
+    for k, s in qs.items():
+        assert moved[k].mean == noisy[k].mean
+        np.testing.assert_allclose(np.subtract(moved[k].quantiles, s.quantiles), moved[k].mean - s.mean, atol=1e-9)
     with pytest.raises(ValueError, match="noise"):
         add_noise(stats, -1.0)
 

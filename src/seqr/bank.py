@@ -26,12 +26,15 @@ class AdapterBank:
     A: (r, n) shared by all adapters (SEQR), or (N, r, n) one per adapter (baselines only).
     B: (N, m, r) with the LoRA scaling already folded in.
     mu, sigma: (N,) activation-norm statistics of each adapter on its own data (optional).
+    quantiles: (N, Q) each adapter's norms at stats.QUANTILE_LEVELS (optional, with mu and sigma): the norm
+    routers then score by the adapter's own percentile (as a normal quantile) instead of the z-score.
 
     Stored: A, B, and for a shared A the packed Grams G_i = R_i^T R_i (r(r+1)/2 numbers per adapter), i.e.
     n*r + N*(m*r + r(r+1)/2) numbers. SVD factors for the baselines are computed on first use.
     """
 
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, *, mu=None, sigma=None, names: Sequence[str] | None = None):
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, *, mu=None, sigma=None, quantiles=None,
+                 names: Sequence[str] | None = None):
         if not isinstance(B, torch.Tensor) or B.dim() != 3:
             raise ValueError(f"B must be a tensor of shape (N, m, r), got {_shape(B)}")
         N, m, r = B.shape
@@ -67,6 +70,7 @@ class AdapterBank:
         self.index = {n: i for i, n in enumerate(names)}
         self.A, self.B = A, B
         self.mu, self.sigma = self._check_stats(mu, sigma, N, B)
+        self._cdf = self._check_quantiles(quantiles, N, B)  # None, or (knots (N, Q) in z units, target (Q,))
         self.shared_a = A.dim() == 2
         self._casts: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.shared_a:
@@ -90,6 +94,25 @@ class AdapterBank:
             i = int((sigma <= 0).nonzero()[0])
             raise ValueError(f"sigma of adapter {self.names[i]!r} must be positive, got {float(sigma[i])}")
         return mu, sigma
+
+    def _check_quantiles(self, quantiles, N, B):
+        if quantiles is None:
+            return None
+        if self.mu is None:
+            raise ValueError("quantiles need mu and sigma too (they are read in z-score units)")
+        from .stats import QUANTILE_LEVELS
+
+        q = torch.as_tensor(quantiles, dtype=self.mu.dtype, device=B.device)
+        if q.shape != (N, len(QUANTILE_LEVELS)):
+            raise ValueError(f"quantiles must have shape ({N}, {len(QUANTILE_LEVELS)}), got {tuple(q.shape)}")
+        _check_finite(q, "quantiles", self.names)
+        bad = (q[:, 1:] < q[:, :-1]).any(dim=1)  # (N,)
+        if bad.any():
+            raise ValueError(f"quantiles of adapter {self.names[int(bad.nonzero()[0])]!r} are not non-decreasing")
+        knots = (q - self.mu[:, None]) / self.sigma[:, None]  # (N, Q) in the z-score's units
+        knots = knots + 1e-9 * torch.arange(q.shape[1], dtype=q.dtype, device=q.device)  # strictly increasing
+        target = rt.probit(torch.tensor(QUANTILE_LEVELS, dtype=q.dtype, device=q.device))  # (Q,)
+        return knots, target
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -161,6 +184,12 @@ class AdapterBank:
             yield c, self._scores_flat(xc, method, zc)
 
     def _scores_flat(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
+        s = self._norm_scores(x, method, z)  # (T, N)
+        if self._cdf is None or method == "arrow":
+            return s
+        return rt.percentile_scores(s, *(t.to(s.dtype) for t in self._cdf))  # (T, N)
+
+    def _norm_scores(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
         if method == "seqr":
             z = x @ self.A.to(x.dtype).T if z is None else z  # (T, r)
             return rt.seqr_scores(z, self._G_scored, self._offset)  # (T, N)
@@ -189,6 +218,8 @@ class AdapterBank:
         N = self.num_adapters
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
             raise ValueError(f"lag needs an integer k in [1, {N}], got k={k!r}")
+        if self._cdf is not None:
+            raise ValueError("lag ranks its candidates by z-score; it does not take the percentile score")
         S, Vt = self._svd
         cdt = rt.compute_dtype(self.B.dtype)
         for c in rt.token_chunks(xf.shape[0], N + k * Vt.shape[1] * Vt.shape[2], rt.GATHER_ELEMENTS):

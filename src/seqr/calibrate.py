@@ -2,11 +2,11 @@
 
 For adapter i, the model runs with adapter i active on i's training examples (prompt + gold answer), and
 at every adapted layer the norm ||B_i A x|| of every real token feeds a streaming `NormStats`: mu_i and
-sigma_i per layer. Only the silo's own data is read; what leaves the silo is stats, never data.
+sigma_i per layer, plus 32 quantiles of those norms (for the percentile score). Only the silo's own data is read; what leaves the silo is stats, never data.
 
 What mu and sigma reveal: per layer, the mean and spread of how strongly the adapter reacts to its own
-data (two numbers per layer and a token count). They carry no text, but they are a fingerprint of the data
-distribution; `--noise S` adds Gaussian noise of S standard deviations to each mu (the paper's Appendix E)
+data (two numbers per layer and a token count; the quantiles add 32 points of that norm's distribution, which
+`--no-quantiles` withholds). They carry no text, but they are a fingerprint of the data distribution; `--noise S` adds Gaussian noise of S standard deviations to each mu (the paper's Appendix E)
 to blur that fingerprint, at some cost in routing accuracy (`seqr eval` measures it).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from . import files
 from .layers import attach, detach, routing
 from .library import LoraLibrary
 from .peft_io import stats_json
-from .stats import NormStats
+from .stats import NormStats, with_quantiles
 
 
 TOKEN_SETS = ("all", "prompt", "answer", "content")  # which tokens feed mu, sigma (content: no template tokens)
@@ -56,6 +56,7 @@ def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: d
     plen = [sum(1 for y in labels if y == -100) for _, labels in encoded]  # prompt tokens per example
     pre, suf = _shared_ends([ids[:p] for (ids, _), p in zip(encoded, plen)])
     stats = {k: {layer: NormStats() for layer in lib.layers} for k in sets}
+    seen = {k: {layer: [] for layer in lib.layers} for k in sets}  # every norm, for the quantiles
     counts = dict.fromkeys(sets, 0)
     attach(model, lib, method=name)
     try:
@@ -79,10 +80,13 @@ def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: d
                 norms = tr.layer(layer)["norm"][:, 0]  # (t,) ||B A x|| of the real tokens
                 for k in sets:
                     stats[k][layer].update(norms[keep[k]])
+                    seen[k][layer].append(norms[keep[k]].double())
             for k in sets:
                 counts[k] += int(keep[k].sum())
     finally:
         detach(model)
+    stats = {k: {layer: with_quantiles(st, torch.cat(seen[k][layer])) if st.count else st
+                 for layer, st in per.items()} for k, per in stats.items()}
     return stats, counts
 
 
@@ -102,16 +106,21 @@ def add_noise(stats: dict[str, NormStats], noise: float, seed: int = 0) -> dict[
     out = {}
     for layer, s in stats.items():
         eps = float(torch.randn((), generator=g, dtype=torch.float64))
-        out[layer] = NormStats(count=s.count, mean=s.mean + noise * s.std * eps, m2=s.m2)
+        shift = noise * s.std * eps  # the whole norm distribution moves with mu
+        out[layer] = NormStats(count=s.count, mean=s.mean + shift, m2=s.m2,
+                               quantiles=None if s.quantiles is None else tuple(q + shift for q in s.quantiles))
     return out
 
 
 def calibrate(model, tokenizer, adapter_dir: str | Path, examples, *, noise: float = 0.0, seed: int = 0,
               batch_size: int = 8, progress: bool = True, scoring: str = "choices",
-              tokens: str = "all") -> dict[str, NormStats]:
-    """Compute the stats and write them atomically into the adapter dir (seqr_stats.json)."""
+              tokens: str = "all", quantiles: bool = True) -> dict[str, NormStats]:
+    """Compute the stats and write them atomically into the adapter dir (seqr_stats.json); without
+    `quantiles` only mu, sigma and counts leave the silo (the percentile score then cannot use this adapter)."""
     stats, count = norm_stats(model, tokenizer, adapter_dir, examples, batch_size=batch_size, progress=progress,
                               scoring=scoring, tokens=tokens)
+    if not quantiles:
+        stats = {layer: NormStats(s.count, s.mean, s.m2) for layer, s in stats.items()}
     stats = add_noise(stats, noise, seed) if noise else stats
     files.atomic_write_json(Path(adapter_dir) / files.STATS_FILE,
                             stats_json(stats, examples=len(examples), tokens=count, noise=noise, seed=seed,
@@ -133,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scoring", choices=("choices", "letter"), default="choices", help="answer format (as trained)")
     p.add_argument("--tokens", choices=TOKEN_SETS, default="all",
                    help="tokens that feed mu, sigma: all (paper), prompt, answer, content (no chat-template tokens)")
+    p.add_argument("--no-quantiles", action="store_true",
+                   help="store only mu, sigma and counts (withholds the norm quantiles the percentile score needs)")
     a = p.parse_args(argv)
     if not (Path(a.adapter) / files.PEFT_WEIGHTS).exists():
         p.error(f"{a.adapter} holds no adapter ({files.PEFT_WEIGHTS} missing); run seqr train first")
@@ -142,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(a.model)
     examples = load_task(a.task, "train", data_dir=a.data, max_examples=a.max_examples, seed=a.seed)
     stats = calibrate(model, tok, a.adapter, examples, noise=a.noise, seed=a.seed, batch_size=a.batch_size,
-                      scoring=a.scoring, tokens=a.tokens)
+                      scoring=a.scoring, tokens=a.tokens, quantiles=not a.no_quantiles)
     means = [s.mean for s in stats.values()]
     print(json.dumps({"adapter": a.adapter, "layers": len(stats), "examples": len(examples),
                       "mean_mu": sum(means) / len(means), "min_mu": min(means), "max_mu": max(means)}, indent=1))

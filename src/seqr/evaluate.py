@@ -54,9 +54,9 @@ class EvalConfig:
     scoring: str = "choices"
     model: str = ""
     # How the norm routers (seqr, spectr) decide; the defaults are the paper's (see `variant`).
-    score: str = "z"  # stats.SCORES: z-score, raw norm, or norm / mu
+    score: str = "z"  # stats.SCORES: z-score, raw norm, norm / mu, or the adapter's own percentile
     pooled: bool = False  # one mu, sigma per adapter over all layers instead of per layer
-    granularity: str = "token"  # layers.GRANULARITIES: per token, or per prompt (decided at prefill)
+    granularity: str = "token"  # layers.GRANULARITIES: per token (paper), per prompt, or shared across layers
     mix: int | None = None  # top-k softmax mixture per token instead of one adapter
     temperature: float = 1.0
 
@@ -86,7 +86,7 @@ class EvalConfig:
         if self.mix is not None and (isinstance(self.mix, bool) or not isinstance(self.mix, int) or self.mix < 1):
             raise ValueError(f"mix must be a positive int or None, got {self.mix!r}")
         if self.mix is not None and self.granularity != "token":
-            raise ValueError("mix is per token; it cannot be combined with granularity 'prompt'")
+            raise ValueError(f"mix is per token; it cannot be combined with granularity {self.granularity!r}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
 
@@ -358,10 +358,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--scoring", choices=SCORINGS, default="choices")
     g = p.add_argument_group("routing variants of the seqr / spectr passes (default: the paper's)")
-    g.add_argument("--score", choices=SCORES, default="z", help="z-score (paper), raw norm, or norm / mu")
+    g.add_argument("--score", choices=SCORES, default="z",
+                   help="z-score (paper), raw norm, norm / mu, or percentile (each adapter's own norm CDF; needs "
+                        "stats calibrated with quantiles)")
     g.add_argument("--pooled-stats", action="store_true", help="one mu, sigma per adapter pooled over layers")
     g.add_argument("--granularity", choices=GRANULARITIES, default="token",
-                   help="per token (paper), or per prompt: mean score over the prompt, kept for later tokens")
+                   help="per token (paper); prompt: mean score over the prompt, kept for later tokens; prompt-vote: "
+                        "the majority of the prompt tokens' picks; layers: one adapter per token for all layers, by "
+                        "the score summed over layers (two forwards)")
     g.add_argument("--mix", type=int, help="top-K softmax(score / temperature) mixture per token")
     g.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--out", default="eval-out", help="output dir (default eval-out)")

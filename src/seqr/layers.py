@@ -20,7 +20,7 @@ from .trace import Trace
 
 ROUTERS = ("seqr", "spectr", "arrow", "lag", "naive")
 METHODS = ROUTERS + ("mu", "base")
-GRANULARITIES = ("token", "prompt")
+GRANULARITIES = ("token", "prompt", "prompt-vote", "layers")
 STATE_ATTR = "_seqr_state"
 
 
@@ -48,7 +48,7 @@ class _Config:
     k: int | None = None
     allowed: torch.Tensor | None = None  # (R, N) bool: R = 1 (whole batch) or one row per batch row
     fixed: torch.Tensor | None = None  # (R,) adapter index per batch row for fixed-adapter methods
-    granularity: str = "token"  # "prompt": one adapter per row and layer, by the mean score over the prompt
+    granularity: str = "token"  # GRANULARITIES: see `routing`
     mix: int | None = None  # top-`mix` adapters per token, weighted by softmax(score / temperature)
     temperature: float = 1.0
 
@@ -66,6 +66,10 @@ class RoutingState:
         self.hook = None
         self.prefill = True  # the current forward starts new sequences (no KV cache yet)
         self.sticky: dict[str, torch.Tensor] = {}  # layer -> (B,) per-row choices made at prefill (granularity prompt)
+        self.probing = False  # granularity "layers": inside the first (score-summing) forward
+        self.layer_sum: torch.Tensor | None = None  # (B*T, N) scores summed over layers by the probe
+        self.shared: torch.Tensor | None = None  # (B*T,) the probe's per-token choice, used by every layer
+        self.probe_rows = (0, 0)  # (B, T) the probe saw
 
     # ------------------------------------------------------------------------------------------ config
     def configure(self, method, k=None, allowed=None, granularity="token", mix=None, temperature=1.0) -> _Config:
@@ -81,7 +85,7 @@ class RoutingState:
             raise ValueError(f"granularity / mix apply to the score routers seqr, spectr, naive, arrow; got method "
                              f"{method!r}")
         if granularity != "token" and mix is not None:
-            raise ValueError("mix is per token; it cannot be combined with granularity 'prompt'")
+            raise ValueError(f"mix is per token and layer; it cannot be combined with granularity {granularity!r}")
         mask = None if allowed is None else self._allowed_mask(allowed, index)
         fixed = None
         if isinstance(method, str) and method in METHODS:
@@ -163,10 +167,36 @@ class RoutingState:
         self.attention_mask = am if isinstance(am, torch.Tensor) else None
         past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x: `cache`
         self.prefill = past is None or not hasattr(past, "get_seq_length") or past.get_seq_length() == 0
+        if self.probing:
+            return
         if self.prefill:
             self.sticky = {}
         if self.trace is not None:
             self.trace.next_step()
+        if self.cfg.granularity == "layers":
+            self._probe(module, args, kwargs, past)
+
+    def _probe(self, model, args, kwargs, past) -> None:
+        """Granularity "layers": run the forward once routed per token (the paper's way) summing each token's
+        scores over every routed layer, crop the KV cache back, and let the real forward route all layers of a
+        token to the argmax of that sum."""
+        before = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else None
+        saved, self.trace, self.probing, self.layer_sum, self.shared = self.trace, None, True, None, None
+        try:
+            with torch.no_grad():
+                model(*args, **kwargs)
+        finally:
+            self.probing, self.trace = False, saved
+        added = 0 if before is None else past.get_seq_length() - before
+        if added:
+            if not hasattr(past, "layers"):
+                raise ValueError(f"granularity 'layers' needs a cache it can crop back, got {type(past).__name__}")
+            for layer in past.layers:
+                layer.crop(-added)
+        if self.layer_sum is not None:
+            B, T = self.probe_rows
+            mask = self.token_mask(B, T)  # None, (1, N) or (B*T, N)
+            self.shared = rt.masked_argmax_(self.layer_sum, mask)  # (B*T,)
 
 
 class RoutedLinear(nn.Module):
@@ -208,8 +238,12 @@ def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: st
         if cfg.mix is not None:
             upd, idx = _mixture(bank, xf, z, cfg, mask)  # (B*T, m), (B*T,) each token's top adapter
         else:
-            idx = (_prompt_choice(bank, xf, z, st, name, B, T) if cfg.granularity == "prompt" else
-                   bank.route(xf, cfg.method, k=cfg.k, allowed=mask, z=z))  # (B*T,)
+            if cfg.granularity in ("prompt", "prompt-vote"):
+                idx = _prompt_choice(bank, xf, z, st, name, B, T)  # (B*T,)
+            elif cfg.granularity == "layers":
+                idx = _layers_choice(bank, xf, z, st, mask, B, T)  # (B*T,)
+            else:
+                idx = bank.route(xf, cfg.method, k=cfg.k, allowed=mask, z=z)  # (B*T,)
             upd = bank.delta(xf, idx, z=z)  # (B*T, m)
     if st.trace is not None:
         _record(st, bank, name, xf, z, idx, mask, B, T)
@@ -218,18 +252,39 @@ def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: st
 
 def _prompt_choice(bank: AdapterBank, xf, z, st: RoutingState, name: str, B: int, T: int) -> torch.Tensor:
     """Granularity "prompt": at prefill, per row, the adapter with the best mean score over the row's real
-    tokens (an exact argmax of that mean); later forwards of the same rows (generated or answer tokens) keep it."""
+    tokens (an exact argmax of that mean); "prompt-vote": the adapter most of those tokens pick (ties go to the
+    better mean). Later forwards of the same rows (generated or answer tokens) keep the choice."""
     if st.prefill or name not in st.sticky:
         s = bank.scores(xf, st.cfg.method, z=z).view(B, T, -1)  # (B, T, N)
         real = st.real_tokens(B, T).view(B, T, 1).to(s.dtype)  # (B, T, 1)
         mean = (s * real).sum(1) / real.sum(1).clamp(min=1)  # (B, N) mean score over the prompt
         m = st.cfg.allowed
-        st.sticky[name] = rt.masked_argmax_(mean, None if m is None else m.to(mean.device).expand(B, -1))  # (B,)
+        m = None if m is None else m.to(mean.device).expand(B, -1)  # (B, N)
+        if st.cfg.granularity == "prompt-vote":
+            mt = None if m is None else m.repeat_interleave(T, dim=0)  # (B*T, N)
+            top = rt.masked_argmax_(s.reshape(B * T, -1).clone(), mt).view(B, T)  # (B, T) each token's pick
+            votes = torch.zeros_like(mean).scatter_add_(1, top, real[..., 0])  # (B, N) real tokens per adapter
+            mean = votes + 0.5 * torch.sigmoid(mean)  # (B, N) the tie-break never outweighs one vote
+        st.sticky[name] = rt.masked_argmax_(mean, m)  # (B,)
     rows = st.sticky[name]
     if rows.shape[0] != B:
         raise ValueError(f"granularity 'prompt': {B} rows continue {rows.shape[0]} prefilled ones; after a "
                          f"KV cache's batch_select_indices call seqr.layers.select_rows(model, index) too")
     return rows.repeat_interleave(T)  # (B*T,)
+
+
+def _layers_choice(bank: AdapterBank, xf, z, st: RoutingState, mask, B: int, T: int) -> torch.Tensor:
+    """Granularity "layers": in the probe, route per token and add this layer's scores to the running sum;
+    in the real forward, every layer uses the probe's argmax of the summed scores."""
+    if st.probing:
+        s = bank.scores(xf, st.cfg.method, z=z)  # (B*T, N)
+        st.layer_sum = s.clone() if st.layer_sum is None else st.layer_sum.add_(s)  # (B*T, N)
+        st.probe_rows = (B, T)
+        return rt.masked_argmax_(s, mask)  # (B*T,)
+    if st.shared is None or st.shared.shape[0] != B * T:
+        raise ValueError(f"granularity 'layers': the probe chose for {None if st.shared is None else st.shared.shape[0]}"
+                         f" tokens but this layer sees {B * T}")
+    return st.shared
 
 
 def _mixture(bank: AdapterBank, xf, z, cfg: _Config, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,7 +378,10 @@ def routing(model: nn.Module, method=None, *, allowed=None, k: int | None = None
     adapters (a set of names, or one set per batch row), recording a `Trace` when `trace=True` (every
     router's scores too) or `trace="choices"` (only the adapter each decision used: cheap, for serving).
     `granularity="prompt"`: one adapter per row and layer, chosen at prefill by the mean score over the prompt
-    and kept for the tokens that follow; `mix=K`: the top K adapters per token, softmax(score/temperature)-weighted."""
+    and kept for the tokens that follow ("prompt-vote": by the majority of the prompt tokens' picks);
+    `granularity="layers"`: one adapter per token for all layers, the argmax of its scores summed over layers
+    (a first forward measures them: twice the compute); `mix=K`: the top K adapters per token,
+    softmax(score/temperature)-weighted."""
     state = _state(model)
     saved, saved_trace = state.cfg, state.trace
     method = state.cfg.method if method is None else method

@@ -67,6 +67,7 @@ class LoraLibrary:
         self._banks: dict[str, AdapterBank] = {}
         self.path: Path | None = None
         self._shared_file: tuple[str, str] | None = None  # (file, sha256) of the stored shared A
+        self.percentile = False  # route by each adapter's empirical CDF (a `scored("percentile")` view)
 
     # ---------------------------------------------------------------------------------------------- access
     @property
@@ -109,11 +110,13 @@ class LoraLibrary:
             ads = list(self._adapters.values())
             B = torch.stack([a.B[layer] for a in ads])  # (N, m, r)
             A = self.shared_A[layer] if self.shared_a else torch.stack([a.A[layer] for a in ads])
-            mu = sigma = None
+            mu = sigma = q = None
             if not self.uncalibrated:
                 mu = torch.tensor([a.stats[layer].mean for a in ads], dtype=torch.float64)  # (N,)
                 sigma = torch.tensor([a.stats[layer].std for a in ads], dtype=torch.float64)  # (N,)
-            self._banks[layer] = AdapterBank(A, B, mu=mu, sigma=sigma, names=self.names)
+            if self.percentile:
+                q = torch.tensor([a.stats[layer].quantiles for a in ads], dtype=torch.float64)  # (N, Q)
+            self._banks[layer] = AdapterBank(A, B, mu=mu, sigma=sigma, quantiles=q, names=self.names)
         return self._banks[layer]
 
     def adapter_weights(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -203,12 +206,21 @@ class LoraLibrary:
             return self
         if self.uncalibrated:
             raise ValueError(f"adapter(s) {self.uncalibrated} have no stats to rescore; run seqr calibrate")
+        if score == "percentile":
+            if pooled:
+                raise ValueError("score 'percentile' reads each layer's own quantiles; it cannot use pooled stats")
+            missing = [n for n in self.names if any(v.quantiles is None for v in self.stats(n).values())]
+            if missing:
+                raise ValueError(f"adapter(s) {missing} have no norm quantiles for score 'percentile'; recalibrate "
+                                 f"them with this version of seqr calibrate")
         view = {}
         for n in self.names:
             st = self.stats(n)
             st = pool_stats(st) if pooled else st
             view[n] = {layer: as_score(v, score) for layer, v in st.items()}
-        return self.with_stats(view)
+        new = self.with_stats(view)
+        new.percentile = score == "percentile"
+        return new
 
     def _persist(self, undo) -> None:
         """Write the manifest of a bound library; if that fails, undo the in-memory change and re-raise,

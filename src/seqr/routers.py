@@ -190,6 +190,23 @@ def zscore_(norms: torch.Tensor, mu: torch.Tensor | None, sigma: torch.Tensor | 
     return norms.sub_(mu).div_(sigma)  # (T, N)
 
 
+def probit(p: torch.Tensor) -> torch.Tensor:
+    """The standard normal quantile function Phi^-1(p)."""
+    return torch.special.ndtri(p)
+
+
+def percentile_scores(s: torch.Tensor, knots: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Each adapter's score through its own empirical CDF, read as a normal quantile: the piecewise-linear
+    map through (knots[i, j], target[j]) (knots strictly increasing per adapter, target = probit of the levels),
+    continued linearly past the end knots. Strictly increasing per adapter, so its argmax stays exact."""
+    N, Q = knots.shape
+    st = s.T.contiguous()  # (N, T)
+    j = torch.searchsorted(knots, st).clamp_(1, Q - 1)  # (N, T) right end of each value's segment
+    k0, k1 = knots.gather(1, j - 1), knots.gather(1, j)  # (N, T)
+    t0, t1 = target[j - 1], target[j]  # (N, T)
+    return (t0 + (st - k0) / (k1 - k0) * (t1 - t0)).T  # (T, N)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Choice
 # ---------------------------------------------------------------------------------------------------

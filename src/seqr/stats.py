@@ -6,18 +6,23 @@ from dataclasses import dataclass
 
 import torch
 
+QUANTILE_LEVELS = tuple((k + 0.5) / 32 for k in range(32))  # where calibration samples each adapter's norm CDF
+
 
 @dataclass
 class NormStats:
     """Welford's running mean / sum of squared deviations (M2) of a stream of scalars, in float64.
 
     `std` is the population standard deviation (ddof=0, numpy's default). Two NormStats built from
-    disjoint shards merge exactly (Chan et al.), so silos can calibrate in parallel.
+    disjoint shards merge exactly (Chan et al.), so silos can calibrate in parallel. `quantiles` (optional):
+    the norms at QUANTILE_LEVELS from one whole calibration pass (`with_quantiles`), for the percentile score;
+    they cannot be streamed or merged, so `update` and `merge` drop them.
     """
 
     count: int = 0
     mean: float = 0.0
     m2: float = 0.0
+    quantiles: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
@@ -26,6 +31,12 @@ class NormStats:
             raise ValueError(f"empty NormStats must have mean = m2 = 0, got mean={self.mean}, m2={self.m2}")
         if self.m2 < 0 or not math.isfinite(self.m2) or not math.isfinite(self.mean):
             raise ValueError(f"mean and m2 must be finite and m2 >= 0, got mean={self.mean}, m2={self.m2}")
+        if self.quantiles is not None:
+            q = tuple(float(v) for v in self.quantiles)
+            if len(q) != len(QUANTILE_LEVELS) or not all(map(math.isfinite, q)) or any(b < a for a, b in zip(q, q[1:])):
+                raise ValueError(f"quantiles must be {len(QUANTILE_LEVELS)} finite non-decreasing norms (at "
+                                 f"stats.QUANTILE_LEVELS), got {len(q)} values {list(q[:4])}...")
+            self.quantiles = q
 
     def update(self, values) -> "NormStats":
         """Add a batch of values (any shape); batches are combined with the parallel formula."""
@@ -35,11 +46,13 @@ class NormStats:
         if not torch.isfinite(v).all():
             raise ValueError("NormStats.update got NaN or inf values")
         b_mean = float(v.mean())
+        self.quantiles = None
         self._combine(v.numel(), b_mean, float(((v - b_mean) ** 2).sum()))
         return self
 
     def merge(self, other: "NormStats") -> "NormStats":
         """Fold another shard's stats into this one (in place) and return self."""
+        self.quantiles = None
         self._combine(other.count, other.mean, other.m2)
         return self
 
@@ -63,7 +76,8 @@ class NormStats:
         return math.sqrt(self.var)
 
     def to_dict(self) -> dict:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2, "std": self.std if self.count else None}
+        d = {"count": self.count, "mean": self.mean, "m2": self.m2, "std": self.std if self.count else None}
+        return d if self.quantiles is None else {**d, "quantiles": list(self.quantiles)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "NormStats":
@@ -71,20 +85,34 @@ class NormStats:
             count = d["count"]
             if isinstance(count, float) and count.is_integer():
                 count = int(count)
-            return cls(count=count, mean=float(d["mean"]), m2=float(d["m2"]))
+            q = d.get("quantiles")
+            return cls(count=count, mean=float(d["mean"]), m2=float(d["m2"]),
+                       quantiles=None if q is None else tuple(float(v) for v in q))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed NormStats record {d!r}: {e}") from None
 
 
-SCORES = ("z", "raw", "ratio")  # what a norm is compared by: z-score (paper), the raw norm, norm / mu
+def with_quantiles(s: NormStats, values) -> NormStats:
+    """s plus the quantiles of `values`: all the norms s was computed from, in one pass."""
+    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if v.numel() != s.count:
+        raise ValueError(f"quantiles need the {s.count} values the stats were computed from, got {v.numel()}")
+    if v.numel() == 0:
+        raise ValueError("quantiles of an empty stream are undefined")
+    q = torch.quantile(v, torch.tensor(QUANTILE_LEVELS, dtype=torch.float64))  # (Q,) linear interpolation
+    return NormStats(s.count, s.mean, s.m2, tuple(q.tolist()))
+
+
+SCORES = ("z", "raw", "ratio", "percentile")  # z-score (paper), raw norm, norm / mu, the adapter's own CDF
 
 
 def as_score(s: NormStats, score: str) -> NormStats:
     """Stats whose z-score (n - mean) / std is the given calibrated score: "z" keeps s, "raw" gives n itself
-    (mean 0, std 1), "ratio" gives n / mu (mean 0, std mu). Routing stays an exact argmax of that score."""
+    (mean 0, std 1), "ratio" gives n / mu (mean 0, std mu). "percentile" keeps s: its monotone map from z to
+    the adapter's empirical CDF is applied on top by the bank (LoraLibrary.scored). Routing stays an exact argmax."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    if score == "z":
+    if score in ("z", "percentile"):
         return s
     scale = 1.0 if score == "raw" else s.mean
     if not scale > 0:
