@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 LIB, ADAPTERS = ROOT / "runs/ten-task/library", ROOT / "runs/ten-task/adapters"
 REFERENCE, OUT = ROOT / "runs/eval-ten", ROOT / "runs/routing-study"
 AXIS4 = {"rank 8, 1 epoch, 96 examples (the ten-task adapters)": ROOT / "runs/adapter-axis/96ex-r8/eval",
-         "rank 8, 1 epoch, 300 examples": ROOT / "runs/adapter-axis/300ex-r8/eval"}  # scripts/adapter_axis.sh
+         "rank 8, 1 epoch, 300 examples": ROOT / "runs/adapter-axis/300ex-r8/eval",
+         "rank 32, 1 epoch, 96 examples": ROOT / "runs/adapter-axis/96ex-r32/eval",
+         "rank 8, 2 epochs, 96 examples": ROOT / "runs/adapter-axis/96ex-r8-2ep/eval"}  # scripts/adapter_axis.sh
 DOCS = ROOT / "docs/results/routing_study"
 CALIB_SIZES = (15, 30, 60)  # calibration examples per silo (nested seeded subsets of its train split)
 
@@ -193,7 +195,8 @@ def report() -> None:
 
 
 def _axis4_lines() -> list[str]:
-    """Three-task libraries (sst2, agnews, cola) of adapters trained with more data: SEQR vs its own oracle."""
+    """Three-task libraries (sst2, agnews, cola) of adapters trained with more data, rank or epochs: SEQR and
+    ARROW normalised by the library's own oracle."""
     from seqr import files
 
     done = {k: files.read_json(d / files.EVAL_RESULTS, "adapter axis") for k, d in AXIS4.items()
@@ -201,19 +204,23 @@ def _axis4_lines() -> list[str]:
     if not done:
         return []
     tasks = next(iter(done.values()))["config"]["tasks"]
-    lines = ["## The adapters themselves: more training data (3 tasks, 3 adapters; chance own share 33%)", "",
-             "SEQR (paper default) on a library of only the sst2, agnews and cola adapters; "
-             "`bash scripts/adapter_axis.sh`.", "",
-             "| adapters | SEQR avg (norm.) | " + " | ".join(tasks) + " | own share | oracle acc. |",
-             "|---|---|" + "---|" * len(tasks) + "---|---|"]
+    lines = ["## The adapters themselves: data, rank, epochs (3 tasks, 3 adapters; chance own share 33%)", "",
+             "Paper-default SEQR and ARROW on a library of only the sst2, agnews and cola adapters, normalised by that "
+             "library's oracle; `bash scripts/adapter_axis.sh`.", "",
+             "| adapters | SEQR avg (norm.) | " + " | ".join(tasks) + " | SEQR own share | ARROW avg (norm.) "
+             "| ARROW own share | oracle acc. |", "|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
     for k, doc in done.items():
         e = next(iter(doc["libraries"].values()))
         if not {"seqr", "oracle"} <= set(e["methods"]):
             continue
-        n, o = _norm_row(e["methods"]["seqr"], e["methods"]["oracle"], tasks), _own_share(e["methods"]["seqr"], tasks)
-        oacc = statistics.fmean(e["methods"]["oracle"]["tasks"][t]["acc"] for t in tasks)
+        oracle = e["methods"]["oracle"]
+        n, o = _norm_row(e["methods"]["seqr"], oracle, tasks), _own_share(e["methods"]["seqr"], tasks)
+        arrow = e["methods"].get("arrow")
+        a = "" if arrow is None else f"{_norm_row(arrow, oracle, tasks)['avg']:.1f}"
+        ao = "" if arrow is None else f"{_own_share(arrow, tasks):.1f}"
+        oacc = statistics.fmean(oracle["tasks"][t]["acc"] for t in tasks)
         lines.append(f"| {k} | **{n['avg']:.1f}** | " + " | ".join(f"{n[t]:.1f}" for t in tasks)
-                     + f" | {o:.1f} | {100 * oacc:.1f} |")
+                     + f" | {o:.1f} | {a} | {ao} | {100 * oacc:.1f} |")
     return lines + [""]
 
 

@@ -61,24 +61,19 @@ class Engine:
         self._thread.join(timeout=30)
 
     # ------------------------------------------------------------------------------------------ changes
-    def add_adapter(self, name: str, adapter_dir) -> None:
-        """Add a calibrated peft adapter dir to the library (persisted) and route to it from the next batch."""
-        self._reattach(lambda: self.library.add_peft(name, adapter_dir))
-
-    def remove_adapter(self, name: str) -> None:
-        self._reattach(lambda: self.library.remove(name, allow_empty=False))
-
-    def reload(self, library: LoraLibrary) -> None:
-        """Swap in another copy of the library (a replica catching up with a change made elsewhere)."""
-        self._reattach(lambda: setattr(self, "library", library))
-
-    def _reattach(self, change) -> None:
+    def change(self, fn):
+        """fn(library) with the library detached from the model (call it on the worker, between batches): routing
+        follows whatever fn changed from the next batch on. Returns fn's result."""
         detach(self.model)
         try:
-            change()
+            return fn(self.library)
         finally:
             attach(self.model, self.library, method=self.method)
             self._names = frozenset(self.library.names)
+
+    def reload(self, library: LoraLibrary) -> None:
+        """Swap in another copy of the library (a replica catching up with a change made elsewhere)."""
+        self.change(lambda _: setattr(self, "library", library))
 
     # ------------------------------------------------------------------------------------------ worker
     def _run(self) -> None:

@@ -19,6 +19,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .server import apply_change
+
 POLL_S = 5.0  # a replica's long poll returns at least this often
 STALE_S = 60.0  # a replica silent this long (crashed, or stuck in one batch) is not waited for
 _ERRORS = {"ValueError": ValueError, "KeyError": KeyError, "FileNotFoundError": FileNotFoundError}
@@ -85,7 +87,7 @@ class Coordinator:
         cond, lock = self._sync()
         async with lock:
             try:
-                result = self._apply(op, *args)
+                result = apply_change(self.library, self.auth, op, *args)
             except (ValueError, KeyError, FileNotFoundError) as e:
                 return ("error", type(e).__name__, str(e).strip("'\""))
             async with cond:
@@ -93,23 +95,6 @@ class Coordinator:
                 cond.notify_all()
             await self._wait_acks(self.generation)
             return ("ok", result)
-
-    def _apply(self, op: str, *args):
-        lib, auth = self.library, self.auth
-        if op == "add":
-            name, path = args
-            lib.add_peft(name, Path(path))
-            return sorted(lib.names)
-        if op == "remove":
-            (name,) = args
-            lib.remove(name, allow_empty=False)
-            auth.drop_adapter(name)
-            return sorted(lib.names)
-        if op == "put_user":
-            user, keys, adapters = args
-            u = auth.put_user(user, keys, adapters, set(lib.names))
-            return {"user": u.name, "adapters": sorted(u.adapters)}
-        raise ValueError(f"unknown change {op!r}")
 
     async def _wait_acks(self, generation: int) -> None:
         """Wait until every replica acked `generation` or has been silent for stale_s (a dead replica serves

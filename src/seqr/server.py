@@ -33,25 +33,46 @@ class ServeSettings:
     replica: str | None = None  # this process's id when it is one of several replicas (seqr serve --ray)
 
 
+def apply_change(library, auth: AuthStore, op: str, *args):
+    """One admin change on a library and the auth store, both persisted: "add" (name, adapter dir), "remove"
+    (name; also dropped from every user; never the last adapter) or "put_user" (user, keys, adapters). Used by
+    LocalControl here and by the Ray coordinator, the only writer when replicas share the files."""
+    if op == "add":
+        name, path = args
+        library.add_peft(name, Path(path))
+        return sorted(library.names)
+    if op == "remove":
+        (name,) = args
+        library.remove(name, allow_empty=False)
+        auth.drop_adapter(name)
+        return sorted(library.names)
+    if op == "put_user":
+        user, keys, adapters = args
+        u = auth.put_user(user, keys, adapters, set(library.names))
+        return {"user": u.name, "adapters": sorted(u.adapters)}
+    raise ValueError(f"unknown change {op!r}")
+
+
 class LocalControl:
-    """Library and user changes in one process: run on the engine's worker between batches (so a request sees
-    the library before or after a change, never half), persisted to the library dir and the auth file."""
+    """Library and user changes in one process: library changes run on the engine's worker between batches (so
+    a request sees the library before or after a change, never half), persisted to the library dir and the auth
+    file."""
 
     def __init__(self, engine, auth: AuthStore):
         self.engine, self.auth = engine, auth
 
+    async def _on_worker(self, op: str, *args):
+        return await asyncio.wrap_future(self.engine.call(
+            lambda e: e.change(lambda lib: apply_change(lib, self.auth, op, *args))))
+
     async def add_adapter(self, name: str, path: Path) -> list[str]:
-        await asyncio.wrap_future(self.engine.call(lambda e: e.add_adapter(name, path)))
-        return sorted(self.engine.adapters)
+        return await self._on_worker("add", name, path)
 
     async def remove_adapter(self, name: str) -> list[str]:
-        await asyncio.wrap_future(self.engine.call(lambda e: e.remove_adapter(name)))
-        self.auth.drop_adapter(name)
-        return sorted(self.engine.adapters)
+        return await self._on_worker("remove", name)
 
     async def put_user(self, user: str, keys: list, adapters: list) -> dict:
-        u = self.auth.put_user(user, keys, adapters, set(self.engine.adapters))
-        return {"user": u.name, "adapters": sorted(u.adapters)}
+        return apply_change(self.engine.library, self.auth, "put_user", user, keys, adapters)
 
 
 class APIError(Exception):
