@@ -308,3 +308,34 @@ def test_paired_sign_test_by_hand(doc):
     fake = {"examples": {"t": {"gold": [0] * 10}}, "config": {"tasks": ["t"]}, "base": None}
     ent = {"methods": {"x": {"tasks": {"t": {"pred": [0] * 9 + [1]}}}, "y": {"tasks": {"t": {"pred": [1] * 10}}}}}
     assert er.paired(fake, ent, "x", "y") == (9, 0, pytest.approx(2 / 2 ** 9))  # 9 discordant pairs, all one way
+
+
+def test_calibration_variant_recalibrates_each_adapter_on_its_own_task(model, tok, library, adapter_dirs, data,
+                                                                       tmp_path):
+    from seqr.calibrate import norm_stats, recalibrated
+    from seqr.tasks import load_task
+
+    for t in TASKS:  # each silo's train split, as load_task reads it
+        (tmp_path / "data" / t).mkdir(parents=True)
+        (tmp_path / "data" / t / "train.jsonl").write_text("".join(
+            json.dumps(e.__dict__ | {"choices": list(e.choices)}) + "\n" for e in task_examples(t, "train", 6)))
+    c = cfg(methods=("seqr",), noise=(), calibration="answer@4")
+    doc = ev.evaluate(model, tok, {"shared-0": library}, data, c, out_dir=tmp_path / "out", progress=False,
+                      train_data=tmp_path / "data")
+    entry = doc["libraries"]["shared-0 [calibration=answer@4]"]
+    view = recalibrated(library, model, tok, "answer@4", data_dir=tmp_path / "data", progress=False)
+    for t in TASKS:  # the silo's own 4 examples, answer tokens only, through the adapter's original peft dir
+        own, _ = norm_stats(model, tok, adapter_dirs[t], load_task(t, "train", data_dir=tmp_path / "data",
+                                                                   max_examples=4), tokens="answer", progress=False)
+        for layer, s in own.items():
+            assert view.stats(t)[layer].mean == pytest.approx(s.mean, rel=1e-6)
+            assert view.stats(t)[layer].count == s.count < library.stats(t)[layer].count
+        assert entry["methods"]["seqr"]["tasks"][t]["acc"] == pytest.approx(
+            reference_acc(model, tok, view, data[t], "seqr"))
+    assert entry["fingerprint"] != doc["libraries"].get("shared-0", {}).get("fingerprint")
+    renamed = seqr.LoraLibrary.from_peft({"silo-a": adapter_dirs["sst2"]})
+    with pytest.raises(ValueError, match="cannot recalibrate adapter 'silo-a'"):
+        recalibrated(renamed, model, tok, "all@2", data_dir=tmp_path / "data", progress=False)
+    for bad in ("words@3", "all@0", "all@x"):
+        with pytest.raises(ValueError, match="calibration must be TOKENS"):
+            cfg(calibration=bad)

@@ -128,6 +128,38 @@ def calibrate(model, tokenizer, adapter_dir: str | Path, examples, *, noise: flo
     return stats
 
 
+def parse_calibration(spec: str) -> tuple[str, int]:
+    """"TOKENS[@N]" -> (token set, training examples per silo; default 60), e.g. "answer@30"."""
+    tokens, _, n = str(spec).partition("@")
+    if tokens not in TOKEN_SETS or (n and not (n.isdigit() and int(n) > 0)):
+        raise ValueError(f"calibration must be TOKENS[@N] with TOKENS one of {TOKEN_SETS} and N a positive "
+                         f"integer, got {spec!r}")
+    return tokens, int(n) if n else 60
+
+
+def recalibrated(library: LoraLibrary, model, tokenizer, spec: str, *, data_dir=None, seed: int = 0,
+                 scoring: str = "choices", progress: bool = True) -> LoraLibrary:
+    """An unbound view of `library` with every adapter calibrated afresh by `spec` (parse_calibration) on its own
+    task's training split (the adapter's name is its task): what each silo would ship with other settings."""
+    import tempfile
+
+    from .tasks import load_task
+
+    tokens, n = parse_calibration(spec)
+    stats = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in library.names:
+            try:
+                examples = load_task(name, "train", data_dir=data_dir, max_examples=n, seed=seed)
+            except (FileNotFoundError, KeyError, ValueError) as e:
+                raise ValueError(f"cannot recalibrate adapter {name!r}: its name must be a task with a train split "
+                                 f"({e})") from None
+            adapter_dir = library.to_peft(name, Path(tmp) / name)
+            stats[name], _ = norm_stats(model, tokenizer, adapter_dir, examples, progress=progress, scoring=scoring,
+                                        tokens=tokens)
+    return library.with_stats(stats)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="seqr calibrate",
                                 description="Per-layer activation-norm stats of one adapter on its own training data.")

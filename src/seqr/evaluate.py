@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import files
-from .calibrate import add_noise
+from .calibrate import add_noise, parse_calibration, recalibrated
 from .layers import GRANULARITIES, attach, detach, routing
 from .library import LoraLibrary
 from .scoring import score_choices
@@ -59,6 +59,7 @@ class EvalConfig:
     granularity: str = "token"  # layers.GRANULARITIES: per token (paper), per prompt, or shared across layers
     mix: int | None = None  # top-k softmax mixture per token instead of one adapter
     temperature: float = 1.0
+    calibration: str | None = None  # "TOKENS[@N]": recalibrate every adapter on its own task first (None: as built)
 
     def __post_init__(self):
         self.tasks, self.methods, self.noise = list(self.tasks), tuple(self.methods), tuple(self.noise)
@@ -89,6 +90,8 @@ class EvalConfig:
             raise ValueError(f"mix is per token; it cannot be combined with granularity {self.granularity!r}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
+        if self.calibration is not None:
+            parse_calibration(self.calibration)
 
     def routing_options(self) -> dict:
         """routing(...) keyword arguments of the norm routers' passes."""
@@ -97,7 +100,7 @@ class EvalConfig:
     def variant(self) -> str:
         """'' for the paper's routing, else a tag like 'score=ratio granularity=prompt' (labels results)."""
         default = EvalConfig(tasks=["_"])
-        keys = ("score", "pooled", "granularity", "mix", "temperature")
+        keys = ("calibration", "score", "pooled", "granularity", "mix", "temperature")
         return " ".join(f"{k}={getattr(self, k)}" for k in keys if getattr(self, k) != getattr(default, k))
 
     def data_key(self) -> dict:
@@ -115,6 +118,8 @@ def fingerprint(library: LoraLibrary) -> str:
         for layer in library.layers:
             s = library.stats(name)[layer] if library.stats(name) else None
             h.update(f"{layer}:{None if s is None else (s.count, s.mean, s.std)}".encode())
+            if library.percentile:  # the percentile score also reads the quantiles
+                h.update(repr(s.quantiles).encode())
             h.update(B[layer].detach().float().contiguous().numpy().tobytes())
             h.update(A[layer].detach().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -240,11 +245,13 @@ def _route(method: str, task: str, library: LoraLibrary, cfg: EvalConfig) -> tup
 
 # ---------------------------------------------------------------------------------------------- driver
 def evaluate(model, tokenizer, libraries: dict[str, LoraLibrary], data: dict[str, list[Example]], cfg: EvalConfig,
-             *, out_dir: str | Path | None = None, progress: bool = True) -> dict:
+             *, out_dir: str | Path | None = None, progress: bool = True, train_data: str | Path | None = None) -> dict:
     """Run every pass not already in `out_dir`'s results and return the whole results document.
 
     `libraries`: label -> calibrated library, e.g. {"shared-0": ..., "unique-0": ...}; all over the same
-    model. The untouched model's pass ("base") is run once. Results are saved after every pass."""
+    model. The untouched model's pass ("base") is run once. Results are saved after every pass.
+    With cfg.calibration, each adapter is first recalibrated on its own task's train split (read from
+    `train_data`, like load_task's data_dir)."""
     if not libraries:
         raise ValueError("evaluate needs at least one library")
     for label, lib in libraries.items():
@@ -270,8 +277,11 @@ def evaluate(model, tokenizer, libraries: dict[str, LoraLibrary], data: dict[str
         save()
     tag = cfg.variant()
     for label, lib in libraries.items():
-        path_, calibrated = None if lib.path is None else str(lib.path), lib
-        lib = lib.scored(cfg.score, cfg.pooled)
+        path_ = None if lib.path is None else str(lib.path)
+        if cfg.calibration is not None:
+            lib = recalibrated(lib, model, tokenizer, cfg.calibration, data_dir=train_data,
+                               scoring=cfg.scoring, progress=progress)
+        calibrated, lib = lib, lib.scored(cfg.score, cfg.pooled)
         label = f"{label} [{tag}]" if tag else label
         fp, opts = fingerprint(lib), cfg.routing_options()
         entry = doc["libraries"].get(label)
@@ -368,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the score summed over layers (two forwards)")
     g.add_argument("--mix", type=int, help="top-K softmax(score / temperature) mixture per token")
     g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--calibration", metavar="TOKENS[@N]",
+                   help="first recalibrate every adapter on N (default 60) examples of its own task's train split, "
+                        "from the token set all|prompt|answer|content (adapter names must be task names)")
     p.add_argument("--out", default="eval-out", help="output dir (default eval-out)")
     p.add_argument("--replot", action="store_true", help="only redraw report.md and figures from --out/eval.json")
     a = p.parse_args(argv)
@@ -392,14 +405,15 @@ def main(argv: list[str] | None = None) -> int:
             cfg = EvalConfig(tasks=tasks, methods=tuple(a.methods), k=a.k, split=a.split, max_eval=a.max_eval or None,
                              seed=a.seed, noise=noise, noise_seed=a.noise_seed, batch_size=a.batch_size,
                              scoring=a.scoring, model=a.model, score=a.score, pooled=a.pooled_stats,
-                             granularity=a.granularity, mix=a.mix, temperature=a.temperature)
+                             granularity=a.granularity, mix=a.mix, temperature=a.temperature,
+                             calibration=a.calibration)
         except ValueError as e:
             p.error(str(e))
         data = load_data(cfg.tasks, cfg.split, data_dir=a.data, max_eval=cfg.max_eval, seed=cfg.seed)
         from .models import load_model
 
         model, tok = load_model(a.model)
-        doc = evaluate(model, tok, libs, data, cfg, out_dir=out)
+        doc = evaluate(model, tok, libs, data, cfg, out_dir=out, train_data=a.data)
         doc["command"] = "seqr eval " + " ".join(sys.argv[2:] if argv is None else argv)
         files.atomic_write_json(out / files.EVAL_RESULTS, doc)
     report, figs = plots.write_report(doc, out)
