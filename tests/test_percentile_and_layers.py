@@ -9,6 +9,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 import torch
+from transformers import DynamicCache
 
 import seqr
 from seqr.scoring import score_choices
@@ -187,6 +188,9 @@ def test_layers_granularity_leaves_the_kv_cache_as_one_forward_would(qlib):
     with seqr.routing(model, "seqr", granularity="layers"):
         out = model(ids, use_cache=True)
         assert out.past_key_values.get_seq_length() == 5
+        given = DynamicCache(config=model.config)  # as generate() passes it: empty, filled by the prefill
+        torch.testing.assert_close(model(ids, past_key_values=given, use_cache=True).logits, out.logits)
+        assert given.get_seq_length() == 5
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
         cache = copy.deepcopy(out.past_key_values)
         step = model(nxt, past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
@@ -253,3 +257,20 @@ def test_percentile_bank_scores_every_norm_router_by_the_cdf(qlib, method, dtype
                      for i, n in enumerate(qlib.names)], -1)
     np.testing.assert_allclose(got.double().numpy(), want, atol=2e-5 if dtype == torch.float64 else 2e-3)  # the 1e-9 knot nudge
     assert torch.equal(pbank.route(x, method), got.argmax(-1))
+
+
+@torch.no_grad()
+def test_layers_granularity_through_generate_equals_a_cached_greedy_loop(qlib):
+    ids = _ids(B=2, T=4, seed=19)
+    model = seqr.attach(tiny_llama(), qlib)
+    with seqr.routing(model, "seqr", granularity="layers"):
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             pad_token_id=0)
+        seq, cache = ids, DynamicCache(config=model.config)
+        step = ids
+        for _ in range(4):  # the same decoding by hand: one forward per token on a growing cache
+            logits = model(step, past_key_values=cache, use_cache=True).logits[:, -1]
+            step = logits.argmax(-1, keepdim=True)  # (B, 1)
+            seq = torch.cat([seq, step], 1)
+        assert cache.get_seq_length() == 4 + 3  # the probes' keys never stay
+    assert torch.equal(gen, seq)
