@@ -142,6 +142,7 @@ def report() -> None:
         return None if res is paper else er.paired(ref, {"methods": {"x": res, "seqr": paper}}, "x", "seqr")
 
     rows: dict[str, tuple[str, dict, float | None, tuple | None]] = {}
+    seqr_runs = {PAPER: paper}  # every SEQR configuration's raw results, for the conclusion
     for key, label in (("base", "untouched model"), ("mu", "MU"), ("arrow", "ARROW"), ("lag@3", "LAG (k=3)"),
                        ("spectr", "SPECTR"), ("seqr", PAPER)):
         res = ref["base"] if key == "base" else shared["methods"][key]
@@ -156,6 +157,7 @@ def report() -> None:
         if e is not None and "seqr" in e["methods"]:
             res = e["methods"]["seqr"]
             rows[f"SEQR {name}"] = (axis, _norm_row(res, oracle, tasks), _own_share(res, tasks), versus(res))
+            seqr_runs[f"SEQR {name}"] = res
     DOCS.mkdir(parents=True, exist_ok=True)
     files.atomic_write_json(DOCS / "study.json", {"tasks": tasks, "rows": {
         k: {"axis": a, "normalised": n, "own_share": o, "vs_paper_seqr": v} for k, (a, n, o, v) in rows.items()}})
@@ -179,7 +181,10 @@ def report() -> None:
             lines.append(f"| {k} | **{n['avg']:.1f}** | " + " | ".join(f"{n[t]:.1f}" for t in tasks)
                          + f" | {'' if o is None else f'{o:.1f}'} | {vs} |")
         lines.append("")
-    lines += _axis4_lines() + _best_lines(rows)
+    arrow = shared["methods"]["arrow"]
+    conclusion = _conclusion_lines(rows, seqr_runs, lambda res: er.paired(
+        ref, {"methods": {"x": res, "arrow": arrow}}, "x", "arrow") if res is not arrow else None)
+    lines += _axis4_lines() + _best_lines(rows) + conclusion
     (DOCS / "study.md").write_text("\n".join(lines))
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1))
     names = list(rows)
@@ -240,6 +245,23 @@ def _best_lines(rows: dict) -> list[str]:
         lines.append(f"- {title}: best {k} at {n['avg']:.1f} vs paper {rows[PAPER][1]['avg']:.1f} (own share "
                      f"{o:.1f}% vs {rows[PAPER][2]:.1f}%); {'significantly' if sig else 'not significantly'} better "
                      f"example by example ({v[0]} vs {v[1]} discordant examples, sign test p = {v[2]:.2f}).")
+    return lines + [""]
+
+
+def _conclusion_lines(rows: dict, seqr_runs: dict, versus_arrow) -> list[str]:
+    """The best SEQR configuration overall, against paper-default SEQR and against ARROW (exact sign tests)."""
+    best = max(seqr_runs, key=lambda k: rows[k][1]["avg"])
+    _, n, own, vp = rows[best]
+    va = versus_arrow(seqr_runs[best])
+    arrow = rows["ARROW"][1]["avg"]
+    lines = ["## Conclusion (computed)", "",
+             f"- Best SEQR configuration by average normalised accuracy: **{best}** at {n['avg']:.1f} "
+             f"(own share {own:.1f}%)."]
+    if vp is not None:
+        lines.append(f"- Against paper-default SEQR ({rows[PAPER][1]['avg']:.1f}): {vp[0]} vs {vp[1]} discordant "
+                     f"examples, p = {vp[2]:.2f}: {'significant' if vp[2] < 0.05 else 'not significant'}.")
+    lines.append(f"- Against ARROW ({arrow:.1f}): {va[0]} vs {va[1]} discordant examples, p = {va[2]:.2f}: "
+                 f"{'significant' if va[2] < 0.05 else 'not significant'}.")
     return lines + [""]
 
 
