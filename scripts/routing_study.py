@@ -186,6 +186,7 @@ def report() -> None:
         ref, {"methods": {"x": res, "arrow": arrow}}, "x", "arrow") if res is not arrow else None)
     lines += _axis4_lines() + _best_lines(rows) + conclusion
     (DOCS / "study.md").write_text("\n".join(lines))
+    (DOCS / "summary.md").write_text("\n".join(_summary_lines(rows)))
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1))
     names = list(rows)
     ax.barh(range(len(names)), [rows[k][1]["avg"] for k in names], color=["#888" if rows[k][0] == "reference" else
@@ -246,6 +247,19 @@ def _best_lines(rows: dict) -> list[str]:
                      f"{o:.1f}% vs {rows[PAPER][2]:.1f}%); {'significantly' if sig else 'not significantly'} better "
                      f"example by example ({v[0]} vs {v[1]} discordant examples, sign test p = {v[2]:.2f}).")
     return lines + [""]
+
+
+def _summary_lines(rows: dict) -> list[str]:
+    """One compact table (ARROW, paper SEQR, every SEQR variant by axis) for the README."""
+    keep = ["ARROW", PAPER] + [k for axis in AXES for k, v in rows.items() if v[0] == axis]
+    out = ["| variant (SEQR unless named) | axis | normalised acc. | own-adapter share | vs paper SEQR (only this / "
+           "only paper, p) |", "|---|---|---:|---:|---|"]
+    for k in keep:
+        axis, n, o, v = rows[k]
+        name = "**paper default**: z-score, per-layer μ σ, all tokens, per token" if k == PAPER else k.removeprefix("SEQR ")
+        vs = "" if v is None else f"{v[0]} / {v[1]}, p = {v[2]:.2f}"
+        out.append(f"| {name} | {AXES.get(axis, '')} | {n['avg']:.1f} | {'' if o is None else f'{o:.1f}%'} | {vs} |")
+    return out + [""]
 
 
 def _conclusion_lines(rows: dict, seqr_runs: dict, versus_arrow) -> list[str]:
