@@ -213,8 +213,9 @@ def _axis4_lines() -> list[str]:
     lines = ["## The adapters themselves: data, rank, epochs (3 tasks, 3 adapters; chance own share 33%)", "",
              "Paper-default SEQR and ARROW on a library of only the sst2, agnews and cola adapters, normalised by that "
              "library's oracle; `bash scripts/adapter_axis.sh`.", "",
-             "| adapters | SEQR avg (norm.) | " + " | ".join(tasks) + " | SEQR own share | ARROW avg (norm.) "
-             "| ARROW own share | oracle acc. |", "|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
+             "| adapters | SEQR avg (norm.) | " + " | ".join(tasks) + " | SEQR own share | per task ("
+             + " / ".join(tasks) + ") | ARROW avg (norm.) | ARROW own share | oracle acc. |",
+             "|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
     for k, doc in done.items():
         e = next(iter(doc["libraries"].values()))
         if not {"seqr", "oracle"} <= set(e["methods"]):
@@ -225,8 +226,9 @@ def _axis4_lines() -> list[str]:
         a = "" if arrow is None else f"{_norm_row(arrow, oracle, tasks)['avg']:.1f}"
         ao = "" if arrow is None else f"{_own_share(arrow, tasks):.1f}"
         oacc = statistics.fmean(oracle["tasks"][t]["acc"] for t in tasks)
+        per = " / ".join(f"{_own_share(e['methods']['seqr'], [t]):.0f}" for t in tasks)
         lines.append(f"| {k} | **{n['avg']:.1f}** | " + " | ".join(f"{n[t]:.1f}" for t in tasks)
-                     + f" | {o:.1f} | {a} | {ao} | {100 * oacc:.1f} |")
+                     + f" | {o:.1f} | {per} | {a} | {ao} | {100 * oacc:.1f} |")
     return lines + [""]
 
 
