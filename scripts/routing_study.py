@@ -42,6 +42,7 @@ VARIANTS = {
     "score=percentile": ("score", {"score": "percentile"}, "all@60"),  # the library's stats plus their quantiles
     "granularity=prompt-vote": ("granularity", {"granularity": "prompt-vote"}, None),
     "granularity=layers": ("granularity", {"granularity": "layers"}, None),
+    "granularity=depth": ("granularity", {"granularity": "depth"}, None),
 }
 PAPER = "SEQR, paper default (z, per layer, all tokens, per token)"
 AXES = {"score": "Score normalisation", "calibration": "Calibration data", "granularity": "Granularity",

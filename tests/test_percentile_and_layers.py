@@ -274,3 +274,30 @@ def test_layers_granularity_through_generate_equals_a_cached_greedy_loop(qlib):
             seq = torch.cat([seq, step], 1)
         assert cache.get_seq_length() == 4 + 3  # the probes' keys never stay
     assert torch.equal(gen, seq)
+
+
+@pytest.mark.parametrize("allowed", [None, {"beta", "gamma"}])
+@torch.no_grad()
+def test_depth_granularity_routes_by_the_running_sum_of_scores_over_layers(qlib, allowed):
+    ids = _ids(B=2, T=7, seed=23)
+    idx = None if allowed is None else [qlib.names.index(a) for a in allowed]
+    ref, st = tiny_llama(), {"sum": None}
+    for layer in qlib.layers:
+        bank = qlib.bank(layer)
+
+        def hook(mod, inp, out, bank=bank):  # layers fire in forward order: the sum covers this and earlier ones
+            upd, z = _dense_z(bank, inp[0], bank.mu, bank.sigma)  # (T, N, m), (T, N)
+            st["sum"] = z if st["sum"] is None else st["sum"] + z
+            s = st["sum"].clone()
+            if idx is not None:
+                s[:, [i for i in range(s.shape[1]) if i not in idx]] = float("-inf")
+            return out + upd[torch.arange(upd.shape[0]), s.argmax(-1)].view(*out.shape).to(out.dtype)
+
+        ref.get_submodule(layer).register_forward_hook(hook)
+    model = seqr.attach(tiny_llama(), qlib)
+    with seqr.routing(model, "seqr", granularity="depth", allowed=allowed):
+        got = model(ids).logits
+        again = model(ids).logits  # the running sum starts afresh with every forward
+    torch.testing.assert_close(got, ref(ids).logits, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(again, got)
+    assert not torch.allclose(got, model(ids).logits, atol=1e-3)  # differs from per-token routing

@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--granularity", choices=GRANULARITIES, default="token",
                    help="per token (paper); prompt: mean score over the prompt, kept for later tokens; prompt-vote: "
                         "the majority of the prompt tokens' picks; layers: one adapter per token for all layers, by "
-                        "the score summed over layers (two forwards)")
+                        "the score summed over layers (two forwards); depth: per token and layer, by the score "
+                        "summed over that layer and the ones before it (one forward)")
     g.add_argument("--mix", type=int, help="top-K softmax(score / temperature) mixture per token")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--calibration", metavar="TOKENS[@N]",

@@ -20,7 +20,7 @@ from .trace import Trace
 
 ROUTERS = ("seqr", "spectr", "arrow", "lag", "naive")
 METHODS = ROUTERS + ("mu", "base")
-GRANULARITIES = ("token", "prompt", "prompt-vote", "layers")
+GRANULARITIES = ("token", "prompt", "prompt-vote", "layers", "depth")
 STATE_ATTR = "_seqr_state"
 
 
@@ -70,6 +70,7 @@ class RoutingState:
         self.layer_sum: torch.Tensor | None = None  # (B*T, N) scores summed over layers by the probe
         self.shared: torch.Tensor | None = None  # (B*T,) the probe's per-token choice, used by every layer
         self.probe_rows = (0, 0)  # (B, T) the probe saw
+        self.depth_sum: torch.Tensor | None = None  # (B*T, N) granularity "depth": scores of the layers so far
 
     # ------------------------------------------------------------------------------------------ config
     def configure(self, method, k=None, allowed=None, granularity="token", mix=None, temperature=1.0) -> _Config:
@@ -167,6 +168,7 @@ class RoutingState:
         self.attention_mask = am if isinstance(am, torch.Tensor) else None
         past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x: `cache`
         self.prefill = past is None or not hasattr(past, "get_seq_length") or past.get_seq_length() == 0
+        self.depth_sum = None
         if self.probing:
             return
         if self.prefill:
@@ -242,6 +244,8 @@ def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: st
                 idx = _prompt_choice(bank, xf, z, st, name, B, T)  # (B*T,)
             elif cfg.granularity == "layers":
                 idx = _layers_choice(bank, xf, z, st, mask, B, T)  # (B*T,)
+            elif cfg.granularity == "depth":
+                idx = _depth_choice(bank, xf, z, st, mask)  # (B*T,)
             else:
                 idx = bank.route(xf, cfg.method, k=cfg.k, allowed=mask, z=z)  # (B*T,)
             upd = bank.delta(xf, idx, z=z)  # (B*T, m)
@@ -285,6 +289,15 @@ def _layers_choice(bank: AdapterBank, xf, z, st: RoutingState, mask, B: int, T: 
         raise ValueError(f"granularity 'layers': the probe chose for {None if st.shared is None else st.shared.shape[0]}"
                          f" tokens but this layer sees {B * T}")
     return st.shared
+
+
+def _depth_choice(bank: AdapterBank, xf, z, st: RoutingState, mask) -> torch.Tensor:
+    """Granularity "depth": per token, the argmax of its scores summed over this and every routed layer called
+    before it in the same forward (one pass: the decision firms up with depth)."""
+    s = bank.scores(xf, st.cfg.method, z=z)  # (B*T, N)
+    prev = st.depth_sum
+    st.depth_sum = s if prev is None or prev.shape != s.shape else prev + s  # (B*T, N)
+    return rt.masked_argmax_(st.depth_sum.clone(), mask)  # (B*T,)
 
 
 def _mixture(bank: AdapterBank, xf, z, cfg: _Config, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,7 +393,8 @@ def routing(model: nn.Module, method=None, *, allowed=None, k: int | None = None
     `granularity="prompt"`: one adapter per row and layer, chosen at prefill by the mean score over the prompt
     and kept for the tokens that follow ("prompt-vote": by the majority of the prompt tokens' picks);
     `granularity="layers"`: one adapter per token for all layers, the argmax of its scores summed over layers
-    (a first forward measures them: twice the compute); `mix=K`: the top K adapters per token,
+    (a first forward measures them: twice the compute); `granularity="depth"`: per token and layer, the argmax of
+    the scores summed over that layer and the routed layers before it (one forward); `mix=K`: the top K adapters per token,
     softmax(score/temperature)-weighted."""
     state = _state(model)
     saved, saved_trace = state.cfg, state.trace
