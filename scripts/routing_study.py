@@ -194,6 +194,8 @@ def report() -> None:
                                                                            "#3a7" for k in names])
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
+    ax.axvline(rows[PAPER][1]["avg"], ls="--", lw=0.8, color="k", label="paper-default SEQR")
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel("average accuracy / oracle (%)")
     ax.set_xlim(min(rows[k][1]["avg"] for k in names) - 5, 105)
     fig.tight_layout()
