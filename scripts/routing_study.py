@@ -19,6 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LIB, ADAPTERS = ROOT / "runs/ten-task/library", ROOT / "runs/ten-task/adapters"
 REFERENCE, OUT = ROOT / "runs/eval-ten", ROOT / "runs/routing-study"
+CONFIRM, CONFIRM_N = ROOT / "runs/routing-study/confirm", 90  # fresh dev examples per task for the confirmation
+CONFIRM_PASSES = (("paper", {}, ("oracle", "seqr")), ("granularity=layers", {"granularity": "layers"}, ("seqr",)),
+                  ("paper", {}, ("arrow",)), ("granularity=depth", {"granularity": "depth"}, ("seqr",)))
 AXIS4 = {"rank 8, 1 epoch, 96 examples (the ten-task adapters)": ROOT / "runs/adapter-axis/96ex-r8/eval",
          "rank 8, 1 epoch, 300 examples": ROOT / "runs/adapter-axis/300ex-r8/eval",
          "rank 32, 1 epoch, 96 examples": ROOT / "runs/adapter-axis/96ex-r32/eval",
@@ -100,6 +103,32 @@ def run(only: list[str] | None, data_dir: str | None) -> None:
                          seed=key["seed"], scoring=key["scoring"], model=key["model"], noise=(), **overrides)
         print(f"routing study: {name}", file=sys.stderr, flush=True)
         evaluate(model, tok, {name: variant}, data, cfg, out_dir=OUT)
+
+
+def confirm(data_dir: str | None) -> None:
+    """The study picked its best variants on 600 examples; re-measure them (with oracle, paper SEQR and ARROW) on
+    up to CONFIRM_N dev examples per task that the study never scored (a seeded subset of the rest)."""
+    import random
+
+    from seqr import LoraLibrary, files
+    from seqr.evaluate import EvalConfig, evaluate
+    from seqr.models import load_model
+    from seqr.tasks import load_task
+
+    ref = files.read_json(REFERENCE / files.EVAL_RESULTS, "the ten-task evaluation (run seqr eval first)")
+    key = ref["config"]
+    used = {t: set(ref["examples"][t]["ids"]) for t in key["tasks"]}
+    data = {}
+    for t in key["tasks"]:
+        rest = [ex for ex in load_task(t, key["split"], data_dir=data_dir) if ex.id not in used[t]]
+        data[t] = random.Random(f"confirm-{t}").sample(rest, min(CONFIRM_N, len(rest)))
+    lib = LoraLibrary.load(LIB)
+    model, tok = load_model(key["model"])
+    for name, overrides, methods in CONFIRM_PASSES:
+        cfg = EvalConfig(tasks=key["tasks"], methods=methods, split=key["split"], max_eval=CONFIRM_N, seed=key["seed"],
+                         scoring=key["scoring"], model=key["model"], noise=(), **overrides)
+        print(f"routing study, confirmation: {name} {methods}", file=sys.stderr, flush=True)
+        evaluate(model, tok, {name: lib}, data, cfg, out_dir=CONFIRM)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -185,7 +214,7 @@ def report() -> None:
     arrow = shared["methods"]["arrow"]
     conclusion = _conclusion_lines(rows, seqr_runs, lambda res: er.paired(
         ref, {"methods": {"x": res, "arrow": arrow}}, "x", "arrow") if res is not arrow else None)
-    lines += _axis4_lines() + _best_lines(rows) + conclusion
+    lines += _axis4_lines() + _best_lines(rows) + conclusion + _confirm_lines()
     (DOCS / "study.md").write_text("\n".join(lines))
     (DOCS / "summary.md").write_text("\n".join(_summary_lines(rows)))
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1))
@@ -254,6 +283,43 @@ def _best_lines(rows: dict) -> list[str]:
     return lines + [""]
 
 
+def _confirm_lines() -> list[str]:
+    """Oracle-normalised accuracy, own share and sign tests vs paper SEQR on the fresh confirmation examples."""
+    from seqr import eval_report as er
+    from seqr import files
+
+    path = CONFIRM / files.EVAL_RESULTS
+    if not path.exists():
+        return []
+    doc = files.read_json(path, "the confirmation run")
+    paper = doc["libraries"].get("paper", {}).get("methods", {})
+    if not {"oracle", "seqr"} <= set(paper):
+        return []
+    tasks, oracle = doc["config"]["tasks"], paper["oracle"]
+    n = sum(len(doc["examples"][t]["ids"]) for t in tasks)
+    runs = {"ARROW": paper.get("arrow"), PAPER: paper["seqr"]}
+    for name, overrides, _ in CONFIRM_PASSES[1:]:
+        e = doc["libraries"].get(result_label(name, overrides)) if overrides else None
+        if e is not None and "seqr" in e["methods"]:
+            runs[f"SEQR {name}"] = e["methods"]["seqr"]
+    lines = [f"## Confirmation on fresh examples ({n} dev examples the study never scored)", "",
+             "The study chose among many variants on the same 600 examples, so its best rows are biased upwards; "
+             "these passes re-measure them on up to "
+             f"{CONFIRM_N} other dev examples per task (`python scripts/routing_study.py confirm`).", "",
+             "| method | avg (norm.) | " + " | ".join(tasks) + " | own share | vs paper SEQR |",
+             "|---|---|" + "---|" * len(tasks) + "---|---|"]
+    for k, res in runs.items():
+        if res is None:
+            continue
+        row, own = _norm_row(res, oracle, tasks), _own_share(res, tasks)
+        v = None if res is paper["seqr"] else er.paired(doc, {"methods": {"x": res, "seqr": paper["seqr"]}}, "x", "seqr")
+        vs = "" if v is None else f"{v[0]} / {v[1]} (p={v[2]:.2f})"
+        lines.append(f"| {k} | **{row['avg']:.1f}** | " + " | ".join(f"{row[t]:.1f}" for t in tasks)
+                     + f" | {'' if own is None else f'{own:.1f}'} | {vs} |")
+    oacc = 100 * sum(oracle["tasks"][t]["correct"] for t in tasks) / n
+    return lines + ["", f"Oracle accuracy over these examples: {oacc:.1f}%.", ""]
+
+
 def _summary_lines(rows: dict) -> list[str]:
     """One compact table (ARROW, paper SEQR, every SEQR variant by axis) for the README."""
     keep = ["ARROW", PAPER] + [k for axis in AXES for k, v in rows.items() if v[0] == axis]
@@ -294,12 +360,14 @@ def result_label(name: str, overrides: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("run", "report"))
+    p.add_argument("what", choices=("run", "confirm", "report"))
     p.add_argument("--only", nargs="+", choices=list(VARIANTS))
     p.add_argument("--data", help="task dir (default $SEQR_TASK_DATA)")
     a = p.parse_args()
     if a.what == "run":
         run(a.only, a.data)
+    elif a.what == "confirm":
+        confirm(a.data)
     else:
         report()
     return 0
