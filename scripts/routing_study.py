@@ -141,9 +141,10 @@ def _norm_row(res: dict, oracle: dict, tasks: list[str]) -> dict:
 
 def _own_share(res: dict, tasks: list[str]) -> float | None:
     """Share of (token, layer) decisions routed to the input's own task adapter, averaged over tasks (percent)."""
-    vals = [res["tasks"][t]["counts"].get(t, 0) / res["tasks"][t]["decisions"] for t in tasks
-            if res["tasks"][t].get("decisions")]
-    return 100 * statistics.fmean(vals) if len(vals) == len(tasks) else None
+    from seqr.eval_report import pass_own_share
+
+    share = pass_own_share(res, tasks)
+    return None if share is None else 100 * share
 
 
 def report() -> None:

@@ -16,7 +16,7 @@ from seqr.scoring import score_choices
 from seqr.stats import QUANTILE_LEVELS, NormStats, with_quantiles
 from peft_factory import make_adapter, tiny_llama
 from test_evaluate import task_examples
-from test_routing_variants import ATOL, NAMES, _argmax_rule, _dense_z, _ids, _reference
+from test_routing_variants import ATOL, CHOICE_EXAMPLES, NAMES, _argmax_rule, _dense_z, _ids, _reference, chat_library
 from tiny_chat import tiny_chat_llama
 
 
@@ -214,20 +214,10 @@ def _fixed_step(model, nxt, cache, name, b):
 
 
 @torch.no_grad()
-def test_layers_granularity_through_score_choices_equals_one_example_at_a_time(tok, model):
+def test_layers_granularity_through_score_choices_equals_one_example_at_a_time(tok, model, tmp_path):
     """score_choices batches examples and regroups the prompt's cache per choice; each example alone (batch 1)
     must give the same log-likelihoods."""
-    import tempfile
-    from pathlib import Path
-
-    tmp = Path(tempfile.mkdtemp())
-    for i, n in enumerate(NAMES):
-        make_adapter(tmp / n, seed=i, base=tiny_chat_llama(len(tok)), b_scale=1.0)
-    clib = seqr.LoraLibrary.from_peft({n: tmp / n for n in NAMES})
-    g = torch.Generator().manual_seed(2)
-    for n in clib.names:
-        clib.set_stats(n, {layer: NormStats().update(torch.rand(9, generator=g) + 1) for layer in clib.layers})
-    exs = task_examples("rte", "dev", 3) + task_examples("sst2", "dev", 2)
+    clib, exs = chat_library(tok, tmp_path, seed=2), CHOICE_EXAMPLES
     seqr.attach(model, clib)
     try:
         with seqr.routing(model, "seqr", granularity="layers"):

@@ -156,21 +156,25 @@ def test_prompt_granularity_keeps_the_prefill_choice_for_generated_tokens(lib):
     torch.testing.assert_close(step, want, atol=ATOL, rtol=1e-4)
 
 
+def chat_library(tok, root, seed: int) -> seqr.LoraLibrary:
+    """Three adapters over the tiny chat model, with seeded random stats."""
+    for i, n in enumerate(NAMES):
+        make_adapter(root / n, seed=i, base=tiny_chat_llama(len(tok)), b_scale=1.0)
+    lib = seqr.LoraLibrary.from_peft({n: root / n for n in NAMES})
+    g = torch.Generator().manual_seed(seed)
+    for n in lib.names:
+        lib.set_stats(n, {layer: NormStats().update(torch.rand(9, generator=g) + 1) for layer in lib.layers})
+    return lib
+
+
+CHOICE_EXAMPLES = task_examples("rte", "dev", 3) + task_examples("sst2", "dev", 2)
+
+
 @torch.no_grad()
-def test_prompt_granularity_choice_scores_equal_full_sequence_reference(tok, model):
+def test_prompt_granularity_choice_scores_equal_full_sequence_reference(tok, model, tmp_path):
     """score_choices reuses the prompt's KV cache across choices (rows regrouped); the answer tokens must still
     use their own prompt's choice. Reference: every prompt + answer forwarded whole, decided on the prompt."""
-    import tempfile
-    from pathlib import Path
-
-    tmp = Path(tempfile.mkdtemp())
-    for i, n in enumerate(NAMES):
-        make_adapter(tmp / n, seed=i, base=tiny_chat_llama(len(tok)), b_scale=1.0)
-    clib = seqr.LoraLibrary.from_peft({n: tmp / n for n in NAMES})
-    g = torch.Generator().manual_seed(1)
-    for n in clib.names:
-        clib.set_stats(n, {layer: NormStats().update(torch.rand(9, generator=g) + 1) for layer in clib.layers})
-    exs = task_examples("rte", "dev", 3) + task_examples("sst2", "dev", 2)
+    clib, exs = chat_library(tok, tmp_path, seed=1), CHOICE_EXAMPLES
     seqr.attach(model, clib)
     try:
         with seqr.routing(model, "seqr", granularity="prompt"):

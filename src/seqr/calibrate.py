@@ -2,12 +2,13 @@
 
 For adapter i, the model runs with adapter i active on i's training examples (prompt + gold answer), and
 at every adapted layer the norm ||B_i A x|| of every real token feeds a streaming `NormStats`: mu_i and
-sigma_i per layer, plus 32 quantiles of those norms (for the percentile score). Only the silo's own data is read; what leaves the silo is stats, never data.
+sigma_i per layer, plus 32 quantiles of those norms (for the percentile score). Only the silo's own data is
+read; what leaves the silo is stats, never data.
 
 What mu and sigma reveal: per layer, the mean and spread of how strongly the adapter reacts to its own
 data (two numbers per layer and a token count; the quantiles add 32 points of that norm's distribution, which
-`--no-quantiles` withholds). They carry no text, but they are a fingerprint of the data distribution; `--noise S` adds Gaussian noise of S standard deviations to each mu (the paper's Appendix E)
-to blur that fingerprint, at some cost in routing accuracy (`seqr eval` measures it).
+`--no-quantiles` withholds). They carry no text, but they are a fingerprint of the data distribution;
+`--noise S` adds Gaussian noise of S standard deviations to each mu (the paper's Appendix E) to blur that fingerprint, at some cost in routing accuracy (`seqr eval` measures it).
 """
 from __future__ import annotations
 
@@ -55,8 +56,7 @@ def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: d
     encoded = [encode(ex, tokenizer, scoring) for ex in examples]
     plen = [sum(1 for y in labels if y == -100) for _, labels in encoded]  # prompt tokens per example
     pre, suf = _shared_ends([ids[:p] for (ids, _), p in zip(encoded, plen)])
-    stats = {k: {layer: NormStats() for layer in lib.layers} for k in sets}
-    seen = {k: {layer: [] for layer in lib.layers} for k in sets}  # every norm, for the quantiles
+    seen = {k: {layer: [] for layer in lib.layers} for k in sets}  # every kept norm (stats and quantiles at the end)
     counts = dict.fromkeys(sets, 0)
     attach(model, lib, method=name)
     try:
@@ -79,15 +79,19 @@ def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: d
             for layer in lib.layers:
                 norms = tr.layer(layer)["norm"][:, 0]  # (t,) ||B A x|| of the real tokens
                 for k in sets:
-                    stats[k][layer].update(norms[keep[k]])
                     seen[k][layer].append(norms[keep[k]].double())
             for k in sets:
                 counts[k] += int(keep[k].sum())
     finally:
         detach(model)
-    stats = {k: {layer: with_quantiles(st, torch.cat(seen[k][layer])) if st.count else st
-                 for layer, st in per.items()} for k, per in stats.items()}
+    stats = {k: {layer: _summary(torch.cat(v)) for layer, v in per.items()} for k, per in seen.items()}
     return stats, counts
+
+
+def _summary(norms: torch.Tensor) -> NormStats:
+    """NormStats of every norm a calibration kept, with their quantiles (none for an empty set)."""
+    s = NormStats().update(norms)
+    return with_quantiles(s, norms) if s.count else s
 
 
 def _shared_ends(prompts: list[list[int]]) -> tuple[int, int]:

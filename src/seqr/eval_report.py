@@ -29,6 +29,14 @@ def libraries(doc: dict, kind: str) -> list[tuple[str, dict]]:
             if e["shared_a"] == (kind == "shared") and not e.get("variant")]  # routing variants: variant_rows
 
 
+def pass_own_share(res: dict, ts: list[str]) -> float | None:
+    """Share of a pass's (token, layer) decisions routed to the input's own task adapter, averaged over the tasks
+    (None unless every task has traced decisions)."""
+    own = [res["tasks"][t]["counts"].get(t, 0) / res["tasks"][t]["decisions"] for t in ts
+           if res["tasks"][t].get("decisions")]
+    return statistics.fmean(own) if own and len(own) == len(ts) else None
+
+
 def variant_rows(doc: dict) -> list[tuple[str, str, dict, float | None]]:
     """Routing-variant passes (seqr eval --score/--granularity/...): (label, method, {task | "avg": normalised
     accuracy}, own-adapter share), normalised by the oracle of the paper-routing library with the same adapters."""
@@ -43,9 +51,7 @@ def variant_rows(doc: dict) -> list[tuple[str, str, dict, float | None]]:
                          if base and base["methods"]["oracle"]["tasks"][t]["acc"] else None) for t in ts}
             vals = list(cells.values())
             cells["avg"] = None if None in vals else statistics.fmean(vals)
-            own = [res["tasks"][t]["counts"].get(t, 0) / res["tasks"][t]["decisions"] for t in ts
-                   if res["tasks"][t].get("decisions")]
-            rows.append((label, key, cells, statistics.fmean(own) if own and len(own) == len(ts) else None))
+            rows.append((label, key, cells, pass_own_share(res, ts)))
     return rows
 
 
