@@ -117,11 +117,13 @@ def test_other_cpu_share_sees_a_busy_neighbour_and_not_itself():
 def test_forward_quick_json(tmp_path, capsys):
     from seqr.bench_forward import VARIANTS
     path = tmp_path / "forward.json"
-    assert main(["forward", "--quick", "--repeats", "1", "--json", str(path)]) == 0
+    assert main(["forward", "--quick", "--repeats", "1", "--dtypes", "float32", "--threads", "1",
+                 "--json", str(path)]) == 0
     out = capsys.readouterr().out
     data = json.loads(path.read_text())
     assert data["config"]["adapters"] == [4, 8] and data["config"]["batch"] == 2 and data["config"]["seq"] == 16
-    assert [p["N"] for p in data["points"]] == [4, 8]
+    assert data["config"]["dtypes"] == ["float32"] and data["config"]["dtype_note"] is None
+    assert [(p["dtype"], p["N"]) for p in data["points"]] == [("float32", 4), ("float32", 8)]
     for p in data["points"]:
         res = p["results"]
         assert list(res) == list(VARIANTS)
@@ -133,9 +135,10 @@ def test_forward_quick_json(tmp_path, capsys):
             assert r["tokens_per_s"] == pytest.approx(2 * 16 / (r["median_ms"] / 1e3))
             assert r["ratio_to_peft_static"] == pytest.approx(r["median_ms"] / static)
             assert r["ratio_to_untouched"] == pytest.approx(r["median_ms"] / plain)
-            assert f"| {p['N']} | {variant} |" in out
+            assert f"| float32 | {p['N']} | {variant} |" in out
         checks = p["checks"]
         assert checks["seqr_fixed_vs_peft_static"]["ok"] and checks["seqr_base_vs_untouched"]["ok"]
+        assert checks["seqr_fixed_vs_peft_static"]["tol"] == 1e-4
         assert checks["untouched_unchanged"]["ok"] and checks["isolation"]["ok"]
         assert checks["peft_static_changes_output"]["ok"]
         assert checks["seqr_arrow_vs_peft_arrow"]["ok"] is None  # reported only
@@ -143,13 +146,60 @@ def test_forward_quick_json(tmp_path, capsys):
         assert protos["ok"] is None and protos["pairs"] == 2 * 4 * p["N"] and 0 <= protos["min_abs_cos"] <= 1 + 1e-6
         assert p["layouts"]["peft-arrow"]["lora_adapters"] == sorted(["arrow_router"] + [f"task_{i}" for i in range(p["N"])])
         assert p["layouts"]["seqr"]["routed_layers"] == 2 * 4 and p["layouts"]["untouched"]["lora_layers"] == 0
-    t, last = data["targets"], data["points"][-1]["results"]
+    assert list(data["targets"]) == ["float32"] and data["dtype_ratios"] == []
+    t, last = data["targets"]["float32"], data["points"][-1]["results"]
     assert t["N"] == 8
     assert t["seqr_vs_peft_static"]["ratio"] == pytest.approx(last["seqr"]["median_ms"] / last["peft-static"]["median_ms"])
     assert t["peft_arrow_vs_seqr"]["ratio"] == pytest.approx(last["peft-arrow"]["median_ms"] / last["seqr"]["median_ms"])
     assert t["seqr_vs_peft_static"]["met"] == (t["seqr_vs_peft_static"]["ratio"] <= 1.15)
     assert t["peft_arrow_vs_seqr"]["met"] == (t["peft_arrow_vs_seqr"]["ratio"] >= 5)
-    assert out.startswith("machine: ") and "targets at N=8: SEQR within 1.15× of peft-static" in out
+    assert out.startswith("machine: ") and "targets, float32 at N=8: SEQR within 1.15× of peft-static" in out
+    assert "bfloat16 / float32" not in out
+
+
+def test_forward_quick_both_dtypes(tmp_path, capsys):
+    """--dtypes float32,bfloat16 forces bf16 even where it is emulated: each dtype on its own model, compared
+    within itself, the bf16 / fp32 ratio per variant, the bf16 model really in bf16."""
+    from seqr.bench_forward import VARIANTS
+    path = tmp_path / "forward.json"
+    assert main(["forward", "--quick", "--adapters", "4", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                 "--dtypes", "bfloat16,float32", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert data["config"]["dtypes"] == ["float32", "bfloat16"] and data["config"]["dtype_note"] is None
+    assert data["setup_s"]["param_dtypes"] == {"float32": ["float32"], "bfloat16": ["bfloat16"]}
+    points = {p["dtype"]: p for p in data["points"]}
+    assert [p["dtype"] for p in data["points"]] == ["float32", "bfloat16"] and list(data["targets"]) == list(points)
+    for dt, p in points.items():
+        res = p["results"]
+        assert list(res) == list(VARIANTS)
+        for r in res.values():
+            assert r["ratio_to_untouched"] == pytest.approx(r["median_ms"] / res["untouched"]["median_ms"])
+            assert r["ratio_to_peft_static"] == pytest.approx(r["median_ms"] / res["peft-static"]["median_ms"])
+        assert all(c["ok"] is not False for c in p["checks"].values())
+        assert f"| {dt} | 4 | seqr |" in out
+    fixed = points["bfloat16"]["checks"]["seqr_fixed_vs_peft_static"]
+    assert fixed["ok"] and fixed["tol"] > 1e-4  # the bf16 tolerance: relative to the largest |logit|
+    ratios = {r["variant"]: r["bf16_over_fp32"] for r in data["dtype_ratios"]}
+    assert list(ratios) == list(VARIANTS) and all(r["N"] == 4 for r in data["dtype_ratios"])
+    for v, ratio in ratios.items():
+        bf, fp = points["bfloat16"]["results"][v]["median_ms"], points["float32"]["results"][v]["median_ms"]
+        assert ratio == pytest.approx(bf / fp)
+    assert "bfloat16 / float32 median time, per variant:" in out and "targets, bfloat16 at N=4" in out
+
+
+def test_resolve_dtypes_auto_follows_native_bf16(monkeypatch):
+    import seqr.dtypes
+    from seqr.bench import resolve_dtypes
+    monkeypatch.setattr(seqr.dtypes, "native_bf16", lambda: (False, "no bf16 here"))
+    names, note = resolve_dtypes(None)
+    assert names == ["float32"] and "bfloat16 skipped: no bf16 here" in note and "--dtypes float32,bfloat16" in note
+    assert resolve_dtypes(["auto"]) == (names, note)
+    assert resolve_dtypes(["bfloat16", "float32"]) == (["float32", "bfloat16"], None)
+    assert resolve_dtypes(["auto", "bfloat16"]) == (["float32", "bfloat16"], None)
+    monkeypatch.setattr(seqr.dtypes, "native_bf16", lambda: (True, "the CPU has amx_bf16"))
+    assert resolve_dtypes(None) == (["float32", "bfloat16"], None)
+    assert resolve_dtypes(["float32"]) == (["float32"], None)
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -157,6 +207,8 @@ def test_forward_quick_json(tmp_path, capsys):
     (["--adapters", "0"], "positive integers"),
     (["--batch", "0"], "--batch must be positive, got 0"),
     (["--warmup", "-1"], "--warmup"),
+    (["--dtypes", "float32,fp8"], "'fp8'"),
+    (["--dtypes", ","], "unknown dtype"),
 ])
 def test_forward_bad_args(args, needle, capsys):
     with pytest.raises(SystemExit) as e:

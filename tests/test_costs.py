@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import seqr
 import seqr.cli
+import seqr.routers as rt
 from seqr import AdapterBank, Cost
 from seqr.costs import METHODS, costs, costs_table, format_table, human, human_bytes, main
 
@@ -112,9 +113,15 @@ def test_macs_match_counted_torch_ops(shared, make_lora, make_tokens):
     naive = _counted_matmul_macs(lambda: bank.route(x, "naive")) / T
     assert naive == (cost["naive"].macs if not shared else r * n + N * m * r)
     if shared:
-        # SEQR: z = A x (the shared r n), then one product with the packed Grams, N r(r+1)/2 <= the paper's N r^2
-        assert count["seqr"] == cost["seqr"].shared_macs + N * r * (r + 1) // 2
-        assert count["seqr"] - cost["seqr"].shared_macs <= cost["seqr"].macs
+        # SEQR on a few tokens (a decode step, T <= GATHER_TOKENS): z = A x (the shared r n), then every R_i z from
+        # one stacked product: exactly the paper's N r^2
+        assert count["seqr"] == cost["seqr"].shared_macs + N * r * r == cost["seqr"].shared_macs + cost["seqr"].macs
+        # on more tokens: one product with the packed Grams, N r(r+1)/2 <= the paper's N r^2
+        T2 = rt.GATHER_TOKENS + 1
+        x2 = make_tokens(T2, n=n)
+        many = _counted_matmul_macs(lambda: bank.route(x2, "seqr")) / T2
+        assert many == cost["seqr"].shared_macs + N * r * (r + 1) // 2
+        assert many - cost["seqr"].shared_macs <= cost["seqr"].macs
 
 
 def test_human_units():

@@ -283,6 +283,26 @@ def test_lag_route_brute_force_with_mask(dtype, make_lora, make_tokens, ref):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_few_token_scores_equal_the_gram_form_and_the_reference(dtype, calibrated, make_lora, make_tokens):
+    """The decode-step form ||(R_i / sigma_i) z|| - mu_i / sigma_i (one stacked product) equals (||R_i z|| - mu_i)
+    / sigma_i with R_i z materialised, and the Gram form, for 1 token and a few."""
+    N, m, n, r = 30, 16, 20, 4
+    A, B = make_lora(N, m, n, r, dtype, seed=14)
+    _, R = rt.qr_positive(B)
+    mu, sigma = (torch.rand(N, dtype=dtype) + 1, torch.rand(N, dtype=dtype) + 0.1) if calibrated else (None, None)
+    for T in (1, 7):
+        z = make_tokens(T, n=n, dtype=dtype, seed=T) @ A.T  # (T, r)
+        want = rt.rz_norms(z, R) if mu is None else (rt.rz_norms(z, R) - mu) / sigma  # (T, N)
+        offset = None if mu is None else mu / sigma
+        got = rt.seqr_scores_few(z, rt.stack_r(R, sigma), offset)
+        tol = RTOL[dtype] * 10 * want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=RTOL[dtype] * 10, atol=tol)
+        gram = rt.seqr_scores(z, *rt.fold_zscore(rt.pack_gram(R), mu, sigma))
+        torch.testing.assert_close(got, gram, rtol=RTOL[dtype] * 10, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_folded_zscore_equals_zscored_norms(dtype, make_lora, make_tokens):
     """sqrt(z^T (G_i / sigma_i^2) z) - mu_i / sigma_i is exactly (||R_i z|| - mu_i) / sigma_i."""
     N, m, n, r, T = 30, 16, 20, 4, 50
@@ -300,11 +320,12 @@ def test_folded_zscore_equals_zscored_norms(dtype, make_lora, make_tokens):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("a,b", [(8, 16), (3, 5)])  # aligned (grouped GEMM) and unaligned (fallback) sizes
-def test_grouped_matmul_equals_per_token_product(dtype, a, b):
+@pytest.mark.parametrize("T", [1, 5, rt.GATHER_TOKENS, rt.GATHER_TOKENS + 1, 90])  # gather+bmm and grouped paths
+def test_grouped_matmul_equals_per_token_product(dtype, a, b, T):
     torch.manual_seed(13)
-    G, T = 7, 90
+    G = 7
     z, Wt = torch.randn(T, a, dtype=dtype), torch.randn(G, a, b, dtype=dtype)
-    idx = torch.randint(0, G - 2, (T,))  # some matrices unused
+    idx = torch.tensor([0, 2, 3, 6])[torch.randint(0, 4, (T,))]  # matrices 1, 4, 5 unused (middle and end)
     want = torch.einsum("ta,tab->tb", z.double(), Wt.double()[idx])  # brute force: each token's own matrix
     got = rt.grouped_matmul(z, idx, Wt)
     assert got.dtype == dtype and got.shape == (T, b)

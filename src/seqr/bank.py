@@ -77,6 +77,7 @@ class AdapterBank:
             _, R = rt.qr_positive(B.to(rt.compute_dtype(B.dtype)))  # (N, r, r)
             self.G_packed = rt.pack_gram(R)  # (N, r(r+1)/2)
             self._G_scored, self._offset = rt.fold_zscore(self.G_packed, self.mu, self.sigma)  # derived
+            self._R_stacked = rt.stack_r(R, self.sigma)  # (r, N*r): the few-token form of the same scores
 
     def _check_stats(self, mu, sigma, N, B):
         if (mu is None) != (sigma is None):
@@ -161,7 +162,7 @@ class AdapterBank:
         """The shared projection z = A x, computed once per token: (..., n) -> (..., r)."""
         if not self.shared_a:
             raise ValueError("z = A x needs a shared A; this bank has one A per adapter")
-        return x @ self._cast(x.dtype)[0].T  # (..., r)
+        return x @ self._cast(x.dtype)[2]  # (..., r)
 
     def scores(self, x: torch.Tensor, method: str = "seqr", *, z: torch.Tensor | None = None) -> torch.Tensor:
         """(…, N) routing scores. Norm methods are z-scored with mu/sigma when set; arrow gives |v_i.x|."""
@@ -174,14 +175,22 @@ class AdapterBank:
 
     def _score_chunks(self, xf: torch.Tensor, method: str, z: torch.Tensor | None):
         """Yield (token slice, fresh (t, N) score tensor) over memory-bounded token chunks."""
-        cdt = rt.compute_dtype(self.B.dtype)
-        zf = None if z is None else z.reshape(-1, z.shape[-1])
+        zf = self._z_cdt(z)  # (T, r) or None
+        for c in rt.token_chunks(xf.shape[0], self._width(method)):
+            zc = None if zf is None else zf[c]  # (t, r)
+            yield c, self._scores_flat(self._in_cdt(xf[c], method, zc), method, zc)
+
+    def _width(self, method: str) -> int:
+        """Temporary elements per token of one method's scores (for token_chunks)."""
         N, m, n, r = self.shape
-        width = {"seqr": N + r * (r + 1), "spectr": 2 * N * r, "arrow": N, "naive": 2 * N}[method]
-        for c in rt.token_chunks(xf.shape[0], width):
-            zc = None if zf is None else zf[c].to(cdt)  # (t, r)
-            xc = xf[c] if method == "seqr" and zc is not None else xf[c].to(cdt)  # SEQR from z never reads x
-            yield c, self._scores_flat(xc, method, zc)
+        return {"seqr": N + r * (r + 1), "spectr": 2 * N * r, "arrow": N, "naive": 2 * N}[method]
+
+    def _z_cdt(self, z: torch.Tensor | None) -> torch.Tensor | None:
+        return None if z is None else _as(z.reshape(-1, z.shape[-1]), rt.compute_dtype(self.B.dtype))  # (T, r)
+
+    def _in_cdt(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
+        """x in the scores' dtype; SEQR scoring from z never reads x, so it is not cast."""
+        return x if method == "seqr" and z is not None else _as(x, rt.compute_dtype(self.B.dtype))
 
     def _scores_flat(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
         s = self._norm_scores(x, method, z)  # (T, N)
@@ -191,7 +200,9 @@ class AdapterBank:
 
     def _norm_scores(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
         if method == "seqr":
-            z = x @ self.A.to(x.dtype).T if z is None else z  # (T, r)
+            z = self.z(x) if z is None else z  # (T, r)
+            if z.shape[0] <= rt.GATHER_TOKENS:
+                return rt.seqr_scores_few(z, self._R_stacked, self._offset)  # (T, N)
             return rt.seqr_scores(z, self._G_scored, self._offset)  # (T, N)
         if method == "arrow":
             return rt.arrow_scores(x, self._prototypes)  # (T, N)
@@ -208,24 +219,33 @@ class AdapterBank:
         xf, lead = self._flat(x)
         self._check_method(method, ROUTE_METHODS)
         mask = self.allowed_mask(allowed, xf.shape[0], lead)  # None, (1, N) or (T, N)
+        if method != "lag" and k is not None:
+            raise ValueError(f"k is only used by method 'lag', got k={k} with method {method!r}")
+        if method == "lag":
+            N = self.num_adapters
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
+                raise ValueError(f"lag needs an integer k in [1, {N}], got k={k!r}")
+            if self._cdf is not None:
+                raise ValueError("lag ranks its candidates by z-score; it does not take the percentile score")
+        return self.choose(xf, method, mask, k=k, z=z).view(lead)
+
+    def choose(self, xf: torch.Tensor, method: str, mask: torch.Tensor | None, *, k: int | None = None,
+               z: torch.Tensor | None = None) -> torch.Tensor:
+        """`route` on already validated input: flat tokens xf (T, n), a method of ROUTE_METHODS, a bool mask
+        (1, N) or (T, N) or None, z = A x (T, r) or None. The routed layers' hot path. Returns (T,)."""
+        if method != "lag" and xf.shape[0] * self._width(method) <= rt.BLOCK_ELEMENTS:  # one chunk: no slicing
+            return rt.masked_argmax_(self._scores_flat(self._in_cdt(xf, method, z), method, self._z_cdt(z)), mask)
         idx = torch.empty(xf.shape[0], dtype=torch.long, device=xf.device)  # (T,)
         if method != "lag":
-            if k is not None:
-                raise ValueError(f"k is only used by method 'lag', got k={k} with method {method!r}")
             for c, s in self._score_chunks(xf, method, z):
                 idx[c] = rt.masked_argmax_(s, None if mask is None else mask if mask.shape[0] == 1 else mask[c])
-            return idx.view(lead)
-        N = self.num_adapters
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
-            raise ValueError(f"lag needs an integer k in [1, {N}], got k={k!r}")
-        if self._cdf is not None:
-            raise ValueError("lag ranks its candidates by z-score; it does not take the percentile score")
+            return idx
         S, Vt = self._svd
         cdt = rt.compute_dtype(self.B.dtype)
-        for c in rt.token_chunks(xf.shape[0], N + k * Vt.shape[1] * Vt.shape[2], rt.GATHER_ELEMENTS):
+        for c in rt.token_chunks(xf.shape[0], self.num_adapters + k * Vt.shape[1] * Vt.shape[2], rt.GATHER_ELEMENTS):
             mc = None if mask is None else (mask if mask.shape[0] == 1 else mask[c])
             idx[c] = rt.lag_route(xf[c].to(cdt), self._prototypes, S, Vt, k, mc, self.mu, self.sigma)
-        return idx.view(lead)
+        return idx
 
     def allowed_mask(self, allowed, T: int, lead: tuple[int, ...] = ()) -> torch.Tensor | None:
         """Normalise `allowed` to a bool mask of shape (1, N) or (T, N); None means every adapter."""
@@ -277,12 +297,17 @@ class AdapterBank:
                 raise ValueError(f"index must have shape {lead}, got {tuple(torch.as_tensor(index).shape)}")
             if idx.numel() and (idx.min() < 0 or idx.max() >= self.num_adapters):
                 raise ValueError(f"index out of range [0, {self.num_adapters}): {idx.min()}..{idx.max()}")
-        A, Bt = self._cast(xf.dtype)  # (r, n) or (N, n, r); (N, r, m)
+        return self.apply(xf, idx, z=z).view(*lead, -1)  # (…, m)
+
+    def apply(self, xf: torch.Tensor, idx: torch.Tensor, *, z: torch.Tensor | None = None) -> torch.Tensor:
+        """`delta` on already validated input: flat tokens xf (T, n), indices idx (T,) in range, z = A x or None.
+        The routed layers' hot path. Returns (T, m)."""
+        A, Bt, At = self._cast(xf.dtype)  # (r, n) or (N, n, r); (N, r, m); (n, r) or None
         if self.shared_a:
-            zf = xf @ A.T if z is None else z.reshape(T, -1).to(xf.dtype)  # (T, r)
+            zf = xf @ At if z is None else _as(z.reshape(xf.shape[0], -1), xf.dtype)  # (T, r)
         else:
             zf = rt.grouped_matmul(xf, idx, A)  # (T, r): each token's own A_i x
-        return rt.grouped_matmul(zf, idx, Bt).view(*lead, -1)  # (…, m)
+        return rt.grouped_matmul(zf, idx, Bt)  # (T, m)
 
     def mean_delta(self, x: torch.Tensor, allowed=None) -> torch.Tensor:
         """MU baseline: the mean of the N updates, (1/|S|) sum_{i in S} B_i A_i x, over the allowed set S of
@@ -294,18 +319,20 @@ class AdapterBank:
         pats, inv = torch.unique(mask, dim=0, return_inverse=True)  # (P, N) distinct allowed sets, (T or 1,)
         w = pats.to(xf.dtype) / pats.sum(dim=1, keepdim=True)  # (P, N) averaging weights
         inv = inv.expand(xf.shape[0]) if inv.shape[0] == 1 else inv  # (T,)
-        A, Bt = self._cast(xf.dtype)
+        A, Bt, _ = self._cast(xf.dtype)
         if self.shared_a:
             mean_Bt = (w @ Bt.reshape(N, r * m)).view(-1, r, m)  # (P, r, m)
             return rt.grouped_matmul(xf @ A.T, inv, mean_Bt).view(*lead, m)
         zs = (xf @ A.permute(0, 2, 1).reshape(N * r, n).T).view(-1, N, r) * w[inv][:, :, None]  # (T, N, r)
         return (zs.reshape(-1, N * r) @ Bt.reshape(N * r, m)).view(*lead, m)  # (…, m)
 
-    def _cast(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """A and B^T in the activations' dtype (cached): A (r, n) or (N, n, r), Bt (N, r, m)."""
+    def _cast(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A, B^T and the shared A^T in the activations' dtype (cached): A (r, n) or (N, n, r), Bt (N, r, m),
+        At (n, r) contiguous (z = x @ At without a transpose per call) or None."""
         if dtype not in self._casts:
             A = self.A.to(dtype)
-            self._casts[dtype] = (A if self.shared_a else A.transpose(1, 2), self.B.to(dtype).transpose(1, 2))
+            At = A.T.contiguous() if self.shared_a else None
+            self._casts[dtype] = (A if self.shared_a else A.transpose(1, 2), self.B.to(dtype).transpose(1, 2), At)
         return self._casts[dtype]
 
     # ----------------------------------------------------------------------------------------------
@@ -320,6 +347,11 @@ class AdapterBank:
         N, m, n, r = self.shape
         return (f"AdapterBank(N={N}, m={m}, n={n}, r={r}, shared_a={self.shared_a}, "
                 f"calibrated={self.mu is not None}, dtype={self.B.dtype})")
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, without a dispatch when it already is (the routed layers' hot path calls this per layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _shape(x) -> str:

@@ -3,6 +3,7 @@
 routing  times `AdapterBank.route` per method on a random shared-A bank, beside the MACs that `seqr.costs`
          predicts (the paper's Table 1); `--sweep` varies n, N and r one axis at a time (the paper's Figure 5).
 forward  a whole model's forward pass with N routed adapters beside peft's static LoRA and Arrow (bench_forward.py).
+generate per-token greedy decode time with N routed adapters beside the untouched model and peft (bench_generate.py).
 
 Every method is timed exactly as the bank routes: SEQR from x (z = A x included), the baselines the way their papers
 compute them (explicit V_i, explicit prototypes, LAG's per-token candidates). Times are medians of repeated calls
@@ -131,6 +132,42 @@ def random_bank(N: int, n: int, m: int, r: int, dtype: torch.dtype, seed: int) -
     t0 = time.perf_counter()
     bank = AdapterBank(A, B, mu=mu, sigma=sigma)
     return bank, time.perf_counter() - t0
+
+
+# --- the dtype axis of the model benchmarks (forward, generate) ---------------------------------------------
+
+MODEL_DTYPES = ("float32", "bfloat16")  # what --dtypes measures, in this order
+
+
+def dtype_list(text: str) -> list[str]:
+    """argparse type of --dtypes: a comma list of float32, bfloat16 and/or auto (resolved by `resolve_dtypes`)."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in ("auto", *MODEL_DTYPES)]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown dtype {', '.join(map(repr, bad)) or repr(text)}; expected a comma "
+                                         f"list of {', '.join(MODEL_DTYPES)} or auto")
+    return names
+
+
+def add_dtypes_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtypes", type=dtype_list, metavar="LIST", help="comma list of the base model's dtypes, each "
+                   "measured on its own and compared only within itself: float32, bfloat16, auto (default auto: "
+                   "float32, plus bfloat16 where the CPU/GPU multiplies it natively)")
+
+
+def resolve_dtypes(names: list[str] | None) -> tuple[list[str], str | None]:
+    """(the dtypes to measure, float32 first; a note when "auto" left bfloat16 out, saying why). None means auto:
+    float32, plus bfloat16 where `seqr.dtypes.native_bf16` says this machine multiplies it in hardware."""
+    from .dtypes import native_bf16
+
+    names = names or ["auto"]
+    want, note = set(names) - {"auto"}, None
+    if "auto" in names:
+        native, why = native_bf16()
+        want |= set(MODEL_DTYPES) if native else {"float32"}
+        if "bfloat16" not in want:
+            note = f"bfloat16 skipped: {why}; `--dtypes float32,bfloat16` forces it"
+    return [d for d in MODEL_DTYPES if d in want], note
 
 
 # --- routing: one shape -------------------------------------------------------------------------------------
@@ -427,8 +464,13 @@ SUBCOMMANDS = {
                 cmd_routing),
     "forward": ("time a whole model's forward with N routed adapters beside peft (static LoRA, Arrow)",
                 _lazy(".bench_forward", "add_forward_args"), _lazy(".bench_forward", "cmd_forward")),
+    "generate": ("time greedy decoding per generated token with N routed adapters beside the untouched model and "
+                 "peft", _lazy(".bench_generate", "add_generate_args"), _lazy(".bench_generate", "cmd_generate")),
     "serve": ("N concurrent clients against the HTTP service: requests/s, p50/p95 latency",
               _lazy(".bench_serve", "add_serve_args"), _lazy(".bench_serve", "cmd_serve")),
+    "train": ("train the same examples on the fp32 path and the fast path, interleaved: tokens/s, dev accuracy, "
+              "routed-eval throughput and agreement", _lazy(".bench_train", "add_train_args"),
+              _lazy(".bench_train", "cmd_train")),
 }
 
 

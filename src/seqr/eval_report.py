@@ -7,8 +7,9 @@ libraries of one kind give mean and standard deviation (sample std, over librari
 """
 from __future__ import annotations
 
-import math
 import statistics
+
+from .stats import sign_test_p
 
 ROW_ORDER = ("base", "mu", "arrow", "lag", "spectr", "seqr", "oracle")
 ROUTED = ("arrow", "lag", "spectr", "seqr")
@@ -160,9 +161,7 @@ def paired(doc: dict, entry: dict, a: str, b: str) -> tuple[int, int, float] | N
         for pa, pb, g in zip(ra["tasks"][t]["pred"], rb["tasks"][t]["pred"], gold[t]["gold"]):
             only_a += pa == g and pb != g
             only_b += pb == g and pa != g
-    n = only_a + only_b
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n) if n else 1.0
-    return only_a, only_b, p
+    return only_a, only_b, sign_test_p(only_a, only_b)
 
 
 def confusion(doc: dict, label: str, key: str) -> tuple[list[str], list[str], list[list[float]]]:

@@ -220,21 +220,24 @@ class RoutedLinear(nn.Module):
         y = self.base(x)  # (..., m)
         if self.state.cfg.method == "base":
             return y
-        return (y + routed_update(self.bank, x, self.state, self.name).view_as(y)).to(y.dtype)  # one rounding
+        upd = routed_update(self.bank, x, self.state, self.name).view_as(y)  # (..., m) fp32 under a bf16 model
+        return y + upd if y.dtype == upd.dtype else (y + upd).to(y.dtype)  # one rounding
 
 
 def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: str) -> torch.Tensor:
     """The per-token update of one layer under the state's method; records the trace when one is on."""
     B, T = st.rows(x)
     # like peft's default (autocast_adapter_dtype), the adapters run in fp32 under a bf16/fp16 base model
-    xf = x.reshape(B * T, x.shape[-1]).to(torch.promote_types(x.dtype, torch.float32))  # (B*T, n)
+    xf = x.reshape(B * T, x.shape[-1])  # (B*T, n)
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    xf = xf if xf.dtype == cdt else xf.to(cdt)
     mask = st.token_mask(B, T)  # None, (1, N) or (B*T, N)
     cfg, z = st.cfg, None
     if cfg.method == "mu":
         upd, idx = bank.mean_delta(xf, allowed=mask), None
     elif cfg.fixed is not None:
         idx = st.fixed_index(B, T)  # (B*T,)
-        upd = bank.delta(xf, idx)
+        upd = bank.apply(xf, idx)  # (B*T, m)
     else:
         z = bank.z(xf) if bank.shared_a else None  # (B*T, r): A x once, for scoring and the update
         if cfg.mix is not None:
@@ -247,8 +250,8 @@ def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: st
             elif cfg.granularity == "depth":
                 idx = _depth_choice(bank, xf, z, st, mask)  # (B*T,)
             else:
-                idx = bank.route(xf, cfg.method, k=cfg.k, allowed=mask, z=z)  # (B*T,)
-            upd = bank.delta(xf, idx, z=z)  # (B*T, m)
+                idx = bank.choose(xf, cfg.method, mask, k=cfg.k, z=z)  # (B*T,)
+            upd = bank.apply(xf, idx, z=z)  # (B*T, m)
     if st.trace is not None:
         _record(st, bank, name, xf, z, idx, mask, B, T)
     return upd
@@ -308,7 +311,7 @@ def _mixture(bank: AdapterBank, xf, z, cfg: _Config, mask) -> tuple[torch.Tensor
     k = min(cfg.mix, int(mask.sum(-1).min()) if mask is not None else cfg.mix)
     top, idx = s.topk(k, dim=-1)  # (B*T, k)
     w = (top / cfg.temperature).softmax(-1)  # (B*T, k)
-    upd = sum(w[:, j, None] * bank.delta(xf, idx[:, j], z=z) for j in range(k))  # (B*T, m)
+    upd = sum(w[:, j, None] * bank.apply(xf, idx[:, j], z=z) for j in range(k))  # (B*T, m)
     return upd, idx[:, 0]
 
 

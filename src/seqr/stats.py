@@ -126,3 +126,10 @@ def pooled(stats: dict[str, NormStats]) -> dict[str, NormStats]:
     for st in stats.values():
         total.merge(st)
     return {layer: NormStats(total.count, total.mean, total.m2) for layer in stats}
+
+
+def sign_test_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact sign test on the discordant pairs of a paired comparison (a right and b wrong, or the
+    reverse): small p means a real difference, not sampling noise."""
+    n = only_a + only_b
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n) if n else 1.0

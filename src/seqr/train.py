@@ -4,6 +4,13 @@ Shared-A mode (default, what SEQR routes): lora_A of every target module is draw
 generator seeded by (--a-seed, module name) and frozen; only B (zero-initialised) is trained. Two silos
 that train separately with the same seed therefore get bit-identical A, which `LoraLibrary.from_peft`
 verifies. `--unique-a` trains ordinary LoRA (A and B), for the paper's comparison.
+
+The fast path (default, `path="fast"`) does no wasted work: the LM head and its log-softmax run only at the
+positions that predict answer tokens (the prompt's positions never reach the 49k-vocab head), batches are drawn
+from length buckets so padding stays small, and LoRA dropout draws its mask with one `rand` instead of
+`bernoulli_`. The base model runs in `dtype` (bf16 where the machine multiplies it natively); B and the optimizer
+state stay fp32. `path="reference"` is the plain peft loop (full logits, shuffled batches), which
+`seqr bench train` times against it.
 """
 from __future__ import annotations
 
@@ -19,10 +26,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import files
+from .dtypes import CHOICES
+from .dtypes import add_arg as add_dtype_arg
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+PATHS = ("fast", "reference")
+BUCKET_BATCHES = 16  # length buckets: sort this many batches' worth of shuffled examples by length, then cut
 
 
 @dataclass
@@ -47,6 +59,8 @@ class TrainConfig:
     warmup: float = 0.05
     scoring: str = "choices"  # answer format trained on: the choice text, or its option letter ("letter")
     target_modules: tuple[str, ...] = field(default=TARGETS)
+    dtype: str = "auto"  # the base model's dtype when train() loads it (dtypes.CHOICES)
+    path: str = "fast"  # PATHS: answer-only head + length buckets + fast dropout, or the plain peft loop
 
     def __post_init__(self):
         for name in ("rank", "batch_size"):
@@ -61,6 +75,10 @@ class TrainConfig:
             raise ValueError(f"scoring must be 'choices' or 'letter', got {self.scoring!r}")
         if not 0 <= self.dropout < 1 or not 0 <= self.warmup < 1:
             raise ValueError(f"dropout and warmup must be in [0, 1), got {self.dropout} and {self.warmup}")
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+        if self.dtype not in CHOICES:
+            raise ValueError(f"dtype must be one of {list(CHOICES)}, got {self.dtype!r}")
 
 
 def shared_a(layer: str, shape: tuple[int, int], a_seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -79,6 +97,10 @@ def lora_model(model, cfg: TrainConfig):
     torch.manual_seed(cfg.seed)
     peft_model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                                   target_modules=list(cfg.target_modules)))
+    if cfg.path == "fast" and cfg.dropout > 0:
+        for mod in peft_model.modules():
+            if hasattr(mod, "lora_dropout") and "default" in mod.lora_dropout:
+                mod.lora_dropout["default"] = FastDropout(cfg.dropout)
     if not cfg.unique_a:
         for name, mod in peft_model.named_modules():
             if hasattr(mod, "lora_A") and "default" in mod.lora_A:
@@ -100,70 +122,185 @@ def encode(example, tokenizer, scoring: str = "choices") -> tuple[list[int], lis
     return prompt + answer, [-100] * len(prompt) + answer
 
 
-def batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, gen: torch.Generator):
-    """Shuffled, right-padded batches: input_ids, attention_mask, labels, each (B, L)."""
-    order = torch.randperm(len(encoded), generator=gen).tolist()
-    for start in range(0, len(order), batch_size):
-        rows = [encoded[i] for i in order[start:start + batch_size]]
-        L = max(len(ids) for ids, _ in rows)
-        ids = torch.tensor([x + [pad_id] * (L - len(x)) for x, _ in rows])  # (B, L)
-        mask = torch.tensor([[1] * len(x) + [0] * (L - len(x)) for x, _ in rows])  # (B, L)
-        labels = torch.tensor([y + [-100] * (L - len(y)) for _, y in rows])  # (B, L)
-        yield ids, mask, labels
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded input_ids, attention_mask, labels, each (B, L)."""
+    L = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([x + [pad_id] * (L - len(x)) for x, _ in rows])  # (B, L)
+    mask = torch.tensor([[1] * len(x) + [0] * (L - len(x)) for x, _ in rows])  # (B, L)
+    labels = torch.tensor([y + [-100] * (L - len(y)) for _, y in rows])  # (B, L)
+    return ids, mask, labels
+
+
+def shuffled_order(n: int, batch_size: int, gen: torch.Generator) -> list[list[int]]:
+    """One epoch of plain shuffled batches of example indices (the reference path)."""
+    order = torch.randperm(n, generator=gen).tolist()
+    return [order[s:s + batch_size] for s in range(0, n, batch_size)]
+
+
+def bucketed_order(lengths: list[int], batch_size: int, gen: torch.Generator,
+                   window: int = BUCKET_BATCHES) -> list[list[int]]:
+    """One epoch of length-bucketed batches: shuffle, sort each window of `window` batches' worth of examples by
+    length, cut it into batches, shuffle the batches. Every example appears exactly once; a batch holds examples
+    of similar length, so little of it is padding, and the batch order stays random."""
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    span = batch_size * window
+    out = []
+    for s in range(0, len(order), span):
+        chunk = sorted(order[s:s + span], key=lengths.__getitem__)
+        out += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    return [out[i] for i in torch.randperm(len(out), generator=gen).tolist()]
+
+
+def batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, gen: torch.Generator,
+            bucketed: bool = False):
+    """One epoch of batches (input_ids, attention_mask, labels), each (B, L)."""
+    order = (bucketed_order([len(ids) for ids, _ in encoded], batch_size, gen) if bucketed
+             else shuffled_order(len(encoded), batch_size, gen))
+    for rows in order:
+        yield collate([encoded[i] for i in rows], pad_id)
+
+
+class FastDropout(nn.Module):
+    """Inverted dropout with the keep mask from one `rand_like` compare: the same distribution as nn.Dropout,
+    measured ~2.5x faster than its `bernoulli_` on this CPU (120 of them per SmolLM2 step)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))  # (..., n)
+
+
+def _lm_parts(model):
+    """(decoder, LM head) of a causal LM (or a peft wrapper) whose logits are plain head(hidden), else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    if any(getattr(cfg, a, None) for a in ("final_logit_softcapping", "logit_scale")):
+        return None  # logits are transformed after the head: the full forward computes them
+    try:
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return None if decoder is None or head is None else (decoder, head)
+
+
+def answer_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the answer tokens (labels != -100), as transformers' causal-LM loss,
+    with the LM head and log-softmax run only at the positions that predict an answer token."""
+    parts = _lm_parts(model)
+    if parts is None:
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    decoder, head = parts
+    target = labels[:, 1:]  # (B, L-1) the token each position predicts
+    keep = target != -100  # (B, L-1)
+    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, d)
+    logits = head(hidden[:, :-1][keep]).float()  # (K, V) only the answer-predicting positions
+    return torch.nn.functional.cross_entropy(logits, target[keep])
+
+
+class Session:
+    """One adapter's training: the peft model, encoded examples, optimizer and schedule; `step` runs one batch.
+
+    train() runs one session to the end; `seqr bench train` interleaves the steps of two."""
+
+    def __init__(self, cfg: TrainConfig, model, tokenizer, examples):
+        from transformers import get_cosine_schedule_with_warmup
+
+        if not examples:
+            raise ValueError(f"task {cfg.task!r} has no training examples")
+        self.cfg, self.pad = cfg, tokenizer.pad_token_id
+        torch.manual_seed(cfg.seed)
+        self.model = lora_model(model, cfg)
+        self.model.train()
+        self.encoded = [encode(ex, tokenizer, cfg.scoring) for ex in examples]
+        self.total = max(1, round(math.ceil(len(self.encoded) / cfg.batch_size) * cfg.epochs))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        self.sched = get_cosine_schedule_with_warmup(self.opt, round(cfg.warmup * self.total), self.total)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.log: list[dict] = []
+        self.seconds = 0.0  # time spent inside step()
+        self._epoch = iter(())
+
+    @property
+    def done(self) -> bool:
+        return len(self.log) >= self.total
+
+    def next_batch(self):
+        """The next batch, starting a new epoch (reshuffled) when one runs out."""
+        batch = next(self._epoch, None)
+        if batch is None:
+            fast = self.cfg.path == "fast"
+            self._epoch = batches(self.encoded, self.cfg.batch_size, self.pad, self.gen, bucketed=fast)
+            batch = next(self._epoch)
+        return batch
+
+    def step(self) -> dict:
+        """One optimizer step on the next batch; returns (and logs) its row."""
+        ids, mask, labels = self.next_batch()
+        t0 = time.perf_counter()
+        if self.cfg.path == "fast":
+            loss = answer_loss(self.model, ids, mask, labels)
+        else:
+            loss = self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.seconds += time.perf_counter() - t0
+        row = {"step": len(self.log) + 1, "loss": loss.item(), "lr": self.sched.get_last_lr()[0],
+               "tokens": int(mask.sum()), "padded_tokens": ids.numel(), "seconds": round(self.seconds, 3)}
+        self.log.append(row)
+        return row
+
+    def tokens(self) -> int:
+        return sum(r["tokens"] for r in self.log)
+
+    def meta(self) -> dict:
+        cfg = self.cfg
+        dtype = next(p.dtype for p in self.model.get_base_model().parameters() if not p.requires_grad)
+        return {"task": cfg.task, "a_seed": None if cfg.unique_a else cfg.a_seed, "shared_a": not cfg.unique_a,
+                "n_train": len(self.encoded), "steps": len(self.log), "train_seconds": round(self.seconds, 1),
+                "tokens_per_s": round(self.tokens() / max(self.seconds, 1e-9), 1),
+                "padding_share": round(1 - self.tokens() / max(1, sum(r["padded_tokens"] for r in self.log)), 4),
+                "base_dtype": str(dtype).removeprefix("torch."), "final_loss": self.log[-1]["loss"],
+                "config": asdict(cfg)}
+
+    def finish(self, out: Path) -> Path:
+        """Write the adapter atomically to `out` and give the caller's model its own linear layers back."""
+        self.model.eval()
+        _save(self.model, self.cfg, out, self.meta(), self.log)
+        self.model.unload()
+        return out
 
 
 def train(cfg: TrainConfig, *, model=None, tokenizer=None, examples=None, progress: bool = True) -> Path:
     """Train one adapter and write it (peft files + seqr_adapter.json + train_log.jsonl) atomically to cfg.out.
     An adapter already at cfg.out is kept unless cfg.force."""
     from tqdm import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 
     out = Path(cfg.out)
     if (out / files.PEFT_WEIGHTS).exists() and not cfg.force:
         print(f"seqr train: {out} already holds a trained adapter; skipping (use --force to retrain)", file=sys.stderr)
         return out
     if model is None:
+        from .dtypes import say_choice
         from .models import load_model
-        model, tokenizer = load_model(cfg.model)
+        model, tokenizer = load_model(cfg.model, dtype=say_choice(cfg.dtype, "seqr train"))
     if examples is None:
         from .tasks import load_task
         examples = load_task(cfg.task, "train", data_dir=cfg.data, max_examples=cfg.max_train, seed=cfg.seed)
-    if not examples:
-        raise ValueError(f"task {cfg.task!r} has no training examples")
-    torch.manual_seed(cfg.seed)
-    peft_model = lora_model(model, cfg)
-    peft_model.train()
-    encoded = [encode(ex, tokenizer, cfg.scoring) for ex in examples]
-    steps = math.ceil(len(encoded) / cfg.batch_size)
-    total = max(1, round(steps * cfg.epochs))
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = get_cosine_schedule_with_warmup(opt, round(cfg.warmup * total), total)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    log, step, t0 = [], 0, time.time()
-    bar = tqdm(total=total, desc=f"train {Path(cfg.out).name}", disable=not progress, file=sys.stderr)
-    while step < total:
-        for ids, mask, labels in batches(encoded, cfg.batch_size, tokenizer.pad_token_id, gen):
-            loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            log.append({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
-                        "tokens": int(mask.sum()), "seconds": round(time.time() - t0, 3)})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if step >= total:
-                break
+    session = Session(cfg, model, tokenizer, examples)
+    bar = tqdm(total=session.total, desc=f"train {out.name}", disable=not progress, file=sys.stderr)
+    while not session.done:
+        row = session.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{session.tokens() / max(session.seconds, 1e-9):.0f}")
     bar.close()
-    peft_model.eval()
-    meta = {"task": cfg.task, "a_seed": None if cfg.unique_a else cfg.a_seed, "shared_a": not cfg.unique_a,
-            "n_train": len(encoded), "steps": step, "train_seconds": round(time.time() - t0, 1),
-            "final_loss": log[-1]["loss"], "config": asdict(cfg)}
-    _save(peft_model, cfg, out, meta, log)
-    peft_model.unload()  # the caller's model gets its own linear layers back
-    return out
+    return session.finish(out)
 
 
 def _save(peft_model, cfg: TrainConfig, out: Path, meta: dict, log: list[dict]) -> None:
@@ -210,12 +347,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="answer format: the choice text (default) or its option letter")
     p.add_argument("--unique-a", action="store_true", help="ordinary LoRA: train A too (baselines only)")
     p.add_argument("--force", action="store_true", help="retrain even if --out holds an adapter")
+    add_dtype_arg(p)
+    p.add_argument("--path", choices=PATHS, default=d.path,
+                   help="fast: LM head only at answer positions, length-bucketed batches, fast dropout; reference: "
+                        "the plain peft loop (full logits, shuffled batches), for comparison (default fast)")
     a = p.parse_args(argv)
     try:
         cfg = TrainConfig(model=a.model, task=a.task, out=a.out, data=a.data, a_seed=a.a_seed, rank=a.rank,
                           alpha=a.alpha, dropout=a.dropout, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
                           max_train=a.max_train, unique_a=a.unique_a, force=a.force, seed=a.seed,
-                          scoring=a.scoring)
+                          scoring=a.scoring, dtype=a.dtype, path=a.path)
     except ValueError as e:
         p.error(str(e))
     out = train(cfg)
