@@ -75,7 +75,8 @@ def train_pair(models: dict, task: str, examples, cfg, out: Path, bar) -> dict:
     return res
 
 
-def predictions(model, tok, scores) -> list[int]:
+def predictions(scores: list[list[float]]) -> list[int]:
+    """The best-scoring choice of every example."""
     return [max(range(len(s)), key=s.__getitem__) for s in scores]
 
 
@@ -88,7 +89,7 @@ def dev_accuracy(model, tok, adapter_dir: str, examples, batch_size: int) -> lis
     lib = LoraLibrary.from_peft({"adapter": adapter_dir})
     attach(model, lib, method="adapter")
     try:
-        return predictions(model, tok, score_choices(model, tok, examples, batch_size=batch_size, progress=False))
+        return predictions(score_choices(model, tok, examples, batch_size=batch_size, progress=False))
     finally:
         detach(model)
 
@@ -125,7 +126,7 @@ def routed_eval(models: dict, lib, data: dict, batch_size: int, bar) -> dict:
                 with torch.no_grad(), routing(models[key], "seqr", trace="choices") as tr:
                     scores = score_choices(models[key], tok, exs, batch_size=len(exs), progress=False)
                 seconds[key] += time.perf_counter() - t0
-                pred[key] += predictions(models[key], tok, scores)
+                pred[key] += predictions(scores)
                 choice[key] = tr.choices()  # (D,) the adapter of every (token, layer) decision
             same += int((choice["fp32"] == choice["fast"]).sum())
             total += choice["fp32"].numel()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import files
+from .dtypes import add_arg as add_dtype_arg
 from .layers import attach, detach, routing
 from .library import LoraLibrary
 from .peft_io import stats_json
@@ -46,7 +47,7 @@ def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: d
     Returns ({label: per-layer NormStats}, {label: token count})."""
     from tqdm import tqdm
 
-    from .train import encode
+    from .train import collate, encode
 
     bad = {k: v for k, v in sets.items() if v[0] not in TOKEN_SETS}
     if bad or not sets:
@@ -62,15 +63,13 @@ def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: d
     try:
         for start in tqdm(range(0, len(encoded), batch_size), desc=f"calibrate {name}", disable=not progress,
                           file=sys.stderr):
-            rows = [ids for ids, _ in encoded[start:start + batch_size]]
-            L = max(map(len, rows))
-            ids = torch.tensor([r + [tokenizer.pad_token_id] * (L - len(r)) for r in rows])  # (B, L)
-            mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])  # (B, L)
+            ids, mask, _ = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)  # (B, L) each
+            B, L = ids.shape
             with torch.no_grad(), routing(model, name, trace=True) as tr:
                 model(input_ids=ids, attention_mask=mask)
             pos = torch.arange(L)[None, :]  # (1, L)
-            p = torch.tensor(plen[start:start + len(rows)])[:, None]  # (B, 1)
-            row = torch.arange(start, start + len(rows))[:, None]  # (B, 1) example index
+            p = torch.tensor(plen[start:start + B])[:, None]  # (B, 1)
+            row = torch.arange(start, start + B)[:, None]  # (B, 1) example index
             real = mask.bool()  # (B, L)
             select = {"all": real, "prompt": real & (pos < p), "answer": real & (pos >= p),
                       "content": real & ((pos >= pre) & (pos < p - suf) | (pos >= p))}
@@ -180,13 +179,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens that feed mu, sigma: all (paper), prompt, answer, content (no chat-template tokens)")
     p.add_argument("--no-quantiles", action="store_true",
                    help="store only mu, sigma and counts (withholds the norm quantiles the percentile score needs)")
+    add_dtype_arg(p)
     a = p.parse_args(argv)
     if not (Path(a.adapter) / files.PEFT_WEIGHTS).exists():
         p.error(f"{a.adapter} holds no adapter ({files.PEFT_WEIGHTS} missing); run seqr train first")
+    from .dtypes import say_choice
     from .models import load_model
     from .tasks import load_task
 
-    model, tok = load_model(a.model)
+    model, tok = load_model(a.model, dtype=say_choice(a.dtype, "seqr calibrate"))
     examples = load_task(a.task, "train", data_dir=a.data, max_examples=a.max_examples, seed=a.seed)
     stats = calibrate(model, tok, a.adapter, examples, noise=a.noise, seed=a.seed, batch_size=a.batch_size,
                       scoring=a.scoring, tokens=a.tokens, quantiles=not a.no_quantiles)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import files
+from .dtypes import add_arg as add_dtype_arg
 from .tasks import DATA_ENV, TASKS
 
 
@@ -86,7 +87,7 @@ def _stale(adapter_dir: Path, want: dict) -> str | None:
 
 
 def run(profile: Profile, out: str | Path, *, model_name: str = DEFAULT_MODEL, data_dir: str | None = None,
-        model=None, tokenizer=None, progress: bool = True, log=print) -> dict:
+        model=None, tokenizer=None, progress: bool = True, log=print, dtype: str = "auto") -> dict:
     """Train, calibrate, build, evaluate; returns the eval results document (also written under `out`)."""
     from . import plots
     from .build import build
@@ -100,9 +101,12 @@ def run(profile: Profile, out: str | Path, *, model_name: str = DEFAULT_MODEL, d
     log(msg)
     t0 = time.time()
     if model is None:
+        from .dtypes import choose
+        from .dtypes import name as dtype_name
         from .models import load_model
-        log(f"model: {model_name} (cached after the first run)")
-        model, tokenizer = load_model(model_name)
+        torch_dtype, why = choose(dtype)
+        log(f"model: {model_name} in {dtype_name(torch_dtype)} ({why}; cached after the first run)")
+        model, tokenizer = load_model(model_name, dtype=torch_dtype)
     timings = {"model_s": round(time.time() - t0, 1)}
     dirs = []
     for task in profile.tasks:
@@ -152,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("max-train", "calib", "max-eval", "rank"):
         p.add_argument(f"--{flag}", type=int, help=f"override the profile's {flag.replace('-', '_')}")
     p.add_argument("--epochs", type=float, help="override the profile's epochs")
+    add_dtype_arg(p)
     a = p.parse_args(argv)
     prof = PROFILES["quick" if a.quick else "full"]
     over = {k: v for k, v in {"tasks": tuple(a.tasks) if a.tasks else None, "max_train": a.max_train,
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         f"calibration / {prof.max_eval} eval examples per task, rank {prof.rank}, {prof.epochs:g} epoch(s)")
     t0 = time.time()
     try:
-        doc = run(prof, a.out, model_name=a.model, data_dir=a.data, log=say)
+        doc = run(prof, a.out, model_name=a.model, data_dir=a.data, log=say, dtype=a.dtype)
     except (RuntimeError, FileNotFoundError) as e:
         print(f"seqr demo: {e}", file=sys.stderr)
         return 2

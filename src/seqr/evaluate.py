@@ -18,12 +18,15 @@ import hashlib
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from . import files
+from .dtypes import add_arg as add_dtype_arg
+from .dtypes import say_choice
+from .dtypes import name as dtype_name
 from .calibrate import add_noise, parse_calibration, recalibrated
 from .layers import GRANULARITIES, attach, detach, routing
 from .library import LoraLibrary
@@ -60,6 +63,7 @@ class EvalConfig:
     mix: int | None = None  # top-k softmax mixture per token instead of one adapter
     temperature: float = 1.0
     calibration: str | None = None  # "TOKENS[@N]": recalibrate every adapter on its own task first (None: as built)
+    dtype: str = "float32"  # the base model's dtype (evaluate() reads it off the model; keys the cache)
 
     def __post_init__(self):
         self.tasks, self.methods, self.noise = list(self.tasks), tuple(self.methods), tuple(self.noise)
@@ -92,6 +96,8 @@ class EvalConfig:
             raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
         if self.calibration is not None:
             parse_calibration(self.calibration)
+        if not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
+            raise ValueError(f"dtype must name a torch dtype, e.g. 'float32' or 'bfloat16', got {self.dtype!r}")
 
     def routing_options(self) -> dict:
         """routing(...) keyword arguments of the norm routers' passes."""
@@ -105,8 +111,9 @@ class EvalConfig:
 
     def data_key(self) -> dict:
         """The settings every cached pass depends on (with the library's fingerprint)."""
-        return {"model": self.model, "tasks": self.tasks, "split": self.split, "max_eval": self.max_eval,
-                "seed": self.seed, "scoring": self.scoring}
+        key = {"model": self.model, "tasks": self.tasks, "split": self.split, "max_eval": self.max_eval,
+               "seed": self.seed, "scoring": self.scoring}
+        return key if self.dtype == "float32" else {**key, "dtype": self.dtype}  # fp32 results cached before stay valid
 
 
 def fingerprint(library: LoraLibrary) -> str:
@@ -254,6 +261,7 @@ def evaluate(model, tokenizer, libraries: dict[str, LoraLibrary], data: dict[str
     `train_data`, like load_task's data_dir)."""
     if not libraries:
         raise ValueError("evaluate needs at least one library")
+    cfg = replace(cfg, dtype=dtype_name(next(model.parameters()).dtype))  # bf16 passes never reuse fp32 ones
     for label, lib in libraries.items():
         if lib.uncalibrated:
             raise ValueError(f"library {label!r}: adapter(s) {lib.uncalibrated} have no stats; run seqr calibrate")
@@ -384,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                         "from the token set all|prompt|answer|content (adapter names must be task names)")
     p.add_argument("--out", default="eval-out", help="output dir (default eval-out)")
     p.add_argument("--replot", action="store_true", help="only redraw report.md and figures from --out/eval.json")
+    add_dtype_arg(p)
     a = p.parse_args(argv)
     out = Path(a.out)
     if a.replot:
@@ -413,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         data = load_data(cfg.tasks, cfg.split, data_dir=a.data, max_eval=cfg.max_eval, seed=cfg.seed)
         from .models import load_model
 
-        model, tok = load_model(a.model)
+        model, tok = load_model(a.model, dtype=say_choice(a.dtype, "seqr eval"))
         doc = evaluate(model, tok, libs, data, cfg, out_dir=out, train_data=a.data)
         doc["command"] = "seqr eval " + " ".join(sys.argv[2:] if argv is None else argv)
         files.atomic_write_json(out / files.EVAL_RESULTS, doc)

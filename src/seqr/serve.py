@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .dtypes import add_arg as add_dtype_arg
+
 
 def load_checked(library_dir: str, auth_file: str, method: str = "seqr"):
     """The library and auth file a server starts from, checked against each other: (library, auth)."""
@@ -20,9 +22,11 @@ def load_checked(library_dir: str, auth_file: str, method: str = "seqr"):
 
 def build_app(library_dir: str, model: str, auth_file: str, *, adapters_root: str | None = None,
               model_name: str | None = None, max_prompt_tokens: int = 2048, max_tokens_limit: int = 1024,
-              max_batch: int = 8, method: str = "seqr", control=None, replica: str | None = None):
+              max_batch: int = 8, method: str = "seqr", control=None, replica: str | None = None,
+              dtype: str = "auto"):
     """Load the model, library and auth file and return (app, engine). With a `control` (a replica of
     seqr serve --ray) changes are applied elsewhere, so this process's library copy is not bound to disk."""
+    from .dtypes import say_choice
     from .engine import Engine
     from .models import load_model
     from .server import ServeSettings, create_app
@@ -30,7 +34,7 @@ def build_app(library_dir: str, model: str, auth_file: str, *, adapters_root: st
     lib, auth = load_checked(library_dir, auth_file, method)
     if control is not None:
         lib.path = None
-    m, tok = load_model(model)
+    m, tok = load_model(model, dtype=say_choice(dtype, "seqr serve"))
     engine = Engine(m, tok, lib, method=method, max_batch=max_batch)
     settings = ServeSettings(model_name=model_name or model, max_prompt_tokens=max_prompt_tokens,
                              max_tokens_limit=max_tokens_limit, adapters_root=adapters_root, replica=replica)
@@ -54,13 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (scale-out)")
     p.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each with model + library")
     p.add_argument("--ray-address", help="with --ray: join this Ray cluster (default: start a local one)")
+    add_dtype_arg(p)
     a = p.parse_args(argv)
     if a.ray:
         return _serve_ray(a, p)
     try:
         app, engine = build_app(a.library, a.model, a.auth, adapters_root=a.adapters_root,
                                 model_name=a.served_model_name, max_prompt_tokens=a.max_prompt_tokens,
-                                max_tokens_limit=a.max_tokens_limit, max_batch=a.max_batch)
+                                max_tokens_limit=a.max_tokens_limit, max_batch=a.max_batch, dtype=a.dtype)
     except (ValueError, FileNotFoundError) as e:
         print(f"seqr serve: {e}", file=sys.stderr)
         return 2
@@ -97,7 +102,7 @@ def _serve_ray(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         ray_serve.deploy(library_dir=a.library, model=a.model, auth_file=a.auth, replicas=a.replicas, host=a.host,
                          port=a.port, ray_address=a.ray_address, adapters_root=a.adapters_root,
                          model_name=a.served_model_name, max_prompt_tokens=a.max_prompt_tokens,
-                         max_tokens_limit=a.max_tokens_limit, max_batch=a.max_batch)
+                         max_tokens_limit=a.max_tokens_limit, max_batch=a.max_batch, dtype=a.dtype)
         print(f"seqr serve: {a.replicas} Ray Serve replicas, listening on http://{a.host}:{a.port}",
               file=sys.stderr, flush=True)
         stop.wait()
