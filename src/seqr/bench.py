@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .bank import AdapterBank
 from .costs import DEFAULT_SHAPE, add_shape_args, costs, human
+from .dtypes import BY_NAME
 from .files import atomic_write_bytes
 
 METHODS = ("seqr", "arrow", "lag", "spectr", "naive")  # cheapest first
@@ -136,7 +137,7 @@ def random_bank(N: int, n: int, m: int, r: int, dtype: torch.dtype, seed: int) -
 
 # --- the dtype axis of the model benchmarks (forward, generate) ---------------------------------------------
 
-MODEL_DTYPES = ("float32", "bfloat16")  # what --dtypes measures, in this order
+MODEL_DTYPES = tuple(BY_NAME)  # what --dtypes measures, in this order (seqr.dtypes' names: float32, bfloat16)
 
 
 def dtype_list(text: str) -> list[str]:

@@ -31,6 +31,7 @@ from torch import nn
 from . import files
 from .dtypes import CHOICES
 from .dtypes import add_arg as add_dtype_arg
+from .dtypes import name as dtype_name
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PATHS = ("fast", "reference")
@@ -266,7 +267,7 @@ class Session:
                 "n_train": len(self.encoded), "steps": len(self.log), "train_seconds": round(self.seconds, 1),
                 "tokens_per_s": round(self.tokens() / max(self.seconds, 1e-9), 1),
                 "padding_share": round(1 - self.tokens() / max(1, sum(r["padded_tokens"] for r in self.log)), 4),
-                "base_dtype": str(dtype).removeprefix("torch."), "final_loss": self.log[-1]["loss"],
+                "base_dtype": dtype_name(dtype), "final_loss": self.log[-1]["loss"],
                 "config": asdict(cfg)}
 
     def finish(self, out: Path) -> Path:
