@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from seqr import files
 from seqr.tasks import Example
 from seqr.train import (FastDropout, Session, TrainConfig, answer_loss, bucketed_order, collate, encode, lora_model,
-                        shuffled_order, train)
+                        resume_path, shuffled_order, train)
 from tiny_chat import tiny_chat_llama
 
 # answer-only vs full-logits loss: the same sum of the same fp32 log-softmax terms, only fewer rows computed
@@ -141,3 +141,53 @@ def test_train_cli_rejects_a_bad_dtype(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", "m", "--task", "sst2", "--out", "o", "--dtype", "fp8"])
     assert e.value.code == 2 and "fp8" in capsys.readouterr().err
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("unique_a", [False, True])
+def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, tok, unique_a):
+    """Kill a run mid-epoch-2 (after its state save), rerun it in a fresh process-like setup: the adapter, loss
+    log and snapshots equal an uninterrupted run's exactly (same data order, dropout draws and optimizer state)."""
+    def cfg(out):
+        return TrainConfig(model="tiny-chat", task="pos", out=str(out), rank=4, alpha=8, dropout=0.1, epochs=2,
+                           batch_size=3, lr=1e-2, unique_a=unique_a)  # 4 batches per epoch, 8 steps
+
+    ref = train(cfg(tmp_path / "ref"), model=tiny_chat_llama(len(tok)), tokenizer=tok, examples=_examples(),
+                progress=False)
+    out = tmp_path / "run"
+
+    def stop_at_6(session, row):
+        if row["step"] == 6:
+            raise _Stop
+    with pytest.raises(_Stop):
+        train(cfg(out), model=tiny_chat_llama(len(tok)), tokenizer=tok, examples=_examples(), progress=False,
+              state_every=5, on_step=stop_at_6)
+    state = resume_path(out)
+    assert state.exists() and not out.exists()
+    torch.manual_seed(1234)  # a later process starts from another global RNG state
+    snaps = []
+    train(cfg(out), model=tiny_chat_llama(len(tok)), tokenizer=tok, examples=_examples(), progress=False,
+          state_every=5, on_step=lambda s, row: snaps.append(row["step"]))
+    assert snaps == [6, 7, 8] and not state.exists()
+    a, b = load_file(ref / files.PEFT_WEIGHTS), load_file(out / files.PEFT_WEIGHTS)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (ref / files.TRAIN_LOG).read_text().count("\n") == 8
+    losses = [[json.loads(line)["loss"] for line in (d / files.TRAIN_LOG).read_text().splitlines()] for d in (ref, out)]
+    assert losses[0] == losses[1]
+
+
+def test_a_state_saved_under_another_config_is_refused(tmp_path, tok):
+    out = tmp_path / "run"
+    cfg = TrainConfig(model="tiny-chat", task="pos", out=str(out), rank=4, alpha=8, epochs=1, batch_size=3)
+    s = Session(cfg, tiny_chat_llama(len(tok)), tok, _examples())
+    s.step()
+    s.save_state(resume_path(out))
+    other = TrainConfig(model="tiny-chat", task="pos", out=str(out), rank=4, alpha=8, epochs=1, batch_size=3, lr=5e-3)
+    with pytest.raises(ValueError, match="another config"):
+        train(other, model=tiny_chat_llama(len(tok)), tokenizer=tok, examples=_examples(), progress=False,
+              state_every=2)

@@ -78,6 +78,8 @@ class AdapterBank:
             self.G_packed = rt.pack_gram(R)  # (N, r(r+1)/2)
             self._G_scored, self._offset = rt.fold_zscore(self.G_packed, self.mu, self.sigma)  # derived
             self._R_stacked = rt.stack_r(R, self.sigma)  # (r, N*r): the few-token form of the same scores
+            if self.mu is not None:
+                self._check_overflow(self._G_scored, "G / sigma^2", self.mu, self.sigma)
 
     def _check_stats(self, mu, sigma, N, B):
         if (mu is None) != (sigma is None):
@@ -94,7 +96,17 @@ class AdapterBank:
         if (sigma <= 0).any():
             i = int((sigma <= 0).nonzero()[0])
             raise ValueError(f"sigma of adapter {self.names[i]!r} must be positive, got {float(sigma[i])}")
+        for t, what in ((mu / sigma, "mu / sigma"), (1 / (sigma * sigma), "1 / sigma^2")):
+            self._check_overflow(t[:, None], what, mu, sigma)
         return mu, sigma
+
+    def _check_overflow(self, t: torch.Tensor, what: str, mu: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Statistics are checked jointly: each finite on its own, they must also z-score without overflow."""
+        bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)  # (N,)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"stats of adapter {self.names[i]!r} overflow {t.dtype} when z-scoring: {what} is not "
+                             f"finite (mu={float(mu[i]):.6g}, sigma={float(sigma[i]):.6g})")
 
     def _check_quantiles(self, quantiles, N, B):
         if quantiles is None:

@@ -25,6 +25,7 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 STATS_FILE = "seqr_stats.json"  # per-layer activation-norm stats written by calibration
 ADAPTER_META = "seqr_adapter.json"  # seqr's own facts about a trained adapter (shared-A seed, task)
 TRAIN_LOG = "train_log.jsonl"  # loss per training step, beside the adapter
+TRAIN_STATE_SUFFIX = ".resume.pt"  # a run's resumable state, hidden beside the adapter dir it will write
 
 # An evaluation output directory (seqr eval / seqr demo)
 EVAL_RESULTS = "eval.json"  # every number the report and figures are drawn from

@@ -21,7 +21,8 @@ import torch
 from . import files
 from .bank import AdapterBank
 from .peft_io import PeftAdapter, read_peft_adapter, write_peft_adapter
-from .stats import NormStats, as_score, pooled as pool_stats
+from .stats import NormStats, as_score, z_scorable
+from .stats import pooled as pool_stats
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 A_REL_TOL = 1e-6  # two A matrices closer than this (relative Frobenius) count as the same shared A
@@ -278,6 +279,9 @@ class LoraLibrary:
             if s.count < 2 or not s.std > 0:
                 raise ValueError(f"{where}, layer {layer}: stats need count >= 2 and std > 0, got "
                                  f"count={s.count}, std={s.std if s.count else None}")
+            if not z_scorable(s.mean, s.std):
+                raise ValueError(f"{where}, layer {layer}: stats overflow float32 when z-scoring (mu / sigma or "
+                                 f"1 / sigma^2 is not finite): mu={s.mean:.6g}, sigma={s.std:.6g}")
             out[layer] = s
         return out
 

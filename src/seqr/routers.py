@@ -240,24 +240,44 @@ def percentile_scores(s: torch.Tensor, knots: torch.Tensor, target: torch.Tensor
 # Choice
 # ---------------------------------------------------------------------------------------------------
 
+def sanitize_(scores: torch.Tensor) -> torch.Tensor:
+    """NaN and -inf scores become the lowest finite value (+inf stays): every allowed adapter then ranks strictly
+    above the -inf given to disallowed ones, whatever a silo's statistics did to its scores."""
+    lo = torch.finfo(scores.dtype).min
+    return scores.nan_to_num_(nan=lo, posinf=float("inf"), neginf=lo)
+
+
 def masked_argmax_(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Index of the best score per token among allowed adapters (never a disallowed one). Overwrites the
-    scores of disallowed adapters in place."""
+    """Index of the best score per token among allowed adapters: never a disallowed one, whatever the scores hold
+    (NaN, +-inf, overflow): NaN and -inf rank below every finite allowed score but above every disallowed
+    adapter, so a token whose allowed scores are all NaN gets its first allowed adapter. Every mask row must
+    allow at least one adapter. Overwrites `scores` in place."""
+    sanitize_(scores)  # (T, N)
     if mask is not None:
+        if not bool(mask.any(dim=-1).all()):
+            raise ValueError("masked_argmax_: a token's allowed set is empty, so no adapter can be chosen")
         scores.masked_fill_(~mask, float("-inf"))  # (T, N)
     return scores.argmax(dim=-1)  # (T,)
+
+
+def masked_topk(scores: torch.Tensor, mask: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best (values, indices) per token with allowed adapters first, ranked as in `masked_argmax_`
+    (k at most the smallest allowed set, so all k are allowed)."""
+    s = sanitize_(scores.clone())  # (T, N)
+    if mask is not None:
+        s.masked_fill_(~mask, float("-inf"))
+    return s.topk(k, dim=-1)  # (T, k), (T, k)
 
 
 def lag_route(x: torch.Tensor, v: torch.Tensor, S: torch.Tensor, Vt: torch.Tensor, k: int,
               mask: torch.Tensor | None, mu: torch.Tensor | None, sigma: torch.Tensor | None) -> torch.Tensor:
     """LAG: ARROW's top-k candidates, then SPECTR's (z-scored) argmax among them."""
-    a = arrow_scores(x, v)  # (T, N)
+    a = sanitize_(arrow_scores(x, v))  # (T, N)
     if mask is not None:
-        a = a.masked_fill(~mask, float("-inf"))
-    top = a.topk(k, dim=-1).indices  # (T, k)
+        a.masked_fill_(~mask, float("-inf"))
+    top = a.topk(k, dim=-1).indices  # (T, k) the allowed candidates first
     s = spectr_norms_at(x, S, Vt, top)  # (T, k)
     if mu is not None:
         s = (s - mu[top]) / sigma[top]  # (T, k)
-    if mask is not None:
-        s = s.masked_fill(~mask.expand(x.shape[0], -1).gather(1, top), float("-inf"))
-    return top.gather(1, s.argmax(dim=-1, keepdim=True))[:, 0]  # (T,)
+    keep = None if mask is None else mask.expand(x.shape[0], -1).gather(1, top)  # (T, k)
+    return top.gather(1, masked_argmax_(s, keep)[:, None])[:, 0]  # (T,)

@@ -133,3 +133,11 @@ def sign_test_p(only_a: int, only_b: int) -> float:
     reverse): small p means a real difference, not sampling noise."""
     n = only_a + only_b
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n) if n else 1.0
+
+
+def z_scorable(mu: float, sigma: float) -> bool:
+    """True when (norm - mu) / sigma is safe in float32: mu, sigma finite there, sigma > 0, and mu / sigma and
+    1 / sigma^2 (what SEQR folds into its Grams) finite too."""
+    m, s = torch.tensor([mu, sigma], dtype=torch.float64).to(torch.float32)
+    return bool(torch.isfinite(m) and torch.isfinite(s) and s > 0 and torch.isfinite(m / s) and torch.isfinite(1 / (s * s)))
+

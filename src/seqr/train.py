@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import shutil
@@ -225,6 +226,8 @@ class Session:
         self.log: list[dict] = []
         self.seconds = 0.0  # time spent inside step()
         self._epoch = iter(())
+        self._epoch_start: torch.Tensor | None = None  # the generator's state when this epoch's order was drawn
+        self._epoch_pos = 0  # batches of this epoch already taken
 
     @property
     def done(self) -> bool:
@@ -234,10 +237,14 @@ class Session:
         """The next batch, starting a new epoch (reshuffled) when one runs out."""
         batch = next(self._epoch, None)
         if batch is None:
-            fast = self.cfg.path == "fast"
-            self._epoch = batches(self.encoded, self.cfg.batch_size, self.pad, self.gen, bucketed=fast)
+            self._new_epoch()
             batch = next(self._epoch)
+        self._epoch_pos += 1
         return batch
+
+    def _new_epoch(self) -> None:
+        self._epoch_start, self._epoch_pos = self.gen.get_state(), 0
+        self._epoch = batches(self.encoded, self.cfg.batch_size, self.pad, self.gen, bucketed=self.cfg.path == "fast")
 
     def step(self) -> dict:
         """One optimizer step on the next batch; returns (and logs) its row."""
@@ -260,6 +267,44 @@ class Session:
     def tokens(self) -> int:
         return sum(r["tokens"] for r in self.log)
 
+    def _resume_key(self) -> dict:
+        return {k: v for k, v in asdict(self.cfg).items() if k not in ("out", "force", "dtype")}
+
+    def save_state(self, path: Path) -> None:
+        """Everything a later process needs to continue bit-for-bit: trainable weights, optimizer and schedule,
+        the data order's generator, the position in the epoch, the dropout RNG and the log; written atomically."""
+        buf = io.BytesIO()
+        torch.save({"key": self._resume_key(), "n_train": len(self.encoded), "log": self.log, "seconds": self.seconds,
+                    "params": {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad},
+                    "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "rng": torch.get_rng_state(),
+                    "epoch_start": self._epoch_start, "epoch_pos": self._epoch_pos}, buf)
+        files.atomic_write_bytes(path, buf.getvalue())
+
+    def load_state(self, path: Path) -> None:
+        """Continue from save_state's file; refuses a state saved under another config or data."""
+        state = torch.load(path, weights_only=False)
+        if state["key"] != self._resume_key() or state["n_train"] != len(self.encoded):
+            raise ValueError(f"{path} was saved by a run with another config or training set; delete it to restart")
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in state["params"].items():
+                params[n].copy_(t)
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.log, self.seconds = state["log"], state["seconds"]
+        torch.set_rng_state(state["rng"])
+        if state["epoch_start"] is not None:
+            self.gen.set_state(state["epoch_start"])
+            self._new_epoch()
+            for _ in range(state["epoch_pos"]):
+                next(self._epoch)
+            self._epoch_pos = state["epoch_pos"]
+
+    def snapshot(self, out: Path) -> Path:
+        """Write the adapter as trained so far to `out` (atomically) and keep training."""
+        _save(self.model, self.cfg, out, self.meta(), self.log)
+        return out
+
     def meta(self) -> dict:
         cfg = self.cfg
         dtype = next(p.dtype for p in self.model.get_base_model().parameters() if not p.requires_grad)
@@ -278,9 +323,18 @@ class Session:
         return out
 
 
-def train(cfg: TrainConfig, *, model=None, tokenizer=None, examples=None, progress: bool = True) -> Path:
+def resume_path(out: str | Path) -> Path:
+    """Where train(state_every=...) keeps the resumable state of the run writing `out`."""
+    out = Path(out)
+    return out.with_name(f".{out.name}{files.TRAIN_STATE_SUFFIX}")
+
+
+def train(cfg: TrainConfig, *, model=None, tokenizer=None, examples=None, progress: bool = True,
+          state_every: int = 0, on_step=None) -> Path:
     """Train one adapter and write it (peft files + seqr_adapter.json + train_log.jsonl) atomically to cfg.out.
-    An adapter already at cfg.out is kept unless cfg.force."""
+    An adapter already at cfg.out is kept unless cfg.force. `state_every` > 0: save a resumable state beside
+    cfg.out every that many steps and continue from it on a rerun (removed once the adapter is written).
+    `on_step(session, row)` runs after every step (e.g. to snapshot checkpoints)."""
     from tqdm import tqdm
 
     out = Path(cfg.out)
@@ -295,13 +349,24 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, examples=None, progre
         from .tasks import load_task
         examples = load_task(cfg.task, "train", data_dir=cfg.data, max_examples=cfg.max_train, seed=cfg.seed)
     session = Session(cfg, model, tokenizer, examples)
-    bar = tqdm(total=session.total, desc=f"train {out.name}", disable=not progress, file=sys.stderr)
+    state = resume_path(out)
+    if state_every and state.exists() and not cfg.force:
+        session.load_state(state)
+        print(f"seqr train: resuming {out} at step {len(session.log)} of {session.total}", file=sys.stderr)
+    bar = tqdm(total=session.total, initial=len(session.log), desc=f"train {out.name}", disable=not progress,
+               file=sys.stderr)
     while not session.done:
         row = session.step()
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{session.tokens() / max(session.seconds, 1e-9):.0f}")
+        if on_step is not None:
+            on_step(session, row)
+        if state_every and row["step"] % state_every == 0 and not session.done:
+            session.save_state(state)
     bar.close()
-    return session.finish(out)
+    session.finish(out)
+    state.unlink(missing_ok=True)
+    return out
 
 
 def _save(peft_model, cfg: TrainConfig, out: Path, meta: dict, log: list[dict]) -> None:
@@ -348,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="answer format: the choice text (default) or its option letter")
     p.add_argument("--unique-a", action="store_true", help="ordinary LoRA: train A too (baselines only)")
     p.add_argument("--force", action="store_true", help="retrain even if --out holds an adapter")
+    p.add_argument("--state-every", type=int, default=0, metavar="N",
+                   help="every N steps save a resumable state beside --out; a rerun continues from it (default 0: off)")
     add_dtype_arg(p)
     p.add_argument("--path", choices=PATHS, default=d.path,
                    help="fast: LM head only at answer positions, length-bucketed batches, fast dropout; reference: "
@@ -360,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                           scoring=a.scoring, dtype=a.dtype, path=a.path)
     except ValueError as e:
         p.error(str(e))
-    out = train(cfg)
+    if a.state_every < 0:
+        p.error(f"--state-every must be >= 0, got {a.state_every}")
+    out = train(cfg, state_every=a.state_every)
     print(json.dumps(json.loads((out / files.ADAPTER_META).read_text()), indent=1))
     return 0
