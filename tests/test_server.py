@@ -145,8 +145,13 @@ def test_metrics_count_requests_and_routed_tokens(server):
     url, _ = server
     text = httpx.get(url + "/metrics").text
     assert 'seqr_requests_total{endpoint="/v1/completions"}' in text and "seqr_request_seconds_bucket" in text
-    assert "seqr_routed_outside_total 0\n" in text  # the server-side trace never saw a decision outside a set
-    assert 'seqr_routed_tokens_total{adapter="alpha"}' in text and 'seqr_errors_total{endpoint="/v1/completions",status="401"}' in text
+    assert "seqr_routed_outside_total 0.0\n" in text  # the server-side trace never saw a decision outside a set
+    assert 'seqr_errors_total{endpoint="/v1/completions",status="401"}' in text
+    assert "seqr_routed_tokens_total" not in text and "alpha" not in text  # no adapter names without a key
+    for key in ("sk-alice-0001", "sk-nobody-00"):  # a user key or a wrong key gets the public text too
+        assert "alpha" not in httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"}).text
+    full = httpx.get(url + "/metrics", headers={"Authorization": "Bearer sk-admin-0001"}).text
+    assert 'seqr_routed_tokens_total{adapter="alpha"}' in full and "seqr_routed_outside_total 0.0\n" in full
 
 
 def test_admin_add_remove_users_and_persistence(server, tmp_path):
@@ -172,6 +177,8 @@ def test_admin_add_remove_users_and_persistence(server, tmp_path):
     assert r.status_code == 403  # carol's only adapter is gone: refused, not routed elsewhere
     saved = json.loads(PATHS["auth"].read_text())
     assert saved["users"]["carol"]["adapters"] == [] and "gamma" not in saved["users"]["bob"]["adapters"]
+    raw = PATHS["auth"].read_text()  # keys are stored hashed: none of them is on disk
+    assert all(k not in raw for k in ("sk-carol-0001", "sk-alice-0001", "sk-admin-0001"))
 
 
 def test_admin_adds_a_calibrated_adapter_that_users_can_then_reach(server):

@@ -1,10 +1,12 @@
 """Fixed file names and atomic, verified file I/O: the only place that knows how bytes reach disk."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -14,6 +16,8 @@ from safetensors.torch import save as st_save
 
 # A library directory
 MANIFEST = "manifest.json"
+LOCK_FILE = ".seqr.lock"  # flock'd by every writer (and shared by readers) of a library directory
+LOCK_TIMEOUT_S = 30.0
 ADAPTERS_DIR = "adapters"
 SHARED_A_PREFIX = "shared_a"
 LIBRARY_FORMAT = "seqr-library"
@@ -102,3 +106,54 @@ def read_tensors(path: str | Path, what: str, expected_sha256: str | None = None
         return st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise ValueError(f"{what}: file {path} is not a readable safetensors file ({e})") from None
+
+
+class LockTimeout(TimeoutError):
+    """Another process held a directory's lock for longer than we were willing to wait."""
+
+
+@contextlib.contextmanager
+def dir_lock(path: str | Path, *, shared: bool = False, timeout: float = LOCK_TIMEOUT_S):
+    """An inter-process lock on a directory (flock on its LOCK_FILE): exclusive for writers, shared for readers.
+    Waits up to `timeout` seconds, then raises LockTimeout naming the directory. A directory where the lock file
+    cannot be created (read-only) is read without one."""
+    import fcntl
+
+    path = Path(path)
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if not shared:
+            raise
+        yield
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        while True:
+            try:
+                fcntl.flock(fd, mode)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LockTimeout(f"{path} is locked by another writer for more than {timeout:g} s") from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def confined(root: str | Path, rel, what: str) -> Path:
+    """root / rel, refused unless rel is a relative, normalised path that stays inside root after symlinks are
+    followed: a manifest can never make seqr read or delete a file outside its directory."""
+    root = Path(root)
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise ValueError(f"{what}: file entry must be a non-empty relative path, got {rel!r}")
+    parts = Path(rel).parts
+    if Path(rel).is_absolute() or ".." in parts or os.path.normpath(rel) != rel:
+        raise ValueError(f"{what}: file entry {rel!r} is not a normalised path inside {root}")
+    full = root / rel
+    if not full.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{what}: file entry {rel!r} leads outside {root} (through a symlink)")
+    return full
+

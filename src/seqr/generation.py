@@ -7,6 +7,8 @@ trace of the whole generation gives each row's routing summary: its share of dec
 """
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -14,6 +16,9 @@ import torch
 
 from .layers import routing
 from .scoring import _cache_kw, _forward_params, returned_cache
+
+
+SEED_RANGE = (0, 2**63 - 1)  # what torch.Generator.manual_seed takes, non-negative
 
 
 @dataclass
@@ -26,22 +31,30 @@ class Request:
     temperature: float = 0.0
     seed: int | None = None
     on_token: Callable[[int], None] | None = None  # called with each new token id as it is produced
+    cancel: threading.Event | None = None  # set it (e.g. the client went away) to stop this row at the next step
 
     def __post_init__(self):
-        if not self.prompt:
-            raise ValueError("prompt must hold at least one token")
+        """Everything the worker will do with these values is checked here, so a request that passes cannot
+        fail its batch-mates' generation."""
+        if not self.prompt or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.prompt):
+            raise ValueError("prompt must be a non-empty list of non-negative token ids")
         if not self.allowed:
             raise ValueError("allowed must name at least one adapter")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
-        if not 0 <= self.temperature <= 10:
-            raise ValueError(f"temperature must be in [0, 10], got {self.temperature!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 10:
+            raise ValueError(f"temperature must be a number in [0, 10], got {t!r}")
+        lo, hi = SEED_RANGE
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not lo <= self.seed <= hi):
+            raise ValueError(f"seed must be an integer in [{lo}, {hi}], got {self.seed!r}")
 
 
 @dataclass
 class Result:
     tokens: list[int]
-    finish_reason: str  # "stop" (eos) or "length"
+    finish_reason: str  # "stop" (eos), "length", or "cancelled" (its client went away)
     routing: dict[str, float] = field(default_factory=dict)  # adapter -> share of this row's decisions
     prompt_tokens: int = 0
     outside: int = 0  # decisions routed outside the row's allowed set, from the server-side trace (must be 0)
@@ -73,6 +86,8 @@ def generate(model, requests: list[Request], *, eos_id: int | None, pad_id: int,
             logits = res.logits[:, -1].float()  # (B, V)
             nxt = []
             for b, r in enumerate(requests):
+                if not done[b] and r.cancel is not None and r.cancel.is_set():
+                    done[b], reasons[b] = True, "cancelled"
                 if done[b]:
                     nxt.append(pad_id)
                     continue
@@ -82,8 +97,8 @@ def generate(model, requests: list[Request], *, eos_id: int | None, pad_id: int,
                     nxt.append(pad_id)
                     continue
                 out[b].append(tok)
-                if r.on_token is not None:
-                    r.on_token(tok)
+                if r.on_token is not None and not _deliver(r, tok):
+                    done[b], reasons[b] = True, "cancelled"
                 if len(out[b]) >= r.max_tokens:
                     done[b] = True
                 nxt.append(tok)
@@ -105,9 +120,20 @@ def generate(model, requests: list[Request], *, eos_id: int | None, pad_id: int,
     return results
 
 
+def _deliver(r: Request, tok: int) -> bool:
+    """Hand a token to the row's callback; a callback that fails (its client is gone) stops that row only."""
+    try:
+        r.on_token(tok)
+        return True
+    except Exception:
+        return False
+
+
 def _pick(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> int:
-    """Greedy at temperature 0, else a sample from softmax(logits / temperature)."""
+    """Greedy at temperature 0, else a sample from softmax(logits / temperature), computed from the logits minus
+    their maximum so that no positive temperature, however small, overflows (it tends to greedy)."""
     if temperature == 0:
         return int(logits.argmax())
-    probs = (logits / temperature).softmax(-1)  # (V,)
+    shifted = logits.double() - logits.max()  # (V,) <= 0; float64, where any positive float temperature is non-zero
+    probs = (shifted / temperature).softmax(-1)  # (V,) finite: the maximum's entry is exactly 0 before exp
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))

@@ -67,6 +67,7 @@ class LoraLibrary:
         self._adapters: dict[str, _Adapter] = {}
         self._banks: dict[str, AdapterBank] = {}
         self.path: Path | None = None
+        self._generation = 0  # the manifest generation this copy was loaded from or last wrote
         self._shared_file: tuple[str, str] | None = None  # (file, sha256) of the stored shared A
         self.percentile = False  # route by each adapter's empirical CDF (a `scored("percentile")` view)
 
@@ -152,11 +153,9 @@ class LoraLibrary:
         if stats is not None:
             stats = self._check_stats(stats, where)
         ad = _Adapter(B=B, A=A, stats=stats)
-        if self.path is not None:
-            self._write_adapter(self.path, name, ad)
         self._adapters[name] = ad
         self._banks.clear()
-        self._persist(undo=lambda: self._adapters.pop(name))
+        self._persist(undo=lambda: self._adapters.pop(name), before=lambda: self._write_adapter(self.path, name, ad))
 
     def add_peft(self, name: str, adapter_dir: str | Path) -> None:
         """Add one calibrated peft adapter dir under `name` (a live service's "add adapter")."""
@@ -174,9 +173,11 @@ class LoraLibrary:
         order = self.names
         del self._adapters[name]
         self._banks.clear()
-        self._persist(undo=lambda: self._restore(order, name, ad))
-        if self.path is not None and ad.file and not self._referenced(ad.file):
-            (self.path / ad.file).unlink(missing_ok=True)
+
+        def delete_file():  # after the manifest dropped it, still under the lock
+            if ad.file and not self._referenced(ad.file):
+                files.confined(self.path, ad.file, f"adapter {name!r}").unlink(missing_ok=True)
+        self._persist(undo=lambda: self._restore(order, name, ad), after=delete_file)
 
     def _restore(self, order: list[str], name: str, ad: _Adapter) -> None:
         self._adapters[name] = ad
@@ -223,17 +224,31 @@ class LoraLibrary:
         new.percentile = score == "percentile"
         return new
 
-    def _persist(self, undo) -> None:
-        """Write the manifest of a bound library; if that fails, undo the in-memory change and re-raise,
-        so memory and disk never disagree."""
+    def _persist(self, undo, before=None, after=None) -> None:
+        """Commit an in-memory change of a bound library under the directory's writer lock: check no other writer
+        committed since this copy was loaded (else LibraryConflict), run `before` (new files), write the manifest
+        with the next generation, run `after` (deleting files no manifest names). If anything before the manifest
+        fails, undo the in-memory change and re-raise, so memory and disk never disagree."""
         if self.path is None:
             return
-        try:
-            self._write_manifest(self.path)
-        except BaseException:
-            undo()
-            self._banks.clear()
-            raise
+        with files.dir_lock(self.path):
+            gen = self._generation
+            try:
+                on_disk = _generation_of(self.path)
+                if on_disk != gen:
+                    raise LibraryConflict(f"library {self.path} was changed by another writer since this copy was "
+                                          f"loaded (generation {on_disk} on disk, {gen} here); reload it and retry")
+                if before is not None:
+                    before()
+                self._generation = gen + 1
+                self._write_manifest(self.path)
+            except BaseException:
+                self._generation = gen
+                undo()
+                self._banks.clear()
+                raise
+            if after is not None:
+                after()
 
     # ---------------------------------------------------------------------------------------------- checks
     def _check_tensors(self, d: dict, where: str, kind: str) -> dict[str, torch.Tensor]:
@@ -290,6 +305,12 @@ class LoraLibrary:
         """Write the library to a directory (new files, then the manifest, atomically) and bind to it."""
         path = Path(path)
         (path / files.ADAPTERS_DIR).mkdir(parents=True, exist_ok=True)
+        with files.dir_lock(path):  # concurrent saves to one dir take turns; each leaves a loadable library
+            self._save_locked(path)
+        return path
+
+    def _save_locked(self, path: Path) -> None:
+        self._generation = _generation_of(path) + 1
         if self.shared_a:
             self._shared_file = _write_hashed(path, files.SHARED_A_PREFIX,
                                              {f"{layer}.A": t for layer, t in self.shared_A.items()})
@@ -302,7 +323,6 @@ class LoraLibrary:
                   *(path / files.ADAPTERS_DIR).glob("*")]:
             if str(f.relative_to(path)) not in keep:
                 f.unlink(missing_ok=True)  # files of a previous version, or left by a killed save
-        return path
 
     def _write_adapter(self, path: Path, name: str, ad: _Adapter) -> None:
         tensors = {f"{layer}.B": t for layer, t in ad.B.items()}
@@ -317,6 +337,7 @@ class LoraLibrary:
         m = self.meta
         files.atomic_write_json(path / files.MANIFEST, {
             "format": files.LIBRARY_FORMAT, "format_version": files.LIBRARY_FORMAT_VERSION,
+            "generation": self._generation,
             "base_model": m.base_model, "rank": m.rank, "target_modules": m.target_modules,
             "shared_a": self.shared_a, "a_seed": m.a_seed, "fan_in_fan_out": m.fan_in_fan_out,
             "extra": m.extra, "layers": {k: list(v) for k, v in m.layers.items()},
@@ -331,6 +352,13 @@ class LoraLibrary:
     def load(cls, path: str | Path) -> "LoraLibrary":
         """Load a library directory, verifying the format version and every file's checksum."""
         path = Path(path)
+        if not (path / files.MANIFEST).is_file():
+            raise FileNotFoundError(f"{path} holds no seqr library ({files.MANIFEST} missing)")
+        with files.dir_lock(path, shared=True):  # never half of another process's change
+            return cls._load_locked(path)
+
+    @classmethod
+    def _load_locked(cls, path: Path) -> "LoraLibrary":
         man = files.read_json(path / files.MANIFEST, "library manifest")
         if man.get("format") != files.LIBRARY_FORMAT:
             raise ValueError(f"{path / files.MANIFEST} is not a seqr library manifest (format={man.get('format')!r})")
@@ -343,24 +371,31 @@ class LoraLibrary:
                                a_seed=man.get("a_seed"), fan_in_fan_out=bool(man.get("fan_in_fan_out")),
                                extra=man.get("extra") or {})
             entries, sa = man["adapters"], man.get("shared_a_file")
+            generation = int(man.get("generation", 0))
+            shared = None
+            if man.get("shared_a"):
+                what = f"library {path}: shared A"
+                t = files.read_tensors(files.confined(path, sa["file"], what), what, sa["sha256"])
+                shared = {layer: t[f"{layer}.A"] for layer in meta.layers if f"{layer}.A" in t}
+            lib = cls(meta, shared)
+            lib._shared_file = None if sa is None else (sa["file"], sa["sha256"])
+            for e in entries:
+                lib._load_entry(path, e)
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"library manifest {path / files.MANIFEST} is missing or malforms field {e}") from None
-        shared = None
-        if man.get("shared_a"):
-            t = files.read_tensors(path / sa["file"], f"library {path}: shared A", sa["sha256"])
-            shared = {layer: t[f"{layer}.A"] for layer in meta.layers if f"{layer}.A" in t}
-        lib = cls(meta, shared)
-        lib._shared_file = None if sa is None else (sa["file"], sa["sha256"])
-        for e in entries:
-            name = e["name"]
-            t = files.read_tensors(path / e["file"], f"library {path}: adapter {name!r}", e["sha256"])
-            B = {layer: t[key] for layer in meta.layers if (key := f"{layer}.B") in t}
-            A = None if lib.shared_a else {layer: t[k] for layer in meta.layers if (k := f"{layer}.A") in t}
-            stats = None if e.get("stats") is None else {k: NormStats.from_dict(v) for k, v in e["stats"].items()}
-            lib.add(name, B, A=A, stats=stats)
-            lib._adapters[name].file, lib._adapters[name].sha256 = e["file"], e["sha256"]
-        lib.path = path
+        lib.path, lib._generation = path, generation
         return lib
+
+    def _load_entry(self, path: Path, e: dict) -> None:
+        name = e["name"]
+        what = f"library {path}: adapter {name!r}"
+        t = files.read_tensors(files.confined(path, e["file"], what), what, e["sha256"])
+        layers = self.meta.layers
+        B = {layer: t[key] for layer in layers if (key := f"{layer}.B") in t}
+        A = None if self.shared_a else {layer: t[k] for layer in layers if (k := f"{layer}.A") in t}
+        stats = None if e.get("stats") is None else {k: NormStats.from_dict(v) for k, v in e["stats"].items()}
+        self.add(name, B, A=A, stats=stats)
+        self._adapters[name].file, self._adapters[name].sha256 = e["file"], e["sha256"]
 
     # ---------------------------------------------------------------------------------------------- peft
     @classmethod
@@ -401,6 +436,17 @@ class LoraLibrary:
     def __repr__(self) -> str:
         return (f"LoraLibrary({len(self)} adapters, {len(self.layers)} layers, rank={self.rank}, "
                 f"shared_a={self.shared_a}, base_model={self.meta.base_model!r})")
+
+
+class LibraryConflict(RuntimeError):
+    """Another writer changed the library directory since this copy was loaded."""
+
+
+def _generation_of(path: Path) -> int:
+    """The generation of the manifest in `path` (0 when there is none yet, or it predates generations)."""
+    if not (path / files.MANIFEST).exists():
+        return 0
+    return int(files.read_json(path / files.MANIFEST, "library manifest").get("generation", 0))
 
 
 def natural_key(layer: str) -> list:

@@ -37,7 +37,8 @@ def build_app(library_dir: str, model: str, auth_file: str, *, adapters_root: st
     m, tok = load_model(model, dtype=say_choice(dtype, "seqr serve"))
     engine = Engine(m, tok, lib, method=method, max_batch=max_batch)
     settings = ServeSettings(model_name=model_name or model, max_prompt_tokens=max_prompt_tokens,
-                             max_tokens_limit=max_tokens_limit, adapters_root=adapters_root, replica=replica)
+                             max_tokens_limit=max_tokens_limit, adapters_root=adapters_root, replica=replica,
+                             audit_log=f"{auth_file}.audit.jsonl")  # beside the auth file it records changes to
     return create_app(engine, auth, settings, control=control), engine
 
 

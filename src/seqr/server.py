@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,8 +16,11 @@ from pathlib import Path
 
 from fastapi import Request as HTTPRequest  # module level: FastAPI resolves handler annotations here
 
+from . import files
+from .audit import AuditLog
 from .auth import AuthStore, Principal
 from .generation import Request
+from .library import LibraryConflict
 from .metrics import Metrics
 
 SUPPORTED = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "stream", "seed",
@@ -29,7 +33,10 @@ class ServeSettings:
     max_prompt_tokens: int = 2048
     max_tokens_limit: int = 1024
     default_max_tokens: int = 16
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413 before they are read to the end
+    max_prompt_chars: int = 64 * 1024  # longer prompts get 400 before they are tokenised
     adapters_root: str | None = None  # admins may add adapter dirs found under it, nowhere else
+    audit_log: str | None = None  # append-only JSON lines of admin actions (who, what, when, result); None: off
     replica: str | None = None  # this process's id when it is one of several replicas (seqr serve --ray)
 
 
@@ -43,8 +50,21 @@ def apply_change(library, auth: AuthStore, op: str, *args):
         return sorted(library.names)
     if op == "remove":
         (name,) = args
-        library.remove(name, allow_empty=False)
-        auth.drop_adapter(name)
+        if name not in library:
+            raise KeyError(f"unknown adapter {name!r}; the library holds {sorted(library.names)}")
+        if len(library) == 1:
+            raise ValueError(f"cannot remove {name!r}: it is the library's last adapter")
+        before = dict(auth.users)
+        auth.drop_adapter(name)  # first: a crash from here on leaves an adapter no user names, never the reverse
+        try:
+            library.remove(name, allow_empty=False)
+        except BaseException:
+            dropped, auth.users = auth.users, before
+            try:
+                auth.save()
+            except OSError:  # e.g. a full disk: the file keeps the drop, so memory follows the file
+                auth.users = dropped
+            raise
         return sorted(library.names)
     if op == "put_user":
         user, keys, adapters = args
@@ -85,6 +105,52 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def route_of(request) -> str:
+    """The matched route's template (e.g. /admin/adapters/{name}), never the raw path: metric labels stay a
+    fixed, small set whatever paths clients send."""
+    route = request.scope.get("route")
+    return getattr(route, "path", "other")
+
+
+async def read_limited(request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes (a declared Content-Length over the
+    limit is refused before reading)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body has {declared} bytes, over the limit of {limit}", code="body_too_large")
+    size, chunks = 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests JSON too deeply") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def check_text(text: str, limit: int, param: str) -> None:
+    """Refuse, before tokenising, text over `limit` characters, or that is not valid Unicode (lone surrogates)."""
+    if len(text) > limit:
+        raise APIError(400, f"{param} has {len(text)} characters, over the limit of {limit}", param=param,
+                       code="context_length_exceeded")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param} is not valid Unicode (a lone surrogate at character {e.start})",
+                       param=param) from None
+
+
 def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, metrics: Metrics | None = None,
                control=None):
     """The FastAPI app. `control` applies admin changes (default: LocalControl, this process only)."""
@@ -96,15 +162,16 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
     control = control or LocalControl(engine, auth)
     app = FastAPI(title="seqr", docs_url=None, redoc_url=None)
     app.state.engine, app.state.auth, app.state.metrics = engine, auth, metrics
+    audit = AuditLog(settings.audit_log)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        metrics.error(request.url.path, exc.status)
+        metrics.error(route_of(request), exc.status)
         return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):  # never a stack trace to the client
-        metrics.error(request.url.path, 500)
+        metrics.error(route_of(request), 500)
         return JSONResponse(APIError(500, "internal error", "server_error").body(), status_code=500)
 
     def principal(request: HTTPRequest) -> Principal:
@@ -117,13 +184,7 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
         return who
 
     async def body_of(request: HTTPRequest) -> dict:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-        return body
+        return parse_body(await read_limited(request, settings.max_body_bytes))
 
     def allowed_for(who: Principal, body: dict) -> set[str]:
         if who.user is None:
@@ -168,8 +229,12 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
             raise APIError(400, f"seed must be an integer, got {seed!r}", param="seed")
         return mt, float(temp), stream, seed
 
-    def encode(text: str) -> list[int]:
-        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    async def encode(text: str) -> list[int]:
+        check_text(text, settings.max_prompt_chars, "prompt")
+        try:  # off the event loop: a long prompt never stalls other requests or /health
+            ids = await asyncio.to_thread(lambda: engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+        except (TypeError, ValueError, UnicodeError) as e:
+            raise APIError(400, f"the prompt cannot be tokenised: {type(e).__name__}", param="prompt") from None
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         if len(ids) > settings.max_prompt_tokens:
@@ -189,22 +254,32 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
                     isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                     for m in msgs):
                 raise APIError(400, "messages must be a non-empty list of {role, content} strings", param="messages")
-            text = engine.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            for m in msgs:
+                check_text(m["content"], settings.max_prompt_chars, "messages")
+            try:
+                text = await asyncio.to_thread(engine.tokenizer.apply_chat_template, msgs, tokenize=False,
+                                               add_generation_prompt=True)
+            except Exception as e:  # a template that rejects these messages (roles, order)
+                raise APIError(400, f"messages do not fit the model's chat template: {e}", param="messages") from None
         else:
             text = body.get("prompt")
             if not isinstance(text, str):
                 raise APIError(400, "prompt must be a string", param="prompt")
-        ids = encode(text)
+        ids = await encode(text)
         want_summary = bool(body.get("seqr", True))
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         loop = asyncio.get_running_loop()
         tokens_q: asyncio.Queue = asyncio.Queue()
-        req = Request(ids, allowed, max_tokens=mt, temperature=temp, seed=seed,
-                      on_token=(lambda t: loop.call_soon_threadsafe(tokens_q.put_nowait, t)) if stream else None)
+        cancel = threading.Event()
+        try:
+            req = Request(ids, allowed, max_tokens=mt, temperature=temp, seed=seed, cancel=cancel,
+                          on_token=(lambda t: loop.call_soon_threadsafe(tokens_q.put_nowait, t)) if stream else None)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
         fut = asyncio.wrap_future(engine.submit(req))
 
         def finish(result) -> dict:
-            metrics.done(request.url.path, time.perf_counter() - t0, len(ids), len(result.tokens), result.routing,
+            metrics.done(route_of(request), time.perf_counter() - t0, len(ids), len(result.tokens), result.routing,
                          result.outside)
             rep = {"replica": settings.replica} if settings.replica else {}
             extra = {"seqr": {"routing": result.routing, "adapters": sorted(allowed), **rep}} if want_summary else {}
@@ -215,6 +290,9 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
                 result = await fut
             except PermissionError as e:
                 raise APIError(403, str(e), "permission_error") from None
+            except asyncio.CancelledError:
+                cancel.set()  # the client went away: stop its row at the next step
+                raise
             text_out = engine.tokenizer.decode(result.tokens, skip_special_tokens=True)
             usage = {"prompt_tokens": len(ids), "completion_tokens": len(result.tokens),
                      "total_tokens": len(ids) + len(result.tokens)}
@@ -226,7 +304,6 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
                                  "usage": usage, **finish(result)})
 
         async def events():
-            sent, toks = "", []
             obj = "chat.completion.chunk" if chat else "text_completion"
 
             def chunk(delta_text, reason=None, delta=None, **extra):
@@ -238,6 +315,14 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
 
             if chat:
                 yield chunk(None, delta={"role": "assistant"})
+            try:
+                async for piece in stream_tokens(chunk):
+                    yield piece
+            finally:  # the client disconnected (or the stream ended): its generation stops at the next step
+                cancel.set()
+
+        async def stream_tokens(chunk):
+            sent, toks = "", []
             while True:
                 getter = asyncio.ensure_future(tokens_q.get())
                 done, _ = await asyncio.wait({getter, fut}, return_when=asyncio.FIRST_COMPLETED)
@@ -252,8 +337,11 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
                 break
             try:
                 result = fut.result()
-            except Exception as e:
-                yield "data: " + json.dumps(APIError(403 if isinstance(e, PermissionError) else 500, str(e)).body()) + "\n\n"
+            except Exception as e:  # after the 200 went out: an error event, then the end of the stream
+                err = (APIError(403, str(e), "permission_error") if isinstance(e, PermissionError) else
+                       APIError(500, "internal error", "server_error"))
+                metrics.error(route_of(request), err.status)
+                yield "event: error\ndata: " + json.dumps(err.body()) + "\n\n"
                 yield "data: [DONE]\n\n"
                 return
             while not tokens_q.empty():
@@ -264,6 +352,17 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
             yield chunk(None if chat else "", result.finish_reason, **finish(result))
             yield "data: [DONE]\n\n"
 
+        try:
+            while tokens_q.empty() and not fut.done():  # hold the status until the first token or the outcome
+                await asyncio.sleep(0.005)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        if tokens_q.empty() and fut.exception() is not None:  # failed before any output: a proper error status
+            e = fut.exception()
+            if isinstance(e, PermissionError):
+                raise APIError(403, str(e), "permission_error")
+            raise APIError(500, "internal error", "server_error")
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
@@ -285,42 +384,60 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
         if not principal(request).admin:
             raise APIError(403, "this endpoint needs an admin key", "permission_error")
 
-    async def change(op, *args):
-        """Apply a library or user change through the control; map its errors to 4xx."""
+    async def change(op, *args, action: str, target: str):
+        """Apply a library or user change through the control, map its errors to 4xx, and audit the outcome."""
+        try:
+            out = await _mapped(op, *args)
+        except APIError as e:
+            audit.record("admin", action, target, f"error {e.status}", message=e.message[:300])
+            raise
+        audit.record("admin", action, target, "ok")
+        return out
+
+    async def _mapped(op, *args):
         try:
             return await op(*args)
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise APIError(404 if isinstance(e, KeyError) else 400, str(e).strip("'\"")) from None
+        except KeyError as e:
+            raise APIError(404, str(e).strip("'\"")) from None
+        except LibraryConflict as e:
+            raise APIError(409, str(e), code="library_conflict") from None
+        except files.LockTimeout as e:
+            raise APIError(503, str(e), "server_error", code="library_locked") from None
+        except (ValueError, TypeError, FileNotFoundError) as e:  # e.g. an added adapter's malformed config
+            raise APIError(400, str(e).strip("'\"")) from None
 
     @app.post("/admin/adapters")
     async def add_adapter(request: HTTPRequest):
         admin(request)
         body = await body_of(request)
         name, rel = body.get("name"), body.get("path")
-        if not isinstance(name, str) or not isinstance(rel, str):
-            raise APIError(400, "give the adapter's name and its path under the adapters root", param="path")
+        if not isinstance(name, str) or not isinstance(rel, str) or "\x00" in rel or "\x00" in name:
+            raise APIError(400, "give the adapter's name and its path under the adapters root (strings without "
+                                "NUL bytes)", param="path")
         if settings.adapters_root is None:
             raise APIError(400, "this server has no --adapters-root; adding adapters is disabled", param="path")
         root = Path(settings.adapters_root).resolve()
         path = (root / rel).resolve()
         if not path.is_relative_to(root) or not path.is_dir():
             raise APIError(400, f"path {rel!r} is not an adapter directory under the adapters root", param="path")
-        names = await change(control.add_adapter, name, path)
+        names = await change(control.add_adapter, name, path, action="add_adapter", target=name)
         return JSONResponse({"added": name, "adapters": names}, status_code=201)
 
     @app.delete("/admin/adapters/{name}")
     async def remove_adapter(name: str, request: HTTPRequest):
         admin(request)
-        return {"removed": name, "adapters": await change(control.remove_adapter, name)}
+        return {"removed": name, "adapters": await change(control.remove_adapter, name, action="remove_adapter",
+                                                          target=name)}
 
     @app.put("/admin/users/{user}")
     async def put_user(user: str, request: HTTPRequest):
         admin(request)
         body = await body_of(request)
         keys, adapters = body.get("keys"), body.get("adapters")
-        if not isinstance(keys, list) or not isinstance(adapters, list):
-            raise APIError(400, "give 'keys' and 'adapters' lists", param="keys")
-        return await change(control.put_user, user, keys, adapters)
+        for field_name, value in (("keys", keys), ("adapters", adapters)):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise APIError(400, f"'{field_name}' must be a list of strings", param=field_name)
+        return await change(control.put_user, user, keys, adapters, action="put_user", target=user)
 
     @app.get("/health")
     async def health():
@@ -328,7 +445,12 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
         return {"status": "ok", "adapters": len(engine.adapters), **rep}
 
     @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+    async def prometheus(request: HTTPRequest):
+        """Without a key: counts, latency and the isolation alarm, but no adapter names (they are information);
+        with an admin key: everything, the per-adapter routed tokens too."""
+        header = request.headers.get("authorization", "")
+        who = auth.lookup(header[7:].strip()) if header[:7].lower() == "bearer " else None
+        text = metrics.render() if who is not None and who.admin else metrics.render_public()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     return app
