@@ -53,3 +53,23 @@ def tiny_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+def adapter_library(root: Path, names, *, base=None, **adapter_kw):
+    """A library of peft adapters `names` (adapter i seeded i, shared A unless a_seed=None), each written under
+    root/<name>; `base()` builds each adapter's base model (default: the tiny Llama)."""
+    from seqr import LoraLibrary
+
+    for i, name in enumerate(names):
+        make_adapter(Path(root) / name, seed=i, base=None if base is None else base(), **adapter_kw)
+    return LoraLibrary.from_peft({n: Path(root) / n for n in names})
+
+
+def random_stats(lib, *, seed: int = 0, n: int = 30):
+    """Calibrate every adapter of `lib` with seeded stand-in norms (n values in [1, 2) per layer); returns lib."""
+    from seqr import NormStats
+
+    g = torch.Generator().manual_seed(seed)
+    for name in lib.names:
+        lib.set_stats(name, {layer: NormStats().update(torch.rand(n, generator=g) + 1) for layer in lib.layers})
+    return lib

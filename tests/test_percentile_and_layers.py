@@ -14,7 +14,7 @@ from transformers import DynamicCache
 import seqr
 from seqr.scoring import score_choices
 from seqr.stats import QUANTILE_LEVELS, NormStats, with_quantiles
-from peft_factory import make_adapter, tiny_llama
+from peft_factory import adapter_library, tiny_llama
 from test_evaluate import task_examples
 from test_routing_variants import ATOL, CHOICE_EXAMPLES, NAMES, _argmax_rule, _dense_z, _ids, _reference, chat_library
 from tiny_chat import tiny_chat_llama
@@ -23,10 +23,7 @@ from tiny_chat import tiny_chat_llama
 @pytest.fixture(scope="module")
 def qlib(tmp_path_factory):
     """Three adapters whose norm distributions are skewed differently (so percentile and z-score disagree)."""
-    root = tmp_path_factory.mktemp("percentile")
-    for i, name in enumerate(NAMES):
-        make_adapter(root / name, seed=i, a_seed=0)
-    lib = seqr.LoraLibrary.from_peft({n: root / n for n in NAMES})
+    lib = adapter_library(tmp_path_factory.mktemp("percentile"), NAMES)
     g = torch.Generator().manual_seed(0)
     for i, n in enumerate(lib.names):
         stats = {}

@@ -12,7 +12,7 @@ from seqr import evaluate as ev
 from seqr.calibrate import _shared_ends, norm_stats_sets
 from seqr.scoring import encode, score_choices
 from seqr.stats import NormStats, as_score, pooled
-from peft_factory import make_adapter, tiny_llama
+from peft_factory import adapter_library, make_adapter, tiny_llama
 from test_evaluate import TASKS, cfg, task_examples
 from tiny_chat import tiny_chat_llama
 
@@ -22,10 +22,7 @@ NAMES = ["alpha", "beta", "gamma"]
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    root = tmp_path_factory.mktemp("variants")
-    for i, name in enumerate(NAMES):
-        make_adapter(root / name, seed=i, a_seed=0)
-    lib = seqr.LoraLibrary.from_peft({n: root / n for n in NAMES})
+    lib = adapter_library(tmp_path_factory.mktemp("variants"), NAMES)
     g = torch.Generator().manual_seed(0)
     for n in lib.names:
         lib.set_stats(n, {layer: NormStats().update(torch.rand(20 + 5 * j, generator=g) * 2 + 1)

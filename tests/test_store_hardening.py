@@ -4,7 +4,6 @@ whose every crash point leaves a library and auth file a server starts from."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ import torch
 from seqr import LoraLibrary, NormStats, files
 from seqr.auth import AuthStore
 from seqr.library import LibraryConflict
-from peft_factory import make_adapter
+from peft_factory import adapter_library, make_adapter, random_stats
 
 NAMES = ["alpha", "beta", "gamma"]
 TESTS = Path(__file__).parent
@@ -24,13 +23,10 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture()
 def lib_dir(tmp_path):
-    for i, n in enumerate(NAMES + ["delta", "eps"]):
-        make_adapter(tmp_path / "silos" / n, seed=i, a_seed=0)
-    lib = LoraLibrary.from_peft({n: tmp_path / "silos" / n for n in NAMES})
-    g = torch.Generator().manual_seed(0)
-    for n in lib.names:
-        lib.set_stats(n, {layer: NormStats().update(torch.rand(30, generator=g) + 1) for layer in lib.layers})
-    for n in ("delta", "eps"):  # calibrated silo dirs, ready for add_peft
+    lib = random_stats(adapter_library(tmp_path / "silos", NAMES))
+    g = torch.Generator().manual_seed(1)
+    for i, n in enumerate(("delta", "eps"), start=len(NAMES)):
+        make_adapter(tmp_path / "silos" / n, seed=i)  # calibrated silo dirs, ready for add_peft
         stats = {layer: NormStats().update(torch.rand(30, generator=g) + 1).to_dict() for layer in lib.layers}
         files.atomic_write_json(tmp_path / "silos" / n / files.STATS_FILE, {"layers": stats})
     return lib.save(tmp_path / "lib")

@@ -12,11 +12,16 @@ METHODS = ("seqr", "spectr", "arrow", "naive")
 ROUTE_METHODS = METHODS + ("lag",)
 
 
+def _first_nonfinite(t: torch.Tensor) -> int | None:
+    """Index of the first adapter whose slice of t (adapter axis first) holds NaN or inf, else None."""
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)  # (N,)
+    return int(bad.nonzero()[0]) if bad.any() else None
+
+
 def _check_finite(t: torch.Tensor, what: str, names: Sequence[str]) -> None:
     """Raise naming the first adapter whose slice of t (adapter axis first) holds NaN or inf."""
-    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)  # (N,)
-    if bad.any():
-        i = int(bad.nonzero()[0])
+    i = _first_nonfinite(t)
+    if i is not None:
         raise ValueError(f"{what} of adapter {names[i]!r} (index {i}) contains NaN or inf")
 
 
@@ -102,9 +107,8 @@ class AdapterBank:
 
     def _check_overflow(self, t: torch.Tensor, what: str, mu: torch.Tensor, sigma: torch.Tensor) -> None:
         """Statistics are checked jointly: each finite on its own, they must also z-score without overflow."""
-        bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)  # (N,)
-        if bad.any():
-            i = int(bad.nonzero()[0])
+        i = _first_nonfinite(t)
+        if i is not None:
             raise ValueError(f"stats of adapter {self.names[i]!r} overflow {t.dtype} when z-scoring: {what} is not "
                              f"finite (mu={float(mu[i]):.6g}, sigma={float(sigma[i]):.6g})")
 

@@ -21,7 +21,7 @@ from .layers import attach, detach
 from .library import LoraLibrary
 
 
-CALL, GENERATE = 0, 1  # queue priorities: library changes go ahead of waiting generation requests
+CALL, GENERATE, STOP = 0, 1, 2  # queue priorities: changes before waiting requests; the stop after everything
 
 
 @dataclass(order=True)
@@ -89,7 +89,7 @@ class Engine:
         return fut
 
     def close(self) -> None:
-        self._q.put(_Job(2, next(self._seq), "stop", Future()))  # after everything already queued
+        self._q.put(_Job(STOP, next(self._seq), "stop", Future()))
         self._thread.join(timeout=30)
 
     # ------------------------------------------------------------------------------------------ changes

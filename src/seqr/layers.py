@@ -307,7 +307,7 @@ def _mixture(bank: AdapterBank, xf, z, cfg: _Config, mask) -> tuple[torch.Tensor
     """Top-`mix` adapters per token, their updates weighted by softmax(score / temperature): (update, top-1)."""
     s = bank.scores(xf, cfg.method, z=z)  # (B*T, N)
     k = min(cfg.mix, int(mask.sum(-1).min()) if mask is not None else cfg.mix)
-    top, idx = rt.masked_topk(s, None if mask is None else mask.expand_as(s), k)  # (B*T, k) allowed only
+    top, idx = rt.masked_topk_(s, None if mask is None else mask.expand_as(s), k)  # (B*T, k) allowed only
     hi = torch.finfo(top.dtype).max
     w = (top / cfg.temperature).clamp_(-hi, hi).softmax(-1)  # (B*T, k) finite weights even for +-inf scores
     upd = sum(w[:, j, None] * bank.apply(xf, idx[:, j], z=z) for j in range(k))  # (B*T, m)

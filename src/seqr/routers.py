@@ -260,22 +260,19 @@ def masked_argmax_(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     return scores.argmax(dim=-1)  # (T,)
 
 
-def masked_topk(scores: torch.Tensor, mask: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best (values, indices) per token with allowed adapters first, ranked as in `masked_argmax_`
-    (k at most the smallest allowed set, so all k are allowed)."""
-    s = sanitize_(scores.clone())  # (T, N)
+def masked_topk_(scores: torch.Tensor, mask: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best (values, indices) per token with allowed adapters first, ranked as in `masked_argmax_` (all k
+    are allowed when k is at most the smallest allowed set). Overwrites `scores` in place."""
+    sanitize_(scores)  # (T, N)
     if mask is not None:
-        s.masked_fill_(~mask, float("-inf"))
-    return s.topk(k, dim=-1)  # (T, k), (T, k)
+        scores.masked_fill_(~mask, float("-inf"))
+    return scores.topk(k, dim=-1)  # (T, k), (T, k)
 
 
 def lag_route(x: torch.Tensor, v: torch.Tensor, S: torch.Tensor, Vt: torch.Tensor, k: int,
               mask: torch.Tensor | None, mu: torch.Tensor | None, sigma: torch.Tensor | None) -> torch.Tensor:
     """LAG: ARROW's top-k candidates, then SPECTR's (z-scored) argmax among them."""
-    a = sanitize_(arrow_scores(x, v))  # (T, N)
-    if mask is not None:
-        a.masked_fill_(~mask, float("-inf"))
-    top = a.topk(k, dim=-1).indices  # (T, k) the allowed candidates first
+    top = masked_topk_(arrow_scores(x, v), mask, k).indices  # (T, k) the allowed candidates first
     s = spectr_norms_at(x, S, Vt, top)  # (T, k)
     if mu is not None:
         s = (s - mu[top]) / sigma[top]  # (T, k)

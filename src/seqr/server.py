@@ -105,6 +105,19 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def bearer_key(request) -> str | None:
+    """The key of an `Authorization: Bearer KEY` header, if the request has one."""
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else None
+
+
+def worker_error(e: BaseException) -> APIError:
+    """What a client is told when the engine failed its request: 403 for a permission change, else a bare 500."""
+    if isinstance(e, PermissionError):
+        return APIError(403, str(e), "permission_error")
+    return APIError(500, "internal error", "server_error")
+
+
 def route_of(request) -> str:
     """The matched route's template (e.g. /admin/adapters/{name}), never the raw path: metric labels stay a
     fixed, small set whatever paths clients send."""
@@ -175,9 +188,7 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
         return JSONResponse(APIError(500, "internal error", "server_error").body(), status_code=500)
 
     def principal(request: HTTPRequest) -> Principal:
-        header = request.headers.get("authorization", "")
-        key = header[7:].strip() if header[:7].lower() == "bearer " else None
-        who = auth.lookup(key)
+        who = auth.lookup(bearer_key(request))
         if who is None:
             raise APIError(401, "missing or unknown API key (send Authorization: Bearer KEY)", "authentication_error",
                            code="invalid_api_key")
@@ -288,11 +299,11 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
         if not stream:
             try:
                 result = await fut
-            except PermissionError as e:
-                raise APIError(403, str(e), "permission_error") from None
             except asyncio.CancelledError:
                 cancel.set()  # the client went away: stop its row at the next step
                 raise
+            except Exception as e:
+                raise worker_error(e) from None
             text_out = engine.tokenizer.decode(result.tokens, skip_special_tokens=True)
             usage = {"prompt_tokens": len(ids), "completion_tokens": len(result.tokens),
                      "total_tokens": len(ids) + len(result.tokens)}
@@ -338,8 +349,7 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
             try:
                 result = fut.result()
             except Exception as e:  # after the 200 went out: an error event, then the end of the stream
-                err = (APIError(403, str(e), "permission_error") if isinstance(e, PermissionError) else
-                       APIError(500, "internal error", "server_error"))
+                err = worker_error(e)
                 metrics.error(route_of(request), err.status)
                 yield "event: error\ndata: " + json.dumps(err.body()) + "\n\n"
                 yield "data: [DONE]\n\n"
@@ -359,10 +369,7 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
             cancel.set()
             raise
         if tokens_q.empty() and fut.exception() is not None:  # failed before any output: a proper error status
-            e = fut.exception()
-            if isinstance(e, PermissionError):
-                raise APIError(403, str(e), "permission_error")
-            raise APIError(500, "internal error", "server_error")
+            raise worker_error(fut.exception())
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
@@ -448,8 +455,7 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
     async def prometheus(request: HTTPRequest):
         """Without a key: counts, latency and the isolation alarm, but no adapter names (they are information);
         with an admin key: everything, the per-adapter routed tokens too."""
-        header = request.headers.get("authorization", "")
-        who = auth.lookup(header[7:].strip()) if header[:7].lower() == "bearer " else None
+        who = auth.lookup(bearer_key(request))
         text = metrics.render() if who is not None and who.admin else metrics.render_public()
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
