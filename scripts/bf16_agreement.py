@@ -2,8 +2,8 @@
 """Real text: SEQR routing and predictions with the base model in bf16 vs fp32 (same calibrated library), via bench_train.routed_eval."""
 import json, sys, torch, seqr
 from tqdm import tqdm
-from seqr.bench_train import routed_eval
-from seqr.tasks import load_task
+from seqr.bench.train import routed_eval
+from seqr.silo.tasks import load_task
 n = int(sys.argv[1])
 m32, tok = seqr.load_model("smollm2-135m-instruct", dtype="float32")
 m16, _ = seqr.load_model("smollm2-135m-instruct", dtype="bfloat16")

@@ -3,9 +3,9 @@
 import json, time
 
 import seqr
-import seqr.train as T
-from seqr.bench_train import dev_accuracy
-from seqr.tasks import load_task
+import seqr.silo.train as T
+from seqr.bench.train import dev_accuracy
+from seqr.silo.tasks import load_task
 D = "../shared/data/tasks"
 model, tok = seqr.load_model("smollm2-135m-instruct")
 train = load_task("sst2", "train", data_dir=D, max_examples=300, seed=0)

@@ -16,7 +16,6 @@ own task's files.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from seqr import files
-from seqr.build import build
-from seqr.calibrate import calibrate
-from seqr.models import load_model
-from seqr.scoring import score_choices
-from seqr.tasks import load_task
-from seqr.train import Session, TrainConfig, train
+from seqr.store import files
+from seqr.silo.build import build
+from seqr.silo.calibrate import calibrate
+from seqr.hf.models import load_model
+from seqr.hf.choices import score_choices
+from seqr.silo.tasks import load_task
+from seqr.silo.train import Session, TrainConfig, train
 
 MODEL = "smollm2-135m-instruct"
 TASKS = ("agnews", "cola", "dbpedia", "hellaswag", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2")

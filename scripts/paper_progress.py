@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from seqr import files
+from seqr.store import files
 
 
 def task_summary(run: Path, task: str) -> dict:

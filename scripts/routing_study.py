@@ -55,9 +55,9 @@ AXES = {"score": "Score normalisation", "calibration": "Calibration data", "gran
 def calibration_sets(model, tok, tasks: list[str], data_dir: str | None) -> dict:
     """{set label: {adapter: per-layer stats dicts}} for every token set at 60 examples and 'all' at each size;
     cached in OUT/calibration.json (each silo reads only its own train split)."""
-    from seqr import files
-    from seqr.calibrate import TOKEN_SETS, norm_stats_sets
-    from seqr.tasks import load_task
+    from seqr.store import files
+    from seqr.silo.calibrate import TOKEN_SETS, norm_stats_sets
+    from seqr.silo.tasks import load_task
 
     path = OUT / "calibration.json"
     if path.exists():
@@ -81,9 +81,10 @@ def calibration_sets(model, tok, tasks: list[str], data_dir: str | None) -> dict
 
 
 def run(only: list[str] | None, data_dir: str | None) -> None:
-    from seqr import LoraLibrary, NormStats, files
-    from seqr.evaluate import EvalConfig, evaluate, load_data
-    from seqr.models import load_model
+    from seqr import LoraLibrary, NormStats
+    from seqr.store import files
+    from seqr.eval.evaluate import EvalConfig, evaluate, load_data
+    from seqr.hf.models import load_model
 
     ref = files.read_json(REFERENCE / files.EVAL_RESULTS, "the ten-task evaluation (run seqr eval first)")
     key = ref["config"]
@@ -110,10 +111,12 @@ def confirm(data_dir: str | None) -> None:
     up to CONFIRM_N dev examples per task that the study never scored (a seeded subset of the rest)."""
     import random
 
-    from seqr import LoraLibrary, files
-    from seqr.evaluate import EvalConfig, evaluate
-    from seqr.models import load_model
-    from seqr.tasks import load_task
+    from seqr import LoraLibrary
+
+    from seqr.store import files
+    from seqr.eval.evaluate import EvalConfig, evaluate
+    from seqr.hf.models import load_model
+    from seqr.silo.tasks import load_task
 
     ref = files.read_json(REFERENCE / files.EVAL_RESULTS, "the ten-task evaluation (run seqr eval first)")
     key = ref["config"]
@@ -141,7 +144,7 @@ def _norm_row(res: dict, oracle: dict, tasks: list[str]) -> dict:
 
 def _own_share(res: dict, tasks: list[str]) -> float | None:
     """Share of (token, layer) decisions routed to the input's own task adapter, averaged over tasks (percent)."""
-    from seqr.eval_report import pass_own_share
+    from seqr.eval.report import pass_own_share
 
     share = pass_own_share(res, tasks)
     return None if share is None else 100 * share
@@ -153,8 +156,8 @@ def report() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from seqr import eval_report as er
-    from seqr import files
+    from seqr.eval import report as er
+    from seqr.store import files
 
     ref = files.read_json(REFERENCE / files.EVAL_RESULTS, "the ten-task evaluation")
     study = files.read_json(OUT / files.EVAL_RESULTS, "the routing study (run it first)")
@@ -236,7 +239,7 @@ def report() -> None:
 def _axis4_lines() -> list[str]:
     """Three-task libraries (sst2, agnews, cola) of adapters trained with more data, rank or epochs: SEQR and
     ARROW normalised by the library's own oracle."""
-    from seqr import files
+    from seqr.store import files
 
     done = {k: files.read_json(d / files.EVAL_RESULTS, "adapter axis") for k, d in AXIS4.items()
             if (d / files.EVAL_RESULTS).exists()}
@@ -286,8 +289,8 @@ def _best_lines(rows: dict) -> list[str]:
 
 def _confirm_lines() -> list[str]:
     """Oracle-normalised accuracy, own share and sign tests vs paper SEQR on the fresh confirmation examples."""
-    from seqr import eval_report as er
-    from seqr import files
+    from seqr.eval import report as er
+    from seqr.store import files
 
     path = CONFIRM / files.EVAL_RESULTS
     if not path.exists():
@@ -353,7 +356,7 @@ def _conclusion_lines(rows: dict, seqr_runs: dict, versus_arrow) -> list[str]:
 
 def result_label(name: str, overrides: dict) -> str:
     """The results label evaluate() gives a variant: its name, plus the EvalConfig variant tag if any."""
-    from seqr.evaluate import EvalConfig
+    from seqr.eval.evaluate import EvalConfig
 
     tag = EvalConfig(tasks=["_"], **overrides).variant()
     return f"{name} [{tag}]" if tag else name

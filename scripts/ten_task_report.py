@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 import seqr
-from seqr import files
-from seqr.scoring import accuracy
-from seqr.tasks import load_task
+from seqr.store import files
+from seqr.hf.choices import accuracy
+from seqr.silo.tasks import load_task
 
 
 def main() -> None:

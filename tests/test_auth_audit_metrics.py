@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from seqr.auth import AuthStore
+from seqr.serve.auth import AuthStore
 
 KNOWN = {"alpha", "beta", "gamma"}
 AUTH = {"users": {"alice": {"keys": ["sk-alice-0001"], "adapters": ["alpha"]},
@@ -19,7 +19,7 @@ PLAIN = ["sk-alice-0001", "sk-bob-000001", "sk-bob-000002", "sk-admin-0001"]
 
 
 def sha256_entry(key: str) -> str:
-    """The stored form, made here independently of seqr.auth."""
+    """The stored form, made here independently of seqr.serve.auth."""
     salt = secrets.token_bytes(16)
     return f"sha256${salt.hex()}${hashlib.sha256(salt + key.encode()).hexdigest()}"
 
@@ -152,7 +152,7 @@ def test_drop_adapter_and_reload_keep_the_hashes(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ audit
 def test_audit_lines_are_appended_parseable_and_never_hold_a_key(tmp_path):
-    from seqr import audit
+    from seqr.serve import audit
 
     path = tmp_path / "logs" / "audit.jsonl"
     log = audit.AuditLog(path)
@@ -205,7 +205,7 @@ def samples(text: str, name: str) -> list:
 
 
 def test_label_values_with_quotes_backslashes_and_newlines_do_not_break_the_text():
-    from seqr.metrics import Metrics
+    from seqr.serve.metrics import Metrics
 
     m = Metrics()
     evil_path = '/v1/x"} 1\nfoo{'
@@ -233,7 +233,7 @@ def test_label_values_with_quotes_backslashes_and_newlines_do_not_break_the_text
 
 
 def test_unknown_endpoints_add_no_series_and_templates_bound_paths():
-    from seqr.metrics import Metrics
+    from seqr.serve.metrics import Metrics
 
     m = Metrics()
     m.done("/v1/unknown-0", 0.1, 1, 1, {})
@@ -262,7 +262,7 @@ def test_unknown_endpoints_add_no_series_and_templates_bound_paths():
 
 
 def test_render_public_leaves_out_adapter_names_and_registries_are_per_instance():
-    from seqr.metrics import Metrics
+    from seqr.serve.metrics import Metrics
 
     a, b = Metrics(), Metrics()
     a.done("/v1/completions", 0.2, 4, 6, {"secret-silo-alpha": 0.25, "secret-silo-beta": 0.75})

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import pytest
 import torch
 
-import seqr.routers as rt
+import seqr.core.routers as rt
 from seqr import AdapterBank
 
 DTYPES = (torch.float32, torch.float64)
@@ -608,7 +607,7 @@ def test_chunked_equals_unchunked(calibrated, dtype, make_lora, make_stats, make
 
 @pytest.mark.parametrize("method,k", ROUTES)
 def test_block_elements_monkeypatch_takes_effect(method, k, make_lora, make_stats, make_tokens, ref, monkeypatch):
-    """Patching seqr.routers.BLOCK_ELEMENTS (GATHER_ELEMENTS for lag's per-token gathers) must really chunk
+    """Patching seqr.core.routers.BLOCK_ELEMENTS (GATHER_ELEMENTS for lag's per-token gathers) must really chunk
     the token axis, and change no result."""
     N = 10
     bank, _, _, _ = _bank(make_lora, make_stats, ref, N, 4, torch.float64, seed=41)

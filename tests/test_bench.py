@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from seqr.bench import METHODS, main
-from seqr.costs import costs
+from seqr.bench.cli import main
+from seqr.bench.routing import METHODS
+from seqr.core.costs import costs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -96,7 +97,7 @@ def test_sweep_skips_slow_methods_and_says_so(tmp_path, capsys):
 
 
 def test_other_cpu_share_sees_a_busy_neighbour_and_not_itself():
-    from seqr.bench import contention_note, cpu_snapshot, other_cpu_share
+    from seqr.bench.common import contention_note, cpu_snapshot, other_cpu_share
     import subprocess, sys, time
     s0 = cpu_snapshot()
     t = time.perf_counter()
@@ -115,7 +116,7 @@ def test_other_cpu_share_sees_a_busy_neighbour_and_not_itself():
 # --- `seqr bench forward` -----------------------------------------------------------------------------------
 
 def test_forward_quick_json(tmp_path, capsys):
-    from seqr.bench_forward import VARIANTS
+    from seqr.bench.forward import VARIANTS
     path = tmp_path / "forward.json"
     assert main(["forward", "--quick", "--repeats", "1", "--dtypes", "float32", "--threads", "1",
                  "--json", str(path)]) == 0
@@ -160,7 +161,7 @@ def test_forward_quick_json(tmp_path, capsys):
 def test_forward_quick_both_dtypes(tmp_path, capsys):
     """--dtypes float32,bfloat16 forces bf16 even where it is emulated: each dtype on its own model, compared
     within itself, the bf16 / fp32 ratio per variant, the bf16 model really in bf16."""
-    from seqr.bench_forward import VARIANTS
+    from seqr.bench.forward import VARIANTS
     path = tmp_path / "forward.json"
     assert main(["forward", "--quick", "--adapters", "4", "--repeats", "1", "--warmup", "0", "--threads", "1",
                  "--dtypes", "bfloat16,float32", "--json", str(path)]) == 0
@@ -189,15 +190,15 @@ def test_forward_quick_both_dtypes(tmp_path, capsys):
 
 
 def test_resolve_dtypes_auto_follows_native_bf16(monkeypatch):
-    import seqr.dtypes
-    from seqr.bench import resolve_dtypes
-    monkeypatch.setattr(seqr.dtypes, "native_bf16", lambda: (False, "no bf16 here"))
+    import seqr.hf.dtypes
+    from seqr.bench.common import resolve_dtypes
+    monkeypatch.setattr(seqr.hf.dtypes, "native_bf16", lambda: (False, "no bf16 here"))
     names, note = resolve_dtypes(None)
     assert names == ["float32"] and "bfloat16 skipped: no bf16 here" in note and "--dtypes float32,bfloat16" in note
     assert resolve_dtypes(["auto"]) == (names, note)
     assert resolve_dtypes(["bfloat16", "float32"]) == (["float32", "bfloat16"], None)
     assert resolve_dtypes(["auto", "bfloat16"]) == (["float32", "bfloat16"], None)
-    monkeypatch.setattr(seqr.dtypes, "native_bf16", lambda: (True, "the CPU has amx_bf16"))
+    monkeypatch.setattr(seqr.hf.dtypes, "native_bf16", lambda: (True, "the CPU has amx_bf16"))
     assert resolve_dtypes(None) == (["float32", "bfloat16"], None)
     assert resolve_dtypes(["float32"]) == (["float32"], None)
 

@@ -6,9 +6,9 @@ import statistics
 
 import pytest
 
-import seqr.dtypes
-from seqr.bench import main
-from seqr.bench_generate import TARGET, VARIANTS
+import seqr.hf.dtypes
+from seqr.bench.cli import main
+from seqr.bench.generate import TARGET, VARIANTS
 
 
 def _run(tmp_path, *args) -> dict:
@@ -46,7 +46,7 @@ def _check_consistent(data: dict, dtypes: list[str], batches: list[int], G: int)
 
 
 def test_generate_quick_json_and_profile(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(seqr.dtypes, "native_bf16", lambda: (False, "no bf16 here"))  # the default: float32 only
+    monkeypatch.setattr(seqr.hf.dtypes, "native_bf16", lambda: (False, "no bf16 here"))  # the default: float32 only
     data = _run(tmp_path, "--repeats", "2", "--profile")
     out = capsys.readouterr().out
     cfg = data["config"]

@@ -6,9 +6,11 @@ import json
 
 import pytest
 
-from seqr import bench_train, files
-from seqr.bench import main
-from seqr.stats import sign_test_p
+from seqr.bench import train as bench_train
+
+from seqr.store import files
+from seqr.bench.cli import main
+from seqr.core.stats import sign_test_p
 from test_demo import setup  # noqa: F401  (the module fixture: tiny model + sst2/cola JSONL)
 
 

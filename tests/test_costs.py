@@ -4,14 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import seqr
 import seqr.cli
-import seqr.routers as rt
+import seqr.core.routers as rt
 from seqr import AdapterBank, Cost
-from seqr.costs import METHODS, costs, costs_table, format_table, human, human_bytes, main
+from seqr.core.costs import METHODS, costs, costs_table, format_table, human, human_bytes, main
 
 TABLE1 = dict(N=1000, n=4096, m=4096, r=8, k=20)
 

@@ -7,7 +7,9 @@ import types
 
 import pytest
 
-from seqr import demo, files
+from seqr.eval import demo
+
+from seqr.store import files
 from test_evaluate import task_examples
 from tiny_chat import chat_tokenizer, tiny_chat_llama
 
@@ -48,11 +50,11 @@ def test_demo_runs_end_to_end_then_reuses_every_cached_step(setup, capsys, monke
     assert (out / "eval" / "accuracy_shared.png").exists() and (out / "eval" / files.EVAL_REPORT).exists()
     weights = (out / "adapters" / "sst2" / files.PEFT_WEIGHTS).read_bytes()
 
-    import seqr.evaluate
-    import seqr.train
+    import seqr.eval.evaluate
+    import seqr.silo.train
     boom = lambda *a, **k: (_ for _ in ()).throw(AssertionError("should have been cached"))  # noqa: E731
-    monkeypatch.setattr(seqr.train, "train", boom)
-    monkeypatch.setattr(seqr.evaluate, "run_pass", boom)
+    monkeypatch.setattr(seqr.silo.train, "train", boom)
+    monkeypatch.setattr(seqr.eval.evaluate, "run_pass", boom)
     assert demo.main(args(setup)) == 0  # second run: nothing is retrained or re-evaluated
     assert "reusing the trained adapter" in capsys.readouterr().err
     monkeypatch.undo()
@@ -62,12 +64,12 @@ def test_demo_runs_end_to_end_then_reuses_every_cached_step(setup, capsys, monke
 
 
 def test_data_source_says_which_and_why(setup, monkeypatch, tmp_path):
-    import seqr.models
+    import seqr.hf.models
 
     assert demo.data_source(str(setup / "data"))[0] == "jsonl"
     with pytest.raises(FileNotFoundError, match="not a directory"):
         demo.data_source(str(tmp_path / "nope"))
-    monkeypatch.setattr(seqr.models, "hub_reachable", lambda: (False, "HF_HUB_OFFLINE is set"))
+    monkeypatch.setattr(seqr.hf.models, "hub_reachable", lambda: (False, "HF_HUB_OFFLINE is set"))
     monkeypatch.setenv("SEQR_TASK_DATA", str(setup / "data"))
     src, d, msg = demo.data_source(None)
     assert (src, d) == ("jsonl", str(setup / "data")) and "HF_HUB_OFFLINE is set" in msg
@@ -75,7 +77,7 @@ def test_data_source_says_which_and_why(setup, monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="no task data.*HF_HUB_OFFLINE is set.*--data DIR"):
         demo.data_source(None)
     assert demo.main(["--out", str(tmp_path / "o")]) == 2  # the CLI reports it without a traceback
-    monkeypatch.setattr(seqr.models, "hub_reachable", lambda: (True, ""))
+    monkeypatch.setattr(seqr.hf.models, "hub_reachable", lambda: (True, ""))
     monkeypatch.setitem(sys.modules, "datasets", None)  # hub up, `datasets` missing: says how to get it
     with pytest.raises(RuntimeError, match="pip install 'seqr\\[hf\\]'"):
         demo.data_source(None)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import seqr
-from seqr import dtypes
-from seqr.calibrate import norm_stats
-from seqr.tasks import Example
+from seqr.hf import dtypes
+from seqr.silo.calibrate import norm_stats
+from seqr.silo.tasks import Example
 from peft_factory import make_adapter
 from tiny_chat import tiny_chat_llama
 
@@ -101,7 +101,7 @@ def test_bf16_model_routes_like_fp32_where_margins_are_clear(tok, chat_lib):
     traces, logits = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
         model = seqr.attach(tiny_chat_llama(len(tok), dtype=dtype), lib)
-        bank = next(m for m in model.modules() if isinstance(m, seqr.layers.RoutedLinear)).bank
+        bank = next(m for m in model.modules() if isinstance(m, seqr.hf.layers.RoutedLinear)).bank
         assert bank.B.dtype == torch.float32 and bank._R_stacked.dtype == torch.float32  # the routing math stays fp32
         with seqr.routing(model, "seqr", trace=True) as tr:
             logits[dtype] = model(ids).logits

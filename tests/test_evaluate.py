@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import seqr
-from seqr import eval_report as er
-from seqr import evaluate as ev
-from seqr import files, plots
-from seqr.calibrate import calibrate
-from seqr.scoring import score_choices
-from seqr.tasks import Example
+from seqr.eval import report as er
+from seqr.eval import evaluate as ev
+from seqr.store import files
+from seqr.eval import plots
+from seqr.silo.calibrate import calibrate
+from seqr.hf.choices import score_choices
+from seqr.silo.tasks import Example
 from peft_factory import make_adapter
 from tiny_chat import tiny_chat_llama
 
@@ -92,7 +93,7 @@ def test_pass_accuracy_matches_direct_scoring(doc, model, tok, library, data, me
 
 def real_token_count(tok, examples) -> int:
     """Every real token both scoring forwards route: prompt tokens plus each choice's tokens but the last."""
-    from seqr.scoring import encode
+    from seqr.hf.choices import encode
 
     prompts, answers = encode(examples, tok)
     return sum(len(p) for p in prompts) + sum(len(a) - 1 for ch in answers for a in ch)
@@ -120,7 +121,7 @@ def test_trace_tally_matches_brute_force_over_the_same_trace(model, tok, library
     seqr.attach(model, library, method="seqr")
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a, name=name: inputs.setdefault(name, []).append(a[0].detach()))
-             for name, m in model.named_modules() if isinstance(m, seqr.layers.RoutedLinear)]
+             for name, m in model.named_modules() if isinstance(m, seqr.hf.layers.RoutedLinear)]
     try:
         exs = data["sst2"][:3]
         ids = tok([e.text for e in exs], padding=True, return_tensors="pt")
@@ -312,8 +313,8 @@ def test_paired_sign_test_by_hand(doc):
 
 def test_calibration_variant_recalibrates_each_adapter_on_its_own_task(model, tok, library, adapter_dirs, data,
                                                                        tmp_path):
-    from seqr.calibrate import norm_stats, recalibrated
-    from seqr.tasks import load_task
+    from seqr.silo.calibrate import norm_stats, recalibrated
+    from seqr.silo.tasks import load_task
 
     for t in TASKS:  # each silo's train split, as load_task reads it
         (tmp_path / "data" / t).mkdir(parents=True)

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from seqr import files
+from seqr.store import files
 
 
 def test_atomic_write_keeps_old_file_when_replace_fails(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import seqr
-from seqr.generation import Request, generate
+from seqr.hf.generation import Request, generate
 from peft_factory import make_adapter, tiny_llama
 from seqr import LoraLibrary, NormStats
 

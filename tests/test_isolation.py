@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import seqr
-from seqr import files
-from seqr import routers as rt
-from seqr.bank import AdapterBank
-from seqr.stats import NormStats, z_scorable
+from seqr.store import files
+from seqr.core import routers as rt
+from seqr.core.bank import AdapterBank
+from seqr.core.stats import NormStats, z_scorable
 from peft_factory import adapter_library, random_stats, tiny_llama
 
 NAMES = ["a0", "a1", "a2", "a3"]

@@ -16,7 +16,7 @@ from peft import PeftModel
 
 from peft_factory import make_adapter, tiny_llama
 from seqr import LoraLibrary, NormStats
-from seqr import files
+from seqr.store import files
 
 ATOL = 1e-5  # fp32 layer outputs of a 32-wide model
 
@@ -204,8 +204,9 @@ def test_add_and_remove_touch_only_that_adapter(tmp_path, shared_dirs):
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, sys, time, torch
-    from seqr import LoraLibrary, files
-    from seqr.library import LibraryMeta
+    from seqr import LoraLibrary
+    from seqr.store import files
+    from seqr.store.library import LibraryMeta
     src, mode = sys.argv[1], sys.argv[2]
     old = LoraLibrary.load(src)
     new = LoraLibrary(old.meta, old.shared_A)

@@ -17,8 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqr import files, model_cache, models
-from seqr.models import ModelLoadError, load_model
+from seqr.store import files
+
+from seqr.hf import model_cache
+
+from seqr.hf import models
+from seqr.hf.models import ModelLoadError, load_model
 
 VOCAB = ["<unk>", "<s>", "</s>", "hello", "world", "the", "a", "cat"]
 
@@ -227,7 +231,7 @@ def test_sigkilled_build_is_not_trusted(tmp_path):
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from seqr.model_cache import ensure_cached
+        from seqr.hf.model_cache import ensure_cached
         def build(dest):
             (dest / "data.txt").write_text("half")
             Path({str(started)!r}).write_text("1")

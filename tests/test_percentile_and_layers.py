@@ -12,8 +12,8 @@ import torch
 from transformers import DynamicCache
 
 import seqr
-from seqr.scoring import score_choices
-from seqr.stats import QUANTILE_LEVELS, NormStats, with_quantiles
+from seqr.hf.choices import score_choices
+from seqr.core.stats import QUANTILE_LEVELS, NormStats, with_quantiles
 from peft_factory import adapter_library, tiny_llama
 from test_evaluate import task_examples
 from test_routing_variants import ATOL, CHOICE_EXAMPLES, NAMES, _argmax_rule, _dense_z, _ids, _reference, chat_library

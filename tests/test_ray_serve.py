@@ -13,8 +13,8 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from seqr import LoraLibrary  # noqa: E402
-from seqr.bench_serve import launch, stop  # noqa: E402
-from seqr.ray_serve import Coordinator  # noqa: E402
+from seqr.bench.serve import launch, stop  # noqa: E402
+from seqr.serve.ray_serve import Coordinator  # noqa: E402
 from serve_load import remove_under_load  # noqa: E402
 from tiny_chat import saved_model_and_library  # noqa: E402
 
@@ -73,7 +73,7 @@ def test_a_change_returns_only_after_every_live_replica_reloaded_it(tmp_path):
 
 def test_bench_serve_runs_one_process_and_ray_side_by_side(tmp_path):  # before the fixture's cluster starts
     pytest.importorskip("ray.serve")
-    from seqr.bench import main as bench_main
+    from seqr.bench.cli import main as bench_main
 
     model, lib, _ = _files(tmp_path)
     out = tmp_path / "serve.json"
@@ -130,7 +130,7 @@ def test_two_replicas_serve_the_openai_api(ray_server):
 
 
 def test_admin_changes_reach_every_replica_before_they_return(ray_server):
-    from seqr.calibrate import calibrate
+    from seqr.silo.calibrate import calibrate
     from test_evaluate import task_examples
     from peft_factory import make_adapter
     from tiny_chat import chat_tokenizer, tiny_chat_llama

@@ -1,11 +1,11 @@
-"""Tests of the pure routing math in `seqr.routers` against independent float64 references."""
+"""Tests of the pure routing math in `seqr.core.routers` against independent float64 references."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-import seqr.routers as rt
+import seqr.core.routers as rt
 
 DTYPES = (torch.float32, torch.float64)
 # Relative tolerances (w.r.t. the natural scale of each quantity) per compute dtype.

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import seqr
-from seqr import evaluate as ev
-from seqr.calibrate import _shared_ends, norm_stats_sets
-from seqr.scoring import encode, score_choices
-from seqr.stats import NormStats, as_score, pooled
+from seqr.eval import evaluate as ev
+from seqr.silo.calibrate import _shared_ends, norm_stats_sets
+from seqr.hf.choices import encode, score_choices
+from seqr.core.stats import NormStats, as_score, pooled
 from peft_factory import adapter_library, make_adapter, tiny_llama
 from test_evaluate import TASKS, cfg, task_examples
 from tiny_chat import tiny_chat_llama
@@ -242,7 +242,7 @@ def test_calibration_token_sets_partition_the_tokens(tok, model, tmp_path):
             "content": ("content", None), "first4": ("all", 4)}
     stats, counts = norm_stats_sets(model, tok, tmp_path / "sst2", exs, sets, batch_size=3, progress=False)
     assert counts["prompt"] + counts["answer"] == counts["all"]
-    from seqr.train import encode as train_encode
+    from seqr.silo.train import encode as train_encode
     enc = [train_encode(ex, tok) for ex in exs]
     pre, suf = _shared_ends([ids[:sum(y == -100 for y in lab)] for ids, lab in enc])
     assert pre > 0 and suf > 0  # the chat template's system header and assistant turn marker
@@ -259,7 +259,7 @@ def test_calibration_token_sets_partition_the_tokens(tok, model, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- seqr eval
 def test_eval_variant_passes_match_direct_scoring_and_are_labelled(model, tok, tmp_path):
-    from seqr.calibrate import calibrate
+    from seqr.silo.calibrate import calibrate
 
     root = tmp_path / "a"
     for i, task in enumerate(TASKS):

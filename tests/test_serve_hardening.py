@@ -13,7 +13,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from seqr.generation import Request  # noqa: E402
+from seqr.hf.generation import Request  # noqa: E402
 from test_server import AUTH, PATHS, server  # noqa: E402,F401  (the module-scoped loopback server fixture)
 
 ALICE = {"Authorization": "Bearer sk-alice-0001"}
@@ -188,10 +188,10 @@ def test_admin_actions_are_audited_without_keys(tmp_path):
     """The audit log of a server: every admin change through the API, ok or refused, and never a key."""
     from starlette.testclient import TestClient
 
-    from seqr import audit
-    from seqr.auth import AuthStore
-    from seqr.engine import Engine
-    from seqr.server import ServeSettings, create_app
+    from seqr.serve import audit
+    from seqr.serve.auth import AuthStore
+    from seqr.serve.engine import Engine
+    from seqr.serve.server import ServeSettings, create_app
     from test_server import NAMES
     from tiny_chat import chat_tokenizer, tiny_chat_llama
     from peft_factory import adapter_library, random_stats

@@ -14,10 +14,10 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from seqr import LoraLibrary, NormStats  # noqa: E402
-from seqr.auth import AuthStore  # noqa: E402
-from seqr.bench_serve import free_port, launch, stop  # noqa: E402
-from seqr.engine import Engine  # noqa: E402
-from seqr.server import ServeSettings, create_app  # noqa: E402
+from seqr.serve.auth import AuthStore  # noqa: E402
+from seqr.bench.serve import free_port, launch, stop  # noqa: E402
+from seqr.serve.engine import Engine  # noqa: E402
+from seqr.serve.server import ServeSettings, create_app  # noqa: E402
 from peft_factory import make_adapter  # noqa: E402
 from serve_load import remove_under_load  # noqa: E402
 from tiny_chat import chat_tokenizer, saved_model_and_library, tiny_chat_llama  # noqa: E402
@@ -182,7 +182,7 @@ def test_admin_add_remove_users_and_persistence(server, tmp_path):
 
 
 def test_admin_adds_a_calibrated_adapter_that_users_can_then_reach(server):
-    from seqr.calibrate import calibrate
+    from seqr.silo.calibrate import calibrate
     from test_evaluate import task_examples
 
     url, engine = server
@@ -203,7 +203,7 @@ def test_admin_adds_a_calibrated_adapter_that_users_can_then_reach(server):
 
 
 def test_bench_serve_reports_throughput_and_latency(tmp_path):
-    from seqr.bench import main as bench_main
+    from seqr.bench.cli import main as bench_main
 
     model, lib = saved_model_and_library(tmp_path, NAMES)
     out = tmp_path / "serve.json"

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqr import LoraLibrary, NormStats, files
-from seqr.auth import AuthStore
-from seqr.library import LibraryConflict
+from seqr import LoraLibrary, NormStats
+
+from seqr.store import files
+from seqr.serve.auth import AuthStore
+from seqr.store.library import LibraryConflict
 from peft_factory import adapter_library, make_adapter, random_stats
 
 NAMES = ["alpha", "beta", "gamma"]
@@ -65,7 +67,7 @@ def _writer_script(lib_dir: Path, silo: Path, op: str, rounds: int) -> str:
     return textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(TESTS)!r})
         from seqr import LoraLibrary
-        from seqr.library import LibraryConflict
+        from seqr.store.library import LibraryConflict
         ok = conflicts = 0
         for i in range({rounds}):
             lib = LoraLibrary.load({str(lib_dir)!r})
@@ -136,14 +138,14 @@ KILL = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 from seqr import LoraLibrary
-from seqr.auth import AuthStore
-from seqr.server import apply_change
+from seqr.serve.auth import AuthStore
+from seqr.serve.control import apply_change
 lib, auth = LoraLibrary.load({lib!r}), AuthStore.load({auth!r})
 target = {where!r}
 if target == "before-library":
     LoraLibrary.remove = lambda self, *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 else:
-    import seqr.library as L
+    import seqr.store.library as L
     real = L.LoraLibrary._write_manifest
     def write_then_die(self, path):
         real(self, path)

@@ -13,8 +13,10 @@ import pytest
 import torch
 from tiny_chat import chat_tokenizer, tiny_chat_llama
 
-from seqr import scoring, tasks
-from seqr.tasks import TASKS, Example, answer_text, build_prompt, load_task
+from seqr.hf import choices as scoring
+
+from seqr.silo import tasks
+from seqr.silo.tasks import TASKS, Example, answer_text, build_prompt, load_task
 
 REAL_DATA = Path(os.environ.get(tasks.DATA_ENV) or "/work/shared/data/tasks")
 README_COUNTS = {"agnews": (1200, 300), "cola": (1200, 300), "dbpedia": (900, 225), "hellaswag": (1200, 300),

@@ -8,14 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seqr import LoraLibrary, NormStats, files
-from seqr.build import build
-from seqr.build import main as build_main
-from seqr.calibrate import add_noise, calibrate
-from seqr.info import main as info_main
-from seqr.stats import QUANTILE_LEVELS, with_quantiles
-from seqr.tasks import Example
-from seqr.train import TrainConfig, shared_a, train
+from seqr import LoraLibrary, NormStats
+
+from seqr.store import files
+from seqr.silo.build import build
+from seqr.silo.build import main as build_main
+from seqr.silo.calibrate import add_noise, calibrate
+from seqr.silo.info import main as info_main
+from seqr.core.stats import QUANTILE_LEVELS, with_quantiles
+from seqr.silo.tasks import Example
+from seqr.silo.train import TrainConfig, shared_a, train
 from tiny_chat import tiny_chat_llama
 
 
@@ -102,7 +104,7 @@ def test_calibration_stats_equal_a_brute_force_norm_pass(tmp_path, tok):
     # hook every LoRA layer and take ||B A x|| (scaling folded) of each token's input x
     from peft import PeftModel
 
-    from seqr.train import encode
+    from seqr.silo.train import encode
     lib = LoraLibrary.from_peft([out])
     A, B = lib.adapter_weights("pos")
     peft_model = PeftModel.from_pretrained(_model(tok), out).eval()
@@ -162,8 +164,8 @@ def test_build_refuses_uncalibrated_and_info_describes(tmp_path, tok, capsys):
 
 
 def test_encode_puts_the_loss_on_the_answer_only_in_both_formats(tok):
-    from seqr.tasks import build_prompt
-    from seqr.train import encode
+    from seqr.silo.tasks import build_prompt
+    from seqr.silo.train import encode
     ex = _examples("pos", 2)[1]  # label 1: "negative", letter B
     for scoring, answer in (("choices", "negative"), ("letter", "B")):
         ids, labels = encode(ex, tok, scoring)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seqr import files
-from seqr.tasks import Example
-from seqr.train import (FastDropout, Session, TrainConfig, answer_loss, bucketed_order, collate, encode, lora_model,
+from seqr.store import files
+from seqr.silo.tasks import Example
+from seqr.silo.train import (FastDropout, Session, TrainConfig, answer_loss, bucketed_order, collate, encode, lora_model,
                         resume_path, shuffled_order, train)
 from tiny_chat import tiny_chat_llama
 
@@ -136,7 +136,7 @@ def test_bad_config_values_are_named(field, value, needle):
 
 
 def test_train_cli_rejects_a_bad_dtype(capsys):
-    from seqr.train import main
+    from seqr.silo.train import main
 
     with pytest.raises(SystemExit) as e:
         main(["--model", "m", "--task", "sst2", "--out", "o", "--dtype", "fp8"])

@@ -6,15 +6,15 @@ import sys
 
 # verb -> (module, one-line help). Modules are imported only when their verb runs.
 VERBS = {
-    "demo": ("seqr.demo", "end to end on SmolLM2: train, calibrate, build, evaluate every method (--quick: ~15 min)"),
-    "train": ("seqr.train", "train one silo's shared-A LoRA adapter on its own task data"),
-    "calibrate": ("seqr.calibrate", "per-layer activation-norm stats of an adapter on its own data"),
-    "build": ("seqr.build", "build a routing library from calibrated adapter dirs"),
-    "info": ("seqr.info", "describe a library: adapters, layers, rank, shared A, sizes, stats"),
-    "eval": ("seqr.evaluate", "evaluate every routing method on held-out task data: JSON, Markdown, PNG figures"),
-    "serve": ("seqr.serve", "OpenAI-compatible HTTP service; each user routed only among their authorised adapters"),
-    "costs": ("seqr.costs", "print routing MACs and storage per method (the paper's Table 1)"),
-    "bench": ("seqr.bench", "benchmarks: `seqr bench routing` (router speed, --sweep for Figure 5), `seqr bench forward`"),
+    "demo": ("seqr.eval.demo", "end to end on SmolLM2: train, calibrate, build, evaluate every method (--quick: ~15 min)"),
+    "train": ("seqr.silo.train", "train one silo's shared-A LoRA adapter on its own task data"),
+    "calibrate": ("seqr.silo.calibrate", "per-layer activation-norm stats of an adapter on its own data"),
+    "build": ("seqr.silo.build", "build a routing library from calibrated adapter dirs"),
+    "info": ("seqr.silo.info", "describe a library: adapters, layers, rank, shared A, sizes, stats"),
+    "eval": ("seqr.eval.evaluate", "evaluate every routing method on held-out task data: JSON, Markdown, PNG figures"),
+    "serve": ("seqr.serve.cli", "OpenAI-compatible HTTP service; each user routed only among their authorised adapters"),
+    "costs": ("seqr.core.costs", "print routing MACs and storage per method (the paper's Table 1)"),
+    "bench": ("seqr.bench.cli", "benchmarks: `seqr bench routing` (router speed, --sweep for Figure 5), `seqr bench forward`"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: routing, forward, generation, training, serving."""

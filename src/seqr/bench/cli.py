@@ -1,0 +1,38 @@
+"""`seqr bench SUBCOMMAND`: the benchmarks, one module each; a subcommand is one entry of SUBCOMMANDS.
+
+routing   `AdapterBank.route` per method beside the MACs `seqr costs` predicts (`--sweep`: the paper's Figure 5)
+forward   a whole model's forward with N routed adapters beside peft's static LoRA and Arrow
+generate  per-token greedy decoding with N routed adapters beside the untouched model and peft
+serve     N concurrent clients against the HTTP service
+train     the fp32 training path against the fast path, interleaved
+"""
+from __future__ import annotations
+
+import argparse
+
+from seqr.bench import forward, generate, routing, serve, train
+
+# name -> (help, add its options, run(args, parser)).
+SUBCOMMANDS = {
+    "routing": ("time every router per token against the predicted MACs (--sweep: Figure 5)", routing.add_routing_args,
+                routing.cmd_routing),
+    "forward": ("time a whole model's forward with N routed adapters beside peft (static LoRA, Arrow)",
+                forward.add_forward_args, forward.cmd_forward),
+    "generate": ("time greedy decoding per generated token with N routed adapters beside the untouched model and "
+                 "peft", generate.add_generate_args, generate.cmd_generate),
+    "serve": ("N concurrent clients against the HTTP service: requests/s, p50/p95 latency", serve.add_serve_args,
+              serve.cmd_serve),
+    "train": ("train the same examples on the fp32 path and the fast path, interleaved: tokens/s, dev accuracy, "
+              "routed-eval throughput and agreement", train.add_train_args, train.cmd_train),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="seqr bench", description="Benchmarks of the seqr routers.")
+    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    for name, (help_, add_args, run) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        add_args(sp)
+        sp.set_defaults(run=run, subparser=sp)
+    args = parser.parse_args(argv)
+    return int(args.run(args, args.subparser) or 0)

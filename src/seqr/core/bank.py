@@ -1,0 +1,374 @@
+"""`AdapterBank`: the validated tensors of one adapted layer and the routers over them."""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Iterable, Sequence
+
+import torch
+
+from seqr.core import routers as rt
+
+METHODS = ("seqr", "spectr", "arrow", "naive")
+ROUTE_METHODS = METHODS + ("lag",)
+
+
+def _first_nonfinite(t: torch.Tensor) -> int | None:
+    """Index of the first adapter whose slice of t (adapter axis first) holds NaN or inf, else None."""
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)  # (N,)
+    return int(bad.nonzero()[0]) if bad.any() else None
+
+
+def _check_finite(t: torch.Tensor, what: str, names: Sequence[str]) -> None:
+    """Raise naming the first adapter whose slice of t (adapter axis first) holds NaN or inf."""
+    i = _first_nonfinite(t)
+    if i is not None:
+        raise ValueError(f"{what} of adapter {names[i]!r} (index {i}) contains NaN or inf")
+
+
+class AdapterBank:
+    """N rank-r LoRA updates of one linear layer (m x n), prepared for routing.
+
+    A: (r, n) shared by all adapters (SEQR), or (N, r, n) one per adapter (baselines only).
+    B: (N, m, r) with the LoRA scaling already folded in.
+    mu, sigma: (N,) activation-norm statistics of each adapter on its own data (optional).
+    quantiles: (N, Q) each adapter's norms at stats.QUANTILE_LEVELS (optional, with mu and sigma): the norm
+    routers then score by the adapter's own percentile (as a normal quantile) instead of the z-score.
+
+    Stored: A, B, and for a shared A the packed Grams G_i = R_i^T R_i (r(r+1)/2 numbers per adapter), i.e.
+    n*r + N*(m*r + r(r+1)/2) numbers. SVD factors for the baselines are computed on first use.
+    """
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, *, mu=None, sigma=None, quantiles=None,
+                 names: Sequence[str] | None = None):
+        if not isinstance(B, torch.Tensor) or B.dim() != 3:
+            raise ValueError(f"B must be a tensor of shape (N, m, r), got {_shape(B)}")
+        N, m, r = B.shape
+        if N == 0:
+            raise ValueError("an AdapterBank needs at least one adapter, got N=0")
+        if r == 0 or m == 0:
+            raise ValueError(f"B must have positive m and r, got shape {tuple(B.shape)}")
+        names = [str(i) for i in range(N)] if names is None else list(names)
+        bad = [nm for nm in names if not isinstance(nm, str) or not nm]
+        if bad:
+            raise ValueError(f"adapter names must be non-empty strings, got {bad[:5]}")
+        if len(names) != N:
+            raise ValueError(f"got {len(names)} names for {N} adapters")
+        if len(set(names)) != N:
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"adapter names must be unique, got duplicates {dup}")
+        if not isinstance(A, torch.Tensor) or A.dim() not in (2, 3):
+            raise ValueError(f"A must be a tensor of shape (r, n) or (N, r, n), got {_shape(A)}")
+        if A.shape[-2] != r or (A.dim() == 3 and A.shape[0] != N):
+            want = f"({r}, n)" if A.dim() == 2 else f"({N}, {r}, n)"
+            raise ValueError(f"A has shape {tuple(A.shape)} but B {tuple(B.shape)} needs {want}")
+        for t, what in ((A, "A"), (B, "B")):
+            if not t.is_floating_point():
+                raise ValueError(f"{what} must be a floating-point tensor, got dtype {t.dtype}")
+        if A.dtype != B.dtype:
+            raise ValueError(f"A and B must share a dtype, got {A.dtype} and {B.dtype}")
+        _check_finite(B, "B", names)
+        if A.dim() == 3:
+            _check_finite(A, "A", names)
+        elif not torch.isfinite(A).all():
+            raise ValueError("the shared A contains NaN or inf")
+        self.names: list[str] = names
+        self.index = {n: i for i, n in enumerate(names)}
+        self.A, self.B = A, B
+        self.mu, self.sigma = self._check_stats(mu, sigma, N, B)
+        self._cdf = self._check_quantiles(quantiles, N, B)  # None, or (knots (N, Q) in z units, target (Q,))
+        self.shared_a = A.dim() == 2
+        self._casts: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.shared_a:
+            _, R = rt.qr_positive(B.to(rt.compute_dtype(B.dtype)))  # (N, r, r)
+            self.G_packed = rt.pack_gram(R)  # (N, r(r+1)/2)
+            self._G_scored, self._offset = rt.fold_zscore(self.G_packed, self.mu, self.sigma)  # derived
+            self._R_stacked = rt.stack_r(R, self.sigma)  # (r, N*r): the few-token form of the same scores
+            if self.mu is not None:
+                self._check_overflow(self._G_scored, "G / sigma^2", self.mu, self.sigma)
+
+    def _check_stats(self, mu, sigma, N, B):
+        if (mu is None) != (sigma is None):
+            raise ValueError("mu and sigma must be given together")
+        if mu is None:
+            return None, None
+        cdt = rt.compute_dtype(B.dtype)
+        mu = torch.as_tensor(mu, dtype=cdt, device=B.device)
+        sigma = torch.as_tensor(sigma, dtype=cdt, device=B.device)
+        for t, what in ((mu, "mu"), (sigma, "sigma")):
+            if t.shape != (N,):
+                raise ValueError(f"{what} must have shape ({N},), got {tuple(t.shape)}")
+            _check_finite(t[:, None], what, self.names)
+        if (sigma <= 0).any():
+            i = int((sigma <= 0).nonzero()[0])
+            raise ValueError(f"sigma of adapter {self.names[i]!r} must be positive, got {float(sigma[i])}")
+        for t, what in ((mu / sigma, "mu / sigma"), (1 / (sigma * sigma), "1 / sigma^2")):
+            self._check_overflow(t[:, None], what, mu, sigma)
+        return mu, sigma
+
+    def _check_overflow(self, t: torch.Tensor, what: str, mu: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Statistics are checked jointly: each finite on its own, they must also z-score without overflow."""
+        i = _first_nonfinite(t)
+        if i is not None:
+            raise ValueError(f"stats of adapter {self.names[i]!r} overflow {t.dtype} when z-scoring: {what} is not "
+                             f"finite (mu={float(mu[i]):.6g}, sigma={float(sigma[i]):.6g})")
+
+    def _check_quantiles(self, quantiles, N, B):
+        if quantiles is None:
+            return None
+        if self.mu is None:
+            raise ValueError("quantiles need mu and sigma too (they are read in z-score units)")
+        from seqr.core.stats import QUANTILE_LEVELS
+
+        q = torch.as_tensor(quantiles, dtype=self.mu.dtype, device=B.device)
+        if q.shape != (N, len(QUANTILE_LEVELS)):
+            raise ValueError(f"quantiles must have shape ({N}, {len(QUANTILE_LEVELS)}), got {tuple(q.shape)}")
+        _check_finite(q, "quantiles", self.names)
+        bad = (q[:, 1:] < q[:, :-1]).any(dim=1)  # (N,)
+        if bad.any():
+            raise ValueError(f"quantiles of adapter {self.names[int(bad.nonzero()[0])]!r} are not non-decreasing")
+        knots = (q - self.mu[:, None]) / self.sigma[:, None]  # (N, Q) in the z-score's units
+        knots = knots + 1e-9 * torch.arange(q.shape[1], dtype=q.dtype, device=q.device)  # strictly increasing
+        target = rt.probit(torch.tensor(QUANTILE_LEVELS, dtype=q.dtype, device=q.device))  # (Q,)
+        return knots, target
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def num_adapters(self) -> int:
+        return self.B.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(N, m, n, r)."""
+        N, m, r = self.B.shape
+        return N, m, self.A.shape[-1], r
+
+    @property
+    def numel(self) -> int:
+        """Numbers held for routing and updates: A, B and the packed Grams (not counting the stats, the Grams
+        with the z-score folded in, derived from these, or the lazily built baseline factors)."""
+        return self.A.numel() + self.B.numel() + (self.G_packed.numel() if self.shared_a else 0)
+
+    def prepare(self, *methods: str) -> "AdapterBank":
+        """Build the lazy factors that the given methods need now (e.g. before timing, or before serving)."""
+        for method in methods:
+            self._check_method(method, ROUTE_METHODS)
+            if method in ("arrow", "lag"):
+                self._prototypes
+            if method in ("spectr", "lag"):
+                self._svd
+        return self
+
+    @cached_property
+    def _svd(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cdt = rt.compute_dtype(self.B.dtype)
+        return rt.svd_factors(self.B.to(cdt), self.A.to(cdt))  # S (N, r), Vt (N, r, n)
+
+    @cached_property
+    def _prototypes(self) -> torch.Tensor:
+        return self._svd[1][:, 0, :].contiguous()  # (N, n): ARROW's top right singular vectors
+
+    # ----------------------------------------------------------------------------------------------
+    def _flat(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        n = self.A.shape[-1]
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != n:
+            raise ValueError(f"x must have shape (..., {n}), got {_shape(x)}")
+        return x.reshape(-1, n), tuple(x.shape[:-1])
+
+    def z(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared projection z = A x, computed once per token: (..., n) -> (..., r)."""
+        if not self.shared_a:
+            raise ValueError("z = A x needs a shared A; this bank has one A per adapter")
+        return x @ self._cast(x.dtype)[2]  # (..., r)
+
+    def scores(self, x: torch.Tensor, method: str = "seqr", *, z: torch.Tensor | None = None) -> torch.Tensor:
+        """(…, N) routing scores. Norm methods are z-scored with mu/sigma when set; arrow gives |v_i.x|."""
+        xf, lead = self._flat(x)
+        self._check_method(method, METHODS)
+        out = torch.empty(xf.shape[0], self.num_adapters, dtype=rt.compute_dtype(self.B.dtype), device=xf.device)
+        for c, s in self._score_chunks(xf, method, z):
+            out[c] = s  # (t, N)
+        return out.view(*lead, self.num_adapters)
+
+    def _score_chunks(self, xf: torch.Tensor, method: str, z: torch.Tensor | None):
+        """Yield (token slice, fresh (t, N) score tensor) over memory-bounded token chunks."""
+        zf = self._z_cdt(z)  # (T, r) or None
+        for c in rt.token_chunks(xf.shape[0], self._width(method)):
+            zc = None if zf is None else zf[c]  # (t, r)
+            yield c, self._scores_flat(self._in_cdt(xf[c], method, zc), method, zc)
+
+    def _width(self, method: str) -> int:
+        """Temporary elements per token of one method's scores (for token_chunks)."""
+        N, m, n, r = self.shape
+        return {"seqr": N + r * (r + 1), "spectr": 2 * N * r, "arrow": N, "naive": 2 * N}[method]
+
+    def _z_cdt(self, z: torch.Tensor | None) -> torch.Tensor | None:
+        return None if z is None else _as(z.reshape(-1, z.shape[-1]), rt.compute_dtype(self.B.dtype))  # (T, r)
+
+    def _in_cdt(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
+        """x in the scores' dtype; SEQR scoring from z never reads x, so it is not cast."""
+        return x if method == "seqr" and z is not None else _as(x, rt.compute_dtype(self.B.dtype))
+
+    def _scores_flat(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
+        s = self._norm_scores(x, method, z)  # (T, N)
+        if self._cdf is None or method == "arrow":
+            return s
+        return rt.percentile_scores(s, *(t.to(s.dtype) for t in self._cdf))  # (T, N)
+
+    def _norm_scores(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
+        if method == "seqr":
+            z = self.z(x) if z is None else z  # (T, r)
+            if z.shape[0] <= rt.GATHER_TOKENS:
+                return rt.seqr_scores_few(z, self._R_stacked, self._offset)  # (T, N)
+            return rt.seqr_scores(z, self._G_scored, self._offset)  # (T, N)
+        if method == "arrow":
+            return rt.arrow_scores(x, self._prototypes)  # (T, N)
+        if method == "spectr":
+            S, Vt = self._svd
+            return rt.zscore_(rt.spectr_norms(x, S, Vt), self.mu, self.sigma)  # (T, N)
+        norms = rt.naive_norms(x, self.A.to(x.dtype), self.B.to(x.dtype))  # (T, N)
+        return rt.zscore_(norms, self.mu, self.sigma)
+
+    def route(self, x: torch.Tensor, method: str = "seqr", *, k: int | None = None, allowed=None,
+              z: torch.Tensor | None = None) -> torch.Tensor:
+        """Chosen adapter index per token, (…,) LongTensor. `allowed`: names, indices or a bool mask
+        of shape (N,) or (…, N); an adapter outside it is never chosen. `lag` takes k."""
+        xf, lead = self._flat(x)
+        self._check_method(method, ROUTE_METHODS)
+        mask = self.allowed_mask(allowed, xf.shape[0], lead)  # None, (1, N) or (T, N)
+        if method != "lag" and k is not None:
+            raise ValueError(f"k is only used by method 'lag', got k={k} with method {method!r}")
+        if method == "lag":
+            N = self.num_adapters
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
+                raise ValueError(f"lag needs an integer k in [1, {N}], got k={k!r}")
+            if self._cdf is not None:
+                raise ValueError("lag ranks its candidates by z-score; it does not take the percentile score")
+        return self.choose(xf, method, mask, k=k, z=z).view(lead)
+
+    def choose(self, xf: torch.Tensor, method: str, mask: torch.Tensor | None, *, k: int | None = None,
+               z: torch.Tensor | None = None) -> torch.Tensor:
+        """`route` on already validated input: flat tokens xf (T, n), a method of ROUTE_METHODS, a bool mask
+        (1, N) or (T, N) or None, z = A x (T, r) or None. The routed layers' hot path. Returns (T,)."""
+        if method != "lag" and xf.shape[0] * self._width(method) <= rt.BLOCK_ELEMENTS:  # one chunk: no slicing
+            return rt.masked_argmax_(self._scores_flat(self._in_cdt(xf, method, z), method, self._z_cdt(z)), mask)
+        idx = torch.empty(xf.shape[0], dtype=torch.long, device=xf.device)  # (T,)
+        if method != "lag":
+            for c, s in self._score_chunks(xf, method, z):
+                idx[c] = rt.masked_argmax_(s, None if mask is None else mask if mask.shape[0] == 1 else mask[c])
+            return idx
+        S, Vt = self._svd
+        cdt = rt.compute_dtype(self.B.dtype)
+        for c in rt.token_chunks(xf.shape[0], self.num_adapters + k * Vt.shape[1] * Vt.shape[2], rt.GATHER_ELEMENTS):
+            mc = None if mask is None else (mask if mask.shape[0] == 1 else mask[c])
+            idx[c] = rt.lag_route(xf[c].to(cdt), self._prototypes, S, Vt, k, mc, self.mu, self.sigma)
+        return idx
+
+    def allowed_mask(self, allowed, T: int, lead: tuple[int, ...] = ()) -> torch.Tensor | None:
+        """Normalise `allowed` to a bool mask of shape (1, N) or (T, N); None means every adapter."""
+        if allowed is None:
+            return None
+        N = self.num_adapters
+        if isinstance(allowed, torch.Tensor) and allowed.dtype == torch.bool:
+            if allowed.shape[-1] != N or allowed.shape[:-1] not in ((), (1,), lead, (T,)):
+                raise ValueError(f"allowed mask must have shape ({N},) or {(*lead, N)}, got {tuple(allowed.shape)}")
+            mask = allowed.reshape(-1, N).to(self.B.device)
+        else:
+            mask = torch.zeros(1, N, dtype=torch.bool, device=self.B.device)
+            mask[0, self.indices(allowed)] = True
+        empty = ~mask.any(dim=-1)
+        if empty.any():
+            raise ValueError(f"allowed set is empty for token {int(empty.nonzero()[0])}: no adapter can be chosen")
+        return mask
+
+    def indices(self, items: Iterable) -> list[int]:
+        """Adapter names or indices -> indices, with an error naming every unknown item."""
+        if isinstance(items, torch.Tensor) or hasattr(items, "ndim"):
+            items = torch.as_tensor(items).reshape(-1)
+        elif isinstance(items, (str, int)):
+            items = [items]
+        out, unknown = [], []
+        for it in (items.tolist() if isinstance(items, torch.Tensor) else items):
+            if isinstance(it, str):
+                (out.append(self.index[it]) if it in self.index else unknown.append(it))
+            elif isinstance(it, int) and not isinstance(it, bool) and 0 <= it < self.num_adapters:
+                out.append(it)
+            else:
+                unknown.append(it)
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {unknown}; known: {self.names}")
+        return out
+
+    # ----------------------------------------------------------------------------------------------
+    def delta(self, x: torch.Tensor, index, *, z: torch.Tensor | None = None) -> torch.Tensor:
+        """The chosen adapter's update B_i A x per token: (…, n) -> (…, m). `index`: an int, a name, or
+        a LongTensor of the leading shape. Only the adapters actually chosen are touched."""
+        xf, lead = self._flat(x)
+        T = xf.shape[0]
+        if isinstance(index, (int, str)) or (hasattr(index, "ndim") and index.ndim == 0):
+            index = index if isinstance(index, str) else int(index)
+            idx = torch.full((T,), self.indices(index)[0], dtype=torch.long, device=xf.device)
+        else:
+            idx = torch.as_tensor(index, device=xf.device).reshape(-1)
+            if idx.shape[0] != T:
+                raise ValueError(f"index must have shape {lead}, got {tuple(torch.as_tensor(index).shape)}")
+            if idx.numel() and (idx.min() < 0 or idx.max() >= self.num_adapters):
+                raise ValueError(f"index out of range [0, {self.num_adapters}): {idx.min()}..{idx.max()}")
+        return self.apply(xf, idx, z=z).view(*lead, -1)  # (…, m)
+
+    def apply(self, xf: torch.Tensor, idx: torch.Tensor, *, z: torch.Tensor | None = None) -> torch.Tensor:
+        """`delta` on already validated input: flat tokens xf (T, n), indices idx (T,) in range, z = A x or None.
+        The routed layers' hot path. Returns (T, m)."""
+        A, Bt, At = self._cast(xf.dtype)  # (r, n) or (N, n, r); (N, r, m); (n, r) or None
+        if self.shared_a:
+            zf = xf @ At if z is None else _as(z.reshape(xf.shape[0], -1), xf.dtype)  # (T, r)
+        else:
+            zf = rt.grouped_matmul(xf, idx, A)  # (T, r): each token's own A_i x
+        return rt.grouped_matmul(zf, idx, Bt)  # (T, m)
+
+    def mean_delta(self, x: torch.Tensor, allowed=None) -> torch.Tensor:
+        """MU baseline: the mean of the N updates, (1/|S|) sum_{i in S} B_i A_i x, over the allowed set S of
+        each token (all adapters by default), without forming any m x n matrix."""
+        xf, lead = self._flat(x)
+        N, m, n, r = self.shape
+        mask = self.allowed_mask(allowed, xf.shape[0], lead)
+        mask = torch.ones(1, N, dtype=torch.bool, device=xf.device) if mask is None else mask
+        pats, inv = torch.unique(mask, dim=0, return_inverse=True)  # (P, N) distinct allowed sets, (T or 1,)
+        w = pats.to(xf.dtype) / pats.sum(dim=1, keepdim=True)  # (P, N) averaging weights
+        inv = inv.expand(xf.shape[0]) if inv.shape[0] == 1 else inv  # (T,)
+        A, Bt, _ = self._cast(xf.dtype)
+        if self.shared_a:
+            mean_Bt = (w @ Bt.reshape(N, r * m)).view(-1, r, m)  # (P, r, m)
+            return rt.grouped_matmul(xf @ A.T, inv, mean_Bt).view(*lead, m)
+        zs = (xf @ A.permute(0, 2, 1).reshape(N * r, n).T).view(-1, N, r) * w[inv][:, :, None]  # (T, N, r)
+        return (zs.reshape(-1, N * r) @ Bt.reshape(N * r, m)).view(*lead, m)  # (…, m)
+
+    def _cast(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A, B^T and the shared A^T in the activations' dtype (cached): A (r, n) or (N, n, r), Bt (N, r, m),
+        At (n, r) contiguous (z = x @ At without a transpose per call) or None."""
+        if dtype not in self._casts:
+            A = self.A.to(dtype)
+            At = A.T.contiguous() if self.shared_a else None
+            self._casts[dtype] = (A if self.shared_a else A.transpose(1, 2), self.B.to(dtype).transpose(1, 2), At)
+        return self._casts[dtype]
+
+    # ----------------------------------------------------------------------------------------------
+    def _check_method(self, method: str, valid: tuple[str, ...]) -> None:
+        if method not in valid:
+            raise ValueError(f"unknown routing method {method!r}; expected one of {list(valid)}")
+        if method == "seqr" and not self.shared_a:
+            raise ValueError("method 'seqr' needs a shared A (one frozen A for all adapters); this bank has "
+                             "one A per adapter, so use 'spectr', 'arrow', 'lag' or 'naive'")
+
+    def __repr__(self) -> str:
+        N, m, n, r = self.shape
+        return (f"AdapterBank(N={N}, m={m}, n={n}, r={r}, shared_a={self.shared_a}, "
+                f"calibrated={self.mu is not None}, dtype={self.B.dtype})")
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, without a dispatch when it already is (the routed layers' hot path calls this per layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _shape(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"{type(x).__name__}"

@@ -1,0 +1,174 @@
+"""PNG figures of a `seqr eval` results document (matplotlib, Agg): drawn from the JSON alone, so a finished
+evaluation is re-plotted without rerunning anything."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from seqr.eval import report as er
+from seqr.store import files
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path, name: str) -> str:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    files.atomic_write_bytes(out / name, buf.getvalue())
+    return name
+
+
+def accuracy(doc: dict, out: Path, kind: str = "shared") -> str | None:
+    """Table 3 as grouped bars: normalised accuracy per task and on average, one bar per method."""
+    summ = er.accuracy_summary(doc, kind)
+    keys = [k for k in summ if k != "oracle"]
+    if not keys:
+        return None
+    plt = _plt()
+    cols = er.tasks(doc) + ["avg"]
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(cols)), 4))
+    width = 0.8 / len(keys)
+    for j, key in enumerate(keys):
+        cells = [summ[key]["norm"][c] for c in cols]
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(cols))]
+        err = [100 * c[1] if c and c[1] is not None else 0 for c in cells]
+        ax.bar(xs, [100 * c[0] if c else 0 for c in cells], width, label=key, yerr=err if any(err) else None,
+               capsize=2)
+    ax.axhline(100, color="k", lw=0.8, ls="--")
+    ax.set_xticks(range(len(cols)), cols, rotation=30)
+    ax.set_ylabel("accuracy / oracle accuracy (%)")
+    ax.set_title(f"{kind}-A library: normalised accuracy per task")
+    ax.legend(ncol=min(len(keys), 6), fontsize=8)
+    return _save(fig, out, f"accuracy_{kind}.png")
+
+
+def routing_accuracy(doc: dict, out: Path, kind: str = "shared") -> str | None:
+    """Figure 4: share of decisions picking the norm-maximising adapter, per router, and LAG by k."""
+    r = er.routing_summary(doc, kind)
+    if not r["own"] and not r["would"]:
+        return None
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    keys = list(r["own"])
+    err = [100 * (r["own"][k][1] or 0) for k in keys]
+    a1.bar(keys, [100 * r["own"][k][0] for k in keys], yerr=err if any(err) else None, capsize=3, color="tab:blue")
+    a1.set_ylim(0, 105)
+    a1.set_ylabel("% decisions = norm-max")
+    a1.set_title("each router, its own pass")
+    lag = sorted((int(k.split("@")[1]), v[0]) for k, v in r["would"].items() if k.startswith("lag@"))
+    if lag:
+        a2.plot([k for k, _ in lag], [100 * v for _, v in lag], "o-", label="LAG(k)")
+        a2.axhline(100 * r["would"]["arrow"][0], color="tab:orange", ls="--", label="ARROW")
+        a2.axhline(100, color="tab:green", ls=":", label="SEQR = SPECTR")
+        a2.set_xticks([k for k, _ in lag])
+        a2.set_xlabel("k (ARROW shortlist)")
+        a2.set_ylim(0, 105)
+        a2.legend(fontsize=8)
+        a2.set_title("on the reference pass's hidden states")
+    fig.suptitle(f"{kind}-A library: routing accuracy")
+    return _save(fig, out, f"routing_accuracy_{kind}.png")
+
+
+def confusion(doc: dict, out: Path, kind: str = "shared") -> str | None:
+    """Which adapter each task's decisions went to, per router (first library of the kind)."""
+    libs = er.libraries(doc, kind)
+    if not libs:
+        return None
+    label, entry = libs[0]
+    keys = [k for k in entry["methods"] if k.split("@")[0] in er.ROUTED]
+    if not keys:
+        return None
+    plt = _plt()
+    mats = {key: er.confusion(doc, label, key) for key in keys}
+    top = max(v for _, _, mat in mats.values() for row in mat for v in row) or 1.0  # one colour scale for all
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ts, names, mat = mats[key]
+        im = ax.imshow(mat, vmin=0, vmax=top, cmap="viridis")
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(ts)), ts, fontsize=7)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("adapter", fontsize=8)
+    axes[0][0].set_ylabel("input task", fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of decisions")
+    fig.suptitle(f"routing confusion ({label})")
+    return _save(fig, out, f"confusion_{kind}.png")
+
+
+def norms(doc: dict, out: Path) -> str | None:
+    """Figure 3: mean raw and z-scored activation norm of every adapter (columns) on every task (rows)."""
+    panels = []
+    for kind in er.KINDS:
+        for label, _ in er.libraries(doc, kind)[:1]:
+            for which in ("raw", "z"):
+                nm = er.norms(doc, label, which)
+                if nm is not None:
+                    panels.append((f"{label}: {'raw' if which == 'raw' else 'z-scored'} norm", nm))
+    if not panels:
+        return None
+    plt = _plt()
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(10, 4.2 * rows), squeeze=False)
+    for ax, (title, (ts, names, mat)) in zip(axes.flat, panels):
+        im = ax.imshow(mat, cmap="magma")
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(ts)), ts, fontsize=7)
+        for i, row in enumerate(mat):  # mark each row's largest mean
+            j = max(range(len(row)), key=row.__getitem__)
+            ax.text(j, i, "*", ha="center", va="center", color="cyan", fontsize=10)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle("mean activation norm per task (rows) and adapter (columns); * = row max")
+    return _save(fig, out, "norms.png")
+
+
+def noise(doc: dict, out: Path) -> str | None:
+    """Figure 6: SEQR's normalised accuracy against noise on mu, with ARROW and LAG as flat references."""
+    curve = er.noise_summary(doc)
+    if len(curve) < 2:
+        return None
+    plt = _plt()
+    summ = er.accuracy_summary(doc, "shared")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    xs = sorted(curve)
+    err = [100 * (curve[x][1] or 0) for x in xs]
+    ax.errorbar(xs, [100 * curve[x][0] for x in xs], yerr=err if any(err) else None, fmt="o-", capsize=3,
+                label="seqr")
+    for key, style in (("arrow", "--"), ("lag", ":")):
+        hit = [k for k in summ if k.split("@")[0] == key]
+        if hit and summ[hit[0]]["norm"]["avg"]:
+            ax.axhline(100 * summ[hit[0]]["norm"]["avg"][0], ls=style, color="gray", label=hit[0])
+    ax.set_xlabel("noise on mu (standard deviations)")
+    ax.set_ylabel("avg normalised accuracy (%)")
+    ax.legend(fontsize=8)
+    ax.set_title("robustness to noisy calibration")
+    return _save(fig, out, "noise.png")
+
+
+def all_figures(doc: dict, out: str | Path) -> list[str]:
+    """Every figure the document has data for; returns their file names (relative to `out`)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    made = [accuracy(doc, out, k) for k in er.KINDS] + [routing_accuracy(doc, out, k) for k in er.KINDS]
+    made += [confusion(doc, out, k) for k in er.KINDS] + [norms(doc, out), noise(doc, out)]
+    return [m for m in made if m]
+
+
+def write_report(doc: dict, out: str | Path) -> tuple[Path, list[str]]:
+    """Figures plus report.md (tables + the figures) into `out`; returns (report path, figure names)."""
+    out = Path(out)
+    figs = all_figures(doc, out)
+    path = out / files.EVAL_REPORT
+    files.atomic_write_bytes(path, er.markdown(doc, figs).encode())
+    return path, figs

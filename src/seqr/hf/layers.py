@@ -1,0 +1,427 @@
+"""Routed inference inside a transformers model: `attach`, `detach` and the `routing` context.
+
+`attach` swaps every adapted `nn.Linear` (or GPT-2 `Conv1D`) named in a `LoraLibrary` for a small
+`RoutedLinear` that computes y = W x + B_i* A x, with i* chosen per token by the model's `RoutingState`:
+the method, LAG's k, the adapters each batch row may use, and an optional trace. A forward pre-hook on
+the model captures the attention mask (so traces skip padding) and counts forward passes.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from seqr.core import routers as rt
+from seqr.core.bank import AdapterBank
+from seqr.store.library import LoraLibrary
+from seqr.core.trace import Trace
+
+ROUTERS = ("seqr", "spectr", "arrow", "lag", "naive")
+METHODS = ROUTERS + ("mu", "base")
+GRANULARITIES = ("token", "prompt", "prompt-vote", "layers", "depth")
+STATE_ATTR = "_seqr_state"
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return ()
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(out m, in n) of an nn.Linear or a GPT-2 Conv1D (weight stored n x m); None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, _conv1d_type()):
+        n, m = module.weight.shape
+        return m, n
+    return None
+
+
+@dataclass
+class _Config:
+    method: str | tuple = "seqr"
+    k: int | None = None
+    allowed: torch.Tensor | None = None  # (R, N) bool: R = 1 (whole batch) or one row per batch row
+    fixed: torch.Tensor | None = None  # (R,) adapter index per batch row for fixed-adapter methods
+    granularity: str = "token"  # GRANULARITIES: see `routing`
+    mix: int | None = None  # top-`mix` adapters per token, weighted by softmax(score / temperature)
+    temperature: float = 1.0
+
+
+class RoutingState:
+    """What every routed layer of one model reads on each call (shared by all of them)."""
+
+    def __init__(self, library: LoraLibrary):
+        self.names = library.names
+        self.shared_a = library.shared_a
+        self.cfg = _Config()
+        self.trace: Trace | None = None
+        self.attention_mask: torch.Tensor | None = None  # (B, S) of the current forward, if given
+        self.device = torch.device("cpu")  # the model's, where per-token masks are built
+        self.hook = None
+        self.prefill = True  # the current forward starts new sequences (no KV cache yet)
+        self.sticky: dict[str, torch.Tensor] = {}  # layer -> (B,) per-row choices made at prefill (granularity prompt)
+        self.probing = False  # granularity "layers": inside the first (score-summing) forward
+        self.layer_sum: torch.Tensor | None = None  # (B*T, N) scores summed over layers by the probe
+        self.shared: torch.Tensor | None = None  # (B*T,) the probe's per-token choice, used by every layer
+        self.probe_rows = (0, 0)  # (B, T) the probe saw
+        self.depth_sum: torch.Tensor | None = None  # (B*T, N) granularity "depth": scores of the layers so far
+
+    # ------------------------------------------------------------------------------------------ config
+    def configure(self, method, k=None, allowed=None, granularity="token", mix=None, temperature=1.0) -> _Config:
+        """Validate a method / k / allowed / granularity / mixture combination and return it as a config."""
+        N, index = len(self.names), {n: i for i, n in enumerate(self.names)}
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if mix is not None and (isinstance(mix, bool) or not isinstance(mix, int) or not 1 <= mix <= N):
+            raise ValueError(f"mix must be an integer in [1, {N}] (adapters mixed per token), got {mix!r}")
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if (granularity != "token" or mix is not None) and method not in ("seqr", "spectr", "naive", "arrow"):
+            raise ValueError(f"granularity / mix apply to the score routers seqr, spectr, naive, arrow; got method "
+                             f"{method!r}")
+        if granularity != "token" and mix is not None:
+            raise ValueError(f"mix is per token and layer; it cannot be combined with granularity {granularity!r}")
+        mask = None if allowed is None else self._allowed_mask(allowed, index)
+        fixed = None
+        if isinstance(method, str) and method in METHODS:
+            if method == "seqr" and not self.shared_a:
+                raise ValueError("method 'seqr' needs a shared-A library; this one has one A per adapter")
+            if method == "lag" and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N):
+                raise ValueError(f"method 'lag' needs an integer k in [1, {N}], got k={k!r}")
+        else:
+            rows = [method] if isinstance(method, str) else list(method) if isinstance(method, (list, tuple)) else None
+            unknown = [m for m in rows or [method] if not isinstance(m, str) or m not in index]
+            if rows is None or not rows or unknown:
+                raise ValueError(f"unknown routing method or adapter {unknown or method!r}; expected one of "
+                                 f"{list(METHODS)}, an adapter name {self.names}, or one adapter name per batch row")
+            fixed = torch.tensor([index[m] for m in rows])
+            self._check_fixed_allowed(fixed, mask)
+        return _Config(method if isinstance(method, str) else tuple(method), k if method == "lag" else None, mask, fixed,
+                       granularity, mix, float(temperature))
+
+    def _allowed_mask(self, allowed, index) -> torch.Tensor:
+        if isinstance(allowed, str):
+            raise ValueError(f"allowed must be a set of adapter names (or one set per row), got the string {allowed!r}")
+        items = list(allowed)
+        per_row = bool(items) and all(isinstance(a, (set, frozenset, list, tuple)) for a in items)
+        rows = items if per_row else [items]
+        mask = torch.zeros(len(rows), len(self.names), dtype=torch.bool)
+        for r, row in enumerate(rows):
+            unknown = [a for a in row if a not in index]
+            if unknown:
+                raise KeyError(f"allowed set {'of row ' + str(r) + ' ' if per_row else ''}names unknown adapter(s) "
+                               f"{unknown}; the library holds {self.names}")
+            if not row:
+                raise ValueError(f"allowed set {'of row ' + str(r) + ' ' if per_row else ''}is empty")
+            mask[r, [index[a] for a in row]] = True
+        return mask
+
+    def _check_fixed_allowed(self, fixed: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if mask is None:
+            return
+        if fixed.shape[0] > 1 and mask.shape[0] > 1 and fixed.shape[0] != mask.shape[0]:
+            raise ValueError(f"{fixed.shape[0]} per-row adapters but {mask.shape[0]} per-row allowed sets")
+        R = max(fixed.shape[0], mask.shape[0])
+        f, m = fixed.expand(R), mask.expand(R, -1)
+        bad = [(r, self.names[int(f[r])]) for r in range(R) if not m[r, f[r]]]
+        if bad:
+            raise PermissionError("adapter not in the allowed set: " + ", ".join(f"row {r}: {a!r}" for r, a in bad))
+
+    # ------------------------------------------------------------------------------------------ per call
+    def rows(self, x: torch.Tensor) -> tuple[int, int]:
+        """(batch rows B, tokens per row) of a layer input (B, T, n) or (T, n)."""
+        return (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
+
+    def _per_row(self, t: torch.Tensor, B: int, T: int, what: str) -> torch.Tensor:
+        """Expand a per-row tensor (R, ...) with R = 1 or B to one entry per token (B*T, ...)."""
+        if t.shape[0] not in (1, B):
+            raise ValueError(f"{what} has {t.shape[0]} rows but the batch has {B}")
+        return t.to(self.device).expand(B, *t.shape[1:]).repeat_interleave(T, dim=0)
+
+    def token_mask(self, B: int, T: int) -> torch.Tensor | None:
+        m = self.cfg.allowed
+        return None if m is None else (m.to(self.device) if m.shape[0] == 1 else self._per_row(m, B, T, "allowed"))
+
+    def fixed_index(self, B: int, T: int) -> torch.Tensor:
+        return self._per_row(self.cfg.fixed, B, T, "the per-row adapter list")
+
+    def real_tokens(self, B: int, T: int) -> torch.Tensor:
+        """(B*T,) True for real tokens: the last T columns of the forward's attention mask, if it had one."""
+        am = self.attention_mask
+        if am is None or am.dim() != 2 or am.shape[0] != B or am.shape[1] < T:
+            return torch.ones(B * T, dtype=torch.bool, device=self.device)
+        return am[:, -T:].reshape(-1).bool()
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """The next forwards continue rows `index` of the sequences prefilled last (a KV cache's
+        batch_select_indices): per-row choices follow them."""
+        self.sticky = {k: v[index.to(v.device)] for k, v in self.sticky.items()}
+
+    def pre_hook(self, module, args, kwargs):
+        am = kwargs.get("attention_mask")
+        self.attention_mask = am if isinstance(am, torch.Tensor) else None
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x: `cache`
+        self.prefill = past is None or not hasattr(past, "get_seq_length") or past.get_seq_length() == 0
+        self.depth_sum = None
+        if self.probing:
+            return
+        if self.prefill:
+            self.sticky = {}
+        if self.trace is not None:
+            self.trace.next_step()
+        if self.cfg.granularity == "layers":
+            self._probe(module, args, kwargs, past)
+
+    def _probe(self, model, args, kwargs, past) -> None:
+        """Granularity "layers": run the forward once routed per token (the paper's way) summing each token's
+        scores over every routed layer, crop the KV cache back, and let the real forward route all layers of a
+        token to the argmax of that sum."""
+        before = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else None
+        saved, self.trace, self.probing, self.layer_sum, self.shared = self.trace, None, True, None, None
+        try:
+            with torch.no_grad():
+                model(*args, **kwargs)
+        finally:
+            self.probing, self.trace = False, saved
+        added = 0 if before is None else past.get_seq_length() - before
+        if added:
+            if not hasattr(past, "layers"):
+                raise ValueError(f"granularity 'layers' needs a cache it can crop back, got {type(past).__name__}")
+            for layer in past.layers:
+                layer.crop(-added)
+        if self.layer_sum is not None:
+            B, T = self.probe_rows
+            mask = self.token_mask(B, T)  # None, (1, N) or (B*T, N)
+            self.shared = rt.masked_argmax_(self.layer_sum, mask)  # (B*T,)
+
+
+class RoutedLinear(nn.Module):
+    """A linear layer plus the routed LoRA update of its `AdapterBank`: y = W x + B_i* A x."""
+
+    def __init__(self, base: nn.Module, bank: AdapterBank, state: RoutingState, name: str):
+        super().__init__()
+        self.base, self.bank, self.state, self.name = base, bank, state, name
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects q_proj.weight keeps working
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # (..., m)
+        if self.state.cfg.method == "base":
+            return y
+        upd = routed_update(self.bank, x, self.state, self.name).view_as(y)  # (..., m) fp32 under a bf16 model
+        return y + upd if y.dtype == upd.dtype else (y + upd).to(y.dtype)  # one rounding
+
+
+def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: str) -> torch.Tensor:
+    """The per-token update of one layer under the state's method; records the trace when one is on."""
+    B, T = st.rows(x)
+    # like peft's default (autocast_adapter_dtype), the adapters run in fp32 under a bf16/fp16 base model
+    xf = x.reshape(B * T, x.shape[-1])  # (B*T, n)
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    xf = xf if xf.dtype == cdt else xf.to(cdt)
+    mask = st.token_mask(B, T)  # None, (1, N) or (B*T, N)
+    cfg, z = st.cfg, None
+    if cfg.method == "mu":
+        upd, idx = bank.mean_delta(xf, allowed=mask), None
+    elif cfg.fixed is not None:
+        idx = st.fixed_index(B, T)  # (B*T,)
+        upd = bank.apply(xf, idx)  # (B*T, m)
+    else:
+        z = bank.z(xf) if bank.shared_a else None  # (B*T, r): A x once, for scoring and the update
+        if cfg.mix is not None:
+            upd, idx = _mixture(bank, xf, z, cfg, mask)  # (B*T, m), (B*T,) each token's top adapter
+        else:
+            if cfg.granularity in ("prompt", "prompt-vote"):
+                idx = _prompt_choice(bank, xf, z, st, name, B, T)  # (B*T,)
+            elif cfg.granularity == "layers":
+                idx = _layers_choice(bank, xf, z, st, mask, B, T)  # (B*T,)
+            elif cfg.granularity == "depth":
+                idx = _depth_choice(bank, xf, z, st, mask)  # (B*T,)
+            else:
+                idx = bank.choose(xf, cfg.method, mask, k=cfg.k, z=z)  # (B*T,)
+            upd = bank.apply(xf, idx, z=z)  # (B*T, m)
+    if st.trace is not None:
+        _record(st, bank, name, xf, z, idx, mask, B, T)
+    return upd
+
+
+def _prompt_choice(bank: AdapterBank, xf, z, st: RoutingState, name: str, B: int, T: int) -> torch.Tensor:
+    """Granularity "prompt": at prefill, per row, the adapter with the best mean score over the row's real
+    tokens (an exact argmax of that mean); "prompt-vote": the adapter most of those tokens pick (ties go to the
+    better mean). Later forwards of the same rows (generated or answer tokens) keep the choice."""
+    if st.prefill or name not in st.sticky:
+        s = bank.scores(xf, st.cfg.method, z=z).view(B, T, -1)  # (B, T, N)
+        real = st.real_tokens(B, T).view(B, T, 1).to(s.dtype)  # (B, T, 1)
+        mean = (s * real).sum(1) / real.sum(1).clamp(min=1)  # (B, N) mean score over the prompt
+        m = st.cfg.allowed
+        m = None if m is None else m.to(mean.device).expand(B, -1)  # (B, N)
+        if st.cfg.granularity == "prompt-vote":
+            mt = None if m is None else m.repeat_interleave(T, dim=0)  # (B*T, N)
+            top = rt.masked_argmax_(s.reshape(B * T, -1).clone(), mt).view(B, T)  # (B, T) each token's pick
+            votes = torch.zeros_like(mean).scatter_add_(1, top, real[..., 0])  # (B, N) real tokens per adapter
+            mean = votes + 0.5 * torch.sigmoid(mean)  # (B, N) the tie-break never outweighs one vote
+        st.sticky[name] = rt.masked_argmax_(mean, m)  # (B,)
+    rows = st.sticky[name]
+    if rows.shape[0] != B:
+        raise ValueError(f"granularity 'prompt': {B} rows continue {rows.shape[0]} prefilled ones; after a "
+                         f"KV cache's batch_select_indices call seqr.hf.layers.select_rows(model, index) too")
+    return rows.repeat_interleave(T)  # (B*T,)
+
+
+def _layers_choice(bank: AdapterBank, xf, z, st: RoutingState, mask, B: int, T: int) -> torch.Tensor:
+    """Granularity "layers": in the probe, route per token and add this layer's scores to the running sum;
+    in the real forward, every layer uses the probe's argmax of the summed scores."""
+    if st.probing:
+        s = bank.scores(xf, st.cfg.method, z=z)  # (B*T, N)
+        st.layer_sum = s.clone() if st.layer_sum is None else st.layer_sum.add_(s)  # (B*T, N)
+        st.probe_rows = (B, T)
+        return rt.masked_argmax_(s, mask)  # (B*T,)
+    if st.shared is None or st.shared.shape[0] != B * T:
+        raise ValueError(f"granularity 'layers': the probe chose for {None if st.shared is None else st.shared.shape[0]}"
+                         f" tokens but this layer sees {B * T}")
+    return st.shared
+
+
+def _depth_choice(bank: AdapterBank, xf, z, st: RoutingState, mask) -> torch.Tensor:
+    """Granularity "depth": per token, the argmax of its scores summed over this and every routed layer called
+    before it in the same forward (one pass: the decision firms up with depth)."""
+    s = bank.scores(xf, st.cfg.method, z=z)  # (B*T, N)
+    prev = st.depth_sum
+    st.depth_sum = s if prev is None or prev.shape != s.shape else prev + s  # (B*T, N)
+    return rt.masked_argmax_(st.depth_sum.clone(), mask)  # (B*T,)
+
+
+def _mixture(bank: AdapterBank, xf, z, cfg: _Config, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`mix` adapters per token, their updates weighted by softmax(score / temperature): (update, top-1)."""
+    s = bank.scores(xf, cfg.method, z=z)  # (B*T, N)
+    k = min(cfg.mix, int(mask.sum(-1).min()) if mask is not None else cfg.mix)
+    top, idx = rt.masked_topk_(s, None if mask is None else mask.expand_as(s), k)  # (B*T, k) allowed only
+    hi = torch.finfo(top.dtype).max
+    w = (top / cfg.temperature).clamp_(-hi, hi).softmax(-1)  # (B*T, k) finite weights even for +-inf scores
+    upd = sum(w[:, j, None] * bank.apply(xf, idx[:, j], z=z) for j in range(k))  # (B*T, m)
+    return upd, idx[:, 0]
+
+
+def _record(st: RoutingState, bank: AdapterBank, name: str, xf, z, idx, mask, B: int, T: int) -> None:
+    real = st.real_tokens(B, T)  # (B*T,)
+    if st.trace.light:  # only what was used: per-row counts and the outside-set check, no score vectors
+        chosen = torch.full((int(real.sum()),), -1, dtype=torch.long) if idx is None else idx[real].cpu()
+        st.trace.record(name, rows=torch.arange(B).repeat_interleave(T)[real.cpu()], chosen=chosen)
+        return
+    xr, zr = xf[real], None if z is None else z[real]
+    neg = float("-inf")
+    norm = bank.scores(xr, "seqr" if bank.shared_a else "spectr", z=zr)  # (t, N) calibrated exact norms
+    arrow = bank.scores(xr, "arrow")  # (t, N)
+    if mask is not None:
+        mr = mask.expand(B * T, -1)[real]
+        norm, arrow = norm.masked_fill(~mr, neg), arrow.masked_fill(~mr, neg)
+    chosen = torch.full((xr.shape[0],), -1, dtype=torch.long) if idx is None else idx[real]
+    margin = torch.full((xr.shape[0],), float("nan"))
+    method = st.cfg.method
+    if idx is not None and st.cfg.fixed is None:
+        used = arrow if method == "arrow" else norm
+        if method == "lag":  # LAG's scores are the norms of its k ARROW candidates
+            keep = torch.zeros_like(arrow, dtype=torch.bool).scatter_(1, arrow.topk(st.cfg.k, -1).indices, True)
+            used = norm.masked_fill(~keep, neg)
+        top = used.gather(1, chosen[:, None])[:, 0]
+        margin = top - used.scatter(1, chosen[:, None], neg).max(-1).values
+    rows = torch.arange(B).repeat_interleave(T)[real.cpu()]
+    st.trace.record(name, rows=rows, chosen=chosen, margin=margin, norm=norm.float(), arrow=arrow.float())
+
+
+# ---------------------------------------------------------------------------------------------- public API
+def attach(model: nn.Module, library: LoraLibrary, *, method="seqr", k: int | None = None) -> nn.Module:
+    """Replace each linear layer named in the library by a routed layer; returns the model."""
+    if hasattr(model, STATE_ATTR):
+        raise ValueError("a seqr library is already attached to this model; call seqr.detach(model) first")
+    modules = dict(model.named_modules())
+    problems = []
+    for layer in library.layers:
+        mod, want = modules.get(layer), library.meta.layers[layer]
+        if mod is None:
+            problems.append(f"{layer}: no such module in the model")
+        elif linear_shape(mod) is None:
+            problems.append(f"{layer}: is a {type(mod).__name__}, not an nn.Linear or Conv1D")
+        elif linear_shape(mod) != tuple(want):
+            problems.append(f"{layer}: the model's layer is (out, in) = {linear_shape(mod)}, the library's {tuple(want)}")
+    if problems:
+        raise ValueError(f"the library ({library.meta.base_model or 'unknown base model'}) does not match this "
+                         f"model ({len(problems)} layer(s)):\n  " + "\n  ".join(problems[:20]))
+    state = RoutingState(library)
+    state.cfg = state.configure(method, k)
+    state.device = next(model.parameters()).device
+    for layer in library.layers:
+        bank = library.bank(layer)
+        if isinstance(method, str) and method in ROUTERS:
+            bank.prepare(method)
+        parent, _, child = layer.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, RoutedLinear(modules[layer], bank, state, layer))
+    state.hook = model.register_forward_pre_hook(state.pre_hook, with_kwargs=True)
+    setattr(model, STATE_ATTR, state)
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Put the original linear modules back (the very same objects) and remove the routing hook."""
+    state = _state(model)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, RoutedLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, mod.base)
+    state.hook.remove()
+    delattr(model, STATE_ATTR)
+    return model
+
+
+@contextlib.contextmanager
+def routing(model: nn.Module, method=None, *, allowed=None, k: int | None = None, trace: bool | str = False,
+            granularity: str = "token", mix: int | None = None, temperature: float = 1.0):
+    """Route the calls inside the block with `method` (default: the attached one), only among `allowed`
+    adapters (a set of names, or one set per batch row), recording a `Trace` when `trace=True` (every
+    router's scores too) or `trace="choices"` (only the adapter each decision used: cheap, for serving).
+    `granularity="prompt"`: one adapter per row and layer, chosen at prefill by the mean score over the prompt
+    and kept for the tokens that follow ("prompt-vote": by the majority of the prompt tokens' picks);
+    `granularity="layers"`: one adapter per token for all layers, the argmax of its scores summed over layers
+    (a first forward measures them: twice the compute); `granularity="depth"`: per token and layer, the argmax of
+    the scores summed over that layer and the routed layers before it (one forward); `mix=K`: the top K adapters per token,
+    softmax(score/temperature)-weighted."""
+    state = _state(model)
+    saved, saved_trace = state.cfg, state.trace
+    method = state.cfg.method if method is None else method
+    k = (state.cfg.k if method == state.cfg.method else None) if k is None else k
+    state.cfg = state.configure(method, k, allowed, granularity, mix, temperature)
+    if trace not in (False, True, "choices"):
+        raise ValueError(f"trace must be False, True or 'choices' (adapters used only), got {trace!r}")
+    state.trace = Trace(list(state.names), method, state.cfg.k, light=trace == "choices") if trace else None
+    try:
+        yield state.trace
+    finally:
+        state.cfg, state.trace = saved, saved_trace
+
+
+def select_rows(model: nn.Module, index: torch.Tensor) -> None:
+    """Tell a routed model that its next forwards continue rows `index` of the last prefill (call it with a
+    KV cache's batch_select_indices); a model without a seqr library attached is left alone."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is not None:
+        state.select_rows(index)
+
+
+def _state(model: nn.Module) -> RoutingState:
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("no seqr library is attached to this model; call seqr.attach(model, library) first")
+    return state

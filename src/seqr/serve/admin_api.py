@@ -1,0 +1,105 @@
+"""The admin and operations routes: POST/DELETE /admin/adapters, PUT /admin/users/{user}, GET /health and
+GET /metrics. Admin changes go through the service's control, are mapped to 4xx/503, and are audited."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi import Request as HTTPRequest  # module level: FastAPI resolves handler annotations here
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from seqr.serve.http_io import APIError, Service, bearer_key, body_of, principal, service
+from seqr.store import files
+from seqr.store.library import LibraryConflict
+
+router = APIRouter()
+
+
+def admin(request: HTTPRequest) -> Service:
+    if not principal(request).admin:
+        raise APIError(403, "this endpoint needs an admin key", "permission_error")
+    return service(request)
+
+
+async def mapped(op, *args):
+    """Run a control operation, its failures as the client should see them."""
+    try:
+        return await op(*args)
+    except KeyError as e:
+        raise APIError(404, str(e).strip("'\"")) from None
+    except LibraryConflict as e:
+        raise APIError(409, str(e), code="library_conflict") from None
+    except files.LockTimeout as e:
+        raise APIError(503, str(e), "server_error", code="library_locked") from None
+    except (ValueError, TypeError, FileNotFoundError) as e:  # e.g. an added adapter's malformed config
+        raise APIError(400, str(e).strip("'\"")) from None
+
+
+async def change(svc: Service, op, *args, action: str, target: str):
+    """Apply a library or user change through the control and audit its outcome."""
+    try:
+        out = await mapped(op, *args)
+    except APIError as e:
+        svc.audit.record("admin", action, target, f"error {e.status}", message=e.message[:300])
+        raise
+    svc.audit.record("admin", action, target, "ok")
+    return out
+
+
+def adapter_dir(svc: Service, name, rel) -> Path:
+    """The adapter directory an add names: a path under the server's adapters root, nowhere else."""
+    if not isinstance(name, str) or not isinstance(rel, str) or "\x00" in rel or "\x00" in name:
+        raise APIError(400, "give the adapter's name and its path under the adapters root (strings without "
+                            "NUL bytes)", param="path")
+    if svc.settings.adapters_root is None:
+        raise APIError(400, "this server has no --adapters-root; adding adapters is disabled", param="path")
+    root = Path(svc.settings.adapters_root).resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root) or not path.is_dir():
+        raise APIError(400, f"path {rel!r} is not an adapter directory under the adapters root", param="path")
+    return path
+
+
+@router.post("/admin/adapters")
+async def add_adapter(request: HTTPRequest):
+    svc = admin(request)
+    body = await body_of(request)
+    name = body.get("name")
+    path = adapter_dir(svc, name, body.get("path"))
+    names = await change(svc, svc.control.add_adapter, name, path, action="add_adapter", target=name)
+    return JSONResponse({"added": name, "adapters": names}, status_code=201)
+
+
+@router.delete("/admin/adapters/{name}")
+async def remove_adapter(name: str, request: HTTPRequest):
+    svc = admin(request)
+    names = await change(svc, svc.control.remove_adapter, name, action="remove_adapter", target=name)
+    return {"removed": name, "adapters": names}
+
+
+@router.put("/admin/users/{user}")
+async def put_user(user: str, request: HTTPRequest):
+    svc = admin(request)
+    body = await body_of(request)
+    keys, adapters = body.get("keys"), body.get("adapters")
+    for field_name, value in (("keys", keys), ("adapters", adapters)):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise APIError(400, f"'{field_name}' must be a list of strings", param=field_name)
+    return await change(svc, svc.control.put_user, user, keys, adapters, action="put_user", target=user)
+
+
+@router.get("/health")
+async def health(request: HTTPRequest):
+    svc = service(request)
+    rep = {"replica": svc.settings.replica} if svc.settings.replica else {}
+    return {"status": "ok", "adapters": len(svc.engine.adapters), **rep}
+
+
+@router.get("/metrics")
+async def prometheus(request: HTTPRequest):
+    """Without a key: counts, latency and the isolation alarm, but no adapter names (they are information);
+    with an admin key: everything, the per-adapter routed tokens too."""
+    svc = service(request)
+    who = svc.auth.lookup(bearer_key(request))
+    text = svc.metrics.render() if who is not None and who.admin else svc.metrics.render_public()
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")

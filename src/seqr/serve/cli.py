@@ -1,0 +1,81 @@
+"""`seqr serve LIBRARY_DIR --model MODEL --auth AUTH_FILE`: the OpenAI-compatible service (FastAPI + uvicorn)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from seqr.hf.dtypes import add_arg as add_dtype_arg
+from seqr.serve.server import build_app, load_checked
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="seqr serve", description=(
+        "Serve an OpenAI-compatible API; each user is routed only among the adapters their key allows."))
+    p.add_argument("library", help="library dir (seqr build)")
+    p.add_argument("--model", required=True, help="the base model (anything seqr.load_model takes)")
+    p.add_argument("--auth", required=True, help='JSON: {"users": {NAME: {"keys": [...], "adapters": [...]}}, '
+                                                 '"admin_keys": [...]}')
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--adapters-root", help="admins may add adapter dirs under this dir (POST /admin/adapters)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: --model)")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    p.add_argument("--max-batch", type=int, default=8, help="requests batched into one forward")
+    p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (scale-out)")
+    p.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each with model + library")
+    p.add_argument("--ray-address", help="with --ray: join this Ray cluster (default: start a local one)")
+    add_dtype_arg(p)
+    a = p.parse_args(argv)
+    if a.ray:
+        return _serve_ray(a, p)
+    try:
+        app, engine = build_app(a.library, a.model, a.auth, adapters_root=a.adapters_root,
+                                model_name=a.served_model_name, max_prompt_tokens=a.max_prompt_tokens,
+                                max_tokens_limit=a.max_tokens_limit, max_batch=a.max_batch, dtype=a.dtype)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"seqr serve: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    print(f"seqr serve: {len(engine.adapters)} adapters, listening on http://{a.host}:{a.port}", file=sys.stderr,
+          flush=True)
+    try:
+        uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    finally:
+        engine.close()
+    return 0
+
+
+def _serve_ray(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    if a.replicas < 1:
+        p.error(f"--replicas must be positive, got {a.replicas}")
+    try:
+        load_checked(a.library, a.auth)  # fail fast, before starting Ray
+        from seqr.serve import ray_serve
+    except (ValueError, FileNotFoundError) as e:
+        print(f"seqr serve: {e}", file=sys.stderr)
+        return 2
+    except ImportError:
+        print("seqr serve --ray needs Ray Serve: pip install 'seqr[ray]'", file=sys.stderr)
+        return 2
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        ray_serve.deploy(library_dir=a.library, model=a.model, auth_file=a.auth, replicas=a.replicas, host=a.host,
+                         port=a.port, ray_address=a.ray_address, adapters_root=a.adapters_root,
+                         model_name=a.served_model_name, max_prompt_tokens=a.max_prompt_tokens,
+                         max_tokens_limit=a.max_tokens_limit, max_batch=a.max_batch, dtype=a.dtype)
+        print(f"seqr serve: {a.replicas} Ray Serve replicas, listening on http://{a.host}:{a.port}",
+              file=sys.stderr, flush=True)
+        stop.wait()
+    except RuntimeError as e:  # Ray Serve could not deploy (its log above says why)
+        print(f"seqr serve --ray: the deployment failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        ray_serve.shutdown()
+    return 0

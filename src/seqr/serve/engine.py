@@ -1,0 +1,179 @@
+"""The serving engine: one model, one library, a worker thread that batches requests of different users.
+
+Every job goes through one priority queue and one worker thread. Generation requests that arrive together are
+run as one batch, each row with its own user's allowed set (never a union). Library changes (add / remove an
+adapter) are jobs too, run between batches and ahead of waiting requests: a request sees the library before or
+after a change, never half of one. A removal returns only after the adapter is out of the routing tables and
+its file deleted. A batch that fails is rerun row by row, so only the offending request gets the error.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import secrets
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from seqr.hf.generation import SEED_RANGE, Request, Result, generate
+from seqr.hf.layers import attach, detach
+from seqr.store.library import LoraLibrary
+
+
+CALL, GENERATE, STOP = 0, 1, 2  # queue priorities: changes before waiting requests; the stop after everything
+
+
+@dataclass(order=True)
+class _Job:
+    priority: int
+    seq: int  # FIFO within a priority
+    kind: str = field(compare=False)  # "generate" or "call"
+    future: Future = field(compare=False)
+    request: Request | None = field(default=None, compare=False)
+    fn: object = field(default=None, compare=False)
+
+
+class _Stream:
+    """A request's token callback that counts what it delivered and, after a rerun, skips that many tokens."""
+
+    def __init__(self, callback):
+        self.callback, self.delivered, self.skip = callback, 0, 0
+
+    def __call__(self, token: int) -> None:
+        if self.skip:
+            self.skip -= 1
+            return
+        self.callback(token)
+        self.delivered += 1
+
+    def rerun(self) -> None:
+        self.skip = self.delivered
+
+
+class Engine:
+    def __init__(self, model, tokenizer, library: LoraLibrary, *, method: str = "seqr", max_batch: int = 8,
+                 batch_wait_s: float = 0.005):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be positive, got {max_batch}")
+        self.model, self.tokenizer, self.library = model, tokenizer, library
+        self.method, self.max_batch, self.batch_wait_s = method, max_batch, batch_wait_s
+        attach(model, library, method=method)
+        self._q: queue.PriorityQueue[_Job] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._names = frozenset(library.names)
+        self._thread = threading.Thread(target=self._run, name="seqr-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def adapters(self) -> frozenset[str]:
+        """The adapter names requests may currently be routed to."""
+        return self._names
+
+    # ------------------------------------------------------------------------------------------ submit
+    def submit(self, request: Request) -> Future:
+        """Queue one generation. A request without a seed gets one drawn here, so that if its batch has to be
+        rerun row by row (a batch-mate failed) it produces the same tokens."""
+        if request.seed is None:
+            request.seed = secrets.randbelow(SEED_RANGE[1] + 1)
+        if request.on_token is not None and not isinstance(request.on_token, _Stream):
+            request.on_token = _Stream(request.on_token)
+        fut: Future = Future()
+        self._q.put(_Job(GENERATE, next(self._seq), "generate", fut, request=request))
+        return fut
+
+    def call(self, fn) -> Future:
+        """Run fn(engine) on the worker thread before any waiting batch (library changes)."""
+        fut: Future = Future()
+        self._q.put(_Job(CALL, next(self._seq), "call", fut, fn=fn))
+        return fut
+
+    def close(self) -> None:
+        self._q.put(_Job(STOP, next(self._seq), "stop", Future()))
+        self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------------------------------ changes
+    def change(self, fn):
+        """fn(library) with the library detached from the model (call it on the worker, between batches): routing
+        follows whatever fn changed from the next batch on. Returns fn's result."""
+        detach(self.model)
+        try:
+            return fn(self.library)
+        finally:
+            attach(self.model, self.library, method=self.method)
+            self._names = frozenset(self.library.names)
+
+    def reload(self, library: LoraLibrary) -> None:
+        """Swap in another copy of the library (a replica catching up with a change made elsewhere)."""
+        self.change(lambda _: setattr(self, "library", library))
+
+    # ------------------------------------------------------------------------------------------ worker
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job.kind == "stop":
+                return
+            if job.kind == "call":
+                self._resolve(job.future, job.fn, self)
+                continue
+            batch = [job]
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt.kind != "generate":
+                    self._q.put(nxt)  # a change or the stop runs right after this batch
+                    break
+                batch.append(nxt)
+            self._generate(batch)
+
+    def _generate(self, batch: list[_Job]) -> None:
+        live = []
+        for job in batch:  # an adapter removed since the request was checked is no longer routable
+            allowed = job.request.allowed & self._names
+            if not allowed:
+                job.future.set_exception(PermissionError(
+                    f"none of the request's adapters {sorted(job.request.allowed)} is in the library any more"))
+                continue
+            job.request.allowed = allowed
+            live.append(job)
+        if not live:
+            return
+        try:
+            results = self._run_rows([j.request for j in live])
+        except Exception as e:
+            if len(live) == 1:
+                live[0].future.set_exception(e)
+                return
+            for j in live:  # one row broke the batch: rerun each alone, so only the offending request fails
+                self._generate_alone(j)
+            return
+        for j, r in zip(live, results):
+            j.future.set_result(r)
+
+    def _generate_alone(self, job: _Job) -> None:
+        """Rerun one request by itself; tokens its stream already received (same seed: the same tokens) are not
+        sent twice."""
+        if isinstance(job.request.on_token, _Stream):
+            job.request.on_token.rerun()
+        try:
+            job.future.set_result(self._run_rows([job.request])[0])
+        except Exception as e:
+            job.future.set_exception(e)
+
+    def _run_rows(self, requests: list[Request]):
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return generate(self.model, requests, eos_id=tok.eos_token_id, pad_id=pad, method=self.method)
+
+    @staticmethod
+    def _resolve(fut: Future, fn, *args) -> None:
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:
+            fut.set_exception(e)
+
+
+__all__ = ["Engine", "Request", "Result"]

@@ -1,0 +1,80 @@
+"""The HTTP service: an OpenAI-compatible API where every user is routed only among their own adapters.
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as server-sent events),
+GET /v1/models (openai_api.py); POST/DELETE /admin/adapters, PUT /admin/users/{user}, GET /health, GET /metrics
+(admin_api.py). Every request carries `Authorization: Bearer KEY`; errors use OpenAI's shape
+{"error": {"message", "type", "param", "code"}}. This module assembles the app and loads what it serves.
+"""
+from __future__ import annotations
+
+from seqr.serve.audit import AuditLog
+from seqr.serve.auth import AuthStore
+from seqr.serve.control import LocalControl
+from seqr.serve.http_io import APIError, Service, ServeSettings, route_of
+from seqr.serve.metrics import Metrics
+
+__all__ = ["ServeSettings", "build_app", "create_app", "load_checked"]
+
+
+def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, metrics: Metrics | None = None,
+               control=None):
+    """The FastAPI app. `control` applies admin changes (default: LocalControl, this process only)."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    from seqr.serve import admin_api, openai_api
+
+    settings = settings or ServeSettings()
+    svc = Service(engine, auth, settings, metrics or Metrics(), control or LocalControl(engine, auth),
+                  AuditLog(settings.audit_log))
+    app = FastAPI(title="seqr", docs_url=None, redoc_url=None)
+    app.state.service = svc
+    app.state.engine, app.state.auth, app.state.metrics = engine, auth, svc.metrics
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        svc.metrics.error(route_of(request), exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):  # never a stack trace to the client
+        svc.metrics.error(route_of(request), 500)
+        return JSONResponse(APIError(500, "internal error", "server_error").body(), status_code=500)
+
+    app.include_router(openai_api.router)
+    app.include_router(admin_api.router)
+    return app
+
+
+def load_checked(library_dir: str, auth_file: str, method: str | None = None):
+    """The library and auth file a server starts from, checked against each other: (library, auth)."""
+    from seqr.store.library import LoraLibrary
+
+    lib = LoraLibrary.load(library_dir)
+    method = method or lib.default_method
+    if lib.uncalibrated and method == "seqr":
+        raise ValueError(f"adapter(s) {lib.uncalibrated} have no calibration stats; run seqr calibrate")
+    auth = AuthStore.load(auth_file)
+    auth.check_adapters(set(lib.names))
+    return lib, auth
+
+
+def build_app(library_dir: str, model: str, auth_file: str, *, adapters_root: str | None = None,
+              model_name: str | None = None, max_prompt_tokens: int = 2048, max_tokens_limit: int = 1024,
+              max_batch: int = 8, method: str | None = None, control=None, replica: str | None = None,
+              dtype: str = "auto"):
+    """Load the model, library and auth file and return (app, engine). With a `control` (a replica of
+    seqr serve --ray) changes are applied elsewhere, so this process's library copy is not bound to disk."""
+    from seqr.hf.dtypes import say_choice
+    from seqr.hf.models import load_model
+    from seqr.serve.engine import Engine
+
+    lib, auth = load_checked(library_dir, auth_file, method)
+    if control is not None:
+        lib.path = None
+    m, tok = load_model(model, dtype=say_choice(dtype, "seqr serve"))
+    engine = Engine(m, tok, lib, method=method or lib.default_method, max_batch=max_batch)
+    settings = ServeSettings(model_name=model_name or model, max_prompt_tokens=max_prompt_tokens,
+                             max_tokens_limit=max_tokens_limit, adapters_root=adapters_root, replica=replica,
+                             audit_log=f"{auth_file}.audit.jsonl")  # beside the auth file it records changes to
+    return create_app(engine, auth, settings, control=control), engine

@@ -1,0 +1,33 @@
+"""`seqr build ADAPTER_DIR... -o LIBRARY_DIR`: silos' adapter dirs (peft + stats) into one library."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from seqr.store.library import LoraLibrary
+
+
+def build(adapter_dirs: list[str], out: str, *, allow_uncalibrated: bool = False) -> LoraLibrary:
+    """Read every adapter (checking they fit together) and save the library; uncalibrated adapters are
+    refused unless allowed, since SEQR's z-scores need each silo's mu and sigma."""
+    lib = LoraLibrary.from_peft(adapter_dirs)
+    if lib.uncalibrated and not allow_uncalibrated:
+        raise ValueError(f"adapter(s) without calibration stats: {lib.uncalibrated}; run `seqr calibrate` on "
+                         f"them, or pass --allow-uncalibrated to route on raw norms")
+    lib.save(out)
+    return lib
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="seqr build", description="Build a routing library from adapter dirs.")
+    p.add_argument("adapters", nargs="+", help="adapter directories (peft adapter + seqr_stats.json)")
+    p.add_argument("-o", "--out", required=True, help="library directory to write")
+    p.add_argument("--allow-uncalibrated", action="store_true", help="accept adapters without stats")
+    a = p.parse_args(argv)
+    try:
+        lib = build(a.adapters, a.out, allow_uncalibrated=a.allow_uncalibrated)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"seqr build: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {lib!r} to {a.out}")
+    return 0

@@ -1,0 +1,197 @@
+"""`seqr calibrate`: a silo computes its adapter's activation-norm statistics on its own training data.
+
+For adapter i, the model runs with adapter i active on i's training examples (prompt + gold answer), and
+at every adapted layer the norm ||B_i A x|| of every real token feeds a streaming `NormStats`: mu_i and
+sigma_i per layer, plus 32 quantiles of those norms (for the percentile score). Only the silo's own data is
+read; what leaves the silo is stats, never data.
+
+What mu and sigma reveal: per layer, the mean and spread of how strongly the adapter reacts to its own
+data (two numbers per layer and a token count; the quantiles add 32 points of that norm's distribution, which
+`--no-quantiles` withholds). They carry no text, but they are a fingerprint of the data distribution;
+`--noise S` adds Gaussian noise of S standard deviations to each mu (the paper's Appendix E) to blur that fingerprint, at some cost in routing accuracy (`seqr eval` measures it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from seqr.store import files
+from seqr.hf.dtypes import add_arg as add_dtype_arg
+from seqr.hf.layers import attach, detach, routing
+from seqr.store.library import LoraLibrary
+from seqr.store.peft_io import stats_json
+from seqr.core.stats import NormStats, with_quantiles
+
+
+TOKEN_SETS = ("all", "prompt", "answer", "content")  # which tokens feed mu, sigma (content: no template tokens)
+
+
+def norm_stats(model, tokenizer, adapter_dir: str | Path, examples, *, batch_size: int = 8,
+               progress: bool = True, scoring: str = "choices", tokens: str = "all") -> tuple[dict[str, NormStats], int]:
+    """(per-layer NormStats of ||B A x|| over the `tokens` of prompt + gold answer, token count)."""
+    stats, counts = norm_stats_sets(model, tokenizer, adapter_dir, examples, {tokens: (tokens, None)},
+                                    batch_size=batch_size, progress=progress, scoring=scoring)
+    return stats[tokens], counts[tokens]
+
+
+def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: dict[str, tuple[str, int | None]], *,
+                    batch_size: int = 8, progress: bool = True, scoring: str = "choices"):
+    """Several calibrations from one traced pass: sets maps a label to (token set, first n examples or None).
+
+    Token sets: "all" real tokens of prompt + gold answer (+ end of turn); "prompt"; "answer"; "content": all
+    but the chat template's fixed tokens (the prefix and suffix every prompt of this silo shares).
+    Returns ({label: per-layer NormStats}, {label: token count})."""
+    from tqdm import tqdm
+
+    from seqr.silo.train import collate, encode
+
+    bad = {k: v for k, v in sets.items() if v[0] not in TOKEN_SETS}
+    if bad or not sets:
+        raise ValueError(f"token sets must be some of {TOKEN_SETS}, got {bad or sets}")
+    name = Path(adapter_dir).name
+    lib = LoraLibrary.from_peft({name: adapter_dir})  # one adapter, no stats: traces give raw norms
+    encoded = [encode(ex, tokenizer, scoring) for ex in examples]
+    plen = [sum(1 for y in labels if y == -100) for _, labels in encoded]  # prompt tokens per example
+    pre, suf = _shared_ends([ids[:p] for (ids, _), p in zip(encoded, plen)])
+    seen = {k: {layer: [] for layer in lib.layers} for k in sets}  # every kept norm (stats and quantiles at the end)
+    counts = dict.fromkeys(sets, 0)
+    attach(model, lib, method=name)
+    try:
+        for start in tqdm(range(0, len(encoded), batch_size), desc=f"calibrate {name}", disable=not progress,
+                          file=sys.stderr):
+            ids, mask, _ = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)  # (B, L) each
+            B, L = ids.shape
+            with torch.no_grad(), routing(model, name, trace=True) as tr:
+                model(input_ids=ids, attention_mask=mask)
+            pos = torch.arange(L)[None, :]  # (1, L)
+            p = torch.tensor(plen[start:start + B])[:, None]  # (B, 1)
+            row = torch.arange(start, start + B)[:, None]  # (B, 1) example index
+            real = mask.bool()  # (B, L)
+            select = {"all": real, "prompt": real & (pos < p), "answer": real & (pos >= p),
+                      "content": real & ((pos >= pre) & (pos < p - suf) | (pos >= p))}
+            keep = {k: (select[kind] & (row < (n if n is not None else len(encoded))))[real]  # (t,) of real tokens
+                    for k, (kind, n) in sets.items()}
+            for layer in lib.layers:
+                norms = tr.layer(layer)["norm"][:, 0]  # (t,) ||B A x|| of the real tokens
+                for k in sets:
+                    seen[k][layer].append(norms[keep[k]].double())
+            for k in sets:
+                counts[k] += int(keep[k].sum())
+    finally:
+        detach(model)
+    stats = {k: {layer: _summary(torch.cat(v)) for layer, v in per.items()} for k, per in seen.items()}
+    return stats, counts
+
+
+def _summary(norms: torch.Tensor) -> NormStats:
+    """NormStats of every norm a calibration kept, with their quantiles (none for an empty set)."""
+    s = NormStats().update(norms)
+    return with_quantiles(s, norms) if s.count else s
+
+
+def _shared_ends(prompts: list[list[int]]) -> tuple[int, int]:
+    """Lengths of the token prefix and suffix every prompt shares (the chat template's fixed tokens)."""
+    shortest = min(map(len, prompts))
+    pre = next((i for i in range(shortest) if len({p[i] for p in prompts}) > 1), shortest)
+    suf = next((i for i in range(shortest - pre) if len({p[-1 - i] for p in prompts}) > 1), shortest - pre)
+    return (pre, suf) if len(prompts) > 1 else (0, 0)
+
+
+def add_noise(stats: dict[str, NormStats], noise: float, seed: int = 0) -> dict[str, NormStats]:
+    """mu + noise * sigma * eps per layer, eps ~ N(0, 1) seeded (Appendix E); sigma and counts unchanged."""
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer, s in stats.items():
+        eps = float(torch.randn((), generator=g, dtype=torch.float64))
+        shift = noise * s.std * eps  # the whole norm distribution moves with mu
+        out[layer] = NormStats(count=s.count, mean=s.mean + shift, m2=s.m2,
+                               quantiles=None if s.quantiles is None else tuple(q + shift for q in s.quantiles))
+    return out
+
+
+def calibrate(model, tokenizer, adapter_dir: str | Path, examples, *, noise: float = 0.0, seed: int = 0,
+              batch_size: int = 8, progress: bool = True, scoring: str = "choices",
+              tokens: str = "all", quantiles: bool = True) -> dict[str, NormStats]:
+    """Compute the stats and write them atomically into the adapter dir (seqr_stats.json); without
+    `quantiles` only mu, sigma and counts leave the silo (the percentile score then cannot use this adapter)."""
+    stats, count = norm_stats(model, tokenizer, adapter_dir, examples, batch_size=batch_size, progress=progress,
+                              scoring=scoring, tokens=tokens)
+    if not quantiles:
+        stats = {layer: NormStats(s.count, s.mean, s.m2) for layer, s in stats.items()}
+    stats = add_noise(stats, noise, seed) if noise else stats
+    files.atomic_write_json(Path(adapter_dir) / files.STATS_FILE,
+                            stats_json(stats, examples=len(examples), tokens=count, noise=noise, seed=seed,
+                                       token_set=tokens))
+    return stats
+
+
+def parse_calibration(spec: str) -> tuple[str, int]:
+    """"TOKENS[@N]" -> (token set, training examples per silo; default 60), e.g. "answer@30"."""
+    tokens, _, n = str(spec).partition("@")
+    if tokens not in TOKEN_SETS or (n and not (n.isdigit() and int(n) > 0)):
+        raise ValueError(f"calibration must be TOKENS[@N] with TOKENS one of {TOKEN_SETS} and N a positive "
+                         f"integer, got {spec!r}")
+    return tokens, int(n) if n else 60
+
+
+def recalibrated(library: LoraLibrary, model, tokenizer, spec: str, *, data_dir=None, seed: int = 0,
+                 scoring: str = "choices", progress: bool = True) -> LoraLibrary:
+    """An unbound view of `library` with every adapter calibrated afresh by `spec` (parse_calibration) on its own
+    task's training split (the adapter's name is its task): what each silo would ship with other settings."""
+    import tempfile
+
+    from seqr.silo.tasks import load_task
+
+    tokens, n = parse_calibration(spec)
+    stats = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in library.names:
+            try:
+                examples = load_task(name, "train", data_dir=data_dir, max_examples=n, seed=seed)
+            except (FileNotFoundError, KeyError, ValueError) as e:
+                raise ValueError(f"cannot recalibrate adapter {name!r}: its name must be a task with a train split "
+                                 f"({e})") from None
+            adapter_dir = library.to_peft(name, Path(tmp) / name)
+            stats[name], _ = norm_stats(model, tokenizer, adapter_dir, examples, progress=progress, scoring=scoring,
+                                        tokens=tokens)
+    return library.with_stats(stats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="seqr calibrate",
+                                description="Per-layer activation-norm stats of one adapter on its own training data.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", required=True, help="the adapter dir (seqr train's --out)")
+    p.add_argument("--task", required=True, help="the adapter's own task: a name or a JSONL file")
+    p.add_argument("--data", help="directory laid out as <task>/{train,dev}.jsonl (default $SEQR_TASK_DATA)")
+    p.add_argument("--max-examples", type=int, default=200, help="training examples to use (default 200)")
+    p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise on mu, in standard deviations")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scoring", choices=("choices", "letter"), default="choices", help="answer format (as trained)")
+    p.add_argument("--tokens", choices=TOKEN_SETS, default="all",
+                   help="tokens that feed mu, sigma: all (paper), prompt, answer, content (no chat-template tokens)")
+    p.add_argument("--no-quantiles", action="store_true",
+                   help="store only mu, sigma and counts (withholds the norm quantiles the percentile score needs)")
+    add_dtype_arg(p)
+    a = p.parse_args(argv)
+    if not (Path(a.adapter) / files.PEFT_WEIGHTS).exists():
+        p.error(f"{a.adapter} holds no adapter ({files.PEFT_WEIGHTS} missing); run seqr train first")
+    from seqr.hf.dtypes import say_choice
+    from seqr.hf.models import load_model
+    from seqr.silo.tasks import load_task
+
+    model, tok = load_model(a.model, dtype=say_choice(a.dtype, "seqr calibrate"))
+    examples = load_task(a.task, "train", data_dir=a.data, max_examples=a.max_examples, seed=a.seed)
+    stats = calibrate(model, tok, a.adapter, examples, noise=a.noise, seed=a.seed, batch_size=a.batch_size,
+                      scoring=a.scoring, tokens=a.tokens, quantiles=not a.no_quantiles)
+    means = [s.mean for s in stats.values()]
+    print(json.dumps({"adapter": a.adapter, "layers": len(stats), "examples": len(examples),
+                      "mean_mu": sum(means) / len(means), "min_mu": min(means), "max_mu": max(means)}, indent=1))
+    return 0

@@ -1,0 +1,57 @@
+"""`seqr info LIBRARY_DIR`: what a library holds: adapters, layers, rank, shared A, sizes and stats."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from seqr.store.library import LoraLibrary
+
+
+def describe(lib: LoraLibrary, path: Path) -> dict:
+    """A JSON-able summary; per adapter the spread of its per-layer mu and sigma."""
+    disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    adapters = []
+    for name in lib.names:
+        st = lib.stats(name)
+        row = {"name": name, "calibrated": st is not None}
+        if st:
+            mus, sigmas = [s.mean for s in st.values()], [s.std for s in st.values()]
+            row.update(mu_mean=statistics.fmean(mus), mu_min=min(mus), mu_max=max(mus),
+                       sigma_mean=statistics.fmean(sigmas), tokens=next(iter(st.values())).count)
+        adapters.append(row)
+    return {"path": str(path), "base_model": lib.meta.base_model, "adapters": len(lib), "layers": len(lib.layers),
+            "rank": lib.rank, "shared_a": lib.shared_a, "a_seed": lib.meta.a_seed,
+            "target_modules": lib.meta.target_modules, "disk_bytes": disk, "adapter_stats": adapters}
+
+
+def format_info(d: dict) -> str:
+    lines = [f"library {d['path']}: {d['adapters']} adapters x {d['layers']} layers, rank {d['rank']}, "
+             f"{'shared A (seed ' + str(d['a_seed']) + ')' if d['shared_a'] else 'one A per adapter'}, "
+             f"base model {d['base_model']!r}, targets {', '.join(d['target_modules'])}, "
+             f"{d['disk_bytes'] / 2**20:.1f} MiB on disk", "",
+             "| adapter | calibrated | mean mu | min mu | max mu | mean sigma | tokens |", "|---|---|---:|---:|---:|---:|---:|"]
+    for a in d["adapter_stats"]:
+        if a["calibrated"]:
+            lines.append(f"| {a['name']} | yes | {a['mu_mean']:.4g} | {a['mu_min']:.4g} | {a['mu_max']:.4g} "
+                         f"| {a['sigma_mean']:.4g} | {a['tokens']} |")
+        else:
+            lines.append(f"| {a['name']} | no | | | | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="seqr info", description="Describe a seqr library.")
+    p.add_argument("library")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        lib = LoraLibrary.load(a.library)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"seqr info: {e}", file=sys.stderr)
+        return 2
+    d = describe(lib, Path(a.library))
+    print(json.dumps(d, indent=1) if a.json else format_info(d))
+    return 0

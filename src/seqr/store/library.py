@@ -1,0 +1,503 @@
+"""`LoraLibrary`: named adapters x named layers, its on-disk format, and peft import/export.
+
+On disk (a directory)::
+
+    manifest.json                      format + version, metadata, layers, adapters (file, sha256, stats)
+    shared_a-<hash>.safetensors        the shared A of every layer, stored once (shared-A libraries)
+    adapters/<name>-<hash>.safetensors one file per adapter: B (and A for unique-A libraries) per layer
+
+File names carry a content hash, so a save never overwrites a file the current manifest points to: new
+files are written first, then the manifest is replaced atomically, then unreferenced files are deleted.
+A process killed at any point leaves the previous library loadable.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from seqr.store import files
+from seqr.core.bank import AdapterBank
+from seqr.store.peft_io import PeftAdapter, read_peft_adapter, write_peft_adapter
+from seqr.core.stats import NormStats, as_score, z_scorable
+from seqr.core.stats import pooled as pool_stats
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+A_REL_TOL = 1e-6  # two A matrices closer than this (relative Frobenius) count as the same shared A
+
+
+@dataclass
+class _Adapter:
+    B: dict[str, torch.Tensor]
+    A: dict[str, torch.Tensor] | None = None  # unique-A libraries only
+    stats: dict[str, NormStats] | None = None
+    file: str | None = None  # relative path of its file once on disk
+    sha256: str | None = None
+
+
+@dataclass
+class LibraryMeta:
+    rank: int
+    layers: dict[str, tuple[int, int]]  # layer name -> (m, n)
+    target_modules: list[str]
+    base_model: str | None = None
+    a_seed: int | None = None
+    fan_in_fan_out: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if not self.layers:
+            raise ValueError("a library needs at least one adapted layer, got none")
+
+
+class LoraLibrary:
+    """Named LoRA adapters over named layers, one `AdapterBank` per layer.
+
+    A library bound to a directory (after `save` or `load`) persists `add` and `remove` immediately,
+    writing only that adapter's file and the manifest.
+    """
+
+    def __init__(self, meta: LibraryMeta, shared_A: dict[str, torch.Tensor] | None = None):
+        self.meta = meta
+        self.shared_A = None if shared_A is None else self._check_A(shared_A, "the shared A")
+        self._adapters: dict[str, _Adapter] = {}
+        self._banks: dict[str, AdapterBank] = {}
+        self.path: Path | None = None
+        self._generation = 0  # the manifest generation this copy was loaded from or last wrote
+        self._shared_file: tuple[str, str] | None = None  # (file, sha256) of the stored shared A
+        self.percentile = False  # route by each adapter's empirical CDF (a `scored("percentile")` view)
+
+    # ---------------------------------------------------------------------------------------------- access
+    @property
+    def names(self) -> list[str]:
+        return list(self._adapters)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.meta.layers)
+
+    @property
+    def shared_a(self) -> bool:
+        return self.shared_A is not None
+
+    @property
+    def default_method(self) -> str:
+        """The router this library is served with unless told otherwise: SEQR where A is shared, else SPECTR
+        (the exact norm router that needs no shared A)."""
+        return "seqr" if self.shared_a else "spectr"
+
+    @property
+    def rank(self) -> int:
+        return self.meta.rank
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._adapters
+
+    def stats(self, name: str) -> dict[str, NormStats] | None:
+        return self._get(name).stats
+
+    @property
+    def uncalibrated(self) -> list[str]:
+        return [n for n, a in self._adapters.items() if a.stats is None]
+
+    def bank(self, layer: str) -> AdapterBank:
+        """The AdapterBank of one layer (built on first use, cached until the library changes)."""
+        if layer not in self.meta.layers:
+            raise KeyError(f"unknown layer {layer!r}; this library adapts {len(self.layers)} layers, e.g. "
+                           f"{self.layers[:3]}")
+        if not self._adapters:
+            raise ValueError("the library is empty: add an adapter before routing")
+        if layer not in self._banks:
+            ads = list(self._adapters.values())
+            B = torch.stack([a.B[layer] for a in ads])  # (N, m, r)
+            A = self.shared_A[layer] if self.shared_a else torch.stack([a.A[layer] for a in ads])
+            mu = sigma = q = None
+            if not self.uncalibrated:
+                mu = torch.tensor([a.stats[layer].mean for a in ads], dtype=torch.float64)  # (N,)
+                sigma = torch.tensor([a.stats[layer].std for a in ads], dtype=torch.float64)  # (N,)
+            if self.percentile:
+                q = torch.tensor([a.stats[layer].quantiles for a in ads], dtype=torch.float64)  # (N, Q)
+            self._banks[layer] = AdapterBank(A, B, mu=mu, sigma=sigma, quantiles=q, names=self.names)
+        return self._banks[layer]
+
+    def adapter_weights(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(A, B) per layer of one adapter, B with its scaling folded in."""
+        ad = self._get(name)
+        return (self.shared_A if self.shared_a else ad.A), ad.B
+
+    def _get(self, name: str) -> _Adapter:
+        if name not in self._adapters:
+            raise KeyError(f"unknown adapter {name!r}; the library holds {self.names}")
+        return self._adapters[name]
+
+    # ---------------------------------------------------------------------------------------------- changes
+    def add(self, name: str, B: dict[str, torch.Tensor], *, A: dict[str, torch.Tensor] | None = None,
+            stats: dict[str, NormStats] | None = None) -> None:
+        """Add one adapter: B (m, r) per layer with scaling folded in; A (r, n) per layer for unique-A
+        libraries (for a shared-A library A may be given only to check it equals the shared A)."""
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ValueError(f"adapter name must match {NAME_RE.pattern} (letters, digits, _ . -), got {name!r}")
+        if name in self._adapters:
+            raise ValueError(f"adapter {name!r} is already in the library; remove it first to replace it")
+        where = f"adapter {name!r}"
+        B = self._check_B(B, where)
+        if self.shared_a:
+            if A is not None:
+                self._check_same_A(self._check_A(A, where), where)
+            A = None
+        elif A is None:
+            raise ValueError(f"{where}: this library has one A per adapter, so add() needs A")
+        else:
+            A = self._check_A(A, where)
+        if stats is not None:
+            stats = self._check_stats(stats, where)
+        ad = _Adapter(B=B, A=A, stats=stats)
+        self._adapters[name] = ad
+        self._banks.clear()
+        self._persist(undo=lambda: self._adapters.pop(name), before=lambda: self._write_adapter(self.path, name, ad))
+
+    def add_peft(self, name: str, adapter_dir: str | Path) -> None:
+        """Add one calibrated peft adapter dir under `name` (a live service's "add adapter")."""
+        new = LoraLibrary.from_peft({name: adapter_dir})
+        if new.uncalibrated:
+            raise ValueError(f"adapter {name!r} has no calibration stats ({files.STATS_FILE}); run seqr calibrate")
+        A, B = new.adapter_weights(name)
+        self.add(name, B, A=A, stats=new.stats(name))
+
+    def remove(self, name: str, *, allow_empty: bool = True) -> None:
+        """Remove an adapter; on a bound library its file is deleted after the manifest drops it."""
+        ad = self._get(name)
+        if not allow_empty and len(self) == 1:
+            raise ValueError(f"cannot remove {name!r}: it is the library's last adapter")
+        order = self.names
+        del self._adapters[name]
+        self._banks.clear()
+
+        def delete_file():  # after the manifest dropped it, still under the lock
+            if ad.file and not self._referenced(ad.file):
+                files.confined(self.path, ad.file, f"adapter {name!r}").unlink(missing_ok=True)
+        self._persist(undo=lambda: self._restore(order, name, ad), after=delete_file)
+
+    def _restore(self, order: list[str], name: str, ad: _Adapter) -> None:
+        self._adapters[name] = ad
+        self._adapters = {n: self._adapters[n] for n in order}
+
+    def set_stats(self, name: str, stats: dict[str, NormStats]) -> None:
+        ad = self._get(name)
+        old, ad.stats = ad.stats, self._check_stats(stats, f"adapter {name!r}")
+        self._banks.clear()
+        self._persist(undo=lambda: setattr(ad, "stats", old))
+
+    def with_stats(self, stats: dict[str, dict[str, NormStats]]) -> "LoraLibrary":
+        """An unbound copy (nothing it does touches disk) sharing this library's tensors, with the stats of
+        the adapters named in `stats` replaced: e.g. noised mu for a robustness study."""
+        unknown = [n for n in stats if n not in self._adapters]
+        if unknown:
+            raise KeyError(f"stats given for unknown adapter(s) {unknown}; the library holds {self.names}")
+        new = LoraLibrary(self.meta)
+        new.shared_A = self.shared_A
+        new._adapters = {n: replace(a, file=None, sha256=None, stats=self._check_stats(stats[n], f"adapter {n!r}")
+                                    if n in stats else a.stats) for n, a in self._adapters.items()}
+        return new
+
+    def scored(self, score: str = "z", pooled: bool = False) -> "LoraLibrary":
+        """An unbound view whose stats make routing use another calibrated score (stats.SCORES) and/or one
+        mu, sigma per adapter pooled over all layers. z with per-layer stats is the paper (self, unchanged)."""
+        if score == "z" and not pooled:
+            return self
+        if self.uncalibrated:
+            raise ValueError(f"adapter(s) {self.uncalibrated} have no stats to rescore; run seqr calibrate")
+        if score == "percentile":
+            if pooled:
+                raise ValueError("score 'percentile' reads each layer's own quantiles; it cannot use pooled stats")
+            missing = [n for n in self.names if any(v.quantiles is None for v in self.stats(n).values())]
+            if missing:
+                raise ValueError(f"adapter(s) {missing} have no norm quantiles for score 'percentile'; recalibrate "
+                                 f"them with this version of seqr calibrate")
+        view = {}
+        for n in self.names:
+            st = self.stats(n)
+            st = pool_stats(st) if pooled else st
+            view[n] = {layer: as_score(v, score) for layer, v in st.items()}
+        new = self.with_stats(view)
+        new.percentile = score == "percentile"
+        return new
+
+    def _persist(self, undo, before=None, after=None) -> None:
+        """Commit an in-memory change of a bound library under the directory's writer lock: check no other writer
+        committed since this copy was loaded (else LibraryConflict), run `before` (new files), write the manifest
+        with the next generation, run `after` (deleting files no manifest names). If anything before the manifest
+        fails, undo the in-memory change and re-raise, so memory and disk never disagree."""
+        if self.path is None:
+            return
+        with files.dir_lock(self.path):
+            gen = self._generation
+            try:
+                on_disk = _generation_of(self.path)
+                if on_disk != gen:
+                    raise LibraryConflict(f"library {self.path} was changed by another writer since this copy was "
+                                          f"loaded (generation {on_disk} on disk, {gen} here); reload it and retry")
+                if before is not None:
+                    before()
+                self._generation = gen + 1
+                self._write_manifest(self.path)
+            except BaseException:
+                self._generation = gen
+                undo()
+                self._banks.clear()
+                raise
+            if after is not None:
+                after()
+
+    # ---------------------------------------------------------------------------------------------- checks
+    def _check_tensors(self, d: dict, where: str, kind: str) -> dict[str, torch.Tensor]:
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: {kind} must be a dict layer -> tensor, got {type(d).__name__}")
+        missing, extra = sorted(set(self.meta.layers) - set(d)), sorted(set(d) - set(self.meta.layers))
+        if missing or extra:
+            raise ValueError(f"{where}: {kind} layers do not match the library (missing {missing}, unexpected {extra})")
+        r, out = self.meta.rank, {}
+        for layer, t in d.items():
+            m, n = self.meta.layers[layer]
+            want = (m, r) if kind == "B" else (r, n)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+                raise ValueError(f"{where}, layer {layer}: {kind} must have shape {want}, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if not t.is_floating_point():
+                raise ValueError(f"{where}, layer {layer}: {kind} must be floating point, got {t.dtype}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{where}, layer {layer}: {kind} contains NaN or inf")
+            out[layer] = t.detach().float().contiguous()
+        return out
+
+    def _check_B(self, B, where):
+        return self._check_tensors(B, where, "B")
+
+    def _check_A(self, A, where):
+        return self._check_tensors(A, where, "A")
+
+    def _check_same_A(self, A: dict[str, torch.Tensor], where: str) -> None:
+        bad = [f"{layer} (relative difference {d:.2e})" for layer in A
+               if (d := rel_diff(A[layer], self.shared_A[layer])) > A_REL_TOL]
+        if bad:
+            seed = f" (train with --a-seed {self.meta.a_seed})" if self.meta.a_seed is not None else ""
+            raise ValueError(f"{where}: A differs from the library's shared A{seed} at layers: {bad}")
+
+    def _check_stats(self, stats: dict, where: str) -> dict[str, NormStats]:
+        if not isinstance(stats, dict) or set(stats) != set(self.meta.layers):
+            got = sorted(stats) if isinstance(stats, dict) else type(stats).__name__
+            raise ValueError(f"{where}: stats must cover exactly the library's layers; got {got}")
+        out = {}
+        for layer, s in stats.items():
+            s = s if isinstance(s, NormStats) else NormStats.from_dict(s)
+            if s.count < 2 or not s.std > 0:
+                raise ValueError(f"{where}, layer {layer}: stats need count >= 2 and std > 0, got "
+                                 f"count={s.count}, std={s.std if s.count else None}")
+            if not z_scorable(s.mean, s.std):
+                raise ValueError(f"{where}, layer {layer}: stats overflow float32 when z-scoring (mu / sigma or "
+                                 f"1 / sigma^2 is not finite): mu={s.mean:.6g}, sigma={s.std:.6g}")
+            out[layer] = s
+        return out
+
+    # ---------------------------------------------------------------------------------------------- disk
+    def save(self, path: str | Path) -> Path:
+        """Write the library to a directory (new files, then the manifest, atomically) and bind to it."""
+        path = Path(path)
+        (path / files.ADAPTERS_DIR).mkdir(parents=True, exist_ok=True)
+        with files.dir_lock(path):  # concurrent saves to one dir take turns; each leaves a loadable library
+            self._save_locked(path)
+        return path
+
+    def _save_locked(self, path: Path) -> None:
+        self._generation = _generation_of(path) + 1
+        if self.shared_a:
+            self._shared_file = _write_hashed(path, files.SHARED_A_PREFIX,
+                                             {f"{layer}.A": t for layer, t in self.shared_A.items()})
+        for name, ad in self._adapters.items():
+            self._write_adapter(path, name, ad)
+        self._write_manifest(path)
+        self.path = path
+        keep = {ad.file for ad in self._adapters.values()} | ({self._shared_file[0]} if self._shared_file else set())
+        for f in [*path.glob(f"{files.SHARED_A_PREFIX}-*.safetensors"), *path.glob(".*.tmp"),
+                  *(path / files.ADAPTERS_DIR).glob("*")]:
+            if str(f.relative_to(path)) not in keep:
+                f.unlink(missing_ok=True)  # files of a previous version, or left by a killed save
+
+    def _write_adapter(self, path: Path, name: str, ad: _Adapter) -> None:
+        tensors = {f"{layer}.B": t for layer, t in ad.B.items()}
+        if ad.A is not None:
+            tensors.update({f"{layer}.A": t for layer, t in ad.A.items()})
+        ad.file, ad.sha256 = _write_hashed(path, f"{files.ADAPTERS_DIR}/{name}", tensors)
+
+    def _referenced(self, file: str) -> bool:
+        return any(a.file == file for a in self._adapters.values())
+
+    def _write_manifest(self, path: Path) -> None:
+        m = self.meta
+        files.atomic_write_json(path / files.MANIFEST, {
+            "format": files.LIBRARY_FORMAT, "format_version": files.LIBRARY_FORMAT_VERSION,
+            "generation": self._generation,
+            "base_model": m.base_model, "rank": m.rank, "target_modules": m.target_modules,
+            "shared_a": self.shared_a, "a_seed": m.a_seed, "fan_in_fan_out": m.fan_in_fan_out,
+            "extra": m.extra, "layers": {k: list(v) for k, v in m.layers.items()},
+            "shared_a_file": None if self._shared_file is None else
+            {"file": self._shared_file[0], "sha256": self._shared_file[1]},
+            "adapters": [{"name": n, "file": a.file, "sha256": a.sha256,
+                          "stats": None if a.stats is None else {k: s.to_dict() for k, s in a.stats.items()}}
+                         for n, a in self._adapters.items()],
+        })
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LoraLibrary":
+        """Load a library directory, verifying the format version and every file's checksum."""
+        path = Path(path)
+        if not (path / files.MANIFEST).is_file():
+            raise FileNotFoundError(f"{path} holds no seqr library ({files.MANIFEST} missing)")
+        with files.dir_lock(path, shared=True):  # never half of another process's change
+            return cls._load_locked(path)
+
+    @classmethod
+    def _load_locked(cls, path: Path) -> "LoraLibrary":
+        man = files.read_json(path / files.MANIFEST, "library manifest")
+        if man.get("format") != files.LIBRARY_FORMAT:
+            raise ValueError(f"{path / files.MANIFEST} is not a seqr library manifest (format={man.get('format')!r})")
+        if man.get("format_version") != files.LIBRARY_FORMAT_VERSION:
+            raise ValueError(f"library {path} has format_version {man.get('format_version')!r}; this seqr reads "
+                             f"version {files.LIBRARY_FORMAT_VERSION} (upgrade seqr to read newer libraries)")
+        try:
+            meta = LibraryMeta(rank=man["rank"], layers={k: tuple(v) for k, v in man["layers"].items()},
+                               target_modules=man["target_modules"], base_model=man.get("base_model"),
+                               a_seed=man.get("a_seed"), fan_in_fan_out=bool(man.get("fan_in_fan_out")),
+                               extra=man.get("extra") or {})
+            entries, sa = man["adapters"], man.get("shared_a_file")
+            generation = int(man.get("generation", 0))
+            shared = None
+            if man.get("shared_a"):
+                what = f"library {path}: shared A"
+                t = files.read_tensors(files.confined(path, sa["file"], what), what, sa["sha256"])
+                shared = {layer: t[f"{layer}.A"] for layer in meta.layers if f"{layer}.A" in t}
+            lib = cls(meta, shared)
+            lib._shared_file = None if sa is None else (sa["file"], sa["sha256"])
+            for e in entries:
+                lib._load_entry(path, e)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"library manifest {path / files.MANIFEST} is missing or malforms field {e}") from None
+        lib.path, lib._generation = path, generation
+        return lib
+
+    def _load_entry(self, path: Path, e: dict) -> None:
+        name = e["name"]
+        what = f"library {path}: adapter {name!r}"
+        t = files.read_tensors(files.confined(path, e["file"], what), what, e["sha256"])
+        layers = self.meta.layers
+        B = {layer: t[key] for layer in layers if (key := f"{layer}.B") in t}
+        A = None if self.shared_a else {layer: t[k] for layer in layers if (k := f"{layer}.A") in t}
+        stats = None if e.get("stats") is None else {k: NormStats.from_dict(v) for k, v in e["stats"].items()}
+        self.add(name, B, A=A, stats=stats)
+        self._adapters[name].file, self._adapters[name].sha256 = e["file"], e["sha256"]
+
+    # ---------------------------------------------------------------------------------------------- peft
+    @classmethod
+    def from_peft(cls, paths) -> "LoraLibrary":
+        """Build a library from standard peft adapter dirs (a list, or a dict name -> dir).
+
+        All adapters must share base model, rank, target modules and layer shapes; every mismatch is listed
+        in one error. If every layer's A is identical across adapters (to 1e-6 relative) the library is
+        shared-A (SEQR-routable); otherwise it is a unique-A library that only the baselines can route.
+        """
+        items = list(paths.items()) if isinstance(paths, dict) else [(None, p) for p in paths]
+        if not items:
+            raise ValueError("from_peft needs at least one adapter directory, got none")
+        ads = [read_peft_adapter(p, name) for name, p in items]
+        _check_compatible(ads)
+        first = ads[0]
+        shared = all(rel_diff(a.A[layer], first.A[layer]) <= A_REL_TOL for a in ads[1:] for layer in first.A)
+        seeds = {a.meta.get("a_seed") for a in ads}
+        order = sorted(first.A, key=natural_key)
+        meta = LibraryMeta(rank=first.rank, layers={k: (first.B[k].shape[0], first.A[k].shape[1]) for k in order},
+                           target_modules=first.target_modules,
+                           base_model=next((a.base_model for a in ads if a.base_model), None),
+                           a_seed=seeds.pop() if len(seeds) == 1 and shared else None,
+                           fan_in_fan_out=first.fan_in_fan_out)
+        lib = cls(meta, first.A if shared else None)
+        for a in ads:
+            lib.add(a.name, a.B, A=None if shared else a.A, stats=a.stats)
+        return lib
+
+    def to_peft(self, name: str, path: str | Path) -> Path:
+        """Write one adapter as a standard peft adapter dir that `PeftModel.from_pretrained` loads."""
+        A, B = self.adapter_weights(name)
+        meta = {"a_seed": self.meta.a_seed} if self.shared_a and self.meta.a_seed is not None else None
+        return write_peft_adapter(path, A=A, B=B, rank=self.rank, target_modules=self.meta.target_modules,
+                                  base_model=self.meta.base_model, fan_in_fan_out=self.meta.fan_in_fan_out,
+                                  stats=self._get(name).stats, meta=meta)
+
+    def __repr__(self) -> str:
+        return (f"LoraLibrary({len(self)} adapters, {len(self.layers)} layers, rank={self.rank}, "
+                f"shared_a={self.shared_a}, base_model={self.meta.base_model!r})")
+
+
+class LibraryConflict(RuntimeError):
+    """Another writer changed the library directory since this copy was loaded."""
+
+
+def _generation_of(path: Path) -> int:
+    """The generation of the manifest in `path` (0 when there is none yet, or it predates generations)."""
+    if not (path / files.MANIFEST).exists():
+        return 0
+    return int(files.read_json(path / files.MANIFEST, "library manifest").get("generation", 0))
+
+
+def natural_key(layer: str) -> list:
+    """Sort key that orders `layers.10` after `layers.9`."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", layer)]
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative Frobenius distance ||a - b|| / ||b||; inf when shapes differ."""
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def _write_hashed(path: Path, stem: str, tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """Write tensors to `<stem>-<hash>.safetensors` (skipped when that exact content is already there)."""
+    data = files.tensors_to_bytes(tensors)
+    digest = files.sha256(data)
+    rel = f"{stem}-{digest[:16]}.safetensors"
+    target = path / rel
+    if not (target.is_file() and target.stat().st_size == len(data)):
+        files.atomic_write_bytes(target, data)
+    return rel, digest
+
+
+def _check_compatible(ads: list[PeftAdapter]) -> None:
+    """One error listing every adapter and layer that does not match the first adapter."""
+    first, problems = ads[0], []
+    names = [a.name for a in ads]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"adapter name {dup!r} is used more than once")
+    for a in ads[1:]:
+        tag = f"adapter {a.name!r} ({a.path})"
+        if a.base_model and first.base_model and a.base_model != first.base_model:
+            problems.append(f"{tag}: base model {a.base_model!r} differs from {first.name!r}'s {first.base_model!r}")
+        if a.rank != first.rank:
+            problems.append(f"{tag}: rank {a.rank} differs from {first.name!r}'s rank {first.rank}")
+        if a.target_modules != first.target_modules:
+            problems.append(f"{tag}: target modules {a.target_modules} differ from {first.target_modules}")
+        missing, extra = sorted(set(first.A) - set(a.A)), sorted(set(a.A) - set(first.A))
+        if missing or extra:
+            problems.append(f"{tag}: layers differ (missing {missing}, extra {extra})")
+        for layer in sorted(set(first.A) & set(a.A)):
+            if a.A[layer].shape[1] != first.A[layer].shape[1] or a.B[layer].shape[0] != first.B[layer].shape[0]:
+                problems.append(f"{tag}, layer {layer}: shape {tuple(a.B[layer].shape[:1]) + tuple(a.A[layer].shape[1:])}"
+                                f" differs from {tuple(first.B[layer].shape[:1]) + tuple(first.A[layer].shape[1:])}")
+    if problems:
+        raise ValueError(f"{len(problems)} incompatible adapter(s):\n  " + "\n  ".join(problems))
