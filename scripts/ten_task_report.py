@@ -35,7 +35,7 @@ def main() -> None:
         t0 = time.time()
         with torch.no_grad(), seqr.routing(model, "base"):
             base = accuracy(model, tok, dev, progress=False)
-        with torch.no_grad(), seqr.routing(model, task):
+        with torch.no_grad(), seqr.routing(model, adapter=task):
             own = accuracy(model, tok, dev, progress=False)
         mus = [s.mean for s in lib.stats(task).values()]
         rows.append({"task": task, "dev_examples": len(dev), "base_acc": base, "adapter_acc": own,

@@ -136,7 +136,7 @@ def test_calibration_on_a_bf16_base_gives_fp32_stats_close_to_fp32(tok, chat_lib
 def test_routed_layer_adds_the_fp32_update_with_one_rounding(tok, chat_lib):
     """Under a bf16 base, y = bf16(W x + B_i A x computed in fp32): equal to the fp32 sum rounded once."""
     lib, _ = chat_lib
-    model = seqr.attach(tiny_chat_llama(len(tok), dtype=torch.bfloat16), lib, method="a1")
+    model = seqr.attach(tiny_chat_llama(len(tok), dtype=torch.bfloat16), lib, adapter="a1")
     layer = lib.layers[0]
     routed = model.get_submodule(layer)
     x = torch.randn(2, 5, routed.base.in_features).to(torch.bfloat16)  # (B, T, n)

@@ -68,11 +68,12 @@ def doc(model, tok, library, data, tmp_path_factory):
     return ev.evaluate(model, tok, {"shared-0": library}, data, cfg(), out_dir=out, progress=False), out
 
 
-def reference_acc(model, tok, library, examples, method, k=None):
-    """Accuracy of one method through the public API: attach, route, score every example in one call."""
+def reference_acc(model, tok, library, examples, route, k=None):
+    """Accuracy of one method (route: routing's method= or adapter=) through the public API: attach, route, score
+    every example in one call."""
     seqr.attach(model, library, method="base")
     try:
-        with seqr.routing(model, method, k=k):
+        with seqr.routing(model, **route, k=k):
             scores = score_choices(model, tok, examples, batch_size=len(examples), progress=False)
     finally:
         seqr.detach(model)
@@ -85,7 +86,7 @@ def test_pass_accuracy_matches_direct_scoring(doc, model, tok, library, data, me
     for task in TASKS:
         res = d["base"] if method == "base" else d["libraries"]["shared-0"]["methods"]["lag@2" if method == "lag"
                                                                                            else method]
-        route = task if method == "oracle" else method
+        route = {"adapter": task} if method == "oracle" else {"method": method}
         want = reference_acc(model, tok, library, data[task], route, k=2 if method == "lag" else None)
         assert res["tasks"][task]["acc"] == pytest.approx(want, abs=1e-12), (method, task)
         assert res["tasks"][task]["n"] == 7 and len(res["tasks"][task]["pred"]) == 7
@@ -164,7 +165,7 @@ def test_noise_passes_use_noised_mu(doc, model, tok, library, data):
             s, t = library.stats(n)[layer], noisy.stats(n)[layer]
             assert t.std == s.std and t.mean != s.mean
     assert noisy.path is None and library.stats("sst2") is not noisy.stats("sst2")
-    want = reference_acc(model, tok, noisy, data["cola"], "seqr")
+    want = reference_acc(model, tok, noisy, data["cola"], {"method": "seqr"})
     assert noise["1@0"]["tasks"]["cola"]["acc"] == pytest.approx(want)
 
 
@@ -332,7 +333,7 @@ def test_calibration_variant_recalibrates_each_adapter_on_its_own_task(model, to
             assert view.stats(t)[layer].mean == pytest.approx(s.mean, rel=1e-6)
             assert view.stats(t)[layer].count == s.count < library.stats(t)[layer].count
         assert entry["methods"]["seqr"]["tasks"][t]["acc"] == pytest.approx(
-            reference_acc(model, tok, view, data[t], "seqr"))
+            reference_acc(model, tok, view, data[t], {"method": "seqr"}))
     assert entry["fingerprint"] != doc["libraries"].get("shared-0", {}).get("fingerprint")
     renamed = seqr.LoraLibrary.from_peft({"silo-a": adapter_dirs["sst2"]})
     with pytest.raises(ValueError, match="cannot recalibrate adapter 'silo-a'"):

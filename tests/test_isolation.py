@@ -54,9 +54,9 @@ def test_no_token_leaves_its_rows_allowed_set_whatever_the_scores(lib, monkeypat
     def mask_for(n_tokens):
         return tok_mask if n_tokens == B * T else row_mask.repeat_interleave(n_tokens // B, dim=0)
 
-    norm_scores, arrow, spectr_at, apply = (AdapterBank._norm_scores, rt.arrow_scores, rt.spectr_norms_at,
+    norm_scores, arrow, spectr_at, apply = (AdapterBank._router_scores, rt.arrow_scores, rt.spectr_norms_at,
                                             AdapterBank.apply)
-    monkeypatch.setattr(AdapterBank, "_norm_scores", lambda self, x, m, z: _poison(
+    monkeypatch.setattr(AdapterBank, "_router_scores", lambda self, x, m, z: _poison(
         norm_scores(self, x, m, z), mask_for(x.shape[0] if z is None else z.shape[0]), pattern, gen))
     monkeypatch.setattr(rt, "arrow_scores", lambda x, v: _poison(arrow(x, v), mask_for(x.shape[0]), pattern, gen))
     monkeypatch.setattr(rt, "spectr_norms_at", lambda x, S, Vt, top: _poison(

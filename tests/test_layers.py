@@ -52,14 +52,14 @@ def _logits(model, ids, **kw):
 @torch.no_grad()
 def test_fixed_adapter_equals_peft_model(dirs, lib):
     ids = _ids()
-    model = seqr.attach(tiny_llama(), lib, method="alpha")
+    model = seqr.attach(tiny_llama(), lib, adapter="alpha")
     for name in NAMES:
         want = _logits(PeftModel.from_pretrained(tiny_llama(), dirs[name]).eval(), ids)
-        with seqr.routing(model, name):
+        with seqr.routing(model, adapter=name):
             torch.testing.assert_close(_logits(model, ids), want, atol=ATOL, rtol=1e-4)
     # the oracle of an evaluation: each batch row with its own task's adapter
     rows = ["gamma", "alpha", "beta"]
-    with seqr.routing(model, rows):
+    with seqr.routing(model, adapter=rows):
         got = _logits(model, ids)
     for r, name in enumerate(rows):
         want = _logits(PeftModel.from_pretrained(tiny_llama(), dirs[name]).eval(), ids[r:r + 1])
@@ -161,20 +161,20 @@ def test_no_token_is_routed_outside_its_rows_allowed_set(dirs, tmp_path, method,
     assert set(t.counts(row=1)) == {"gamma"}
     with seqr.routing(model, "mu", allowed=[{"alpha"}] * 3):  # MU averages only what the row may see
         mu_alpha = model(ids).logits
-    with seqr.routing(model, "alpha"):
+    with seqr.routing(model, adapter="alpha"):
         torch.testing.assert_close(mu_alpha, model(ids).logits, atol=1e-6, rtol=0)
 
 
 def test_bad_routing_requests(lib):
     model = seqr.attach(tiny_llama(), lib)
-    with pytest.raises(ValueError, match="unknown routing method or adapter"):
+    with pytest.raises(ValueError, match="unknown routing method 'nope'"):
         with seqr.routing(model, "nope"):
             pass
     with pytest.raises(KeyError, match="unknown adapter"):
         with seqr.routing(model, allowed={"alpha", "delta"}):
             pass
     with pytest.raises(PermissionError, match="row 1: 'beta'"):
-        with seqr.routing(model, ["alpha", "beta"], allowed=[{"alpha"}, {"alpha", "gamma"}]):
+        with seqr.routing(model, adapter=["alpha", "beta"], allowed=[{"alpha"}, {"alpha", "gamma"}]):
             pass
     with pytest.raises(ValueError, match="lag"):
         with seqr.routing(model, "lag"):
@@ -253,7 +253,7 @@ def test_bf16_model_routes_like_fp32(dirs, lib):
     # a fixed adapter under bf16 is as accurate as peft's own bf16 LoRA (independent reference)
     p32 = _logits(PeftModel.from_pretrained(tiny_llama(), dirs["beta"]).eval(), ids)
     p16 = _logits(PeftModel.from_pretrained(tiny_llama().to(torch.bfloat16), dirs["beta"]).eval(), ids)
-    with seqr.routing(m16, "beta"):
+    with seqr.routing(m16, adapter="beta"):
         ours = _logits(m16, ids)
     assert (ours.float() - p32).abs().max() <= 1.1 * (p16.float() - p32).abs().max()
 
@@ -264,7 +264,7 @@ def test_gpt2_conv1d_layers(tmp_path):
         make_adapter(tmp_path / f"g{i}", seed=i, targets=["c_attn", "c_proj"], base=tiny_gpt2(), base_name="tiny-gpt2")
     lib = LoraLibrary.from_peft([tmp_path / "g0", tmp_path / "g1"])
     ids = _ids(B=2, T=6, seed=10)
-    model = seqr.attach(tiny_gpt2(), lib, method="g1")
+    model = seqr.attach(tiny_gpt2(), lib, adapter="g1")
     want = _logits(PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "g1").eval(), ids)
     torch.testing.assert_close(_logits(model, ids), want, atol=ATOL, rtol=1e-4)
     with seqr.routing(model, "seqr", trace=True) as t:

@@ -206,7 +206,7 @@ def _row(cache, b):
 
 
 def _fixed_step(model, nxt, cache, name, b):
-    with seqr.routing(model, name):
+    with seqr.routing(model, adapter=name):
         return model(nxt[b:b + 1], past_key_values=_row(cache, b), use_cache=True).logits[0, -1]
 
 

@@ -215,7 +215,7 @@ def test_topk_mixture_weights_updates_by_softmax_of_scores(lib, k, temperature):
     torch.testing.assert_close(got, _reference(lib, rule)(ids).logits, atol=ATOL, rtol=1e-4)
     with seqr.routing(model, "seqr", mix=1):  # a one-adapter "mixture" is the paper's argmax
         torch.testing.assert_close(model(ids).logits, _reference(lib, _argmax_rule)(ids).logits, atol=ATOL, rtol=1e-4)
-    with seqr.routing(model, "beta"):
+    with seqr.routing(model, adapter="beta"):
         only_beta = model(ids).logits
     with seqr.routing(model, "seqr", mix=3, allowed={"beta"}):  # the mixture never reaches outside the set
         torch.testing.assert_close(model(ids).logits, only_beta, atol=ATOL, rtol=1e-4)

@@ -89,6 +89,33 @@ def test_unique_a_trains_ordinary_lora(tmp_path, tok):
     assert json.loads((a / files.ADAPTER_META).read_text())["a_seed"] is None
 
 
+def test_calibration_centroids_equal_a_direct_mean_and_can_be_withheld(tmp_path, tok):
+    out = _train(tmp_path, tok, "pos")
+    model, examples = _model(tok), _examples("pos", 6)
+    calibrate(model, tok, out, examples, batch_size=4, progress=False)
+    # independent reference: peft's model with the adapter active, one unpadded example at a time; the mean of
+    # every token's input to each LoRA layer
+    from peft import PeftModel
+
+    from seqr.silo.train import encode
+    lib = LoraLibrary.from_peft([out])
+    assert lib.has_centroids
+    peft_model = PeftModel.from_pretrained(_model(tok), out).eval()
+    inputs = {layer: [] for layer in lib.layers}
+    for layer in lib.layers:
+        peft_model.get_submodule("base_model.model." + layer).register_forward_hook(
+            lambda mod, inp, o, layer=layer: inputs[layer].append(inp[0][0].double()))
+    with torch.no_grad():
+        for ex in examples:
+            peft_model(torch.tensor([encode(ex, tok)[0]]))
+    for layer in lib.layers:
+        want = torch.cat(inputs[layer]).mean(0)  # (n,)
+        torch.testing.assert_close(lib.centroids("pos")[layer].double(), want, rtol=1e-5, atol=1e-6)
+    calibrate(model, tok, out, examples, batch_size=4, progress=False, centroids=False)
+    assert not (out / files.CENTROIDS_FILE).exists()  # withheld: nothing of it leaves the silo
+    assert not LoraLibrary.from_peft([out]).has_centroids
+
+
 @pytest.mark.parametrize("bad", [{"rank": 0}, {"lr": -1.0}, {"dropout": 1.5}, {"max_train": 0}])
 def test_bad_train_config_names_the_value(bad):
     with pytest.raises(ValueError, match=list(bad)[0]):

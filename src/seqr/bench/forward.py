@@ -129,9 +129,9 @@ def measure_point(base, dirs: list[Path], ids: torch.Tensor, opts: dict, seed: i
     setup, checks = {}, {}
     bar = tqdm(total=2, desc=f"{dtype_name(dtype)} N={N}", file=sys.stderr, leave=False)
 
-    def routed(method):
+    def routed(method=None, adapter=None):
         def call():
-            with routing(seqr_model, method):
+            with routing(seqr_model, method, adapter=adapter):
                 return seqr_model(ids).logits
         return call
 
@@ -142,7 +142,7 @@ def measure_point(base, dirs: list[Path], ids: torch.Tensor, opts: dict, seed: i
              **{v: routed(method) for v, method in SEQR_METHODS.items()}}
     results, logits = time_interleaved(calls, tokens, opts, bar)
     bar.update()
-    checks["seqr_fixed_vs_peft_static"] = compare(routed(lib.names[0])(), logits["peft-static"],
+    checks["seqr_fixed_vs_peft_static"] = compare(routed(adapter=lib.names[0])(), logits["peft-static"],
                                                   fixed_tol(dtype, logits["peft-static"]),
                                                   what=f"seqr fixed to {lib.names[0]} vs peft-static")
     checks["seqr_base_vs_untouched"] = compare(routed("base")(), logits["untouched"], BASE_TOL,

@@ -72,11 +72,11 @@ def decode(model, ids: torch.Tensor, steps: int, cache_kw: str):
     return (torch.cat(out, dim=1), res.logits[:, -1]), seconds  # (B, steps + 1), (B, V)
 
 
-def _routed(model, method: str | None):
-    """seqr's routing context for a routed variant; nothing for the others."""
+def _routed(model, how: dict | None):
+    """seqr's routing context for a routed variant (routing's method= or adapter=); nothing for the others."""
     from seqr.hf.layers import routing
 
-    return routing(model, method) if method else contextlib.nullcontext()
+    return routing(model, **how) if how else contextlib.nullcontext()
 
 
 def variant_calls(models: dict, ids: torch.Tensor, steps: int, cache_kw: str) -> dict:
@@ -118,8 +118,8 @@ def measure_n(base, dirs: list, run: dict, opts: dict, seed: int, profile: bool)
     setup, points = {}, []
     bar = tqdm(total=len(run["batch"]), desc=f"{dtype_name(dtype)} N={N}", file=sys.stderr, leave=False)
     static, lib, seqr_model = build_variants(base, dirs, seed, setup, bar)
-    models = {"untouched": (base, None), "peft-static": (static, None), "seqr-fixed": (seqr_model, lib.names[0]),
-              "seqr": (seqr_model, "seqr")}
+    models = {"untouched": (base, None), "peft-static": (static, None), "seqr-fixed": (seqr_model, {"adapter": lib.names[0]}),
+              "seqr": (seqr_model, {"method": "seqr"})}
     cache_kw = _cache_kw(_forward_params(base))
     for batch in run["batch"]:
         calls = variant_calls(models, prompt_ids(base.config.vocab_size, batch, run["prompt"], seed), steps, cache_kw)

@@ -17,13 +17,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from seqr.core import registry
 from seqr.core.bank import AdapterBank
 from seqr.core.costs import DEFAULT_SHAPE, add_shape_args, costs, human
 from seqr.store.files import atomic_write_bytes
 from seqr.bench.common import (contention_note, cpu_snapshot, load_avg, machine_info, machine_line, num,
                                other_cpu_share, ratio, timed, write_json)
 
-METHODS = ("seqr", "arrow", "lag", "spectr", "naive")  # cheapest first
+METHODS = tuple(sorted(registry.names(("score", "shortlist")), key=lambda mt: costs(mt, 100, 512, 512, 8, 20).macs))
+# every router of the registry, cheapest first (by its MACs at the quick shape)
 TARGETS = {"arrow": 10.0, "spectr": 100.0}  # the paper's claim: at least this many times slower than SEQR
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUICK_SHAPE = {"N": 100, "n": 512, "m": 512, "r": 8, "k": 20}
@@ -43,15 +45,17 @@ QUICK_SWEEP_AXES = {"n": (64, 128), "N": (10, 30), "r": (2, 4)}
 # --- routing: one shape -------------------------------------------------------------------------------------
 
 def random_bank(N: int, n: int, m: int, r: int, dtype: torch.dtype, seed: int) -> tuple[AdapterBank, float]:
-    """A calibrated shared-A bank: A ~ N(0, 1/r^2), B ~ N(0, 1), random mu/sigma so z-scoring is timed too.
-    Returns the bank and the seconds its construction (batched QR of every B_i, packed Grams) took."""
+    """A calibrated shared-A bank: A ~ N(0, 1/r^2), B ~ N(0, 1), random mu/sigma so z-scoring is timed too, random
+    centroids for the centroid routers. Returns the bank and the seconds its construction (batched QR of every B_i,
+    packed Grams) took."""
     g = torch.Generator().manual_seed(seed)
     A = (torch.randn(r, n, generator=g) / r).to(dtype)  # (r, n)
     B = torch.randn(N, m, r, generator=g).to(dtype)  # (N, m, r)
     mu = torch.rand(N, generator=g) + 0.5  # (N,)
     sigma = torch.rand(N, generator=g) * 0.5 + 0.1  # (N,)
+    centroids = torch.randn(N, n, generator=g)  # (N, n)
     t0 = time.perf_counter()
-    bank = AdapterBank(A, B, mu=mu, sigma=sigma)
+    bank = AdapterBank(A, B, mu=mu, sigma=sigma, centroids=centroids)
     return bank, time.perf_counter() - t0
 
 
@@ -64,15 +68,15 @@ def measure_routing(shape: dict, methods, *, tokens: int, repeats: int, warmup: 
     k = min(shape["k"], N)
     bank, qr_s = random_bank(N, n, m, r, dtype, seed)
     svd_s = None
-    if set(methods) & {"arrow", "lag", "spectr"}:
+    if any("svd" in registry.get(mt).needs for mt in methods):
         t0 = time.perf_counter()
-        bank.prepare("arrow", "spectr")  # the baselines' one-off SVD (lazy in the bank), kept out of their timings
+        bank.prepare(*methods)  # the baselines' one-off SVD (lazy in the bank), kept out of their timings
         svd_s = time.perf_counter() - t0
     x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)  # (T, n)
     results = {}
     with torch.no_grad():
         for method in tqdm(methods, desc=f"N={N} n={n} r={r}", leave=False, disable=not progress):
-            kw = {"k": k} if method == "lag" else {}
+            kw = {"k": k} if registry.get(method).takes_k else {}
             times, first = timed(lambda: bank.route(x, method, **kw), repeats, warmup, budget_s)
             c = costs(method, N, n, m, r, k)
             med = statistics.median(times)

@@ -87,7 +87,7 @@ def dev_accuracy(model, tok, adapter_dir: str, examples, batch_size: int) -> lis
     from seqr.hf.choices import score_choices
 
     lib = LoraLibrary.from_peft({"adapter": adapter_dir})
-    attach(model, lib, method="adapter")
+    attach(model, lib, adapter="adapter")
     try:
         return predictions(score_choices(model, tok, examples, batch_size=batch_size, progress=False))
     finally:

@@ -6,10 +6,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from seqr.core import registry
 from seqr.core import routers as rt
-
-METHODS = ("seqr", "spectr", "arrow", "naive")
-ROUTE_METHODS = METHODS + ("lag",)
 
 
 def _first_nonfinite(t: torch.Tensor) -> int | None:
@@ -33,12 +31,13 @@ class AdapterBank:
     mu, sigma: (N,) activation-norm statistics of each adapter on its own data (optional).
     quantiles: (N, Q) each adapter's norms at stats.QUANTILE_LEVELS (optional, with mu and sigma): the norm
     routers then score by the adapter's own percentile (as a normal quantile) instead of the z-score.
+    centroids: (N, n) each adapter's mean input on its own data (optional; the centroid routers), kept as unit rows.
 
     Stored: A, B, and for a shared A the packed Grams G_i = R_i^T R_i (r(r+1)/2 numbers per adapter), i.e.
     n*r + N*(m*r + r(r+1)/2) numbers. SVD factors for the baselines are computed on first use.
     """
 
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, *, mu=None, sigma=None, quantiles=None,
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, *, mu=None, sigma=None, quantiles=None, centroids=None,
                  names: Sequence[str] | None = None):
         if not isinstance(B, torch.Tensor) or B.dim() != 3:
             raise ValueError(f"B must be a tensor of shape (N, m, r), got {_shape(B)}")
@@ -77,6 +76,7 @@ class AdapterBank:
         self.mu, self.sigma = self._check_stats(mu, sigma, N, B)
         self._cdf = self._check_quantiles(quantiles, N, B)  # None, or (knots (N, Q) in z units, target (Q,))
         self.shared_a = A.dim() == 2
+        self.centroids = self._check_centroids(centroids, N, A.shape[-1], B)  # (N, n) unit rows, or None
         self._casts: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.shared_a:
             _, R = rt.qr_positive(B.to(rt.compute_dtype(B.dtype)))  # (N, r, r)
@@ -111,6 +111,18 @@ class AdapterBank:
         if i is not None:
             raise ValueError(f"stats of adapter {self.names[i]!r} overflow {t.dtype} when z-scoring: {what} is not "
                              f"finite (mu={float(mu[i]):.6g}, sigma={float(sigma[i]):.6g})")
+
+    def _check_centroids(self, centroids, N: int, n: int, B: torch.Tensor) -> torch.Tensor | None:
+        if centroids is None:
+            return None
+        c = torch.as_tensor(centroids, dtype=rt.compute_dtype(B.dtype), device=B.device)
+        if c.shape != (N, n):
+            raise ValueError(f"centroids must have shape ({N}, {n}), got {tuple(c.shape)}")
+        _check_finite(c, "centroid", self.names)
+        zero = (c == 0).all(dim=1)  # (N,)
+        if zero.any():
+            raise ValueError(f"centroid of adapter {self.names[int(zero.nonzero()[0])]!r} is the zero vector")
+        return rt.unit_rows(c)  # (N, n)
 
     def _check_quantiles(self, quantiles, N, B):
         if quantiles is None:
@@ -151,12 +163,19 @@ class AdapterBank:
     def prepare(self, *methods: str) -> "AdapterBank":
         """Build the lazy factors that the given methods need now (e.g. before timing, or before serving)."""
         for method in methods:
-            self._check_method(method, ROUTE_METHODS)
-            if method in ("arrow", "lag"):
+            if "svd" in self._router(method).needs:
                 self._prototypes
-            if method in ("spectr", "lag"):
-                self._svd
         return self
+
+    @property
+    def svd(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """SVD factors of every update B_i A_i, found through the rank-r factors: S (N, r), Vt (N, r, n)."""
+        return self._svd
+
+    @property
+    def prototypes(self) -> torch.Tensor:
+        """ARROW's prototypes: each update's top right singular vector, (N, n) unit rows."""
+        return self._prototypes
 
     @cached_property
     def _svd(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +202,9 @@ class AdapterBank:
     def scores(self, x: torch.Tensor, method: str = "seqr", *, z: torch.Tensor | None = None) -> torch.Tensor:
         """(…, N) routing scores. Norm methods are z-scored with mu/sigma when set; arrow gives |v_i.x|."""
         xf, lead = self._flat(x)
-        self._check_method(method, METHODS)
+        if self._router(method).kind != "score":
+            raise ValueError(f"method {method!r} routes by its own rule and has no score vector; scores are "
+                             f"given by {registry.names('score')}")
         out = torch.empty(xf.shape[0], self.num_adapters, dtype=rt.compute_dtype(self.B.dtype), device=xf.device)
         for c, s in self._score_chunks(xf, method, z):
             out[c] = s  # (t, N)
@@ -199,68 +220,72 @@ class AdapterBank:
     def _width(self, method: str) -> int:
         """Temporary elements per token of one method's scores (for token_chunks)."""
         N, m, n, r = self.shape
-        return {"seqr": N + r * (r + 1), "spectr": 2 * N * r, "arrow": N, "naive": 2 * N}[method]
+        return registry.get(method).width(N, m, n, r)
 
     def _z_cdt(self, z: torch.Tensor | None) -> torch.Tensor | None:
         return None if z is None else _as(z.reshape(-1, z.shape[-1]), rt.compute_dtype(self.B.dtype))  # (T, r)
 
     def _in_cdt(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
-        """x in the scores' dtype; SEQR scoring from z never reads x, so it is not cast."""
-        return x if method == "seqr" and z is not None else _as(x, rt.compute_dtype(self.B.dtype))
+        """x in the scores' dtype."""
+        return _as(x, rt.compute_dtype(self.B.dtype))
 
     def _scores_flat(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
-        s = self._norm_scores(x, method, z)  # (T, N)
-        if self._cdf is None or method == "arrow":
+        router = registry.get(method)
+        s = self._router_scores(x, method, z)  # (T, N)
+        if self._cdf is None or not router.percentile:
             return s
         return rt.percentile_scores(s, *(t.to(s.dtype) for t in self._cdf))  # (T, N)
 
-    def _norm_scores(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
-        if method == "seqr":
-            z = self.z(x) if z is None else z  # (T, r)
-            if z.shape[0] <= rt.GATHER_TOKENS:
-                return rt.seqr_scores_few(z, self._R_stacked, self._offset)  # (T, N)
-            return rt.seqr_scores(z, self._G_scored, self._offset)  # (T, N)
-        if method == "arrow":
-            return rt.arrow_scores(x, self._prototypes)  # (T, N)
-        if method == "spectr":
-            S, Vt = self._svd
-            return rt.zscore_(rt.spectr_norms(x, S, Vt), self.mu, self.sigma)  # (T, N)
-        norms = rt.naive_norms(x, self.A.to(x.dtype), self.B.to(x.dtype))  # (T, N)
-        return rt.zscore_(norms, self.mu, self.sigma)
+    def _router_scores(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
+        """The registered router's own scores of tokens x (T, n): the one place a score function is called."""
+        return registry.get(method).score(self, x, z)  # (T, N)
+
+    def seqr_scores(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """SEQR's calibrated scores (T, N) from z = A x (computed from x when not given)."""
+        z = self.z(x) if z is None else z  # (T, r)
+        if z.shape[0] <= rt.GATHER_TOKENS:
+            return rt.seqr_scores_few(z, self._R_stacked, self._offset)  # (T, N)
+        return rt.seqr_scores(z, self._G_scored, self._offset)  # (T, N)
 
     def route(self, x: torch.Tensor, method: str = "seqr", *, k: int | None = None, allowed=None,
               z: torch.Tensor | None = None) -> torch.Tensor:
         """Chosen adapter index per token, (…,) LongTensor. `allowed`: names, indices or a bool mask
-        of shape (N,) or (…, N); an adapter outside it is never chosen. `lag` takes k."""
+        of shape (N,) or (…, N); an adapter outside it is never chosen. Shortlist routers (`lag`) take k."""
         xf, lead = self._flat(x)
-        self._check_method(method, ROUTE_METHODS)
+        router = self._router(method)
         mask = self.allowed_mask(allowed, xf.shape[0], lead)  # None, (1, N) or (T, N)
-        if method != "lag" and k is not None:
-            raise ValueError(f"k is only used by method 'lag', got k={k} with method {method!r}")
-        if method == "lag":
+        if not router.takes_k and k is not None:
+            raise ValueError(f"k is only used by the shortlist methods {[r.name for r in registry.routers() if r.takes_k]}"
+                             f", got k={k} with method {method!r}")
+        if router.takes_k:
             N = self.num_adapters
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
-                raise ValueError(f"lag needs an integer k in [1, {N}], got k={k!r}")
+                raise ValueError(f"{method} needs an integer k in [1, {N}], got k={k!r}")
             if self._cdf is not None:
-                raise ValueError("lag ranks its candidates by z-score; it does not take the percentile score")
+                raise ValueError(f"{method} ranks its candidates by z-score; it does not take the percentile score")
         return self.choose(xf, method, mask, k=k, z=z).view(lead)
 
     def choose(self, xf: torch.Tensor, method: str, mask: torch.Tensor | None, *, k: int | None = None,
                z: torch.Tensor | None = None) -> torch.Tensor:
-        """`route` on already validated input: flat tokens xf (T, n), a method of ROUTE_METHODS, a bool mask
-        (1, N) or (T, N) or None, z = A x (T, r) or None. The routed layers' hot path. Returns (T,)."""
-        if method != "lag" and xf.shape[0] * self._width(method) <= rt.BLOCK_ELEMENTS:  # one chunk: no slicing
+        """`route` on already validated input: flat tokens xf (T, n), a routing method, a bool mask (1, N) or (T, N)
+        or None, z = A x (T, r) or None. The routed layers' hot path. Returns (T,)."""
+        router = registry.get(method)
+        if router.kind == "shortlist":
+            return self._shortlist(xf, router, mask, k, z)
+        if xf.shape[0] * self._width(method) <= rt.BLOCK_ELEMENTS:  # one chunk: no slicing
             return rt.masked_argmax_(self._scores_flat(self._in_cdt(xf, method, z), method, self._z_cdt(z)), mask)
         idx = torch.empty(xf.shape[0], dtype=torch.long, device=xf.device)  # (T,)
-        if method != "lag":
-            for c, s in self._score_chunks(xf, method, z):
-                idx[c] = rt.masked_argmax_(s, None if mask is None else mask if mask.shape[0] == 1 else mask[c])
-            return idx
-        S, Vt = self._svd
-        cdt = rt.compute_dtype(self.B.dtype)
-        for c in rt.token_chunks(xf.shape[0], self.num_adapters + k * Vt.shape[1] * Vt.shape[2], rt.GATHER_ELEMENTS):
+        for c, s in self._score_chunks(xf, method, z):
+            idx[c] = rt.masked_argmax_(s, None if mask is None else mask if mask.shape[0] == 1 else mask[c])
+        return idx
+
+    def _shortlist(self, xf: torch.Tensor, router, mask, k: int, z) -> torch.Tensor:
+        N, m, n, r = self.shape
+        xf, zf = _as(xf, rt.compute_dtype(self.B.dtype)), self._z_cdt(z)  # (T, n), (T, r) or None
+        idx = torch.empty(xf.shape[0], dtype=torch.long, device=xf.device)  # (T,)
+        for c in rt.token_chunks(xf.shape[0], router.width(N, m, n, r, k), rt.GATHER_ELEMENTS):
             mc = None if mask is None else (mask if mask.shape[0] == 1 else mask[c])
-            idx[c] = rt.lag_route(xf[c].to(cdt), self._prototypes, S, Vt, k, mc, self.mu, self.sigma)
+            idx[c] = router.route(self, xf[c], mc, k, None if zf is None else zf[c])  # (t,)
         return idx
 
     def allowed_mask(self, allowed, T: int, lead: tuple[int, ...] = ()) -> torch.Tensor | None:
@@ -352,12 +377,14 @@ class AdapterBank:
         return self._casts[dtype]
 
     # ----------------------------------------------------------------------------------------------
-    def _check_method(self, method: str, valid: tuple[str, ...]) -> None:
-        if method not in valid:
-            raise ValueError(f"unknown routing method {method!r}; expected one of {list(valid)}")
-        if method == "seqr" and not self.shared_a:
-            raise ValueError("method 'seqr' needs a shared A (one frozen A for all adapters); this bank has "
-                             "one A per adapter, so use 'spectr', 'arrow', 'lag' or 'naive'")
+    def _router(self, method: str):
+        """The registered routing method `method`, checked against what this bank holds."""
+        router = registry.get(method)
+        if not router.routes:
+            raise ValueError(f"method {method!r} does not route tokens; a bank routes with "
+                             f"{registry.names(('score', 'shortlist'))}")
+        router.check(shared_a=self.shared_a, centroids=self.centroids is not None, where="this bank")
+        return router
 
     def __repr__(self) -> str:
         N, m, n, r = self.shape

@@ -8,13 +8,16 @@ One adapted layer W (m x n) carries N rank-r updates B_i A_i. Per token x (n,), 
     lag      N n + k (r n + r)    ARROW's top k, then SPECTR on those k
     seqr     N r^2                ||R_i z||, z = A x shared with the update (shared_macs = r n)
     seqr, one A_i per adapter:    N (r n + r^2), nothing shared
+    centroid N n + n              cos(x, c_i) with one unit centroid c_i (n,) per adapter (and ||x||)
+    centroid-seqr                 centroid + seqr: the centroid's top k, then SEQR among them
 
 The baselines are costed as their papers compute them, whether or not A is shared. `shared_macs` is routing work
 left out of `macs` because the chosen adapter's update needs it anyway; the timed routing work is macs + shared_macs.
 
 Numbers stored for routing AND applying the updates: the updates, n r + N m r with a shared A or N (r n + m r)
 otherwise, plus each router's state: naive none; spectr N (n r + r) (V_i, S_i); arrow N n (prototypes);
-lag N n + N (n r + r); seqr N r (r + 1) / 2 (packed Grams G_i = R_i^T R_i). A shared-A SEQR library thus holds
+lag N n + N (n r + r); seqr N r (r + 1) / 2 (packed Grams G_i = R_i^T R_i); centroid N n. The formulas live in
+each router's registry entry (`seqr.core.registry`). A shared-A SEQR library thus holds
 n r + N (m r + r (r + 1) / 2) numbers, what `AdapterBank.numel` reports.
 """
 from __future__ import annotations
@@ -24,7 +27,16 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-METHODS = ("naive", "spectr", "lag", "arrow", "seqr")  # Table 1's order
+from seqr.core import registry
+
+
+def methods() -> list[str]:
+    """Every registered router with a cost formula: Table 1's order first, then the others in report order."""
+    costed = [r for r in registry.routers() if r.cost is not None]
+    return [r.name for r in sorted(costed, key=lambda r: (r.table1 is None, r.table1 or 0, r.order))]
+
+
+METHODS = tuple(methods())  # at import: the built-ins (`methods()` also lists routers registered later)
 
 
 def _check_count(name: str, value) -> None:
@@ -52,15 +64,16 @@ class Cost:
     bytes: float = field(init=False)  # params * bytes_per_param
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {list(METHODS)}")
+        if self.method not in methods():
+            raise ValueError(f"unknown method {self.method!r}; expected one of {methods()}")
+        router = registry.get(self.method)
         for name in ("N", "n", "m", "r"):
             _check_count(name, getattr(self, name))
-        if self.method == "lag":
+        if router.takes_k:
             if self.k is None or isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= self.N:
-                raise ValueError(f"lag needs an integer k in [1, N={self.N}], got k={self.k!r}")
+                raise ValueError(f"{self.method} needs an integer k in [1, N={self.N}], got k={self.k!r}")
         else:
-            object.__setattr__(self, "k", None)  # k only means something for lag
+            object.__setattr__(self, "k", None)  # k only means something for shortlist routers
         bpp = self.bytes_per_param
         if isinstance(bpp, bool) or not isinstance(bpp, (int, float)) or not 0 < bpp < math.inf:
             raise ValueError(f"bytes_per_param must be a positive number, got {bpp!r}")
@@ -74,20 +87,8 @@ class Cost:
         object.__setattr__(self, "bytes", int(nbytes) if float(nbytes).is_integer() else nbytes)
 
     def _formulas(self) -> tuple[int, int, int]:
-        """(routing MACs per token, shared MACs per token, routing state stored)."""
-        N, n, m, r, k = self.N, self.n, self.m, self.r, self.k
-        if self.method == "naive":
-            return N * (r * n + m * r), 0, 0
-        if self.method == "spectr":
-            return N * (r * n + r), 0, N * (n * r + r)
-        if self.method == "arrow":
-            return N * n, 0, N * n
-        if self.method == "lag":
-            return N * n + k * (r * n + r), 0, N * n + N * (n * r + r)
-        gram = N * r * (r + 1) // 2
-        if self.shared_a:
-            return N * r * r, r * n, gram
-        return N * (r * n + r * r), 0, gram
+        """(routing MACs per token, shared MACs per token, routing state stored): the router's registry entry."""
+        return registry.get(self.method).cost(self.N, self.n, self.m, self.r, self.k, self.shared_a)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -102,7 +103,8 @@ def costs(method: str, N: int, n: int, m: int, r: int, k: int | None = None, *, 
 def costs_table(N: int, n: int, m: int, r: int, k: int | None, shared_a: bool = True,
                 bytes_per_param: float = 4) -> list[Cost]:
     """Every method's cost, in Table 1's order."""
-    return [costs(meth, N, n, m, r, k, shared_a=shared_a, bytes_per_param=bytes_per_param) for meth in METHODS]
+    return [costs(meth, N, n, m, r, k, shared_a=shared_a, bytes_per_param=bytes_per_param) for meth in methods()
+            if registry.get(meth).takes_k <= (k is not None)]
 
 
 def human(value: float, base: int = 1000, units=("", "K", "M", "G", "T", "P")) -> str:

@@ -156,6 +156,26 @@ def arrow_scores(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (x @ v.T).abs_()  # (T, N)
 
 
+def cosine_scores(x: torch.Tensor, c_unit: torch.Tensor) -> torch.Tensor:
+    """cos(x, c_i) for unit centroids c_unit (N, n): the centroid router's scores (0 for a zero x)."""
+    dots = x @ c_unit.T  # (T, N)
+    return dots.div_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(torch.finfo(x.dtype).tiny))
+
+
+def masked_mean(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Per row, the mean of x (B, T, n) over its real tokens real (B, T) bool: (B, n)."""
+    w = real.to(x.dtype)[..., None]  # (B, T, 1)
+    return (x * w).sum(1) / w.sum(1).clamp_min_(1)  # (B, n)
+
+
+def unit_rows(c: torch.Tensor) -> torch.Tensor:
+    """Rows of c (N, n) scaled to unit length; a zero row is refused (its cosine is undefined)."""
+    norms = torch.linalg.vector_norm(c, dim=-1, keepdim=True)  # (N, 1)
+    if (norms == 0).any():
+        raise ValueError(f"centroid {int((norms[:, 0] == 0).nonzero()[0])} is the zero vector")
+    return c / norms  # (N, n)
+
+
 def naive_norms(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """||B_i A_i x|| computed directly, adapter block by adapter block (never a (T, N, m) tensor)."""
     N, m, r = B.shape
@@ -278,3 +298,11 @@ def lag_route(x: torch.Tensor, v: torch.Tensor, S: torch.Tensor, Vt: torch.Tenso
         s = (s - mu[top]) / sigma[top]  # (T, k)
     keep = None if mask is None else mask.expand(x.shape[0], -1).gather(1, top)  # (T, k)
     return top.gather(1, masked_argmax_(s, keep)[:, None])[:, 0]  # (T,)
+
+
+def shortlist_argmax(short: torch.Tensor, final: torch.Tensor, k: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """The top-k allowed adapters by `short` (T, N), then the argmax of `final` (T, N) among them: (T,).
+    Overwrites `short`."""
+    top = masked_topk_(short, mask, k).indices  # (T, k) the allowed candidates first
+    keep = None if mask is None else mask.expand(short.shape[0], -1).gather(1, top)  # (T, k)
+    return top.gather(1, masked_argmax_(final.gather(1, top), keep)[:, None])[:, 0]  # (T,)

@@ -3,8 +3,9 @@
 One pass with `seqr.routing(model, trace=True)` records, per (token, layer) decision, the adapter used,
 its score margin over the runner-up, and two score vectors over the allowed adapters: the calibrated
 norm scores (z-scored ||B_i A x||, exact: SEQR's when A is shared, SPECTR's otherwise) and ARROW's
-|v_i . x|. Every router's choice on the same x follows from these two, so one pass measures the routing
-accuracy of every method against the norm-maximising adapter.
+|v_i . x|. The choice of every router whose registry trace rule is norm, arrow or lag follows from these two,
+so one pass measures the routing accuracy of all of them against the norm-maximising adapter; a router with
+its own scores (rule "own") has them recorded too when it is the one routing.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-NORM_METHODS = ("seqr", "spectr", "naive")  # exact calibrated norms: all three pick the same adapter
+from seqr.core import registry
 
 
 @dataclass
@@ -24,11 +25,12 @@ class Trace:
     method: str | tuple
     k: int | None = None
     light: bool = False  # recorded only rows and chosen adapters (routing(..., trace="choices"))
+    router: str | None = None  # the registered method that routed (None: fixed adapters)
     _parts: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)), repr=False)
     _step: int = 0
 
     def record(self, layer: str, **tensors: torch.Tensor) -> None:
-        """Append one layer call's records: rows, chosen, margin (t,), norm, arrow (t, N)."""
+        """Append one layer call's records: rows, chosen, margin (t,), norm, arrow and maybe own (t, N)."""
         for key, t in tensors.items():
             self._parts[layer][key].append(t.detach().cpu())
         self._parts[layer]["step"].append(torch.full_like(tensors["rows"].cpu(), self._step))
@@ -61,25 +63,29 @@ class Trace:
 
     # ------------------------------------------------------------------------------------------ analysis
     def choices(self, method: str | None = None, k: int | None = None) -> torch.Tensor:
-        """The adapter each router picks for every decision: None gives what was actually used;
-        seqr/spectr/naive the calibrated norm-maximiser; arrow; lag with its k."""
+        """The adapter each router picks for every decision: None gives what was actually used; a registered
+        router by its trace rule (seqr/spectr/naive the calibrated norm-maximiser; arrow; lag with its k)."""
         d = self.decisions()
         if method is None:
             return d["chosen"]
         if self.light:
             raise ValueError("this trace recorded only the adapters used (trace='choices'); other routers' choices "
                              "need routing(..., trace=True)")
-        if method in NORM_METHODS:
+        router = registry.get(method)
+        if router.trace == "norm":
             return d["norm"].argmax(-1)
-        if method == "arrow":
+        if router.trace == "arrow":
             return d["arrow"].argmax(-1)
-        if method == "lag":
+        if router.trace == "lag":
             N = len(self.names)
             if k is None or not 1 <= k <= N:
-                raise ValueError(f"lag needs k in [1, {N}], got {k!r}")
+                raise ValueError(f"{method} needs k in [1, {N}], got {k!r}")
             top = d["arrow"].topk(k, dim=-1).indices  # (D, k)
             return top.gather(1, d["norm"].gather(1, top).argmax(-1, keepdim=True))[:, 0]
-        raise ValueError(f"unknown method {method!r}; expected None, 'seqr', 'spectr', 'naive', 'arrow' or 'lag'")
+        if method != self.router:
+            raise ValueError(f"router {method!r} keeps its own scores; its choices are traced only when it routes "
+                             f"(this trace routed with {self.router!r})")
+        return d["own"].argmax(-1) if "own" in d else d["chosen"]
 
     def routing_accuracy(self, method: str | None = None, k: int | None = None) -> float:
         """Share of decisions on which `method` picks the calibrated norm-maximising adapter."""
@@ -111,6 +117,8 @@ class Trace:
         N, n_dec = len(self.names), d["rows"].numel()
         counts = self.counts()
         acc = {m: self.routing_accuracy(m) for m in ("seqr", "arrow")}
+        if self.router is not None and registry.get(self.router).trace == "own":
+            acc[self.router] = self.routing_accuracy(self.router, self.k)
         acc.update({f"lag@{k}": self.routing_accuracy("lag", k) for k in range(1, N + 1)})
         if (d["chosen"] >= 0).any():
             acc["used"] = self.routing_accuracy(None)

@@ -31,12 +31,11 @@ from seqr.silo.calibrate import add_noise, parse_calibration, recalibrated
 from seqr.hf.layers import GRANULARITIES, attach, detach, routing
 from seqr.store.library import LoraLibrary
 from seqr.hf.choices import score_choices
+from seqr.core import registry
 from seqr.core.stats import SCORES
 from seqr.silo.tasks import Example, SCORINGS
 
-METHODS = ("oracle", "base", "mu", "arrow", "lag", "spectr", "seqr")
-ROUTED = ("arrow", "lag", "spectr", "seqr")  # traced passes: their decisions vs the calibrated norm-max
-NORM_ROUTED = ("spectr", "seqr")  # the passes EvalConfig's granularity / mix apply to
+METHODS = tuple(r.name for r in registry.routers() if r.evaluated)  # the default passes, in report order
 FORMAT = "seqr-eval"
 FORMAT_VERSION = 1
 
@@ -69,9 +68,9 @@ class EvalConfig:
         self.tasks, self.methods, self.noise = list(self.tasks), tuple(self.methods), tuple(self.noise)
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be a non-empty list of distinct names, got {self.tasks}")
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if m not in registry.names()]
         if bad or not self.methods:
-            raise ValueError(f"unknown method(s) {bad or self.methods!r}; expected some of {list(METHODS)}")
+            raise ValueError(f"unknown method(s) {bad or self.methods!r}; expected some of {registry.names()}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k must be a positive int, got {self.k!r}")
         if self.max_eval is not None and (isinstance(self.max_eval, bool) or not isinstance(self.max_eval, int)
@@ -216,13 +215,14 @@ def run_pass(model, tokenizer, library: LoraLibrary, method: str, data: dict[str
     try:
         for task in cfg.tasks:
             route, k = _route(method, task, library, cfg)
-            traced = method in ROUTED
-            opts = cfg.routing_options() if method in NORM_ROUTED else {}
+            router = registry.get(method)
+            traced = router.routes  # its decisions vs the calibrated norm-max
+            opts = cfg.routing_options() if router.kind == "score" and router.trace == "norm" else {}
             tally = TraceTally.for_library(library, reference) if traced else None
             pred: list[int | None] = [None] * len(data[task])
             for chunk in chunks[task]:
                 exs = [data[task][i] for i in chunk]
-                with torch.no_grad(), routing(model, route, k=k, trace=traced, **opts) as tr:
+                with torch.no_grad(), routing(model, **route, k=k, trace=traced, **opts) as tr:
                     scores = score_choices(model, tokenizer, exs, scoring=cfg.scoring, batch_size=len(exs),
                                            progress=False)
                 for i, s in zip(chunk, scores):
@@ -240,14 +240,31 @@ def run_pass(model, tokenizer, library: LoraLibrary, method: str, data: dict[str
     return {"tasks": out, "seconds": round(time.time() - t0, 1)}
 
 
-def _route(method: str, task: str, library: LoraLibrary, cfg: EvalConfig) -> tuple[str, int | None]:
-    """The routing(...) method and k of one (method, task)."""
-    if method == "oracle":
+def _route(method: str, task: str, library: LoraLibrary, cfg: EvalConfig) -> tuple[dict, int | None]:
+    """routing(...)'s method or fixed adapter, and k, of one (method, task): a fixed method (the oracle) applies
+    the adapter named like the task."""
+    router = registry.get(method)
+    if router.kind == "fixed":
         if task not in library:
-            raise ValueError(f"oracle needs an adapter named like the task {task!r}; the library holds "
+            raise ValueError(f"{method} needs an adapter named like the task {task!r}; the library holds "
                              f"{library.names}")
-        return task, None
-    return method, (min(cfg.k, len(library)) if method == "lag" else None)
+        return {"adapter": task}, None
+    return {"method": method}, (min(cfg.k, len(library)) if router.takes_k else None)
+
+
+def _applies(method: str, lib: LoraLibrary, label: str) -> bool:
+    """Whether a (non-base) method runs on this library; one it cannot serve (seqr without a shared A, a centroid
+    router without centroids) is skipped with a note."""
+    router = registry.get(method)
+    if router.kind == "none":
+        return False
+    try:
+        router.check(shared_a=lib.shared_a, centroids=lib.has_centroids, where=f"library {label!r}")
+    except ValueError as e:
+        if not (method == "seqr" and not lib.shared_a):  # expected: the unique-A comparison has no SEQR
+            print(f"seqr eval: skipping {method} on {label}: {e}", file=sys.stderr)
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -297,11 +314,11 @@ def evaluate(model, tokenizer, libraries: dict[str, LoraLibrary], data: dict[str
             entry = doc["libraries"][label] = {"fingerprint": fp, "shared_a": lib.shared_a, "adapters": lib.names,
                                                "path": path_, "methods": {}, "noise": {}, "routing": opts,
                                                "variant": tag}
-        ref = "seqr" if lib.shared_a else "spectr"
+        ref = lib.default_method
         for method in cfg.methods:
-            if method == "base" or (method == "seqr" and not lib.shared_a):
+            if not _applies(method, lib, label):
                 continue
-            key = f"lag@{min(cfg.k, len(lib))}" if method == "lag" else method
+            key = registry.get(method).key(min(cfg.k, len(lib)))
             if key not in entry["methods"]:
                 entry["methods"][key] = run(lib, method, label, reference=method == ref)
                 save()
@@ -365,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--data", help="JSONL task dir <task>/{train,dev}.jsonl (default $SEQR_TASK_DATA, else HF datasets)")
     p.add_argument("--tasks", nargs="+", help="tasks to evaluate (default: the first library's adapter names)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=registry.names())
     p.add_argument("--k", type=int, default=3, help="LAG's ARROW shortlist size (default 3)")
     p.add_argument("--split", default="dev", help="held-out split (default dev)")
     p.add_argument("--max-eval", type=int, default=100, help="examples per task, a seeded subset (0 = all)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from seqr.core import registry
 from seqr.eval import report as er
 from seqr.store import files
 
@@ -84,7 +85,7 @@ def confusion(doc: dict, out: Path, kind: str = "shared") -> str | None:
     if not libs:
         return None
     label, entry = libs[0]
-    keys = [k for k in entry["methods"] if k.split("@")[0] in er.ROUTED]
+    keys = registry.report_order(k for k in entry["methods"] if registry.routes(k))
     if not keys:
         return None
     plt = _plt()

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import statistics
 
+from seqr.core import registry
 from seqr.core.stats import sign_test_p
 
-ROW_ORDER = ("base", "mu", "arrow", "lag", "spectr", "seqr", "oracle")
-ROUTED = ("arrow", "lag", "spectr", "seqr")
 KINDS = ("shared", "unique")
 
 
@@ -64,7 +63,7 @@ def method_keys(doc: dict, kind: str) -> list[str]:
     common = set.intersection(*(set(e["methods"]) for _, e in libs))
     if doc.get("base") is not None:
         common.add("base")
-    return sorted(common, key=lambda key: ROW_ORDER.index(key.split("@")[0]))
+    return registry.report_order(common)
 
 
 def tasks(doc: dict) -> list[str]:
@@ -108,7 +107,7 @@ def routing_summary(doc: dict, kind: str = "shared") -> dict:
     libs, ts = libraries(doc, kind), tasks(doc)
     out: dict = {"own": {}, "would": {}}
     for key in method_keys(doc, kind):
-        if key.split("@")[0] not in ROUTED:
+        if not registry.routes(key):
             continue
         shares = []
         for _, e in libs:
@@ -126,7 +125,7 @@ def routing_summary(doc: dict, kind: str = "shared") -> dict:
 
 
 def _reference(entry: dict) -> dict | None:
-    res = entry["methods"].get("seqr" if entry["shared_a"] else "spectr")
+    res = entry["methods"].get("seqr" if entry["shared_a"] else "spectr")  # the library's default_method
     return res if res and all("would_agree" in v for v in res["tasks"].values()) else None
 
 
@@ -134,7 +133,7 @@ def own_share(doc: dict, kind: str = "shared") -> dict:
     """{router key: {task: (mean, std)}}: share of a task's decisions routed to the adapter named like it."""
     libs, out = libraries(doc, kind), {}
     for key in method_keys(doc, kind):
-        if key.split("@")[0] not in ROUTED:
+        if not registry.routes(key):
             continue
         cells = {}
         for t in tasks(doc):

@@ -1,5 +1,8 @@
 """Multiple-choice scoring of `Example`s with a causal LM: the log-likelihood of each choice's answer.
 
+An example is anything with `id`, `choices`, `prompt(tokenizer, scoring)` and `answer(choice, scoring)` (e.g.
+`seqr.silo.tasks.Example`): the prompt format belongs to the tasks, the scoring to the model.
+
 Per batch of examples, two forwards in all: (1) the left-padded prompts with the KV cache on, keeping only
 the last position's logits (the first answer token's distribution); (2) the cache gathered to one row per
 (example, choice) and every choice's remaining answer tokens, right-padded, in one forward. When every
@@ -13,14 +16,13 @@ import inspect
 import torch
 
 from seqr.hf.layers import select_rows
-from seqr.silo.tasks import Example, answer_text, build_prompt
 
 
-def encode(examples: list[Example], tokenizer, scoring: str = "choices"):
+def encode(examples: list, tokenizer, scoring: str = "choices"):
     """Token ids of every prompt, and of every choice's answer per example: (prompts, answers)."""
-    prompts = tokenizer([build_prompt(ex, tokenizer, scoring=scoring) for ex in examples],
+    prompts = tokenizer([ex.prompt(tokenizer, scoring) for ex in examples],
                         add_special_tokens=False)["input_ids"]
-    flat = [answer_text(ex, c, scoring) for ex in examples for c in range(len(ex.choices))]
+    flat = [ex.answer(c, scoring) for ex in examples for c in range(len(ex.choices))]
     flat_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
     answers, k = [], 0
     for ex in examples:
@@ -28,11 +30,11 @@ def encode(examples: list[Example], tokenizer, scoring: str = "choices"):
         k += len(ex.choices)
         for c, ids in enumerate(answers[-1]):
             if not ids:
-                raise ValueError(f"example {ex.id!r}: answer {answer_text(ex, c, scoring)!r} encodes to no tokens")
+                raise ValueError(f"example {ex.id!r}: answer {ex.answer(c, scoring)!r} encodes to no tokens")
     return prompts, answers
 
 
-def score_choices(model, tokenizer, examples: list[Example], *, scoring: str = "choices", batch_size: int = 8,
+def score_choices(model, tokenizer, examples: list, *, scoring: str = "choices", batch_size: int = 8,
                   progress: bool = True) -> list[list[float]]:
     """Per example, per choice: the summed log-probability of the choice's answer tokens after the prompt.
 
@@ -59,7 +61,7 @@ def score_choices(model, tokenizer, examples: list[Example], *, scoring: str = "
     return out
 
 
-def accuracy(model, tokenizer, examples: list[Example], *, scoring: str = "choices", batch_size: int = 8,
+def accuracy(model, tokenizer, examples: list, *, scoring: str = "choices", batch_size: int = 8,
              progress: bool = True) -> float:
     """Share of examples whose highest-scoring choice is the gold label (ties go to the first choice)."""
     examples = list(examples)

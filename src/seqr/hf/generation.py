@@ -61,9 +61,10 @@ class Result:
 
 
 @torch.no_grad()
-def generate(model, requests: list[Request], *, eos_id: int | None, pad_id: int, method: str = "seqr",
+def generate(model, requests: list[Request], *, eos_id: int | None, pad_id: int, method: str | None = None,
              k: int | None = None) -> list[Result]:
-    """Generate for every request in one left-padded batch (the model must have a library attached)."""
+    """Generate for every request in one left-padded batch (the model must have a library attached; `method`:
+    the attached one unless given)."""
     if not requests:
         return []
     dev, cache_kw = next(model.parameters()).device, _cache_kw(_forward_params(model))

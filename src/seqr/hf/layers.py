@@ -13,13 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from seqr.core import registry
 from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
-from seqr.store.library import LoraLibrary
 from seqr.core.trace import Trace
+from seqr.store.library import LoraLibrary
 
-ROUTERS = ("seqr", "spectr", "arrow", "lag", "naive")
-METHODS = ROUTERS + ("mu", "base")
 GRANULARITIES = ("token", "prompt", "prompt-vote", "layers", "depth")
 STATE_ATTR = "_seqr_state"
 
@@ -44,13 +43,15 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 @dataclass
 class _Config:
-    method: str | tuple = "seqr"
+    method: str | None = "seqr"  # a registered method; None when fixed adapters apply
+    kind: str = "score"  # the method's registry kind, or "fixed"
     k: int | None = None
     allowed: torch.Tensor | None = None  # (R, N) bool: R = 1 (whole batch) or one row per batch row
     fixed: torch.Tensor | None = None  # (R,) adapter index per batch row for fixed-adapter methods
     granularity: str = "token"  # GRANULARITIES: see `routing`
     mix: int | None = None  # top-`mix` adapters per token, weighted by softmax(score / temperature)
     temperature: float = 1.0
+    adapter: str | tuple | None = None  # the fixed adapter(s) as given (kind "fixed")
 
 
 class RoutingState:
@@ -59,6 +60,7 @@ class RoutingState:
     def __init__(self, library: LoraLibrary):
         self.names = library.names
         self.shared_a = library.shared_a
+        self.centroids = library.has_centroids
         self.cfg = _Config()
         self.trace: Trace | None = None
         self.attention_mask: torch.Tensor | None = None  # (B, S) of the current forward, if given
@@ -73,8 +75,9 @@ class RoutingState:
         self.depth_sum: torch.Tensor | None = None  # (B*T, N) granularity "depth": scores of the layers so far
 
     # ------------------------------------------------------------------------------------------ config
-    def configure(self, method, k=None, allowed=None, granularity="token", mix=None, temperature=1.0) -> _Config:
-        """Validate a method / k / allowed / granularity / mixture combination and return it as a config."""
+    def configure(self, method=None, k=None, allowed=None, granularity="token", mix=None, temperature=1.0,
+                  adapter=None) -> _Config:
+        """Validate a method (or fixed adapters) / k / allowed / granularity / mixture combination; return a config."""
         N, index = len(self.names), {n: i for i, n in enumerate(self.names)}
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -82,28 +85,47 @@ class RoutingState:
             raise ValueError(f"mix must be an integer in [1, {N}] (adapters mixed per token), got {mix!r}")
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        if (granularity != "token" or mix is not None) and method not in ("seqr", "spectr", "naive", "arrow"):
-            raise ValueError(f"granularity / mix apply to the score routers seqr, spectr, naive, arrow; got method "
-                             f"{method!r}")
         if granularity != "token" and mix is not None:
             raise ValueError(f"mix is per token and layer; it cannot be combined with granularity {granularity!r}")
         mask = None if allowed is None else self._allowed_mask(allowed, index)
-        fixed = None
-        if isinstance(method, str) and method in METHODS:
-            if method == "seqr" and not self.shared_a:
-                raise ValueError("method 'seqr' needs a shared-A library; this one has one A per adapter")
-            if method == "lag" and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N):
-                raise ValueError(f"method 'lag' needs an integer k in [1, {N}], got k={k!r}")
-        else:
-            rows = [method] if isinstance(method, str) else list(method) if isinstance(method, (list, tuple)) else None
-            unknown = [m for m in rows or [method] if not isinstance(m, str) or m not in index]
-            if rows is None or not rows or unknown:
-                raise ValueError(f"unknown routing method or adapter {unknown or method!r}; expected one of "
-                                 f"{list(METHODS)}, an adapter name {self.names}, or one adapter name per batch row")
-            fixed = torch.tensor([index[m] for m in rows])
+        if adapter is not None:
+            if method is not None:
+                raise ValueError(f"give a routing method or fixed adapter(s), not both: method={method!r}, "
+                                 f"adapter={adapter!r}")
+            if granularity != "token" or mix is not None:
+                raise ValueError("granularity / mix apply to routers, not to fixed adapters")
+            fixed = self._fixed(adapter, index)
             self._check_fixed_allowed(fixed, mask)
-        return _Config(method if isinstance(method, str) else tuple(method), k if method == "lag" else None, mask, fixed,
-                       granularity, mix, float(temperature))
+            return _Config(None, "fixed", None, mask, fixed, granularity, None, float(temperature),
+                           adapter if isinstance(adapter, str) else tuple(adapter))
+        router = self._router(method, index)
+        if (granularity != "token" or mix is not None) and router.kind != "score":
+            raise ValueError(f"granularity / mix apply to the score routers {registry.names('score')}; got method "
+                             f"{method!r}")
+        if router.takes_k and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N):
+            raise ValueError(f"method {method!r} needs an integer k in [1, {N}], got k={k!r}")
+        return _Config(method, router.kind, k if router.takes_k else None, mask, None, granularity, mix,
+                       float(temperature))
+
+    def _router(self, method, index) -> registry.Router:
+        try:
+            router = registry.get(method)
+        except ValueError:
+            hint = f"; to apply adapter {method!r} itself, pass adapter={method!r}" if method in index else ""
+            raise ValueError(f"unknown routing method {method!r}; expected one of {registry.names()}{hint}") from None
+        if router.kind == "fixed":
+            raise ValueError(f"method {method!r} applies given adapters; pass them as adapter=NAME or one name per "
+                             f"batch row")
+        router.check(shared_a=self.shared_a, centroids=self.centroids)
+        return router
+
+    def _fixed(self, adapter, index) -> torch.Tensor:
+        rows = [adapter] if isinstance(adapter, str) else list(adapter) if isinstance(adapter, (list, tuple)) else None
+        unknown = [a for a in rows or [adapter] if not isinstance(a, str) or a not in index]
+        if rows is None or not rows or unknown:
+            raise ValueError(f"unknown adapter(s) {unknown or adapter!r}; expected an adapter name of {self.names} "
+                             f"or one per batch row")
+        return torch.tensor([index[a] for a in rows])
 
     def _allowed_mask(self, allowed, index) -> torch.Tensor:
         if isinstance(allowed, str):
@@ -218,7 +240,7 @@ class RoutedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (..., m)
-        if self.state.cfg.method == "base":
+        if self.state.cfg.kind == "none":
             return y
         upd = routed_update(self.bank, x, self.state, self.name).view_as(y)  # (..., m) fp32 under a bf16 model
         return y + upd if y.dtype == upd.dtype else (y + upd).to(y.dtype)  # one rounding
@@ -233,9 +255,9 @@ def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: st
     xf = xf if xf.dtype == cdt else xf.to(cdt)
     mask = st.token_mask(B, T)  # None, (1, N) or (B*T, N)
     cfg, z = st.cfg, None
-    if cfg.method == "mu":
+    if cfg.kind == "mean":
         upd, idx = bank.mean_delta(xf, allowed=mask), None
-    elif cfg.fixed is not None:
+    elif cfg.kind == "fixed":
         idx = st.fixed_index(B, T)  # (B*T,)
         upd = bank.apply(xf, idx)  # (B*T, m)
     else:
@@ -264,7 +286,9 @@ def _prompt_choice(bank: AdapterBank, xf, z, st: RoutingState, name: str, B: int
     if st.prefill or name not in st.sticky:
         s = bank.scores(xf, st.cfg.method, z=z).view(B, T, -1)  # (B, T, N)
         real = st.real_tokens(B, T).view(B, T, 1).to(s.dtype)  # (B, T, 1)
-        mean = (s * real).sum(1) / real.sum(1).clamp(min=1)  # (B, N) mean score over the prompt
+        pooled = registry.get(st.cfg.method).prompt_score
+        mean = ((s * real).sum(1) / real.sum(1).clamp(min=1) if pooled is None  # (B, N) mean score over the prompt
+                else pooled(bank, xf.view(B, T, -1), real[..., 0].bool()))  # (B, N) the router's own prompt score
         m = st.cfg.allowed
         m = None if m is None else m.to(mean.device).expand(B, -1)  # (B, N)
         if st.cfg.granularity == "prompt-vote":
@@ -316,34 +340,48 @@ def _mixture(bank: AdapterBank, xf, z, cfg: _Config, mask) -> tuple[torch.Tensor
 
 def _record(st: RoutingState, bank: AdapterBank, name: str, xf, z, idx, mask, B: int, T: int) -> None:
     real = st.real_tokens(B, T)  # (B*T,)
+    rows = torch.arange(B).repeat_interleave(T)[real.cpu()]
     if st.trace.light:  # only what was used: per-row counts and the outside-set check, no score vectors
         chosen = torch.full((int(real.sum()),), -1, dtype=torch.long) if idx is None else idx[real].cpu()
-        st.trace.record(name, rows=torch.arange(B).repeat_interleave(T)[real.cpu()], chosen=chosen)
+        st.trace.record(name, rows=rows, chosen=chosen)
         return
     xr, zr = xf[real], None if z is None else z[real]
-    neg = float("-inf")
-    norm = bank.scores(xr, "seqr" if bank.shared_a else "spectr", z=zr)  # (t, N) calibrated exact norms
-    arrow = bank.scores(xr, "arrow")  # (t, N)
-    if mask is not None:
-        mr = mask.expand(B * T, -1)[real]
-        norm, arrow = norm.masked_fill(~mr, neg), arrow.masked_fill(~mr, neg)
+    mr = None if mask is None else mask.expand(B * T, -1)[real]
+    vectors = {"norm": bank.scores(xr, "seqr" if bank.shared_a else "spectr", z=zr),  # (t, N) calibrated exact norms
+               "arrow": bank.scores(xr, "arrow")}  # (t, N)
+    router = registry.get(st.cfg.method) if st.cfg.kind in ("score", "shortlist") else None
+    if router is not None and router.trace == "own" and router.score is not None:
+        vectors["own"] = bank.scores(xr, st.cfg.method, z=zr)  # (t, N) the routing method's own scores
+    if mr is not None:
+        vectors = {key: v.masked_fill(~mr, float("-inf")) for key, v in vectors.items()}
     chosen = torch.full((xr.shape[0],), -1, dtype=torch.long) if idx is None else idx[real]
-    margin = torch.full((xr.shape[0],), float("nan"))
-    method = st.cfg.method
-    if idx is not None and st.cfg.fixed is None:
-        used = arrow if method == "arrow" else norm
-        if method == "lag":  # LAG's scores are the norms of its k ARROW candidates
-            keep = torch.zeros_like(arrow, dtype=torch.bool).scatter_(1, arrow.topk(st.cfg.k, -1).indices, True)
-            used = norm.masked_fill(~keep, neg)
-        top = used.gather(1, chosen[:, None])[:, 0]
-        margin = top - used.scatter(1, chosen[:, None], neg).max(-1).values
-    rows = torch.arange(B).repeat_interleave(T)[real.cpu()]
-    st.trace.record(name, rows=rows, chosen=chosen, margin=margin, norm=norm.float(), arrow=arrow.float())
+    used = None if router is None else _used_scores(router.trace, vectors, st.cfg.k)
+    margin = torch.full((xr.shape[0],), float("nan")) if used is None else _margin(used, chosen)
+    st.trace.record(name, rows=rows, chosen=chosen, margin=margin, **{k: v.float() for k, v in vectors.items()})
+
+
+def _used_scores(rule: str, vectors: dict, k: int | None) -> torch.Tensor | None:
+    """The scores a router's choice maximises, by its trace rule (None: a shortlist router with no own scores)."""
+    if rule == "lag":  # LAG's scores are the norms of its k ARROW candidates
+        keep = torch.zeros_like(vectors["arrow"], dtype=torch.bool).scatter_(1, vectors["arrow"].topk(k, -1).indices,
+                                                                            True)
+        return vectors["norm"].masked_fill(~keep, float("-inf"))
+    return vectors.get(rule)
+
+
+def _margin(used: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The chosen adapter's score minus the best other one's, per decision."""
+    top = used.gather(1, chosen[:, None])[:, 0]  # (t,)
+    return top - used.scatter(1, chosen[:, None], float("-inf")).max(-1).values  # (t,)
 
 
 # ---------------------------------------------------------------------------------------------- public API
-def attach(model: nn.Module, library: LoraLibrary, *, method="seqr", k: int | None = None) -> nn.Module:
-    """Replace each linear layer named in the library by a routed layer; returns the model."""
+def attach(model: nn.Module, library: LoraLibrary, *, method: str | None = None, adapter=None,
+           k: int | None = None) -> nn.Module:
+    """Replace each linear layer named in the library by a routed layer; returns the model. It routes with
+    `method`, by default the library's (`LoraLibrary.default_method`: seqr for a shared A, spectr otherwise), or
+    applies fixed `adapter`(s) (a name, or one per batch row) until a `routing` block says otherwise."""
+    method = library.default_method if method is None and adapter is None else method
     if hasattr(model, STATE_ATTR):
         raise ValueError("a seqr library is already attached to this model; call seqr.detach(model) first")
     modules = dict(model.named_modules())
@@ -360,11 +398,11 @@ def attach(model: nn.Module, library: LoraLibrary, *, method="seqr", k: int | No
         raise ValueError(f"the library ({library.meta.base_model or 'unknown base model'}) does not match this "
                          f"model ({len(problems)} layer(s)):\n  " + "\n  ".join(problems[:20]))
     state = RoutingState(library)
-    state.cfg = state.configure(method, k)
+    state.cfg = state.configure(method, k, adapter=adapter)
     state.device = next(model.parameters()).device
     for layer in library.layers:
         bank = library.bank(layer)
-        if isinstance(method, str) and method in ROUTERS:
+        if state.cfg.kind in ("score", "shortlist"):
             bank.prepare(method)
         parent, _, child = layer.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
@@ -387,9 +425,10 @@ def detach(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def routing(model: nn.Module, method=None, *, allowed=None, k: int | None = None, trace: bool | str = False,
-            granularity: str = "token", mix: int | None = None, temperature: float = 1.0):
-    """Route the calls inside the block with `method` (default: the attached one), only among `allowed`
+def routing(model: nn.Module, method: str | None = None, *, adapter=None, allowed=None, k: int | None = None,
+            trace: bool | str = False, granularity: str = "token", mix: int | None = None, temperature: float = 1.0):
+    """Route the calls inside the block with `method` (default: the attached one), or apply fixed `adapter`s (a
+    name, or one name per batch row: no routing, e.g. an oracle), only among `allowed`
     adapters (a set of names, or one set per batch row), recording a `Trace` when `trace=True` (every
     router's scores too) or `trace="choices"` (only the adapter each decision used: cheap, for serving).
     `granularity="prompt"`: one adapter per row and layer, chosen at prefill by the mean score over the prompt
@@ -400,12 +439,16 @@ def routing(model: nn.Module, method=None, *, allowed=None, k: int | None = None
     softmax(score/temperature)-weighted."""
     state = _state(model)
     saved, saved_trace = state.cfg, state.trace
-    method = state.cfg.method if method is None else method
-    k = (state.cfg.k if method == state.cfg.method else None) if k is None else k
-    state.cfg = state.configure(method, k, allowed, granularity, mix, temperature)
+    if method is None and adapter is None:  # keep the current choice: its method, or its fixed adapters
+        method, adapter = state.cfg.method, state.cfg.adapter
+    if adapter is None:
+        k = (state.cfg.k if method == state.cfg.method else None) if k is None else k
+    state.cfg = state.configure(method, k, allowed, granularity, mix, temperature, adapter=adapter)
     if trace not in (False, True, "choices"):
         raise ValueError(f"trace must be False, True or 'choices' (adapters used only), got {trace!r}")
-    state.trace = Trace(list(state.names), method, state.cfg.k, light=trace == "choices") if trace else None
+    shown = method if adapter is None else (adapter if isinstance(adapter, str) else tuple(adapter))
+    state.trace = Trace(list(state.names), shown, state.cfg.k, light=trace == "choices",
+                        router=state.cfg.method) if trace else None
     try:
         yield state.trace
     finally:

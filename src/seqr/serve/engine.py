@@ -52,11 +52,12 @@ class _Stream:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, library: LoraLibrary, *, method: str = "seqr", max_batch: int = 8,
+    def __init__(self, model, tokenizer, library: LoraLibrary, *, method: str | None = None, max_batch: int = 8,
                  batch_wait_s: float = 0.005):
         if max_batch < 1:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         self.model, self.tokenizer, self.library = model, tokenizer, library
+        method = library.default_method if method is None else method  # seqr for a shared A, spectr otherwise
         self.method, self.max_batch, self.batch_wait_s = method, max_batch, batch_wait_s
         attach(model, library, method=method)
         self._q: queue.PriorityQueue[_Job] = queue.PriorityQueue()

@@ -8,7 +8,12 @@ read; what leaves the silo is stats, never data.
 What mu and sigma reveal: per layer, the mean and spread of how strongly the adapter reacts to its own
 data (two numbers per layer and a token count; the quantiles add 32 points of that norm's distribution, which
 `--no-quantiles` withholds). They carry no text, but they are a fingerprint of the data distribution;
-`--noise S` adds Gaussian noise of S standard deviations to each mu (the paper's Appendix E) to blur that fingerprint, at some cost in routing accuracy (`seqr eval` measures it).
+`--noise S` adds Gaussian noise of S standard deviations to each mu (the paper's Appendix E) to blur that
+fingerprint, at some cost in routing accuracy (`seqr eval` measures it).
+
+Centroids (for the centroid routers): per layer, the mean input x over the same real tokens, with the adapter
+active, written to seqr_centroids.safetensors. A centroid is a whole mean activation vector per layer, so it says
+more about the data than mu and sigma; `--withhold-centroids` keeps it in the silo.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from seqr.store import files
 from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.hf.layers import attach, detach, routing
 from seqr.store.library import LoraLibrary
-from seqr.store.peft_io import stats_json
+from seqr.store.peft_io import stats_json, write_centroids
 from seqr.core.stats import NormStats, with_quantiles
 
 
@@ -31,20 +36,24 @@ TOKEN_SETS = ("all", "prompt", "answer", "content")  # which tokens feed mu, sig
 
 
 def norm_stats(model, tokenizer, adapter_dir: str | Path, examples, *, batch_size: int = 8,
-               progress: bool = True, scoring: str = "choices", tokens: str = "all") -> tuple[dict[str, NormStats], int]:
-    """(per-layer NormStats of ||B A x|| over the `tokens` of prompt + gold answer, token count)."""
+               progress: bool = True, scoring: str = "choices", tokens: str = "all",
+               centroids: dict | None = None) -> tuple[dict[str, NormStats], int]:
+    """(per-layer NormStats of ||B A x|| over the `tokens` of prompt + gold answer, token count); a `centroids`
+    dict is filled with each layer's mean input."""
     stats, counts = norm_stats_sets(model, tokenizer, adapter_dir, examples, {tokens: (tokens, None)},
-                                    batch_size=batch_size, progress=progress, scoring=scoring)
+                                    batch_size=batch_size, progress=progress, scoring=scoring, centroids=centroids)
     return stats[tokens], counts[tokens]
 
 
 def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: dict[str, tuple[str, int | None]], *,
-                    batch_size: int = 8, progress: bool = True, scoring: str = "choices"):
+                    batch_size: int = 8, progress: bool = True, scoring: str = "choices",
+                    centroids: dict | None = None):
     """Several calibrations from one traced pass: sets maps a label to (token set, first n examples or None).
 
     Token sets: "all" real tokens of prompt + gold answer (+ end of turn); "prompt"; "answer"; "content": all
     but the chat template's fixed tokens (the prefix and suffix every prompt of this silo shares).
-    Returns ({label: per-layer NormStats}, {label: token count})."""
+    Returns ({label: per-layer NormStats}, {label: token count}). A `centroids` dict is filled with each layer's
+    mean input (n,) over all real tokens of the same pass."""
     from tqdm import tqdm
 
     from seqr.silo.train import collate, encode
@@ -59,13 +68,16 @@ def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: d
     pre, suf = _shared_ends([ids[:p] for (ids, _), p in zip(encoded, plen)])
     seen = {k: {layer: [] for layer in lib.layers} for k in sets}  # every kept norm (stats and quantiles at the end)
     counts = dict.fromkeys(sets, 0)
-    attach(model, lib, method=name)
+    attach(model, lib)
+    sums = {layer: 0.0 for layer in lib.layers}  # layer -> (n,) float64 sum of the real tokens' inputs
+    live = _InputSums(model, sums)
     try:
         for start in tqdm(range(0, len(encoded), batch_size), desc=f"calibrate {name}", disable=not progress,
                           file=sys.stderr):
             ids, mask, _ = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)  # (B, L) each
             B, L = ids.shape
-            with torch.no_grad(), routing(model, name, trace=True) as tr:
+            live.mask = mask.bool()  # (B, L)
+            with torch.no_grad(), routing(model, adapter=name, trace=True) as tr:
                 model(input_ids=ids, attention_mask=mask)
             pos = torch.arange(L)[None, :]  # (1, L)
             p = torch.tensor(plen[start:start + B])[:, None]  # (B, 1)
@@ -81,10 +93,32 @@ def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: d
                     seen[k][layer].append(norms[keep[k]].double())
             for k in sets:
                 counts[k] += int(keep[k].sum())
+            live.tokens += int(real.sum())
     finally:
+        live.remove()
         detach(model)
+    if centroids is not None:
+        centroids.update({layer: (v / max(live.tokens, 1)).float() for layer, v in sums.items()})  # (n,) each
     stats = {k: {layer: _summary(torch.cat(v)) for layer, v in per.items()} for k, per in seen.items()}
     return stats, counts
+
+
+class _InputSums:
+    """Forward pre-hooks adding, per routed layer, the inputs of the current batch's real tokens (`mask`)."""
+
+    def __init__(self, model, sums: dict):
+        self.sums, self.mask, self.tokens = sums, None, 0
+        self.handles = [model.get_submodule(layer).register_forward_pre_hook(self._hook(layer)) for layer in sums]
+
+    def _hook(self, layer: str):
+        def add(module, args):
+            x = args[0]  # (B, L, n)
+            self.sums[layer] = self.sums[layer] + x[self.mask].double().sum(0)  # (n,)
+        return add
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _summary(norms: torch.Tensor) -> NormStats:
@@ -117,11 +151,17 @@ def add_noise(stats: dict[str, NormStats], noise: float, seed: int = 0) -> dict[
 
 def calibrate(model, tokenizer, adapter_dir: str | Path, examples, *, noise: float = 0.0, seed: int = 0,
               batch_size: int = 8, progress: bool = True, scoring: str = "choices",
-              tokens: str = "all", quantiles: bool = True) -> dict[str, NormStats]:
-    """Compute the stats and write them atomically into the adapter dir (seqr_stats.json); without
-    `quantiles` only mu, sigma and counts leave the silo (the percentile score then cannot use this adapter)."""
+              tokens: str = "all", quantiles: bool = True, centroids: bool = True) -> dict[str, NormStats]:
+    """Compute the stats and write them atomically into the adapter dir (seqr_stats.json), and the centroids
+    (seqr_centroids.safetensors) unless `centroids=False`; without `quantiles` only mu, sigma and counts leave
+    the silo (the percentile score then cannot use this adapter)."""
+    means = {} if centroids else None
     stats, count = norm_stats(model, tokenizer, adapter_dir, examples, batch_size=batch_size, progress=progress,
-                              scoring=scoring, tokens=tokens)
+                              scoring=scoring, tokens=tokens, centroids=means)
+    if centroids:
+        write_centroids(Path(adapter_dir), means)
+    else:
+        (Path(adapter_dir) / files.CENTROIDS_FILE).unlink(missing_ok=True)  # withheld: none left from a past run
     if not quantiles:
         stats = {layer: NormStats(s.count, s.mean, s.m2) for layer, s in stats.items()}
     stats = add_noise(stats, noise, seed) if noise else stats
@@ -179,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens that feed mu, sigma: all (paper), prompt, answer, content (no chat-template tokens)")
     p.add_argument("--no-quantiles", action="store_true",
                    help="store only mu, sigma and counts (withholds the norm quantiles the percentile score needs)")
+    p.add_argument("--withhold-centroids", action="store_true",
+                   help="do not write the per-layer mean inputs the centroid routers need (they reveal more than mu)")
     add_dtype_arg(p)
     a = p.parse_args(argv)
     if not (Path(a.adapter) / files.PEFT_WEIGHTS).exists():
@@ -190,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(a.model, dtype=say_choice(a.dtype, "seqr calibrate"))
     examples = load_task(a.task, "train", data_dir=a.data, max_examples=a.max_examples, seed=a.seed)
     stats = calibrate(model, tok, a.adapter, examples, noise=a.noise, seed=a.seed, batch_size=a.batch_size,
-                      scoring=a.scoring, tokens=a.tokens, quantiles=not a.no_quantiles)
+                      scoring=a.scoring, tokens=a.tokens, quantiles=not a.no_quantiles,
+                      centroids=not a.withhold_centroids)
     means = [s.mean for s in stats.values()]
     print(json.dumps({"adapter": a.adapter, "layers": len(stats), "examples": len(examples),
                       "mean_mu": sum(means) / len(means), "min_mu": min(means), "max_mu": max(means)}, indent=1))

@@ -55,6 +55,14 @@ class Example:
                 or not 0 <= self.label < len(self.choices):
             raise ValueError(f"{where}: label must be an int in [0, {len(self.choices)}), got {self.label!r}")
 
+    def prompt(self, tokenizer, scoring: str = "choices") -> str:
+        """The chat prompt of this example (what `seqr.hf.choices` scores the answers after)."""
+        return build_prompt(self, tokenizer, scoring=scoring)
+
+    def answer(self, choice_index: int, scoring: str = "choices") -> str:
+        """The assistant's answer for one choice."""
+        return answer_text(self, choice_index, scoring)
+
 
 @dataclass(frozen=True)
 class HFSource:
@@ -314,10 +322,3 @@ def answer_text(example: Example, choice_index: int, scoring: str = "choices") -
         raise ValueError(f"example {example.id!r}: choice index {choice_index} out of range "
                          f"[0, {len(example.choices)})")
     return LETTERS[choice_index] if scoring == "letter" else example.choices[choice_index]
-
-
-def __getattr__(name):  # score_choices / accuracy live in seqr.hf.choices (imported lazily: no import cycle)
-    if name in ("score_choices", "accuracy"):
-        from seqr.hf import choices as scoring
-        return getattr(scoring, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,6 +27,7 @@ LIBRARY_FORMAT_VERSION = 1
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 STATS_FILE = "seqr_stats.json"  # per-layer activation-norm stats written by calibration
+CENTROIDS_FILE = "seqr_centroids.safetensors"  # per-layer mean input of the silo's data (centroid routers)
 ADAPTER_META = "seqr_adapter.json"  # seqr's own facts about a trained adapter (shared-A seed, task)
 TRAIN_LOG = "train_log.jsonl"  # loss per training step, beside the adapter
 TRAIN_STATE_SUFFIX = ".resume.pt"  # a run's resumable state, hidden beside the adapter dir it will write

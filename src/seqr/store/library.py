@@ -18,14 +18,13 @@ from pathlib import Path
 
 import torch
 
-from seqr.store import files
+from seqr.store import checks, files
 from seqr.core.bank import AdapterBank
 from seqr.store.peft_io import PeftAdapter, read_peft_adapter, write_peft_adapter
-from seqr.core.stats import NormStats, as_score, z_scorable
+from seqr.core.stats import NormStats, as_score
 from seqr.core.stats import pooled as pool_stats
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
-A_REL_TOL = 1e-6  # two A matrices closer than this (relative Frobenius) count as the same shared A
 
 
 @dataclass
@@ -33,6 +32,7 @@ class _Adapter:
     B: dict[str, torch.Tensor]
     A: dict[str, torch.Tensor] | None = None  # unique-A libraries only
     stats: dict[str, NormStats] | None = None
+    centroids: dict[str, torch.Tensor] | None = None  # layer -> (n,) mean input on the silo's data
     file: str | None = None  # relative path of its file once on disk
     sha256: str | None = None
 
@@ -63,7 +63,7 @@ class LoraLibrary:
 
     def __init__(self, meta: LibraryMeta, shared_A: dict[str, torch.Tensor] | None = None):
         self.meta = meta
-        self.shared_A = None if shared_A is None else self._check_A(shared_A, "the shared A")
+        self.shared_A = None if shared_A is None else checks.tensors(meta, shared_A, "the shared A", "A")
         self._adapters: dict[str, _Adapter] = {}
         self._banks: dict[str, AdapterBank] = {}
         self.path: Path | None = None
@@ -107,6 +107,14 @@ class LoraLibrary:
     def uncalibrated(self) -> list[str]:
         return [n for n, a in self._adapters.items() if a.stats is None]
 
+    @property
+    def has_centroids(self) -> bool:
+        """Every adapter ships its centroids (the centroid routers need them all)."""
+        return bool(self._adapters) and all(a.centroids is not None for a in self._adapters.values())
+
+    def centroids(self, name: str) -> dict[str, torch.Tensor] | None:
+        return self._get(name).centroids
+
     def bank(self, layer: str) -> AdapterBank:
         """The AdapterBank of one layer (built on first use, cached until the library changes)."""
         if layer not in self.meta.layers:
@@ -124,7 +132,8 @@ class LoraLibrary:
                 sigma = torch.tensor([a.stats[layer].std for a in ads], dtype=torch.float64)  # (N,)
             if self.percentile:
                 q = torch.tensor([a.stats[layer].quantiles for a in ads], dtype=torch.float64)  # (N, Q)
-            self._banks[layer] = AdapterBank(A, B, mu=mu, sigma=sigma, quantiles=q, names=self.names)
+            c = torch.stack([a.centroids[layer] for a in ads]) if self.has_centroids else None  # (N, n)
+            self._banks[layer] = AdapterBank(A, B, mu=mu, sigma=sigma, quantiles=q, centroids=c, names=self.names)
         return self._banks[layer]
 
     def adapter_weights(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -139,26 +148,29 @@ class LoraLibrary:
 
     # ---------------------------------------------------------------------------------------------- changes
     def add(self, name: str, B: dict[str, torch.Tensor], *, A: dict[str, torch.Tensor] | None = None,
-            stats: dict[str, NormStats] | None = None) -> None:
+            stats: dict[str, NormStats] | None = None, centroids: dict[str, torch.Tensor] | None = None) -> None:
         """Add one adapter: B (m, r) per layer with scaling folded in; A (r, n) per layer for unique-A
-        libraries (for a shared-A library A may be given only to check it equals the shared A)."""
+        libraries (for a shared-A library A may be given only to check it equals the shared A); centroids
+        (n,) per layer for the centroid routers (optional)."""
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise ValueError(f"adapter name must match {NAME_RE.pattern} (letters, digits, _ . -), got {name!r}")
         if name in self._adapters:
             raise ValueError(f"adapter {name!r} is already in the library; remove it first to replace it")
         where = f"adapter {name!r}"
-        B = self._check_B(B, where)
+        B = checks.tensors(self.meta, B, where, "B")
         if self.shared_a:
             if A is not None:
-                self._check_same_A(self._check_A(A, where), where)
+                checks.same_A(self.meta, self.shared_A, checks.tensors(self.meta, A, where, "A"), where)
             A = None
         elif A is None:
             raise ValueError(f"{where}: this library has one A per adapter, so add() needs A")
         else:
-            A = self._check_A(A, where)
+            A = checks.tensors(self.meta, A, where, "A")
         if stats is not None:
-            stats = self._check_stats(stats, where)
-        ad = _Adapter(B=B, A=A, stats=stats)
+            stats = checks.stats(self.meta, stats, where)
+        if centroids is not None:
+            centroids = checks.centroids(self.meta, centroids, where)
+        ad = _Adapter(B=B, A=A, stats=stats, centroids=centroids)
         self._adapters[name] = ad
         self._banks.clear()
         self._persist(undo=lambda: self._adapters.pop(name), before=lambda: self._write_adapter(self.path, name, ad))
@@ -169,7 +181,7 @@ class LoraLibrary:
         if new.uncalibrated:
             raise ValueError(f"adapter {name!r} has no calibration stats ({files.STATS_FILE}); run seqr calibrate")
         A, B = new.adapter_weights(name)
-        self.add(name, B, A=A, stats=new.stats(name))
+        self.add(name, B, A=A, stats=new.stats(name), centroids=new.centroids(name))
 
     def remove(self, name: str, *, allow_empty: bool = True) -> None:
         """Remove an adapter; on a bound library its file is deleted after the manifest drops it."""
@@ -191,7 +203,7 @@ class LoraLibrary:
 
     def set_stats(self, name: str, stats: dict[str, NormStats]) -> None:
         ad = self._get(name)
-        old, ad.stats = ad.stats, self._check_stats(stats, f"adapter {name!r}")
+        old, ad.stats = ad.stats, checks.stats(self.meta, stats, f"adapter {name!r}")
         self._banks.clear()
         self._persist(undo=lambda: setattr(ad, "stats", old))
 
@@ -203,7 +215,7 @@ class LoraLibrary:
             raise KeyError(f"stats given for unknown adapter(s) {unknown}; the library holds {self.names}")
         new = LoraLibrary(self.meta)
         new.shared_A = self.shared_A
-        new._adapters = {n: replace(a, file=None, sha256=None, stats=self._check_stats(stats[n], f"adapter {n!r}")
+        new._adapters = {n: replace(a, file=None, sha256=None, stats=checks.stats(self.meta, stats[n], f"adapter {n!r}")
                                     if n in stats else a.stats) for n, a in self._adapters.items()}
         return new
 
@@ -256,56 +268,6 @@ class LoraLibrary:
             if after is not None:
                 after()
 
-    # ---------------------------------------------------------------------------------------------- checks
-    def _check_tensors(self, d: dict, where: str, kind: str) -> dict[str, torch.Tensor]:
-        if not isinstance(d, dict):
-            raise ValueError(f"{where}: {kind} must be a dict layer -> tensor, got {type(d).__name__}")
-        missing, extra = sorted(set(self.meta.layers) - set(d)), sorted(set(d) - set(self.meta.layers))
-        if missing or extra:
-            raise ValueError(f"{where}: {kind} layers do not match the library (missing {missing}, unexpected {extra})")
-        r, out = self.meta.rank, {}
-        for layer, t in d.items():
-            m, n = self.meta.layers[layer]
-            want = (m, r) if kind == "B" else (r, n)
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
-                raise ValueError(f"{where}, layer {layer}: {kind} must have shape {want}, got "
-                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-            if not t.is_floating_point():
-                raise ValueError(f"{where}, layer {layer}: {kind} must be floating point, got {t.dtype}")
-            if not torch.isfinite(t).all():
-                raise ValueError(f"{where}, layer {layer}: {kind} contains NaN or inf")
-            out[layer] = t.detach().float().contiguous()
-        return out
-
-    def _check_B(self, B, where):
-        return self._check_tensors(B, where, "B")
-
-    def _check_A(self, A, where):
-        return self._check_tensors(A, where, "A")
-
-    def _check_same_A(self, A: dict[str, torch.Tensor], where: str) -> None:
-        bad = [f"{layer} (relative difference {d:.2e})" for layer in A
-               if (d := rel_diff(A[layer], self.shared_A[layer])) > A_REL_TOL]
-        if bad:
-            seed = f" (train with --a-seed {self.meta.a_seed})" if self.meta.a_seed is not None else ""
-            raise ValueError(f"{where}: A differs from the library's shared A{seed} at layers: {bad}")
-
-    def _check_stats(self, stats: dict, where: str) -> dict[str, NormStats]:
-        if not isinstance(stats, dict) or set(stats) != set(self.meta.layers):
-            got = sorted(stats) if isinstance(stats, dict) else type(stats).__name__
-            raise ValueError(f"{where}: stats must cover exactly the library's layers; got {got}")
-        out = {}
-        for layer, s in stats.items():
-            s = s if isinstance(s, NormStats) else NormStats.from_dict(s)
-            if s.count < 2 or not s.std > 0:
-                raise ValueError(f"{where}, layer {layer}: stats need count >= 2 and std > 0, got "
-                                 f"count={s.count}, std={s.std if s.count else None}")
-            if not z_scorable(s.mean, s.std):
-                raise ValueError(f"{where}, layer {layer}: stats overflow float32 when z-scoring (mu / sigma or "
-                                 f"1 / sigma^2 is not finite): mu={s.mean:.6g}, sigma={s.std:.6g}")
-            out[layer] = s
-        return out
-
     # ---------------------------------------------------------------------------------------------- disk
     def save(self, path: str | Path) -> Path:
         """Write the library to a directory (new files, then the manifest, atomically) and bind to it."""
@@ -334,6 +296,8 @@ class LoraLibrary:
         tensors = {f"{layer}.B": t for layer, t in ad.B.items()}
         if ad.A is not None:
             tensors.update({f"{layer}.A": t for layer, t in ad.A.items()})
+        if ad.centroids is not None:
+            tensors.update({f"{layer}.centroid": t for layer, t in ad.centroids.items()})
         ad.file, ad.sha256 = _write_hashed(path, f"{files.ADAPTERS_DIR}/{name}", tensors)
 
     def _referenced(self, file: str) -> bool:
@@ -400,7 +364,8 @@ class LoraLibrary:
         B = {layer: t[key] for layer in layers if (key := f"{layer}.B") in t}
         A = None if self.shared_a else {layer: t[k] for layer in layers if (k := f"{layer}.A") in t}
         stats = None if e.get("stats") is None else {k: NormStats.from_dict(v) for k, v in e["stats"].items()}
-        self.add(name, B, A=A, stats=stats)
+        cents = {layer: t[k] for layer in layers if (k := f"{layer}.centroid") in t} or None
+        self.add(name, B, A=A, stats=stats, centroids=cents)
         self._adapters[name].file, self._adapters[name].sha256 = e["file"], e["sha256"]
 
     # ---------------------------------------------------------------------------------------------- peft
@@ -418,7 +383,7 @@ class LoraLibrary:
         ads = [read_peft_adapter(p, name) for name, p in items]
         _check_compatible(ads)
         first = ads[0]
-        shared = all(rel_diff(a.A[layer], first.A[layer]) <= A_REL_TOL for a in ads[1:] for layer in first.A)
+        shared = all(checks.rel_diff(a.A[layer], first.A[layer]) <= checks.A_REL_TOL for a in ads[1:] for layer in first.A)
         seeds = {a.meta.get("a_seed") for a in ads}
         order = sorted(first.A, key=natural_key)
         meta = LibraryMeta(rank=first.rank, layers={k: (first.B[k].shape[0], first.A[k].shape[1]) for k in order},
@@ -428,7 +393,7 @@ class LoraLibrary:
                            fan_in_fan_out=first.fan_in_fan_out)
         lib = cls(meta, first.A if shared else None)
         for a in ads:
-            lib.add(a.name, a.B, A=None if shared else a.A, stats=a.stats)
+            lib.add(a.name, a.B, A=None if shared else a.A, stats=a.stats, centroids=a.centroids)
         return lib
 
     def to_peft(self, name: str, path: str | Path) -> Path:
@@ -437,7 +402,7 @@ class LoraLibrary:
         meta = {"a_seed": self.meta.a_seed} if self.shared_a and self.meta.a_seed is not None else None
         return write_peft_adapter(path, A=A, B=B, rank=self.rank, target_modules=self.meta.target_modules,
                                   base_model=self.meta.base_model, fan_in_fan_out=self.meta.fan_in_fan_out,
-                                  stats=self._get(name).stats, meta=meta)
+                                  stats=self._get(name).stats, meta=meta, centroids=self._get(name).centroids)
 
     def __repr__(self) -> str:
         return (f"LoraLibrary({len(self)} adapters, {len(self.layers)} layers, rank={self.rank}, "
@@ -458,13 +423,6 @@ def _generation_of(path: Path) -> int:
 def natural_key(layer: str) -> list:
     """Sort key that orders `layers.10` after `layers.9`."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", layer)]
-
-
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative Frobenius distance ||a - b|| / ||b||; inf when shapes differ."""
-    if a.shape != b.shape:
-        return float("inf")
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
 
 
 def _write_hashed(path: Path, stem: str, tensors: dict[str, torch.Tensor]) -> tuple[str, str]:

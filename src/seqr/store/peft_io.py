@@ -28,6 +28,7 @@ class PeftAdapter:
     B: dict[str, torch.Tensor]  # LoRA scaling already folded in
     stats: dict[str, NormStats] | None = None
     meta: dict = field(default_factory=dict)
+    centroids: dict[str, torch.Tensor] | None = None  # layer -> (n,) mean input on the silo's own data
 
 
 def lora_scaling(config: dict) -> float:
@@ -83,9 +84,13 @@ def read_peft_adapter(path: str | Path, name: str | None = None) -> PeftAdapter:
     if (path / files.STATS_FILE).exists():
         stats = read_stats(path / files.STATS_FILE, where)
     meta = files.read_json(path / files.ADAPTER_META, f"{where}: seqr meta") if (path / files.ADAPTER_META).exists() else {}
+    centroids = None
+    if (path / files.CENTROIDS_FILE).exists():
+        centroids = files.read_tensors(path / files.CENTROIDS_FILE, f"{where}: centroids")
     return PeftAdapter(name=name, path=path, rank=r, base_model=cfg.get("base_model_name_or_path"),
                        target_modules=sorted([tm] if isinstance(tm, str) else tm),
-                       fan_in_fan_out=bool(cfg.get("fan_in_fan_out")), A=A, B=B, stats=stats, meta=meta)
+                       fan_in_fan_out=bool(cfg.get("fan_in_fan_out")), A=A, B=B, stats=stats, meta=meta,
+                       centroids=centroids)
 
 
 def read_stats(path: Path, where: str) -> dict[str, NormStats]:
@@ -100,9 +105,16 @@ def stats_json(stats: dict[str, NormStats], **extra) -> dict:
     return {"layers": {layer: s.to_dict() for layer, s in stats.items()}, **extra}
 
 
+def write_centroids(path: Path, centroids: dict[str, torch.Tensor]) -> None:
+    """An adapter dir's centroids (layer -> (n,) mean input), replaced atomically."""
+    files.atomic_write_bytes(path / files.CENTROIDS_FILE,
+                             files.tensors_to_bytes({k: v.contiguous() for k, v in centroids.items()}))
+
+
 def write_peft_adapter(path: str | Path, *, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], rank: int,
                        target_modules: list[str], base_model: str | None, fan_in_fan_out: bool = False,
-                       stats: dict[str, NormStats] | None = None, meta: dict | None = None) -> Path:
+                       stats: dict[str, NormStats] | None = None, meta: dict | None = None,
+                       centroids: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a standard peft adapter (scaling folded into B, so lora_alpha = r and scaling is 1).
 
     Each file is replaced atomically; weights are written before the config that points at them.
@@ -121,6 +133,8 @@ def write_peft_adapter(path: str | Path, *, A: dict[str, torch.Tensor], B: dict[
     files.atomic_write_bytes(path / files.PEFT_WEIGHTS, files.tensors_to_bytes(tensors))
     if stats is not None:
         files.atomic_write_json(path / files.STATS_FILE, stats_json(stats))
+    if centroids is not None:
+        write_centroids(path, centroids)
     if meta:
         files.atomic_write_json(path / files.ADAPTER_META, meta)
     files.atomic_write_json(path / files.PEFT_CONFIG, _jsonable(cfg_dict))
