@@ -27,7 +27,7 @@ from seqr.store import files
 from seqr.silo.build import build
 from seqr.silo.calibrate import calibrate
 from seqr.hf.models import load_model
-from seqr.hf.choices import score_choices
+from seqr.hf.choices import choice_logprobs
 from seqr.silo.tasks import load_task
 from seqr.silo.train import Session, TrainConfig, train
 
@@ -67,7 +67,7 @@ def sweep_point(model, tok, task: str, lr: float, dev, data: str) -> dict:
     while not session.done:
         session.step()
     session.model.eval()
-    metrics = choice_metrics(score_choices(session.model, tok, dev, progress=False), dev)
+    metrics = choice_metrics(choice_logprobs(session.model, tok, dev, progress=False), dev)
     session.model.unload()
     return {"task": task, "lr": lr, **metrics, "steps": len(session.log), "train_seconds": round(session.seconds, 1),
             "wall_seconds": round(time.perf_counter() - t0, 1), "loss": [round(r["loss"], 4) for r in session.log]}
@@ -83,7 +83,7 @@ def sweep(model, tok, task: str, root: Path, data: str) -> float:
     base_file = d / "base.json"
     if not base_file.exists():
         model.eval()
-        files.atomic_write_json(base_file, {"task": task, **choice_metrics(score_choices(model, tok, dev), dev)})
+        files.atomic_write_json(base_file, {"task": task, **choice_metrics(choice_logprobs(model, tok, dev), dev)})
     points = []
     for lr in SWEEP_RATES:
         f = d / f"lr-{lr:g}.json"

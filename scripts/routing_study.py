@@ -32,8 +32,8 @@ CALIB_SIZES = (15, 30, 60)  # calibration examples per silo (nested seeded subse
 # name -> (axis, EvalConfig overrides, calibration set or None for the library's own stats)
 VARIANTS = {
     "granularity=prompt": ("granularity", {"granularity": "prompt"}, None),
-    "score=ratio": ("score", {"score": "ratio"}, None),
-    "score=raw": ("score", {"score": "raw"}, None),
+    "normalise=ratio": ("score", {"normalise": "ratio"}, None),
+    "normalise=raw": ("score", {"normalise": "raw"}, None),
     "stats=pooled": ("calibration", {"pooled": True}, None),
     "tokens=prompt": ("calibration", {}, "prompt@60"),
     "tokens=answer": ("calibration", {}, "answer@60"),
@@ -42,7 +42,7 @@ VARIANTS = {
     "mix=3": ("granularity", {"mix": 3}, None),
     "examples=30": ("calibration", {}, "all@30"),
     "ratio+prompt": ("combined", {"score": "ratio", "granularity": "prompt"}, None),
-    "score=percentile": ("score", {"score": "percentile"}, "all@60"),  # the library's stats plus their quantiles
+    "normalise=percentile": ("score", {"normalise": "percentile"}, "all@60"),  # the library's stats plus their quantiles
     "granularity=prompt-vote": ("granularity", {"granularity": "prompt-vote"}, None),
     "granularity=layers": ("granularity", {"granularity": "layers"}, None),
     "granularity=depth": ("granularity", {"granularity": "depth"}, None),

@@ -14,7 +14,7 @@ from seqr.eval import evaluate as ev
 from seqr.store import files
 from seqr.eval import plots
 from seqr.silo.calibrate import calibrate
-from seqr.hf.choices import score_choices
+from seqr.hf.choices import choice_logprobs
 from seqr.silo.tasks import Example
 from peft_factory import make_adapter
 from tiny_chat import tiny_chat_llama
@@ -74,7 +74,7 @@ def reference_acc(model, tok, library, examples, route, k=None):
     seqr.attach(model, library, method="base")
     try:
         with seqr.routing(model, **route, k=k):
-            scores = score_choices(model, tok, examples, batch_size=len(examples), progress=False)
+            scores = choice_logprobs(model, tok, examples, batch_size=len(examples), progress=False)
     finally:
         seqr.detach(model)
     return sum(max(range(len(s)), key=s.__getitem__) == ex.label for s, ex in zip(scores, examples)) / len(examples)
@@ -280,10 +280,10 @@ def test_cli_end_to_end_from_a_model_dir_and_jsonl(adapter_dirs, model, tok, tmp
     assert "accuracy normalised by the oracle" in capsys.readouterr().out
     # a routing variant joins the same results under its own label; the paper-routing tables stay as they were
     rc = ev.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
-                  "--noise", "", "--out", str(out), "--methods", "seqr", "--score", "ratio", "--granularity", "prompt"])
+                  "--noise", "", "--out", str(out), "--methods", "seqr", "--normalise", "ratio", "--granularity", "prompt"])
     assert rc == 0
     saved2 = json.loads((out / files.EVAL_RESULTS).read_text())
-    var = saved2["libraries"]["shared-0 [score=ratio granularity=prompt]"]
+    var = saved2["libraries"]["shared-0 [normalise=ratio granularity=prompt]"]
     assert list(var["methods"]) == ["seqr"] and saved2["libraries"]["shared-0"] == saved["libraries"]["shared-0"]
     assert [label for label, _ in er.libraries(saved2, "shared")] == ["shared-0"]
     (label, key, cells, own), = er.variant_rows(saved2)

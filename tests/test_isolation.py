@@ -14,6 +14,7 @@ from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
 from seqr.core.stats import NormStats, z_scorable
 from peft_factory import adapter_library, random_stats, tiny_llama
+from seqr.hf.compat import cache_arg, returned_cache
 
 NAMES = ["a0", "a1", "a2", "a3"]
 ROWS = [{"a2"}, {"a0", "a3"}, {"a1"}]  # one allowed set per batch row: three users in one batch
@@ -73,7 +74,7 @@ def test_no_token_leaves_its_rows_allowed_set_whatever_the_scores(lib, monkeypat
                       granularity=granularity, mix=mix, trace="choices") as trace:
         out = model(input_ids=ids, use_cache=True)
         step = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1): one decode step too
-        model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+        model(input_ids=step, **cache_arg(model, returned_cache(out)), use_cache=True)
     assert used and all(bool(u) for u in used), "an update was applied from an adapter outside its row's set"
     assert sum(trace.outside([set(r) for r in ROWS])) == 0
 

@@ -12,12 +12,13 @@ import torch
 from transformers import DynamicCache
 
 import seqr
-from seqr.hf.choices import score_choices
+from seqr.hf.choices import choice_logprobs
 from seqr.core.stats import QUANTILE_LEVELS, NormStats, with_quantiles
 from peft_factory import adapter_library, tiny_llama
 from test_evaluate import task_examples
 from test_routing_variants import ATOL, CHOICE_EXAMPLES, NAMES, _argmax_rule, _dense_z, _ids, _reference, chat_library
 from tiny_chat import tiny_chat_llama
+from seqr.hf.compat import cache_arg, returned_cache
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def _percentile_ref(norm: np.ndarray, q: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def test_percentile_score_routes_by_each_adapters_empirical_cdf(qlib):
     ids = _ids(B=3, T=8, seed=7)
-    model = seqr.attach(tiny_llama(), qlib.scored("percentile"))
+    model = seqr.attach(tiny_llama(), qlib.normalised("percentile"))
     ref = tiny_llama()
     for layer in qlib.layers:
         bank = qlib.bank(layer)
@@ -89,12 +90,12 @@ def test_percentile_score_routes_by_each_adapters_empirical_cdf(qlib):
 
 def test_percentile_refuses_what_it_cannot_score(qlib, tmp_path):
     with pytest.raises(ValueError, match="cannot use pooled stats"):
-        qlib.scored("percentile", pooled=True)
+        qlib.normalised("percentile", pooled=True)
     plain = qlib.with_stats({n: {layer: NormStats(s.count, s.mean, s.m2) for layer, s in qlib.stats(n).items()}
                              for n in ["beta"]})
     with pytest.raises(ValueError, match=r"\['beta'\] have no norm quantiles"):
-        plain.scored("percentile")
-    bank = qlib.scored("percentile").bank(qlib.layers[0])
+        plain.normalised("percentile")
+    bank = qlib.normalised("percentile").bank(qlib.layers[0])
     with pytest.raises(ValueError, match="lag ranks its candidates by z-score"):
         bank.route(torch.randn(4, bank.shape[2]), "lag", k=2)
     with pytest.raises(ValueError, match="quantiles need mu and sigma"):
@@ -184,16 +185,16 @@ def test_layers_granularity_leaves_the_kv_cache_as_one_forward_would(qlib):
     model = seqr.attach(tiny_llama(), qlib)
     with seqr.routing(model, "seqr", granularity="layers"):
         out = model(ids, use_cache=True)
-        assert out.past_key_values.get_seq_length() == 5
+        assert returned_cache(out).get_seq_length() == 5
         given = DynamicCache(config=model.config)  # as generate() passes it: empty, filled by the prefill
-        torch.testing.assert_close(model(ids, past_key_values=given, use_cache=True).logits, out.logits)
+        torch.testing.assert_close(model(ids, **cache_arg(model, given), use_cache=True).logits, out.logits)
         assert given.get_seq_length() == 5
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-        cache = copy.deepcopy(out.past_key_values)
-        step = model(nxt, past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
-        assert out.past_key_values.get_seq_length() == 6
+        cache = copy.deepcopy(returned_cache(out))
+        step = model(nxt, **cache_arg(model, returned_cache(out)), use_cache=True).logits[:, -1]
+        assert returned_cache(out).get_seq_length() == 6
     with seqr.routing(model, "seqr", trace=True) as tr:  # the probe, by hand: per-token routing, scores summed
-        model(nxt, past_key_values=copy.deepcopy(cache), use_cache=True)
+        model(nxt, **cache_arg(model, copy.deepcopy(cache)), use_cache=True)
     total = sum(tr.layer(layer)["norm"] for layer in qlib.layers)  # (B, N)
     want = torch.stack([_fixed_step(model, nxt, cache, qlib.names[int(total[b].argmax())], b) for b in range(2)])
     torch.testing.assert_close(step, want, atol=ATOL, rtol=1e-4)
@@ -207,20 +208,20 @@ def _row(cache, b):
 
 def _fixed_step(model, nxt, cache, name, b):
     with seqr.routing(model, adapter=name):
-        return model(nxt[b:b + 1], past_key_values=_row(cache, b), use_cache=True).logits[0, -1]
+        return model(nxt[b:b + 1], **cache_arg(model, _row(cache, b)), use_cache=True).logits[0, -1]
 
 
 @torch.no_grad()
 def test_layers_granularity_through_score_choices_equals_one_example_at_a_time(tok, model, tmp_path):
-    """score_choices batches examples and regroups the prompt's cache per choice; each example alone (batch 1)
+    """choice_logprobs batches examples and regroups the prompt's cache per choice; each example alone (batch 1)
     must give the same log-likelihoods."""
     clib, exs = chat_library(tok, tmp_path, seed=2), CHOICE_EXAMPLES
     seqr.attach(model, clib)
     try:
         with seqr.routing(model, "seqr", granularity="layers"):
-            batched = score_choices(model, tok, exs, batch_size=5, progress=False)
-            alone = [score_choices(model, tok, [e], batch_size=1, progress=False)[0] for e in exs]
-        token = score_choices(model, tok, exs, batch_size=5, progress=False)
+            batched = choice_logprobs(model, tok, exs, batch_size=5, progress=False)
+            alone = [choice_logprobs(model, tok, [e], batch_size=1, progress=False)[0] for e in exs]
+        token = choice_logprobs(model, tok, exs, batch_size=5, progress=False)
     finally:
         seqr.detach(model)
     for b, a in zip(batched, alone):
@@ -232,7 +233,7 @@ def test_layers_granularity_through_score_choices_equals_one_example_at_a_time(t
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_percentile_bank_scores_every_norm_router_by_the_cdf(qlib, method, dtype):
     layer = qlib.layers[1]
-    pbank, zbank = qlib.scored("percentile").bank(layer), qlib.bank(layer)
+    pbank, zbank = qlib.normalised("percentile").bank(layer), qlib.bank(layer)
     x = torch.randn(50, pbank.shape[2], generator=torch.Generator().manual_seed(3), dtype=dtype)
     got = pbank.scores(x, method)  # (T, N)
     if method == "arrow":  # ARROW has no norm to calibrate: unchanged
@@ -256,7 +257,7 @@ def test_layers_granularity_through_generate_equals_a_cached_greedy_loop(qlib):
         seq, cache = ids, DynamicCache(config=model.config)
         step = ids
         for _ in range(4):  # the same decoding by hand: one forward per token on a growing cache
-            logits = model(step, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(step, **cache_arg(model, cache), use_cache=True).logits[:, -1]
             step = logits.argmax(-1, keepdim=True)  # (B, 1)
             seq = torch.cat([seq, step], 1)
         assert cache.get_seq_length() == 4 + 3  # the probes' keys never stay

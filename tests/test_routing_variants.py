@@ -10,11 +10,12 @@ import torch
 import seqr
 from seqr.eval import evaluate as ev
 from seqr.silo.calibrate import _shared_ends, norm_stats_sets
-from seqr.hf.choices import encode, score_choices
-from seqr.core.stats import NormStats, as_score, pooled
+from seqr.hf.choices import encode, choice_logprobs
+from seqr.core.stats import NormStats, as_normalised, pooled
 from peft_factory import adapter_library, make_adapter, tiny_llama
 from test_evaluate import TASKS, cfg, task_examples
 from tiny_chat import tiny_chat_llama
+from seqr.hf.compat import cache_arg, returned_cache
 
 ATOL = 2e-5
 NAMES = ["alpha", "beta", "gamma"]
@@ -82,10 +83,10 @@ def test_as_score_and_pooled_against_numpy():
     assert all(abs(s.mean - allv.mean()) < 1e-12 and abs(s.std - allv.std()) < 1e-12 for s in p.values())
     s = stats["l0"]
     for score, want in (("z", (vals[0][0] - s.mean) / s.std), ("raw", vals[0][0]), ("ratio", vals[0][0] / s.mean)):
-        t = as_score(s, score)
+        t = as_normalised(s, score)
         assert (vals[0][0] - t.mean) / t.std == pytest.approx(want, rel=1e-12)
-    with pytest.raises(ValueError, match="score must be one of"):
-        as_score(s, "median")
+    with pytest.raises(ValueError, match="normalisation must be one of"):
+        as_normalised(s, "median")
 
 
 @pytest.mark.parametrize("score", ["z", "raw", "ratio"])
@@ -93,7 +94,7 @@ def test_as_score_and_pooled_against_numpy():
 @torch.no_grad()
 def test_scored_library_routes_by_the_argmax_of_that_score(lib, score, pool):
     ids = _ids()
-    view = lib.scored(score, pooled=pool)
+    view = lib.normalised(score, pooled=pool)
     assert view.path is None and (view is lib) == (score == "z" and not pool)
     stats = []
     for n in lib.names:
@@ -143,7 +144,7 @@ def test_prompt_granularity_keeps_the_prefill_choice_for_generated_tokens(lib):
     with seqr.routing(model, "seqr", granularity="prompt"):
         out = model(ids, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-        step = model(nxt, past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        step = model(nxt, **cache_arg(model, returned_cache(out)), use_cache=True).logits[:, -1]
     full = torch.cat([ids, nxt], 1)
     prompt_mask = torch.cat([torch.ones_like(ids), torch.zeros_like(nxt)], 1)
 
@@ -169,13 +170,13 @@ CHOICE_EXAMPLES = task_examples("rte", "dev", 3) + task_examples("sst2", "dev", 
 
 @torch.no_grad()
 def test_prompt_granularity_choice_scores_equal_full_sequence_reference(tok, model, tmp_path):
-    """score_choices reuses the prompt's KV cache across choices (rows regrouped); the answer tokens must still
+    """choice_logprobs reuses the prompt's KV cache across choices (rows regrouped); the answer tokens must still
     use their own prompt's choice. Reference: every prompt + answer forwarded whole, decided on the prompt."""
     clib, exs = chat_library(tok, tmp_path, seed=1), CHOICE_EXAMPLES
     seqr.attach(model, clib)
     try:
         with seqr.routing(model, "seqr", granularity="prompt"):
-            got = score_choices(model, tok, exs, batch_size=5, progress=False)
+            got = choice_logprobs(model, tok, exs, batch_size=5, progress=False)
     finally:
         seqr.detach(model)
     prompts, answers = encode(exs, tok)
@@ -267,16 +268,16 @@ def test_eval_variant_passes_match_direct_scoring_and_are_labelled(model, tok, t
         calibrate(model, tok, root / task, task_examples(task, "train", 6), progress=False)
     library = seqr.LoraLibrary.from_peft({t: root / t for t in TASKS})
     data = {t: task_examples(t, "dev", 5) for t in TASKS}
-    c = cfg(methods=("seqr",), noise=(), max_eval=5, score="ratio", granularity="prompt")
+    c = cfg(methods=("seqr",), noise=(), max_eval=5, normalise="ratio", granularity="prompt")
     doc = ev.evaluate(model, tok, {"shared-0": library}, data, c, out_dir=tmp_path / "out", progress=False)
-    entry = doc["libraries"]["shared-0 [score=ratio granularity=prompt]"]
-    assert entry["routing"]["granularity"] == "prompt" and entry["variant"] == "score=ratio granularity=prompt"
-    view = library.scored("ratio")
+    entry = doc["libraries"]["shared-0 [normalise=ratio granularity=prompt]"]
+    assert entry["routing"]["granularity"] == "prompt" and entry["variant"] == "normalise=ratio granularity=prompt"
+    view = library.normalised("ratio")
     for t in TASKS:
         seqr.attach(model, view, method="base")
         try:
             with seqr.routing(model, "seqr", granularity="prompt"):
-                scores = score_choices(model, tok, data[t], batch_size=len(data[t]), progress=False)
+                scores = choice_logprobs(model, tok, data[t], batch_size=len(data[t]), progress=False)
         finally:
             seqr.detach(model)
         acc = sum(max(range(len(s)), key=s.__getitem__) == ex.label for s, ex in zip(scores, data[t])) / len(data[t])

@@ -78,7 +78,7 @@ def assert_scores_close(got, want, atol=1e-4):
 @pytest.mark.parametrize("batch_size", [2, 8])
 def test_batched_kv_scoring_matches_brute_force(model, tok, reference, batch_size):
     exs = mixed_examples()
-    got = scoring.score_choices(model, tok, exs, batch_size=batch_size, progress=False)
+    got = scoring.choice_logprobs(model, tok, exs, batch_size=batch_size, progress=False)
     want = reference
     assert [len(r) for r in got] == [len(ex.choices) for ex in exs]
     assert_scores_close(got, want)
@@ -96,7 +96,7 @@ def test_second_forward_sees_one_row_per_choice(model, tok, monkeypatch):
 
     monkeypatch.setattr(type(model), "forward", spy)
     exs = mixed_examples()
-    scoring.score_choices(model, tok, exs, batch_size=8, progress=False)
+    scoring.choice_logprobs(model, tok, exs, batch_size=8, progress=False)
     assert len(calls) == 2 and calls[0][0] == 5 and calls[1][0] == sum(len(ex.choices) for ex in exs)
 
 
@@ -112,7 +112,7 @@ def test_letter_scoring_matches_last_position_and_needs_one_forward(model, tok, 
     real = type(model).forward
     monkeypatch.setattr(type(model), "forward",
                         functools.wraps(real)(lambda self, *a, **k: calls.append(1) or real(self, *a, **k)))
-    got = scoring.score_choices(model, tok, exs, scoring="letter", batch_size=3, progress=False)
+    got = scoring.choice_logprobs(model, tok, exs, scoring="letter", batch_size=3, progress=False)
     assert len(calls) == 2  # two batches, one forward each
     assert_scores_close(got, want)
 
@@ -122,7 +122,7 @@ def test_accuracy_is_argmax_share_and_bf16_runs(model, tok, reference):
     want = sum(max(range(len(r)), key=r.__getitem__) == ex.label for r, ex in zip(reference, exs)) / len(exs)
     assert scoring.accuracy(model, tok, exs, progress=False) == want
     bf = tiny_chat_llama(len(tok), dtype=torch.bfloat16)
-    got = scoring.score_choices(bf, tok, exs, batch_size=3, progress=False)
+    got = scoring.choice_logprobs(bf, tok, exs, batch_size=3, progress=False)
     for g, r in zip(got, reference):
         assert all(torch.isfinite(torch.tensor(g))) and torch.allclose(torch.tensor(g), torch.tensor(r), atol=0.5)
 
@@ -137,7 +137,7 @@ def test_routed_seqr_model_matches_brute_force(tok, tmp_path):
         make_adapter(tmp_path / name, seed=i + 1, base=tiny_chat_llama(len(tok)))
     routed = seqr.attach(tiny_chat_llama(len(tok)), seqr.LoraLibrary.from_peft({n: tmp_path / n for n in "xy"}))
     exs = mixed_examples()[:3]
-    got = scoring.score_choices(routed, tok, exs, batch_size=2, progress=False)
+    got = scoring.choice_logprobs(routed, tok, exs, batch_size=2, progress=False)
     assert_scores_close(got, brute_force(routed, tok, exs, "choices"))
 
 

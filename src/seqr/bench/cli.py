@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from seqr.bench import forward, generate, routing, serve, train
+from seqr.core.argfmt import Help
 
 # name -> (help, add its options, run(args, parser)).
 SUBCOMMANDS = {
@@ -28,10 +29,11 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="seqr bench", description="Benchmarks of the seqr routers.")
+    parser = argparse.ArgumentParser(
+        formatter_class=Help, prog="seqr bench", description="Benchmarks of the seqr routers.")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     for name, (help_, add_args, run) in SUBCOMMANDS.items():
-        sp = sub.add_parser(name, help=help_, description=help_)
+        sp = sub.add_parser(name, help=help_, description=help_, formatter_class=Help)
         add_args(sp)
         sp.set_defaults(run=run, subparser=sp)
     args = parser.parse_args(argv)

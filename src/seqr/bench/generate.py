@@ -58,7 +58,7 @@ def decode(model, ids: torch.Tensor, steps: int, cache_kw: str):
     """An untimed prefill of ids (B, P) with the KV cache on, then `steps` timed greedy decode steps. Returns
     ((tokens (B, steps + 1): the prefill's argmax, then each step's; the last step's logits (B, V)), the seconds
     of the decode steps)."""
-    from seqr.hf.choices import returned_cache
+    from seqr.hf.compat import returned_cache
 
     res = model(input_ids=ids, use_cache=True)
     tok = res.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
@@ -112,7 +112,7 @@ def decode_checks(outs: dict, again, base, fixed: str) -> dict:
 def measure_n(base, dirs: list, run: dict, opts: dict, seed: int, profile: bool) -> tuple[list[dict], dict | None]:
     """Every (batch, variant) for one N = len(dirs) in base's dtype, the models built once for all batches.
     Returns (one point per batch, the --profile result or None)."""
-    from seqr.hf.choices import _cache_kw, _forward_params
+    from seqr.hf.compat import cache_kw as cache_kw_of, forward_params
 
     N, dtype, steps = len(dirs), model_dtype(base), run["new_tokens"]
     setup, points = {}, []
@@ -120,7 +120,7 @@ def measure_n(base, dirs: list, run: dict, opts: dict, seed: int, profile: bool)
     static, lib, seqr_model = build_variants(base, dirs, seed, setup, bar)
     models = {"untouched": (base, None), "peft-static": (static, None), "seqr-fixed": (seqr_model, {"adapter": lib.names[0]}),
               "seqr": (seqr_model, {"method": "seqr"})}
-    cache_kw = _cache_kw(_forward_params(base))
+    cache_kw = cache_kw_of(forward_params(base))
     for batch in run["batch"]:
         calls = variant_calls(models, prompt_ids(base.config.vocab_size, batch, run["prompt"], seed), steps, cache_kw)
         results, outs = time_interleaved(calls, batch * steps, opts, bar, clock=lambda call: call())
@@ -148,7 +148,7 @@ def profile_step(models: dict, ids: torch.Tensor, cache_kw: str) -> dict:
     top ops by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from seqr.hf.choices import returned_cache
+    from seqr.hf.compat import returned_cache
 
     out = {}
     for v in ("seqr", "untouched"):

@@ -308,7 +308,7 @@ def add_model_args(p: argparse.ArgumentParser, unit: str, adapters: str) -> None
     p.add_argument("--budget-s", type=float, help=f"seconds per variant: a variant whose warm-up {unit} is slow gets "
                    f"fewer timed {unit}s, at least 1 (default 60; --quick 5; 0: no budget)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random adapters and inputs")
     p.add_argument("--json", type=Path, metavar="PATH", help="write every number to this JSON file")
 
 

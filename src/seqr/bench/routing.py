@@ -258,9 +258,9 @@ def add_routing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float, help="seconds per method: a method whose warm-up call is slow gets "
                    "fewer timed calls, at least 1 (default 60; sweep 10; 0: no budget)")
     p.add_argument("--methods", type=_method_list, default=list(METHODS), help=f"default {','.join(METHODS)}")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the bank and tokens")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random bank and tokens")
     p.add_argument("--json", type=Path, metavar="PATH", help="write every number to this JSON file")
     p.add_argument("--sweep", action="store_true", help="vary n, N, r one at a time; writes sweep.json/.png")
     p.add_argument("--skip-after", type=float, help="sweep: skip a method at larger values of an axis once one call "

@@ -94,12 +94,12 @@ def stop(proc, timeout_s: float = 60) -> None:
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("library", help="a calibrated library dir")
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="the served base model")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients, one user each (default 8)")
     p.add_argument("--seconds", type=float, default=30, help="how long the clients send (default 30)")
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--prompt", default="Write one sentence about the weather.")
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
+    p.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
+    p.add_argument("--prompt", default="Write one sentence about the weather.", help="every client's prompt")
     p.add_argument("--ray-replicas", type=int, default=2,
                    help="also run seqr serve --ray with this many replicas, side by side (0: one process only)")
     p.add_argument("--json", help="write the results here")

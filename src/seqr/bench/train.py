@@ -84,12 +84,12 @@ def dev_accuracy(model, tok, adapter_dir: str, examples, batch_size: int) -> lis
     """Predictions on `examples` of the model with one adapter (seqr.attach, fixed to it)."""
     from seqr.hf.layers import attach, detach
     from seqr.store.library import LoraLibrary
-    from seqr.hf.choices import score_choices
+    from seqr.hf.choices import choice_logprobs
 
     lib = LoraLibrary.from_peft({"adapter": adapter_dir})
     attach(model, lib, adapter="adapter")
     try:
-        return predictions(score_choices(model, tok, examples, batch_size=batch_size, progress=False))
+        return predictions(choice_logprobs(model, tok, examples, batch_size=batch_size, progress=False))
     finally:
         detach(model)
 
@@ -108,7 +108,7 @@ def routed_eval(models: dict, lib, data: dict, batch_size: int, bar) -> dict:
     interleaved: examples/s, prediction agreement, and (token, layer) routing agreement."""
     from seqr.eval.evaluate import length_chunks
     from seqr.hf.layers import attach, detach, routing
-    from seqr.hf.choices import score_choices
+    from seqr.hf.choices import choice_logprobs
 
     tok = models["tok"]
     keys = ("fp32", "fast")
@@ -124,7 +124,7 @@ def routed_eval(models: dict, lib, data: dict, batch_size: int, bar) -> dict:
             for key in keys if rnd % 2 == 0 else keys[::-1]:
                 t0 = time.perf_counter()
                 with torch.no_grad(), routing(models[key], "seqr", trace="choices") as tr:
-                    scores = score_choices(models[key], tok, exs, batch_size=len(exs), progress=False)
+                    scores = choice_logprobs(models[key], tok, exs, batch_size=len(exs), progress=False)
                 seconds[key] += time.perf_counter() - t0
                 pred[key] += predictions(scores)
                 choice[key] = tr.choices()  # (D,) the adapter of every (token, layer) decision

@@ -103,20 +103,20 @@ def with_quantiles(s: NormStats, values) -> NormStats:
     return NormStats(s.count, s.mean, s.m2, tuple(q.tolist()))
 
 
-SCORES = ("z", "raw", "ratio", "percentile")  # z-score (paper), raw norm, norm / mu, the adapter's own CDF
+NORMALISATIONS = ("z", "raw", "ratio", "percentile")  # z-score (paper), raw norm, norm / mu, the adapter's own CDF
 
 
-def as_score(s: NormStats, score: str) -> NormStats:
-    """Stats whose z-score (n - mean) / std is the given calibrated score: "z" keeps s, "raw" gives n itself
+def as_normalised(s: NormStats, how: str) -> NormStats:
+    """Stats whose z-score (n - mean) / std is the given normalisation of the norm n: "z" keeps s, "raw" gives n itself
     (mean 0, std 1), "ratio" gives n / mu (mean 0, std mu). "percentile" keeps s: its monotone map from z to
-    the adapter's empirical CDF is applied on top by the bank (LoraLibrary.scored). Routing stays an exact argmax."""
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    if score in ("z", "percentile"):
+    the adapter's empirical CDF is applied on top by the bank (LoraLibrary.normalised). Routing stays an exact argmax."""
+    if how not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {how!r}")
+    if how in ("z", "percentile"):
         return s
-    scale = 1.0 if score == "raw" else s.mean
+    scale = 1.0 if how == "raw" else s.mean
     if not scale > 0:
-        raise ValueError(f"score 'ratio' needs a positive mean norm, got {s.mean}")
+        raise ValueError(f"normalisation 'ratio' needs a positive mean norm, got {s.mean}")
     return NormStats(count=s.count, mean=0.0, m2=s.count * scale * scale)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from seqr.store import files
 from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.silo.tasks import DATA_ENV, TASKS
+from seqr.core.argfmt import Help
 
 
 @dataclass(frozen=True)
@@ -144,14 +145,14 @@ def run(profile: Profile, out: str | Path, *, model_name: str = DEFAULT_MODEL, d
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="seqr demo", description=(
+    p = argparse.ArgumentParser(formatter_class=Help, prog="seqr demo", description=(
         "End to end on SmolLM2-135M-Instruct: train small shared-A adapters, calibrate, build the library, "
         "evaluate every routing method; tables on stdout, report.md + figures in OUT/eval."))
     p.add_argument("--quick", action="store_true", help="3 tasks, small budget (about 10-15 min on 2 CPU cores)")
     p.add_argument("--out", default="seqr-demo", help="working and output dir (default seqr-demo); reused on reruns")
     p.add_argument("--data", help="JSONL task dir <task>/{train,dev}.jsonl (default: HF datasets when the hub is "
                                   f"reachable, else ${DATA_ENV})")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the base model")
     p.add_argument("--tasks", nargs="+", help="override the profile's tasks")
     for flag in ("max-train", "calib", "max-eval", "rank"):
         p.add_argument(f"--{flag}", type=int, help=f"override the profile's {flag.replace('-', '_')}")

@@ -30,10 +30,11 @@ from seqr.hf.dtypes import name as dtype_name
 from seqr.silo.calibrate import add_noise, parse_calibration, recalibrated
 from seqr.hf.layers import GRANULARITIES, attach, detach, routing
 from seqr.store.library import LoraLibrary
-from seqr.hf.choices import score_choices
+from seqr.hf.choices import choice_logprobs
 from seqr.core import registry
-from seqr.core.stats import SCORES
+from seqr.core.stats import NORMALISATIONS
 from seqr.silo.tasks import Example, SCORINGS
+from seqr.core.argfmt import Help
 
 METHODS = tuple(r.name for r in registry.routers() if r.evaluated)  # the default passes, in report order
 FORMAT = "seqr-eval"
@@ -56,7 +57,7 @@ class EvalConfig:
     scoring: str = "choices"
     model: str = ""
     # How the norm routers (seqr, spectr) decide; the defaults are the paper's (see `variant`).
-    score: str = "z"  # stats.SCORES: z-score, raw norm, norm / mu, or the adapter's own percentile
+    normalise: str = "z"  # stats.NORMALISATIONS: z-score, raw norm, norm / mu, or the adapter's own percentile
     pooled: bool = False  # one mu, sigma per adapter over all layers instead of per layer
     granularity: str = "token"  # layers.GRANULARITIES: per token (paper), per prompt, or shared across layers
     mix: int | None = None  # top-k softmax mixture per token instead of one adapter
@@ -83,8 +84,8 @@ class EvalConfig:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
-        if self.score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.normalise not in NORMALISATIONS:
+            raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {self.normalise!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.mix is not None and (isinstance(self.mix, bool) or not isinstance(self.mix, int) or self.mix < 1):
@@ -103,9 +104,9 @@ class EvalConfig:
         return {"granularity": self.granularity, "mix": self.mix, "temperature": self.temperature}
 
     def variant(self) -> str:
-        """'' for the paper's routing, else a tag like 'score=ratio granularity=prompt' (labels results)."""
+        """'' for the paper's routing, else a tag like 'normalise=ratio granularity=prompt' (labels results)."""
         default = EvalConfig(tasks=["_"])
-        keys = ("calibration", "score", "pooled", "granularity", "mix", "temperature")
+        keys = ("calibration", "normalise", "pooled", "granularity", "mix", "temperature")
         return " ".join(f"{k}={getattr(self, k)}" for k in keys if getattr(self, k) != getattr(default, k))
 
     def data_key(self) -> dict:
@@ -223,7 +224,7 @@ def run_pass(model, tokenizer, library: LoraLibrary, method: str, data: dict[str
             for chunk in chunks[task]:
                 exs = [data[task][i] for i in chunk]
                 with torch.no_grad(), routing(model, **route, k=k, trace=traced, **opts) as tr:
-                    scores = score_choices(model, tokenizer, exs, scoring=cfg.scoring, batch_size=len(exs),
+                    scores = choice_logprobs(model, tokenizer, exs, scoring=cfg.scoring, batch_size=len(exs),
                                            progress=False)
                 for i, s in zip(chunk, scores):
                     pred[i] = max(range(len(s)), key=s.__getitem__)
@@ -306,7 +307,7 @@ def evaluate(model, tokenizer, libraries: dict[str, LoraLibrary], data: dict[str
         if cfg.calibration is not None:
             lib = recalibrated(lib, model, tokenizer, cfg.calibration, data_dir=train_data,
                                scoring=cfg.scoring, progress=progress)
-        calibrated, lib = lib, lib.scored(cfg.score, cfg.pooled)
+        calibrated, lib = lib, lib.normalised(cfg.normalise, cfg.pooled)
         label = f"{label} [{tag}]" if tag else label
         fp, opts = fingerprint(lib), cfg.routing_options()
         entry = doc["libraries"].get(label)
@@ -326,7 +327,7 @@ def evaluate(model, tokenizer, libraries: dict[str, LoraLibrary], data: dict[str
             for level in cfg.noise:
                 key = f"{float(level):g}@{cfg.noise_seed}"
                 if key not in entry["noise"]:
-                    entry["noise"][key] = run(noisy(calibrated, level, cfg.noise_seed).scored(cfg.score, cfg.pooled),
+                    entry["noise"][key] = run(noisy(calibrated, level, cfg.noise_seed).normalised(cfg.normalise, cfg.pooled),
                                               "seqr", f"{label} noise {level:g}")
                     save()
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -373,27 +374,28 @@ def main(argv: list[str] | None = None) -> int:
 
     from seqr.eval import plots
 
-    p = argparse.ArgumentParser(prog="seqr eval", description=(
+    p = argparse.ArgumentParser(formatter_class=Help, prog="seqr eval", description=(
         "Evaluate oracle, base, mu, arrow, lag, spectr and seqr on each task's held-out split; write eval.json, "
         "report.md and PNG figures to --out. Finished passes in --out are reused."))
     p.add_argument("--library", action="append", default=[], metavar="DIR",
                    help="a calibrated library (seqr build); repeat for several seeds; unique-A libraries are "
                         "detected and reported as the shared-vs-unique comparison")
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="the base model the libraries adapt")
     p.add_argument("--data", help="JSONL task dir <task>/{train,dev}.jsonl (default $SEQR_TASK_DATA, else HF datasets)")
     p.add_argument("--tasks", nargs="+", help="tasks to evaluate (default: the first library's adapter names)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=registry.names())
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=registry.names(), metavar="METHOD",
+                   help=f"passes to run, of {registry.names()}")
     p.add_argument("--k", type=int, default=3, help="LAG's ARROW shortlist size (default 3)")
     p.add_argument("--split", default="dev", help="held-out split (default dev)")
     p.add_argument("--max-eval", type=int, default=100, help="examples per task, a seeded subset (0 = all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the examples subset")
     p.add_argument("--noise", default="0.25,0.5,0.75,1",
                    help="comma-separated std multiples of noise on mu for the robustness curve ('' for none)")
-    p.add_argument("--noise-seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--scoring", choices=SCORINGS, default="choices")
+    p.add_argument("--noise-seed", type=int, default=0, help="seed of the noise on mu")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward")
+    p.add_argument("--scoring", choices=SCORINGS, default="choices", help="answer format the adapters were trained on")
     g = p.add_argument_group("routing variants of the seqr / spectr passes (default: the paper's)")
-    g.add_argument("--score", choices=SCORES, default="z",
+    g.add_argument("--normalise", choices=NORMALISATIONS, default="z",
                    help="z-score (paper), raw norm, norm / mu, or percentile (each adapter's own norm CDF; needs "
                         "stats calibrated with quantiles)")
     g.add_argument("--pooled-stats", action="store_true", help="one mu, sigma per adapter pooled over layers")
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the score summed over layers (two forwards); depth: per token and layer, by the score "
                         "summed over that layer and the ones before it (one forward)")
     g.add_argument("--mix", type=int, help="top-K softmax(score / temperature) mixture per token")
-    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=1.0, help="with --mix: softmax temperature")
     g.add_argument("--calibration", metavar="TOKENS[@N]",
                    help="first recalibrate every adapter on N (default 60) examples of its own task's train split, "
                         "from the token set all|prompt|answer|content (adapter names must be task names)")
@@ -431,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = EvalConfig(tasks=tasks, methods=tuple(a.methods), k=a.k, split=a.split, max_eval=a.max_eval or None,
                              seed=a.seed, noise=noise, noise_seed=a.noise_seed, batch_size=a.batch_size,
-                             scoring=a.scoring, model=a.model, score=a.score, pooled=a.pooled_stats,
+                             scoring=a.scoring, model=a.model, normalise=a.normalise, pooled=a.pooled_stats,
                              granularity=a.granularity, mix=a.mix, temperature=a.temperature,
                              calibration=a.calibration)
         except ValueError as e:

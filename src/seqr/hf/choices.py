@@ -11,10 +11,9 @@ separately and their ids concatenated, so the answer boundary is exact.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 
+from seqr.hf.compat import cache_kw, forward_params, keep_last, returned_cache
 from seqr.hf.layers import select_rows
 
 
@@ -34,7 +33,7 @@ def encode(examples: list, tokenizer, scoring: str = "choices"):
     return prompts, answers
 
 
-def score_choices(model, tokenizer, examples: list, *, scoring: str = "choices", batch_size: int = 8,
+def choice_logprobs(model, tokenizer, examples: list, *, scoring: str = "choices", batch_size: int = 8,
                   progress: bool = True) -> list[list[float]]:
     """Per example, per choice: the summed log-probability of the choice's answer tokens after the prompt.
 
@@ -67,7 +66,7 @@ def accuracy(model, tokenizer, examples: list, *, scoring: str = "choices", batc
     examples = list(examples)
     if not examples:
         raise ValueError("accuracy of no examples")
-    scores = score_choices(model, tokenizer, examples, scoring=scoring, batch_size=batch_size, progress=progress)
+    scores = choice_logprobs(model, tokenizer, examples, scoring=scoring, batch_size=batch_size, progress=progress)
     right = sum(max(range(len(s)), key=s.__getitem__) == ex.label for s, ex in zip(scores, examples))
     return right / len(examples)
 
@@ -76,30 +75,9 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _forward_params(model) -> set[str]:
-    """Names the model's forward takes (a peft wrapper's base model's: the wrapper passes kwargs on)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return set(inspect.signature(base.forward).parameters)
-
-
-def _keep_last(params: set[str]) -> dict:
-    """`logits_to_keep=1` when the forward takes it (skips the LM head on every prompt position)."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-
-
-def _cache_kw(params: set[str]) -> str:
-    """transformers >= 5.2x names the KV cache `cache`; older versions `past_key_values`."""
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def returned_cache(output):
-    """The KV cache a forward returned (named like the argument: `cache` or `past_key_values`)."""
-    return output["cache"] if "cache" in output else output.get("past_key_values")
-
-
 def _score_batch(model, prompts: list[list[int]], answers: list[list[list[int]]], pad: int) -> list[list[float]]:
     """Scores of one batch: prompts[b] (ids) and answers[b][c] (ids of choice c of example b)."""
-    dev, params = _device(model), _forward_params(model)
+    dev, params = _device(model), forward_params(model)
     B, Lp = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, Lp), pad, dtype=torch.long)  # (B, Lp) left-padded prompts
     mask = torch.zeros((B, Lp), dtype=torch.long)  # (B, Lp) 1 on real tokens
@@ -110,7 +88,7 @@ def _score_batch(model, prompts: list[list[int]], answers: list[list[list[int]]]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, Lp) positions count real tokens only
     flat = [a for ch in answers for a in ch]  # M answers, example-major
     Lc = max(len(a) for a in flat) - 1  # the rest of the answers: tokens 2..n are predicted in forward (2)
-    first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=Lc > 0, **_keep_last(params))
+    first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=Lc > 0, **keep_last(params))
     logp0 = first.logits[:, -1].float().log_softmax(-1)  # (B, V) first answer token given the prompt
 
     owner = torch.tensor([b for b, ch in enumerate(answers) for _ in ch], device=dev)  # (M,) example of each row
@@ -134,7 +112,7 @@ def _score_batch(model, prompts: list[list[int]], answers: list[list[list[int]]]
         cpos = mask.sum(-1)[owner, None] + torch.arange(Lc, device=dev)  # (M, Lc) continue after the prompt
         amask = torch.cat([mask[owner], cmask], dim=1)  # (M, Lp + Lc) prompt mask + answer mask
         logits = model(input_ids=cid, attention_mask=amask, position_ids=cpos, use_cache=True,
-                       **{_cache_kw(params): cache}).logits.float()  # (M, Lc, V)
+                       **{cache_kw(params): cache}).logits.float()  # (M, Lc, V)
         lp = logits.gather(-1, tgt[..., None])[..., 0] - logits.logsumexp(-1)  # (M, Lc)
         scores = scores + torch.where(cmask.bool(), lp, torch.zeros_like(lp)).sum(-1)  # (M,)
     scores = scores.tolist()

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from seqr.hf.layers import routing
-from seqr.hf.choices import _cache_kw, _forward_params, returned_cache
+from seqr.hf.compat import cache_kw as cache_kw_of, forward_params, returned_cache
 
 
 SEED_RANGE = (0, 2**63 - 1)  # what torch.Generator.manual_seed takes, non-negative
@@ -67,7 +67,7 @@ def generate(model, requests: list[Request], *, eos_id: int | None, pad_id: int,
     the attached one unless given)."""
     if not requests:
         return []
-    dev, cache_kw = next(model.parameters()).device, _cache_kw(_forward_params(model))
+    dev, cache_kw = next(model.parameters()).device, cache_kw_of(forward_params(model))
     B, L = len(requests), max(len(r.prompt) for r in requests)
     ids = torch.full((B, L), pad_id, dtype=torch.long)  # (B, L) left-padded prompts
     mask = torch.zeros((B, L), dtype=torch.long)  # (B, L)

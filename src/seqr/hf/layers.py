@@ -17,6 +17,7 @@ from seqr.core import registry
 from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
 from seqr.core.trace import Trace
+from seqr.hf.compat import passed_cache
 from seqr.store.library import LoraLibrary
 
 GRANULARITIES = ("token", "prompt", "prompt-vote", "layers", "depth")
@@ -188,7 +189,7 @@ class RoutingState:
     def pre_hook(self, module, args, kwargs):
         am = kwargs.get("attention_mask")
         self.attention_mask = am if isinstance(am, torch.Tensor) else None
-        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x: `cache`
+        past = passed_cache(kwargs)
         self.prefill = past is None or not hasattr(past, "get_seq_length") or past.get_seq_length() == 0
         self.depth_sum = None
         if self.probing:

@@ -6,20 +6,21 @@ import sys
 
 from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.serve.server import build_app, load_checked
+from seqr.core.argfmt import Help
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="seqr serve", description=(
+    p = argparse.ArgumentParser(formatter_class=Help, prog="seqr serve", description=(
         "Serve an OpenAI-compatible API; each user is routed only among the adapters their key allows."))
     p.add_argument("library", help="library dir (seqr build)")
     p.add_argument("--model", required=True, help="the base model (anything seqr.load_model takes)")
     p.add_argument("--auth", required=True, help='JSON: {"users": {NAME: {"keys": [...], "adapters": [...]}}, '
                                                  '"admin_keys": [...]}')
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--adapters-root", help="admins may add adapter dirs under this dir (POST /admin/adapters)")
     p.add_argument("--served-model-name", help="the model id clients send (default: --model)")
-    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
     p.add_argument("--max-batch", type=int, default=8, help="requests batched into one forward")
     p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (scale-out)")

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from seqr.store.library import LoraLibrary
+from seqr.core.argfmt import Help
 
 
 def build(adapter_dirs: list[str], out: str, *, allow_uncalibrated: bool = False) -> LoraLibrary:
@@ -19,7 +20,8 @@ def build(adapter_dirs: list[str], out: str, *, allow_uncalibrated: bool = False
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="seqr build", description="Build a routing library from adapter dirs.")
+    p = argparse.ArgumentParser(
+        formatter_class=Help, prog="seqr build", description="Build a routing library from adapter dirs.")
     p.add_argument("adapters", nargs="+", help="adapter directories (peft adapter + seqr_stats.json)")
     p.add_argument("-o", "--out", required=True, help="library directory to write")
     p.add_argument("--allow-uncalibrated", action="store_true", help="accept adapters without stats")

@@ -30,6 +30,7 @@ from seqr.hf.layers import attach, detach, routing
 from seqr.store.library import LoraLibrary
 from seqr.store.peft_io import stats_json, write_centroids
 from seqr.core.stats import NormStats, with_quantiles
+from seqr.core.argfmt import Help
 
 
 TOKEN_SETS = ("all", "prompt", "answer", "content")  # which tokens feed mu, sigma (content: no template tokens)
@@ -204,16 +205,16 @@ def recalibrated(library: LoraLibrary, model, tokenizer, spec: str, *, data_dir=
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="seqr calibrate",
+    p = argparse.ArgumentParser(formatter_class=Help, prog="seqr calibrate",
                                 description="Per-layer activation-norm stats of one adapter on its own training data.")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="the base model the adapter was trained on")
     p.add_argument("--adapter", required=True, help="the adapter dir (seqr train's --out)")
     p.add_argument("--task", required=True, help="the adapter's own task: a name or a JSONL file")
     p.add_argument("--data", help="directory laid out as <task>/{train,dev}.jsonl (default $SEQR_TASK_DATA)")
     p.add_argument("--max-examples", type=int, default=200, help="training examples to use (default 200)")
     p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise on mu, in standard deviations")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward")
+    p.add_argument("--seed", type=int, default=0, help="seed of the example subset and of the noise")
     p.add_argument("--scoring", choices=("choices", "letter"), default="choices", help="answer format (as trained)")
     p.add_argument("--tokens", choices=TOKEN_SETS, default="all",
                    help="tokens that feed mu, sigma: all (paper), prompt, answer, content (no chat-template tokens)")
@@ -227,10 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{a.adapter} holds no adapter ({files.PEFT_WEIGHTS} missing); run seqr train first")
     from seqr.hf.dtypes import say_choice
     from seqr.hf.models import load_model
-    from seqr.silo.tasks import load_task
+    from seqr.silo.tasks import check_task
 
+    examples = check_task(p, a.task, a.data, a.max_examples, a.seed)  # before the model loads
     model, tok = load_model(a.model, dtype=say_choice(a.dtype, "seqr calibrate"))
-    examples = load_task(a.task, "train", data_dir=a.data, max_examples=a.max_examples, seed=a.seed)
     stats = calibrate(model, tok, a.adapter, examples, noise=a.noise, seed=a.seed, batch_size=a.batch_size,
                       scoring=a.scoring, tokens=a.tokens, quantiles=not a.no_quantiles,
                       centroids=not a.withhold_centroids)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from seqr.store.library import LoraLibrary
+from seqr.core.argfmt import Help
 
 
 def describe(lib: LoraLibrary, path: Path) -> dict:
@@ -43,9 +44,9 @@ def format_info(d: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="seqr info", description="Describe a seqr library.")
+    p = argparse.ArgumentParser(formatter_class=Help, prog="seqr info", description="Describe a seqr library.")
     p.add_argument("library")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     a = p.parse_args(argv)
     try:
         lib = LoraLibrary.load(a.library)

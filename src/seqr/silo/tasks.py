@@ -322,3 +322,12 @@ def answer_text(example: Example, choice_index: int, scoring: str = "choices") -
         raise ValueError(f"example {example.id!r}: choice index {choice_index} out of range "
                          f"[0, {len(example.choices)})")
     return LETTERS[choice_index] if scoring == "letter" else example.choices[choice_index]
+
+
+def check_task(parser, task, data_dir, max_examples: int | None = None, seed: int = 0) -> list[Example]:
+    """A CLI's early check that `task`'s train split can be read (before any model loads): its examples, or
+    `parser.error` (one line naming the task, exit 2)."""
+    try:
+        return load_task(task, "train", data_dir=data_dir, max_examples=max_examples, seed=seed)
+    except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
+        parser.exit(2, f"{parser.prog}: error: {str(e).strip(chr(39) + chr(34))}\n")

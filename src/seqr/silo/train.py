@@ -33,6 +33,7 @@ from seqr.store import files
 from seqr.hf.dtypes import CHOICES
 from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.hf.dtypes import name as dtype_name
+from seqr.core.argfmt import Help
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PATHS = ("fast", "reference")
@@ -394,21 +395,22 @@ def _save(peft_model, cfg: TrainConfig, out: Path, meta: dict, log: list[dict]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="seqr train", description="Train one silo's LoRA adapter on its own task data.")
+    p = argparse.ArgumentParser(
+        formatter_class=Help, prog="seqr train", description="Train one silo's LoRA adapter on its own task data.")
     p.add_argument("--model", required=True, help="anything seqr.load_model takes, e.g. smollm2-135m-instruct")
     p.add_argument("--task", required=True, help="one of the ten task names, or a JSONL file of the task schema")
     p.add_argument("--data", help="directory laid out as <task>/{train,dev}.jsonl (default $SEQR_TASK_DATA)")
     p.add_argument("--out", required=True, help="adapter directory to write")
     d = TrainConfig("", "", "")
     p.add_argument("--a-seed", type=int, default=d.a_seed, help="seed of the shared, frozen A (default 0)")
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--epochs", type=float, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha (scaling alpha / r)")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout on the adapter input")
+    p.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training examples")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (cosine schedule, 5%% warm-up)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per optimizer step")
     p.add_argument("--max-train", type=int, help="use at most this many training examples (seeded subset)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the example subset, order and dropout")
     p.add_argument("--scoring", choices=("choices", "letter"), default="choices",
                    help="answer format: the choice text (default) or its option letter")
     p.add_argument("--unique-a", action="store_true", help="ordinary LoRA: train A too (baselines only)")
@@ -429,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if a.state_every < 0:
         p.error(f"--state-every must be >= 0, got {a.state_every}")
-    out = train(cfg, state_every=a.state_every)
+    from seqr.silo.tasks import check_task
+
+    examples = check_task(p, cfg.task, cfg.data, cfg.max_train, cfg.seed)  # before the model loads
+    out = train(cfg, examples=examples, state_every=a.state_every)
     print(json.dumps(json.loads((out / files.ADAPTER_META).read_text()), indent=1))
     return 0

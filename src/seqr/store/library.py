@@ -21,7 +21,7 @@ import torch
 from seqr.store import checks, files
 from seqr.core.bank import AdapterBank
 from seqr.store.peft_io import PeftAdapter, read_peft_adapter, write_peft_adapter
-from seqr.core.stats import NormStats, as_score
+from seqr.core.stats import NormStats, as_normalised
 from seqr.core.stats import pooled as pool_stats
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
@@ -219,27 +219,28 @@ class LoraLibrary:
                                     if n in stats else a.stats) for n, a in self._adapters.items()}
         return new
 
-    def scored(self, score: str = "z", pooled: bool = False) -> "LoraLibrary":
-        """An unbound view whose stats make routing use another calibrated score (stats.SCORES) and/or one
+    def normalised(self, how: str = "z", pooled: bool = False) -> "LoraLibrary":
+        """An unbound view whose stats make routing use another normalisation of the norms
+        (stats.NORMALISATIONS) and/or one
         mu, sigma per adapter pooled over all layers. z with per-layer stats is the paper (self, unchanged)."""
-        if score == "z" and not pooled:
+        if how == "z" and not pooled:
             return self
         if self.uncalibrated:
             raise ValueError(f"adapter(s) {self.uncalibrated} have no stats to rescore; run seqr calibrate")
-        if score == "percentile":
+        if how == "percentile":
             if pooled:
-                raise ValueError("score 'percentile' reads each layer's own quantiles; it cannot use pooled stats")
+                raise ValueError("normalisation 'percentile' reads each layer's own quantiles; it cannot use pooled stats")
             missing = [n for n in self.names if any(v.quantiles is None for v in self.stats(n).values())]
             if missing:
-                raise ValueError(f"adapter(s) {missing} have no norm quantiles for score 'percentile'; recalibrate "
+                raise ValueError(f"adapter(s) {missing} have no norm quantiles for normalisation 'percentile'; recalibrate "
                                  f"them with this version of seqr calibrate")
         view = {}
         for n in self.names:
             st = self.stats(n)
             st = pool_stats(st) if pooled else st
-            view[n] = {layer: as_score(v, score) for layer, v in st.items()}
+            view[n] = {layer: as_normalised(v, how) for layer, v in st.items()}
         new = self.with_stats(view)
-        new.percentile = score == "percentile"
+        new.percentile = how == "percentile"
         return new
 
     def _persist(self, undo, before=None, after=None) -> None:
