@@ -215,7 +215,7 @@ class AdapterBank:
         zf = self._z_cdt(z)  # (T, r) or None
         for c in rt.token_chunks(xf.shape[0], self._width(method)):
             zc = None if zf is None else zf[c]  # (t, r)
-            yield c, self._scores_flat(self._in_cdt(xf[c], method, zc), method, zc)
+            yield c, self._scores_flat(_as(xf[c], rt.compute_dtype(self.B.dtype)), method, zc)
 
     def _width(self, method: str) -> int:
         """Temporary elements per token of one method's scores (for token_chunks)."""
@@ -224,10 +224,6 @@ class AdapterBank:
 
     def _z_cdt(self, z: torch.Tensor | None) -> torch.Tensor | None:
         return None if z is None else _as(z.reshape(-1, z.shape[-1]), rt.compute_dtype(self.B.dtype))  # (T, r)
-
-    def _in_cdt(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
-        """x in the scores' dtype."""
-        return _as(x, rt.compute_dtype(self.B.dtype))
 
     def _scores_flat(self, x: torch.Tensor, method: str, z: torch.Tensor | None) -> torch.Tensor:
         router = registry.get(method)
@@ -273,7 +269,8 @@ class AdapterBank:
         if router.kind == "shortlist":
             return self._shortlist(xf, router, mask, k, z)
         if xf.shape[0] * self._width(method) <= rt.BLOCK_ELEMENTS:  # one chunk: no slicing
-            return rt.masked_argmax_(self._scores_flat(self._in_cdt(xf, method, z), method, self._z_cdt(z)), mask)
+            xc = _as(xf, rt.compute_dtype(self.B.dtype))  # (T, n) in the scores' dtype
+            return rt.masked_argmax_(self._scores_flat(xc, method, self._z_cdt(z)), mask)
         idx = torch.empty(xf.shape[0], dtype=torch.long, device=xf.device)  # (T,)
         for c, s in self._score_chunks(xf, method, z):
             idx[c] = rt.masked_argmax_(s, None if mask is None else mask if mask.shape[0] == 1 else mask[c])

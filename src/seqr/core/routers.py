@@ -169,11 +169,8 @@ def masked_mean(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 def unit_rows(c: torch.Tensor) -> torch.Tensor:
-    """Rows of c (N, n) scaled to unit length; a zero row is refused (its cosine is undefined)."""
-    norms = torch.linalg.vector_norm(c, dim=-1, keepdim=True)  # (N, 1)
-    if (norms == 0).any():
-        raise ValueError(f"centroid {int((norms[:, 0] == 0).nonzero()[0])} is the zero vector")
-    return c / norms  # (N, n)
+    """Rows of c (N, n), none of them zero (the caller checks, naming the adapter), scaled to unit length."""
+    return c / torch.linalg.vector_norm(c, dim=-1, keepdim=True)  # (N, n)
 
 
 def naive_norms(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

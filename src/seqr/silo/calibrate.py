@@ -71,7 +71,7 @@ def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: d
     counts = dict.fromkeys(sets, 0)
     attach(model, lib)
     sums = {layer: 0.0 for layer in lib.layers}  # layer -> (n,) float64 sum of the real tokens' inputs
-    live = _InputSums(model, sums)
+    live = _InputSums(model, sums if centroids is not None else {})  # no hooks unless centroids are wanted
     try:
         for start in tqdm(range(0, len(encoded), batch_size), desc=f"calibrate {name}", disable=not progress,
                           file=sys.stderr):
