@@ -1,0 +1,206 @@
+"""The vLLM serving engine: `seqr serve --engine vllm`, the same interface as the embedded `Engine`.
+
+vLLM's engine runs on one loop thread here: requests are added to it as they arrive and every `step()` runs
+one continuously batched forward over all live requests (paged KV cache), each token routed per layer among its
+own request's adapters (vllm_model.py). A request's allowed set travels as its LoRA request: the set adapter
+of vllm_sets.py. Library changes run on the loop thread between steps: the library is changed on disk, then
+every vLLM worker reloads it (`collective_rpc("seqr_reload")`) before the next step; requests in flight go on
+with the changed library (a removed adapter is out of every token's choices from that step on).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import tempfile
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+from seqr.hf.generation import Request, Result
+from seqr.serve.vllm_plugin import ROUTED_ARCHITECTURES
+from seqr.serve.vllm_sets import PROBE, Columns, SetAdapters
+from seqr.store.library import LoraLibrary
+
+SET_CAPACITY = 256  # set-mask columns: adapters that may be added over one server's life
+
+
+def engine_kwargs(model_dir: str | Path, library_dir: str | Path, columns: list, *, method: str, k: int | None,
+                  dtype: str, max_batch: int, max_model_len: int, max_sets: int) -> dict:
+    """The `vllm.LLM` arguments that serve `model_dir` routed over the library (no vLLM import)."""
+    cfg_file = Path(model_dir) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"the vLLM engine needs a local model dir with a config.json, got {model_dir}")
+    archs = json.loads(cfg_file.read_text()).get("architectures") or []
+    routed = [ROUTED_ARCHITECTURES[a] for a in archs if a in ROUTED_ARCHITECTURES]
+    if not routed:
+        raise ValueError(f"the vLLM engine routes {sorted(ROUTED_ARCHITECTURES)} models; {model_dir} is {archs}")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return dict(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_batch,
+                enforce_eager=True, compilation_config={"mode": 0},  # routing is data-dependent Python: eager
+                hf_overrides={"architectures": routed[:1], "seqr_library": str(library_dir), "seqr_columns": columns,
+                              "seqr_method": method, "seqr_k": k},
+                enable_lora=True, max_loras=max_sets, max_lora_rank=1, lora_target_modules=[PROBE],
+                worker_extension_cls="seqr.serve.vllm_model.SeqrWorkerExtension")
+
+
+class VllmEngine:
+    def __init__(self, model_dir: str | Path, library: LoraLibrary, *, method: str | None = None, k: int | None = None,
+                 dtype: str = "auto", max_batch: int = 8, max_model_len: int = 2048, max_sets: int | None = None,
+                 work_dir: str | Path | None = None, set_capacity: int = SET_CAPACITY, **llm_kwargs):
+        from vllm import LLM
+
+        if library.path is None:
+            raise ValueError("the vLLM engine serves a library saved on disk (its workers load it); save it first")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be positive, got {max_batch}")
+        self.library, self.method, self.k = library, method or library.default_method, k
+        self.columns = Columns(library.names, max(set_capacity, len(library)))
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="seqr-vllm-"))
+        self.sets = SetAdapters(self.work_dir, self.columns)
+        kw = engine_kwargs(model_dir, library.path, self.columns.order, method=self.method, k=k, dtype=dtype,
+                           max_batch=max_batch, max_model_len=max_model_len, max_sets=max_sets or max_batch)
+        self.llm = LLM(**{**kw, **llm_kwargs})
+        self.tokenizer = self.llm.get_tokenizer()
+        self._names = frozenset(library.names)
+        self._q: queue.Queue = queue.Queue()
+        self._ids = itertools.count()
+        self._live: dict[str, tuple[Request, Future, list[int]]] = {}
+        self._thread = threading.Thread(target=self._run, name="seqr-vllm-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def adapters(self) -> frozenset[str]:
+        return self._names
+
+    # ------------------------------------------------------------------------------------------ interface
+    def submit(self, request: Request) -> Future:
+        fut: Future = Future()
+        self._q.put(("generate", request, fut))
+        return fut
+
+    def call(self, fn) -> Future:
+        """Run fn(engine) on the loop thread, between two steps."""
+        fut: Future = Future()
+        self._q.put(("call", fn, fut))
+        return fut
+
+    def change(self, fn):
+        """fn(library) (it changes the library on disk), then every worker reloads it; returns fn's result."""
+        try:
+            return fn(self.library)
+        finally:
+            self._names = frozenset(self.library.names)
+            cols = self.columns.sync(self.library.names)
+            self.llm.collective_rpc("seqr_reload", args=(str(self.library.path), cols))
+
+    def reload(self, library: LoraLibrary) -> None:
+        self.change(lambda _: setattr(self, "library", library))
+
+    def trace(self, on: bool | None = None, reset: bool = True) -> dict:
+        """The workers' traced routing decisions (call on the loop thread: `engine.call(lambda e: e.trace())`)."""
+        return self.llm.collective_rpc("seqr_trace", args=(on, reset))[0]
+
+    def close(self) -> None:
+        self._q.put(("stop", None, Future()))
+        self._thread.join(timeout=60)
+        self.llm.llm_engine.engine_core.shutdown()
+
+    # ------------------------------------------------------------------------------------------ loop
+    def _run(self) -> None:
+        engine = self.llm.llm_engine
+        while True:
+            busy = engine.has_unfinished_requests()
+            try:
+                jobs = [self._q.get(block=not busy)] if not busy else []
+                while True:
+                    jobs.append(self._q.get_nowait())
+            except queue.Empty:
+                pass
+            for kind, item, fut in jobs:
+                if kind == "stop":
+                    self._abort_all()
+                    return
+                if kind == "call":
+                    _resolve(fut, item, self)
+                else:
+                    self._add(item, fut)
+            self._cancel_gone()
+            if engine.has_unfinished_requests():
+                try:
+                    outputs = engine.step()
+                except Exception as e:  # the engine failed: every live request gets the error
+                    for rid, (_, fut, _) in list(self._live.items()):
+                        fut.set_exception(e)
+                    self._live.clear()
+                    continue
+                for out in outputs:
+                    self._deliver(out)
+
+    def _add(self, request: Request, fut: Future) -> None:
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        allowed = set(request.allowed) & self._names  # an adapter removed since the request was checked
+        if not allowed:
+            fut.set_exception(PermissionError(
+                f"none of the request's adapters {sorted(request.allowed)} is in the library any more"))
+            return
+        name, lora_id, path = self.sets.get(allowed)
+        eos = self.tokenizer.eos_token_id
+        params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, seed=request.seed,
+                                stop_token_ids=[] if eos is None else [eos], ignore_eos=eos is None,
+                                detokenize=False)
+        rid = f"seqr-{next(self._ids)}"
+        try:
+            self.llm.llm_engine.add_request(rid, {"prompt_token_ids": list(request.prompt)}, params,
+                                            lora_request=LoRARequest(name, lora_id, path))
+        except Exception as e:
+            fut.set_exception(e)
+            return
+        self._live[rid] = (request, fut, [])
+
+    def _deliver(self, out) -> None:
+        if out.request_id not in self._live:
+            return
+        request, fut, toks = self._live[out.request_id]
+        eos = self.tokenizer.eos_token_id
+        new = [t for t in out.outputs[0].token_ids[len(toks):]]
+        for t in new:
+            if t == eos:
+                continue
+            toks.append(t)
+            if request.on_token is not None:
+                try:
+                    request.on_token(t)
+                except Exception:  # its client is gone: stop this request only
+                    self._finish(out.request_id, "cancelled", abort=True)
+                    return
+        if out.finished:
+            reason = out.outputs[0].finish_reason
+            self._finish(out.request_id, "length" if reason == "length" else "stop")
+
+    def _cancel_gone(self) -> None:
+        for rid, (request, _, _) in list(self._live.items()):
+            if request.cancel is not None and request.cancel.is_set():
+                self._finish(rid, "cancelled", abort=True)
+
+    def _finish(self, rid: str, reason: str, *, abort: bool = False) -> None:
+        request, fut, toks = self._live.pop(rid)
+        if abort:
+            self.llm.llm_engine.abort_request([rid])
+        fut.set_result(Result(toks, reason, {}, len(request.prompt), 0))
+
+    def _abort_all(self) -> None:
+        for rid in list(self._live):
+            _, fut, _ = self._live.pop(rid)
+            self.llm.llm_engine.abort_request([rid])
+            fut.set_exception(RuntimeError("the engine was closed"))
+
+
+def _resolve(fut: Future, fn, *args) -> None:
+    try:
+        fut.set_result(fn(*args))
+    except BaseException as e:
+        fut.set_exception(e)

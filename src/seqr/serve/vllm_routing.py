@@ -1,0 +1,144 @@
+"""Per-token routing inside vLLM's layers, in plain torch (no vLLM import: unit-testable without it).
+
+vLLM gives every request at most one LoRA, and maps each token of a batch to its request's LoRA slot. seqr uses
+that mapping to carry each request's *allowed set*: the request's LoRA is a set adapter (vllm_sets.py) on one
+probe layer whose update, applied to a 1 at every token, is the request's allowed mask over the library's
+columns. `SetRouting` reads that mask once per forward; every adapted layer then routes each token among its
+own request's adapters only, with the same bank functions as the transformers path (hf/layers.py):
+y = W x + B_i* A x, i* = the router's choice restricted to the token's mask.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from seqr.core import registry
+from seqr.core.bank import AdapterBank
+
+
+class SetRouting:
+    """What every routed vLLM layer of one model reads on a forward: the banks' column order, the method, and
+    the current forward's per-token allowed mask."""
+
+    def __init__(self, names: Sequence[str], columns: Sequence[str | None], method: str, k: int | None = None):
+        self.configure(names, columns, method, k)
+        self.mask: torch.Tensor | None = None  # (T, N) bool: the tokens' allowed adapters (bank order)
+        self.has: torch.Tensor | None = None  # (T,) bool: tokens with at least one allowed adapter
+        self.tracing = False
+        self.outside = 0  # decisions outside the token's allowed set (traced; must stay 0)
+        self.decisions: Counter = Counter()  # adapter -> traced decisions
+        self.by_set: Counter = Counter()  # (frozenset allowed, chosen adapter) -> traced decisions
+
+    def configure(self, names: Sequence[str], columns: Sequence[str | None], method: str, k: int | None) -> None:
+        """Bank order `names`; `columns[c]` the adapter whose allowed bit is the set mask's column c (None: free)."""
+        router = registry.get(method)
+        if not router.routes:
+            raise ValueError(f"the vLLM engine routes with {registry.names(('score', 'shortlist'))}, got {method!r}")
+        col = {n: c for c, n in enumerate(columns) if n is not None}
+        missing = [n for n in names if n not in col]
+        if missing:
+            raise ValueError(f"adapter(s) {missing} have no set-mask column; columns: {list(columns)}")
+        self.names, self.method, self.k = list(names), method, k
+        self.col_index = torch.tensor([col[n] for n in names], dtype=torch.long)  # (N,)
+
+    def begin(self, column_mask: torch.Tensor) -> None:
+        """The forward's tokens' allowed masks over the columns, (T, C) (the set probe's output)."""
+        mask = column_mask[:, self.col_index.to(column_mask.device)] > 0.5  # (T, N)
+        self.mask, self.has = mask, mask.any(dim=1)  # (T, N), (T,)
+
+    def update(self, bank: AdapterBank, x: torch.Tensor) -> torch.Tensor:
+        """The routed update B_i* A x of tokens x (T, n) -> (T, m), in fp32 (like peft under a bf16 model); a
+        token with no allowed adapter (no set: vLLM's warm-up, a request without one) gets no update."""
+        xf = x if x.dtype == torch.promote_types(x.dtype, torch.float32) else x.float()  # (T, n)
+        mask, has = self.mask, self.has
+        if mask is None or mask.shape[0] != xf.shape[0]:
+            raise RuntimeError(f"routing mask for {None if mask is None else mask.shape[0]} tokens, got "
+                               f"{xf.shape[0]}: the set probe did not run on this forward")
+        every = bool(has.all())
+        choose_mask = mask if every else mask | ~has[:, None]  # (T, N) maskless rows: any choice, zeroed below
+        z = bank.z(xf) if bank.shared_a else None  # (T, r): A x once, for the scores and the update
+        idx = bank.choose(xf, self.method, choose_mask, k=self.k, z=z)  # (T,)
+        upd = bank.apply(xf, idx, z=z)  # (T, m)
+        if self.tracing:
+            self._record(idx, mask, has)
+        return upd if every else upd * has[:, None].to(upd.dtype)  # (T, m)
+
+    def _record(self, idx: torch.Tensor, mask: torch.Tensor, has: torch.Tensor) -> None:
+        idx, mask, has = idx.cpu(), mask.cpu(), has.cpu()
+        inside = mask.gather(1, idx[:, None])[:, 0]  # (T,) chosen adapter allowed for its token
+        self.outside += int((has & ~inside).sum())
+        for t in has.nonzero()[:, 0].tolist():
+            name = self.names[int(idx[t])]
+            self.decisions[name] += 1
+            self.by_set[(frozenset(self.names[i] for i in mask[t].nonzero()[:, 0].tolist()), name)] += 1
+
+    def trace(self, reset: bool = True) -> dict:
+        """Traced decisions since the last reset: {"outside", "decisions", "by_set": [[allowed], chosen, count]}."""
+        out = {"outside": self.outside, "decisions": dict(self.decisions),
+               "by_set": [[sorted(s), n, c] for (s, n), c in sorted(self.by_set.items(), key=str)]}
+        if reset:
+            self.outside, self.decisions, self.by_set = 0, Counter(), Counter()
+        return out
+
+
+class RoutedPacked(nn.Module):
+    """A vLLM linear layer (returning (y, bias)) plus the routed updates of its packed parts: e.g. qkv_proj =
+    q | k | v, each part routed on its own (the library adapts q, k and v as separate layers). A part without a
+    bank (not adapted) adds nothing."""
+
+    def __init__(self, base: nn.Module, parts: Sequence[tuple[str, AdapterBank | None, int]], routing: SetRouting):
+        super().__init__()
+        self.base, self.routing = base, routing
+        self.parts = [(name, bank, size) for name, bank, size in parts]  # plain list: banks are not parameters
+        for name, bank, size in self.parts:
+            if bank is not None and bank.shape[1] != size:
+                raise ValueError(f"adapters of {name} have {bank.shape[1]} outputs; vLLM's layer has {size}")
+
+    def forward(self, x: torch.Tensor):
+        y, bias = self.base(x)  # (T, sum of part sizes)
+        xf = x.reshape(-1, x.shape[-1])  # (T, n)
+        outs = [self.routing.update(bank, xf) if bank is not None  # (T, m_part)
+                else xf.new_zeros(xf.shape[0], size, dtype=torch.float32) for _, bank, size in self.parts]
+        upd = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (T, m)
+        return (y + upd.view_as(y)).to(y.dtype), bias  # one rounding, as in the transformers path
+
+
+def packed_parts(module_name: str, packed: dict[str, list[str]]) -> list[str]:
+    """HF layer names packed into one vLLM module: "….qkv_proj" -> ["….q_proj", "….k_proj", "….v_proj"]."""
+    prefix, _, leaf = module_name.rpartition(".")
+    return [f"{prefix}.{p}" if prefix else p for p in packed.get(leaf, [leaf])]
+
+
+def install(model: nn.Module, banks: dict[str, AdapterBank], routing: SetRouting,
+            packed: dict[str, list[str]], linear_types: tuple[type, ...], skip: frozenset | set = frozenset()
+            ) -> list[str]:
+    """Wrap every vLLM linear module of `model` one of whose (packed) HF parts has a bank in a RoutedPacked
+    (re-wrapping an already routed one with the new banks). Returns the HF layer names routed; every bank must
+    find its layer. Modules named in `skip` are left alone."""
+    done: list[str] = []
+    for name, mod in list(model.named_modules()):
+        base = mod.base if isinstance(mod, RoutedPacked) else mod
+        if not isinstance(base, linear_types) or name.endswith(".base") or name in skip:
+            continue
+        parts = packed_parts(name, packed)
+        if not any(p in banks for p in parts):
+            if isinstance(mod, RoutedPacked):  # its adapters are all gone
+                _replace(model, name, base)
+            continue
+        sizes = list(getattr(base, "output_sizes", None) or [base.output_size])
+        if len(sizes) != len(parts):
+            raise ValueError(f"vLLM layer {name} packs {len(sizes)} outputs but {len(parts)} parts {parts}")
+        _replace(model, name, RoutedPacked(base, [(p, banks.get(p), s) for p, s in zip(parts, sizes)], routing))
+        done += [p for p in parts if p in banks]
+    missing = sorted(set(banks) - set(done))
+    if missing:
+        raise ValueError(f"library layer(s) {missing[:4]} have no matching linear layer in the vLLM model")
+    return done
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)

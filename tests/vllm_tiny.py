@@ -1,0 +1,44 @@
+"""A tiny random Llama that vLLM's CPU attention takes (head_dim 64) and a calibrated seqr library on it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def tiny_vllm_llama(vocab_size: int, seed: int = 0, init: float = 0.2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      initializer_range=init, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def model_and_library(root: Path, names, *, b_scale: float = 0.3, boost: dict | None = None):
+    """root/model (tiny Llama + chat tokenizer) and root/lib (a shared-A library of peft adapters `names`,
+    calibrated on random norms; `boost` scales chosen adapters' B so they win routing). Adapter dirs: root/a."""
+    from peft_factory import make_adapter
+    from tiny_chat import chat_tokenizer
+
+    from seqr import LoraLibrary, NormStats
+    from seqr.store.files import STATS_FILE, atomic_write_json
+    from seqr.store.peft_io import stats_json
+
+    tok = chat_tokenizer()
+    tiny_vllm_llama(len(tok)).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    boost = boost or {}
+    dirs = {}
+    for i, n in enumerate(names):
+        make_adapter(root / "a" / n, seed=i, base=tiny_vllm_llama(len(tok)), b_scale=b_scale * boost.get(n, 1.0))
+        dirs[n] = root / "a" / n
+    lib = LoraLibrary.from_peft(dirs)
+    g = torch.Generator().manual_seed(0)
+    for n in lib.names:  # in the library and beside each adapter (so an admin can add the dir while serving)
+        stats = {layer: NormStats().update(torch.rand(30, generator=g) + 1) for layer in lib.layers}
+        lib.set_stats(n, stats)
+        atomic_write_json(dirs[n] / STATS_FILE, stats_json(stats))
+    lib.save(root / "lib")
+    return root / "model", root / "lib"
