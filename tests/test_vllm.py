@@ -173,3 +173,50 @@ def test_bfloat16_within_stated_tolerance(files, reference):
         agree += sum(a == b for a, b in zip(tokens, ref_greedy))
         total += len(tokens)
     assert agree / total >= BF16_MIN_TOKEN_AGREEMENT, (agree, total)
+
+
+def test_seqr_serve_engine_vllm_over_http(files, tmp_path):
+    """The real CLI: `seqr serve --engine vllm`, the same auth store, OpenAI API, admin changes and metrics."""
+    import json
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from seqr.bench.serve import launch, stop
+
+    root, model_dir, lib_dir = files
+    shutil.copytree(lib_dir, tmp_path / "lib")
+    (tmp_path / "silos").mkdir()
+    shutil.copytree(root / "a" / "evil", tmp_path / "silos" / "delta")
+    auth = {"users": {"alice": {"keys": ["sk-alice-0001"], "adapters": ["alpha"]},
+                      "bob": {"keys": ["sk-bob-000001"], "adapters": ["beta", "gamma"]}},
+            "admin_keys": ["sk-admin-0001"]}
+    (tmp_path / "auth.json").write_text(json.dumps(auth))
+    proc, url = launch([str(tmp_path / "lib"), "--model", str(model_dir), "--auth", str(tmp_path / "auth.json"),
+                        "--engine", "vllm", "--dtype", "float32", "--served-model-name", "tiny",
+                        "--max-prompt-tokens", "100", "--max-tokens-limit", "32", "--adapters-root",
+                        str(tmp_path / "silos")], timeout_s=300)
+    try:
+        def ask(key, **extra):
+            return httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "po ne pos", "max_tokens": 6,
+                                                              **extra},
+                              headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        with ThreadPoolExecutor(4) as pool:  # two users with disjoint sets, batched together
+            rs = list(pool.map(lambda k: ask(k), ["sk-alice-0001", "sk-bob-000001"] * 2))
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+        assert all(r.json()["usage"]["completion_tokens"] >= 1 for r in rs)
+        assert ask("sk-alice-0001", adapters=["beta"]).status_code == 403
+        assert ask("sk-nobody-0001").status_code == 401
+        adm = {"Authorization": "Bearer sk-admin-0001"}
+        assert httpx.post(url + "/admin/adapters", json={"name": "delta", "path": "delta"}, headers=adm,
+                          timeout=120).status_code == 201
+        assert httpx.put(url + "/admin/users/carol", json={"keys": ["sk-carol-0001"], "adapters": ["delta"]},
+                         headers=adm, timeout=60).status_code == 200
+        assert ask("sk-carol-0001").status_code == 200  # routed to the adapter added while serving
+        assert httpx.delete(url + "/admin/adapters/delta", headers=adm, timeout=120).status_code == 200
+        assert ask("sk-carol-0001").status_code in (401, 403)  # its only adapter is gone
+        metrics = httpx.get(url + "/metrics", headers=adm, timeout=30).text
+        assert "seqr_requests" in metrics
+    finally:
+        stop(proc)

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from seqr.hf.dtypes import add_arg as add_dtype_arg
-from seqr.serve.server import build_app, load_checked
+from seqr.serve.server import ENGINES, build_app, load_checked
 from seqr.core.argfmt import Help
 
 
@@ -23,17 +23,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
     p.add_argument("--max-batch", type=int, default=8, help="requests batched into one forward")
+    p.add_argument("--engine", choices=ENGINES, default="embedded",
+                   help="embedded: transformers' generate here; vllm: seqr's routed model inside vLLM (continuous "
+                        "batching, paged KV cache; needs vLLM installed)")
     p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (scale-out)")
     p.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each with model + library")
     p.add_argument("--ray-address", help="with --ray: join this Ray cluster (default: start a local one)")
     add_dtype_arg(p)
     a = p.parse_args(argv)
     if a.ray:
+        if a.engine != "embedded":
+            p.error("--ray serves the embedded engine; --engine vllm scales out with vLLM's own parallelism")
         return _serve_ray(a, p)
     try:
         app, engine = build_app(a.library, a.model, a.auth, adapters_root=a.adapters_root,
                                 model_name=a.served_model_name, max_prompt_tokens=a.max_prompt_tokens,
-                                max_tokens_limit=a.max_tokens_limit, max_batch=a.max_batch, dtype=a.dtype)
+                                max_tokens_limit=a.max_tokens_limit, max_batch=a.max_batch, dtype=a.dtype,
+                                engine=a.engine)
     except (ValueError, FileNotFoundError) as e:
         print(f"seqr serve: {e}", file=sys.stderr)
         return 2

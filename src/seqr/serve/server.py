@@ -13,7 +13,8 @@ from seqr.serve.control import LocalControl
 from seqr.serve.http_io import APIError, Service, ServeSettings, route_of
 from seqr.serve.metrics import Metrics
 
-__all__ = ["ServeSettings", "build_app", "create_app", "load_checked"]
+__all__ = ["ENGINES", "ServeSettings", "build_app", "create_app", "load_checked", "make_engine"]
+ENGINES = ("embedded", "vllm")
 
 
 def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, metrics: Metrics | None = None,
@@ -62,19 +63,39 @@ def load_checked(library_dir: str, auth_file: str, method: str | None = None):
 def build_app(library_dir: str, model: str, auth_file: str, *, adapters_root: str | None = None,
               model_name: str | None = None, max_prompt_tokens: int = 2048, max_tokens_limit: int = 1024,
               max_batch: int = 8, method: str | None = None, control=None, replica: str | None = None,
-              dtype: str = "auto"):
+              dtype: str = "auto", engine: str = "embedded"):
     """Load the model, library and auth file and return (app, engine). With a `control` (a replica of
-    seqr serve --ray) changes are applied elsewhere, so this process's library copy is not bound to disk."""
-    from seqr.hf.dtypes import say_choice
-    from seqr.hf.models import load_model
-    from seqr.serve.engine import Engine
-
+    seqr serve --ray) changes are applied elsewhere, so this process's library copy is not bound to disk.
+    `engine`: "embedded" (transformers' generate in this process) or "vllm" (seqr's routed model in vLLM)."""
     lib, auth = load_checked(library_dir, auth_file, method)
     if control is not None:
         lib.path = None
-    m, tok = load_model(model, dtype=say_choice(dtype, "seqr serve"))
-    engine = Engine(m, tok, lib, method=method or lib.default_method, max_batch=max_batch)
+    engine = make_engine(engine, model, lib, method=method or lib.default_method, max_batch=max_batch, dtype=dtype,
+                         max_model_len=max_prompt_tokens + max_tokens_limit)
     settings = ServeSettings(model_name=model_name or model, max_prompt_tokens=max_prompt_tokens,
                              max_tokens_limit=max_tokens_limit, adapters_root=adapters_root, replica=replica,
                              audit_log=f"{auth_file}.audit.jsonl")  # beside the auth file it records changes to
     return create_app(engine, auth, settings, control=control), engine
+
+
+def make_engine(kind: str, model: str, lib, *, method: str, max_batch: int, dtype: str, max_model_len: int):
+    """The serving engine `kind` over the model (anything seqr.load_model takes) and library."""
+    from seqr.hf.dtypes import name, say_choice
+    from seqr.hf.models import load_model, resolve_source
+
+    dtype = say_choice(dtype, "seqr serve")  # auto: bfloat16 where the machine multiplies it natively
+    if kind == "vllm":
+        try:
+            from seqr.serve.vllm_engine import VllmEngine
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"--engine vllm needs vLLM ({e}); install it in its own venv: pip install "
+                             f"'seqr[vllm]' (README: Serving on vLLM)") from None
+        return VllmEngine(resolve_source(model).ref, lib, method=method, dtype=name(dtype), max_batch=max_batch,
+                          max_model_len=max_model_len)
+    if kind != "embedded":
+        raise ValueError(f"engine must be one of {ENGINES}, got {kind!r}")
+    from seqr.serve.engine import Engine
+
+    m, tok = load_model(model, dtype=dtype)
+    return Engine(m, tok, lib, method=method, max_batch=max_batch)
