@@ -341,3 +341,12 @@ def test_calibration_variant_recalibrates_each_adapter_on_its_own_task(model, to
     for bad in ("words@3", "all@0", "all@x"):
         with pytest.raises(ValueError, match="calibration must be TOKENS"):
             cfg(calibration=bad)
+
+
+def test_overall_progress_line_counts_passes_and_estimates_the_rest(model, tok, library, data, capsys):
+    ev.evaluate(model, tok, {"shared-0": library}, {t: v[:3] for t, v in data.items()},
+                cfg(methods=("base", "seqr", "arrow"), noise=(0.5,), max_eval=3), progress=True)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("seqr eval: pass")]
+    assert [ln.split(" (")[0] for ln in lines] == [f"seqr eval: pass {k} of at most 4" for k in (1, 2, 3, 4)]
+    assert "left" not in lines[0] and all("elapsed, about" in ln and "left" in ln for ln in lines[1:])
+    assert "(shared-0 noise 0.5 seqr)" in lines[-1]

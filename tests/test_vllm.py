@@ -219,4 +219,14 @@ def test_seqr_serve_engine_vllm_over_http(files, tmp_path):
         metrics = httpx.get(url + "/metrics", headers=adm, timeout=30).text
         assert "seqr_requests" in metrics
     finally:
+        import psutil
+
+        children = psutil.Process(proc.pid).children(recursive=True)  # vLLM's engine core and worker
         stop(proc)
+    def alive(c):
+        try:
+            return c.is_running() and c.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(
+                c.cmdline())
+        except psutil.NoSuchProcess:
+            return False
+    assert len(children) >= 2 and not [c.pid for c in children if alive(c)]  # none left orphaned

@@ -291,12 +291,16 @@ def evaluate(model, tokenizer, libraries: dict[str, LoraLibrary], data: dict[str
     doc["examples"] = {t: {"ids": [ex.id for ex in data[t]], "gold": [ex.label for ex in data[t]]} for t in cfg.tasks}
     save = (lambda: files.atomic_write_json(path, doc)) if path is not None else (lambda: None)
 
+    passes = _Passes(_planned(libraries, cfg), progress)
+
     def run(lib, method, label, **kw):
+        passes.start(f"{label + ' ' if label else ''}{method}")
         attach(model, lib, method="base")
         try:
             return run_pass(model, tokenizer, lib, method, data, cfg, label=label, progress=progress, **kw)
         finally:
             detach(model)
+            passes.done()
 
     if "base" in cfg.methods and doc.get("base") is None:
         doc["base"] = run(next(iter(libraries.values())), "base", "")
@@ -333,6 +337,38 @@ def evaluate(model, tokenizer, libraries: dict[str, LoraLibrary], data: dict[str
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     save()
     return doc
+
+
+def _planned(libraries: dict, cfg: EvalConfig) -> int:
+    """Passes an evaluation runs at most (cached ones are skipped): base, each library's methods, noise levels."""
+    n = int("base" in cfg.methods)
+    for label, lib in libraries.items():
+        n += sum(_applies(m, lib, label) for m in cfg.methods)
+        n += len(cfg.noise) if lib.shared_a and "seqr" in cfg.methods else 0
+    return n
+
+
+class _Passes:
+    """The overall progress line: pass k of n, elapsed time, and an estimate of the time left."""
+
+    def __init__(self, planned: int, show: bool):
+        self.planned, self.show, self.k, self.t0, self.ran = planned, show, 0, time.time(), 0
+
+    def start(self, what: str) -> None:
+        self.k += 1
+        if not self.show:
+            return
+        el = time.time() - self.t0
+        left = f", about {_mmss(el / self.ran * max(0, self.planned - self.k + 1))} left" if self.ran else ""
+        print(f"seqr eval: pass {self.k} of at most {self.planned} ({what}), {_mmss(el)} elapsed{left}",
+              file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        self.ran += 1
+
+
+def _mmss(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
 def noisy(library: LoraLibrary, level: float, seed: int) -> LoraLibrary:

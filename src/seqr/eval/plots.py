@@ -44,11 +44,12 @@ def accuracy(doc: dict, out: Path, kind: str = "shared") -> str | None:
         err = [100 * c[1] if c and c[1] is not None else 0 for c in cells]
         ax.bar(xs, [100 * c[0] if c else 0 for c in cells], width, label=key, yerr=err if any(err) else None,
                capsize=2)
-    ax.axhline(100, color="k", lw=0.8, ls="--")
+    ax.axhline(100, color="k", lw=0.8, ls="--", label="oracle (100%)")
     ax.set_xticks(range(len(cols)), cols, rotation=30)
+    ax.set_xlabel("task")
     ax.set_ylabel("accuracy / oracle accuracy (%)")
-    ax.set_title(f"{kind}-A library: normalised accuracy per task")
-    ax.legend(ncol=min(len(keys), 6), fontsize=8)
+    ax.set_title(f"{kind}-A library: normalised accuracy per task (error bars: std over libraries)")
+    ax.legend(ncol=min(len(keys) + 1, 6), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22))  # off the bars
     return _save(fig, out, f"accuracy_{kind}.png")
 
 
@@ -91,18 +92,29 @@ def confusion(doc: dict, out: Path, kind: str = "shared") -> str | None:
     plt = _plt()
     mats = {key: er.confusion(doc, label, key) for key in keys}
     top = max(v for _, _, mat in mats.values() for row in mat for v in row) or 1.0  # one colour scale for all
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 4.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         ts, names, mat = mats[key]
         im = ax.imshow(mat, vmin=0, vmax=top, cmap="viridis")
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
         ax.set_yticks(range(len(ts)), ts, fontsize=7)
+        _cell_numbers(ax, mat, top, "{:.0%}")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("adapter", fontsize=8)
     axes[0][0].set_ylabel("input task", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of decisions")
     fig.suptitle(f"routing confusion ({label})")
     return _save(fig, out, f"confusion_{kind}.png")
+
+
+def _cell_numbers(ax, mat, top: float, fmt: str) -> None:
+    """Each cell's value written in it (dark text on light cells), for matrices small enough to read."""
+    if len(mat) > 16 or (mat and len(mat[0]) > 16):
+        return
+    for i, row in enumerate(mat):
+        for j, v in enumerate(row):
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6,
+                    color="black" if v > 0.6 * top else "white")
 
 
 def norms(doc: dict, out: Path) -> str | None:
@@ -127,7 +139,9 @@ def norms(doc: dict, out: Path) -> str | None:
             j = max(range(len(row)), key=row.__getitem__)
             ax.text(j, i, "*", ha="center", va="center", color="cyan", fontsize=10)
         ax.set_title(title, fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        ax.set_xlabel("adapter", fontsize=8)
+        ax.set_ylabel("input task", fontsize=8)
+        fig.colorbar(im, ax=ax, shrink=0.8, label="mean z-score" if "z-scored" in title else "mean ||B A x||")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle("mean activation norm per task (rows) and adapter (columns); * = row max")
@@ -152,6 +166,7 @@ def noise(doc: dict, out: Path) -> str | None:
             ax.axhline(100 * summ[hit[0]]["norm"]["avg"][0], ls=style, color="gray", label=hit[0])
     ax.set_xlabel("noise on mu (standard deviations)")
     ax.set_ylabel("avg normalised accuracy (%)")
+    ax.set_ylim(0, 110)  # the whole scale: a few examples' difference is not drawn as a cliff
     ax.legend(fontsize=8)
     ax.set_title("robustness to noisy calibration")
     return _save(fig, out, "noise.png")

@@ -47,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"seqr serve: {len(engine.adapters)} adapters, listening on http://{a.host}:{a.port}", file=sys.stderr,
           flush=True)
+    import signal
+
+    def _term(*_):  # uvicorn re-raises SIGTERM after its graceful exit: close the engine (vLLM's processes) first
+        engine.close()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, _term)
     try:
         uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
     finally:

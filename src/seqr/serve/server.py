@@ -86,8 +86,10 @@ def make_engine(kind: str, model: str, lib, *, method: str, max_batch: int, dtyp
     dtype = say_choice(dtype, "seqr serve")  # auto: bfloat16 where the machine multiplies it natively
     if kind == "vllm":
         try:
+            import importlib
+
+            importlib.import_module("vllm")
             from seqr.serve.vllm_engine import VllmEngine
-            import vllm  # noqa: F401
         except ImportError as e:
             raise ValueError(f"--engine vllm needs vLLM ({e}); install it in its own venv: pip install "
                              f"'seqr[vllm]' (README: Serving on vLLM)") from None

@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from seqr.hf.generation import Request, Result
+from seqr.serve.engine import Engine
 from seqr.serve.vllm_plugin import ROUTED_ARCHITECTURES
 from seqr.serve.vllm_sets import PROBE, Columns, SetAdapters
 from seqr.store.library import LoraLibrary
@@ -67,6 +68,7 @@ class VllmEngine:
         self._q: queue.Queue = queue.Queue()
         self._ids = itertools.count()
         self._live: dict[str, tuple[Request, Future, list[int]]] = {}
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="seqr-vllm-engine", daemon=True)
         self._thread.start()
 
@@ -103,6 +105,10 @@ class VllmEngine:
         return self.llm.collective_rpc("seqr_trace", args=(on, reset))[0]
 
     def close(self) -> None:
+        """Stop the loop (requests still live get an error) and vLLM's engine processes; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self._q.put(("stop", None, Future()))
         self._thread.join(timeout=60)
         self.llm.llm_engine.engine_core.shutdown()
@@ -123,7 +129,7 @@ class VllmEngine:
                     self._abort_all()
                     return
                 if kind == "call":
-                    _resolve(fut, item, self)
+                    Engine._resolve(fut, item, self)
                 else:
                     self._add(item, fut)
             self._cancel_gone()
@@ -197,10 +203,3 @@ class VllmEngine:
             _, fut, _ = self._live.pop(rid)
             self.llm.llm_engine.abort_request([rid])
             fut.set_exception(RuntimeError("the engine was closed"))
-
-
-def _resolve(fut: Future, fn, *args) -> None:
-    try:
-        fut.set_result(fn(*args))
-    except BaseException as e:
-        fut.set_exception(e)

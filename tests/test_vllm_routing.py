@@ -1,0 +1,138 @@
+"""The vLLM plugin's plain-torch parts (no vLLM needed): set masks, set adapter files, per-token routing inside
+packed layers, and the engine's vLLM arguments, against brute-force references."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from conftest import _lora, _stats, _tokens
+from seqr.core.bank import AdapterBank
+from seqr.serve.vllm_engine import engine_kwargs
+from seqr.serve.vllm_routing import RoutedPacked, SetRouting, install, packed_parts
+from seqr.serve.vllm_sets import PROBE, Columns, SetAdapters
+
+NAMES = ["a", "b", "c", "d"]
+
+
+def _bank(m, n=16, r=4, seed=0):
+    A, B = _lora(len(NAMES), m, n, r, seed=seed)
+    mu, sigma = _stats(len(NAMES), seed=seed)
+    return AdapterBank(A, B, mu=mu, sigma=sigma, names=NAMES)
+
+
+def test_columns_are_stable_and_never_reused():
+    cols = Columns(["b", "a"], 4)
+    assert cols.order == ["a", "b", None, None]
+    assert cols.sync(["a", "b", "z"]) == ["a", "b", "z", None]
+    assert cols.sync(["b", "z"]) == [None, "b", "z", None]  # a's column freed, b and z keep theirs
+    assert cols.sync(["b", "z", "y"]) == [None, "b", "z", "y"]  # a's old column is not handed out again
+    with pytest.raises(ValueError, match="'x'"):
+        cols.sync(["b", "z", "y", "x"])
+    assert cols.mask({"z"}).tolist() == [0, 0, 1, 0]
+    with pytest.raises(KeyError, match="'a'"):
+        cols.mask({"a"})
+    with pytest.raises(ValueError, match="capacity 1"):
+        Columns(["a", "b"], 1)
+
+
+def test_set_adapter_file_is_a_rank1_lora_whose_update_of_one_is_the_mask(tmp_path):
+    sets = SetAdapters(tmp_path, Columns(NAMES, 6))
+    name, lora_id, path = sets.get({"b", "d"})
+    assert sets.get({"d", "b"}) == (name, lora_id, path)  # one adapter per set
+    assert sets.get({"a"})[1] != lora_id
+    t = load_file(f"{path}/adapter_model.safetensors")
+    A, B = t[f"base_model.model.{PROBE}.lora_A.weight"], t[f"base_model.model.{PROBE}.lora_B.weight"]
+    cfg = json.loads(open(f"{path}/adapter_config.json").read())
+    assert cfg["r"] == 1 and cfg["lora_alpha"] == 1 and cfg["target_modules"] == [PROBE]
+    assert (B @ A @ torch.ones(1)).tolist() == [0, 1, 0, 1, 0, 0]  # peft's update of x = 1: the columns of b, d
+
+
+@pytest.mark.parametrize("method", ["seqr", "arrow", "spectr", "naive"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_update_equals_routing_each_token_among_its_own_mask(method, dtype):
+    bank = _bank(m=12)
+    x = _tokens(10, n=16, seed=3).to(dtype)  # (T, n)
+    g = torch.Generator().manual_seed(5)
+    columns = ["c", None, "a", "d", "b"]  # bank order differs from column order
+    col_mask = (torch.rand(10, 5, generator=g) > 0.5).float()  # (T, C)
+    col_mask[:, 1] = 1.0  # a free column's bit is never read
+    col_mask[7] = 0.0  # a token without a set
+    st = SetRouting(NAMES, columns, method)
+    st.tracing = True
+    st.begin(col_mask)
+    got = st.update(bank, x)  # (T, m)
+    for t in range(10):
+        allowed = {columns[c] for c in range(5) if col_mask[t, c] and columns[c]}
+        if not allowed:
+            assert got[t].abs().max() == 0
+            continue
+        i = int(bank.route(x[t:t + 1].float(), method, allowed=allowed))  # brute force: this token alone
+        assert NAMES[i] in allowed
+        torch.testing.assert_close(got[t], bank.delta(x[t:t + 1].float(), i)[0], rtol=1e-5, atol=1e-5)
+    tr = st.trace()
+    assert tr["outside"] == 0 and sum(tr["decisions"].values()) == 9
+
+
+class _FakePacked(nn.Module):
+    """A vLLM-style linear: returns (y, bias), with output_sizes for its packed parts."""
+
+    def __init__(self, n, sizes):
+        super().__init__()
+        self.lin, self.output_sizes, self.output_size = nn.Linear(n, sum(sizes), bias=False), list(sizes), sum(sizes)
+
+    def forward(self, x):
+        return self.lin(x), None
+
+
+def test_install_routes_packed_parts_and_skips_unadapted_ones():
+    model = nn.Module()
+    model.layer = nn.Module()
+    model.layer.qkv_proj = _FakePacked(16, [12, 6, 6])
+    model.layer.o_proj = _FakePacked(16, [16])
+    banks = {"layer.q_proj": _bank(12), "layer.v_proj": _bank(6, seed=1)}  # k and o not adapted
+    st = SetRouting(NAMES, NAMES, "seqr")
+    routed = install(model, banks, st, {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}, (_FakePacked,))
+    assert sorted(routed) == ["layer.q_proj", "layer.v_proj"]
+    assert isinstance(model.layer.qkv_proj, RoutedPacked) and isinstance(model.layer.o_proj, _FakePacked)
+    x = _tokens(5, n=16, seed=2)
+    st.begin(torch.ones(5, 4))
+    y, _ = model.layer.qkv_proj(x)
+    base = model.layer.qkv_proj.base.lin(x)
+    q = banks["layer.q_proj"].delta(x, banks["layer.q_proj"].route(x, "seqr"))
+    v = banks["layer.v_proj"].delta(x, banks["layer.v_proj"].route(x, "seqr"))
+    torch.testing.assert_close(y, base + torch.cat([q, torch.zeros(5, 6), v], -1), rtol=1e-5, atol=1e-5)
+    assert packed_parts("m.l.qkv_proj", {"qkv_proj": ["q", "k"]}) == ["m.l.q", "m.l.k"]
+    install(model, {"layer.v_proj": banks["layer.v_proj"]}, st, {"qkv_proj": ["q_proj", "k_proj", "v_proj"]},
+            (_FakePacked,))  # re-install after a change: the same base, new banks
+    assert isinstance(model.layer.qkv_proj.base, _FakePacked)
+    with pytest.raises(ValueError, match="layer.up_proj"):
+        install(model, {"layer.up_proj": _bank(16)}, st, {}, (_FakePacked,))
+
+
+def test_routing_errors_name_the_problem():
+    with pytest.raises(ValueError, match="'mu'"):
+        SetRouting(NAMES, NAMES, "mu")
+    with pytest.raises(ValueError, match=r"\['d'\]"):
+        SetRouting(NAMES, ["a", "b", "c"], "seqr")
+    st = SetRouting(NAMES, NAMES, "seqr")
+    with pytest.raises(RuntimeError, match="set probe"):
+        st.update(_bank(12), _tokens(3, n=16))
+
+
+def test_engine_kwargs_route_llama_only(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    kw = engine_kwargs(tmp_path, "/lib", ["a"], method="seqr", k=None, dtype="float32", max_batch=4,
+                       max_model_len=128, max_sets=4)
+    assert kw["hf_overrides"]["architectures"] == ["SeqrLlamaForCausalLM"]
+    assert kw["lora_target_modules"] == [PROBE] and kw["max_lora_rank"] == 1 and kw["enable_lora"]
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        engine_kwargs(tmp_path, "/lib", ["a"], method="seqr", k=None, dtype="float32", max_batch=4,
+                      max_model_len=128, max_sets=4)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        engine_kwargs(tmp_path / "nope", "/lib", ["a"], method="seqr", k=None, dtype="float32", max_batch=4,
+                      max_model_len=128, max_sets=4)
