@@ -58,6 +58,8 @@ def test_eos_stops_a_row_and_sampling_is_seeded(lib):
     p = prompts()[0]
     first = generate(model, [Request(p, {"alpha"}, max_tokens=4)], eos_id=None, pad_id=0)[0].tokens
     stop = generate(model, [Request(p, {"alpha"}, max_tokens=4)], eos_id=first[1], pad_id=0)[0]
+    fixed = generate(model, [Request(p, {"alpha"}, max_tokens=4, ignore_eos=True)], eos_id=first[1], pad_id=0)[0]
+    assert fixed.tokens == first and fixed.finish_reason == "length"  # ignore_eos: eos is just another token
     assert stop.tokens == first[:1] and stop.finish_reason == "stop"
     s1, s2 = (generate(model, [Request(p, {"beta"}, max_tokens=6, temperature=1.0, seed=7)], eos_id=None,
                        pad_id=0)[0].tokens for _ in range(2))

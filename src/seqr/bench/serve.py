@@ -20,7 +20,8 @@ def run_load(url: str, keys: list[str], *, seconds: float, max_tokens: int, prom
     stop = time.monotonic() + seconds
 
     def client(i: int, key: str) -> None:
-        body = {"prompt": prompt, "max_tokens": max_tokens, **({"model": models[i]} if models else {})}
+        body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0,  # fixed length
+                **({"model": models[i]} if models else {})}
         with httpx.Client(timeout=300) as c:
             while time.monotonic() < stop:
                 t = time.perf_counter()

@@ -32,6 +32,7 @@ class Request:
     seed: int | None = None
     on_token: Callable[[int], None] | None = None  # called with each new token id as it is produced
     cancel: threading.Event | None = None  # set it (e.g. the client went away) to stop this row at the next step
+    ignore_eos: bool = False  # generate max_tokens tokens, eos included (fixed-length benchmarks)
 
     def __post_init__(self):
         """Everything the worker will do with these values is checked here, so a request that passes cannot
@@ -93,7 +94,7 @@ def generate(model, requests: list[Request], *, eos_id: int | None, pad_id: int,
                     nxt.append(pad_id)
                     continue
                 tok = _pick(logits[b], r.temperature, gens[b])
-                if eos_id is not None and tok == eos_id:
+                if eos_id is not None and tok == eos_id and not r.ignore_eos:
                     done[b], reasons[b] = True, "stop"
                     nxt.append(pad_id)
                     continue

@@ -19,7 +19,7 @@ from seqr.serve.http_io import (APIError, Service, ServeSettings, body_of, check
                                 worker_error)
 
 SUPPORTED = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "stream", "seed",
-             "adapters", "seqr", "n", "user", "stream_options"}
+             "adapters", "seqr", "n", "user", "stream_options", "ignore_eos"}
 
 router = APIRouter()
 
@@ -30,6 +30,7 @@ class Sampling:
     temperature: float
     stream: bool
     seed: int | None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
 
 
 @dataclass
@@ -103,7 +104,10 @@ def check_sampling(settings: ServeSettings, body: dict) -> Sampling:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise APIError(400, f"seed must be an integer, got {seed!r}", param="seed")
-    return Sampling(mt, float(temp), stream, seed)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, f"ignore_eos must be a boolean, got {ignore_eos!r}", param="ignore_eos")
+    return Sampling(mt, float(temp), stream, seed, ignore_eos)
 
 
 async def prompt_text(svc: Service, body: dict, chat: bool) -> str:
@@ -156,7 +160,7 @@ async def run(request: HTTPRequest, chat: bool):
     on_token = (lambda t: loop.call_soon_threadsafe(job.tokens.put_nowait, t)) if sampling.stream else None
     try:
         req = Request(ids, allowed, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                      seed=sampling.seed, cancel=job.cancel, on_token=on_token)
+                      seed=sampling.seed, cancel=job.cancel, on_token=on_token, ignore_eos=sampling.ignore_eos)
     except ValueError as e:
         raise APIError(400, str(e)) from None
     job.fut = asyncio.wrap_future(svc.engine.submit(req))

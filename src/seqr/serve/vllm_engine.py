@@ -156,7 +156,8 @@ class VllmEngine:
         name, lora_id, path = self.sets.get(allowed)
         eos = self.tokenizer.eos_token_id
         params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, seed=request.seed,
-                                stop_token_ids=[] if eos is None else [eos], ignore_eos=eos is None,
+                                stop_token_ids=[] if eos is None or request.ignore_eos else [eos],
+                                ignore_eos=eos is None or request.ignore_eos,
                                 detokenize=False)
         rid = f"seqr-{next(self._ids)}"
         try:
@@ -174,7 +175,7 @@ class VllmEngine:
         eos = self.tokenizer.eos_token_id
         new = [t for t in out.outputs[0].token_ids[len(toks):]]
         for t in new:
-            if t == eos:
+            if t == eos and not request.ignore_eos:
                 continue
             toks.append(t)
             if request.on_token is not None:
