@@ -5,6 +5,7 @@ Run: `.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm.py` (about 4 minut
 """
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (README: Serving on vLLM)")
 pytestmark = pytest.mark.vllm
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine: plenty for these tests
 
 from vllm import SamplingParams  # noqa: E402
 from vllm.lora.request import LoRARequest  # noqa: E402
