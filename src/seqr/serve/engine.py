@@ -24,6 +24,18 @@ from seqr.store.library import LoraLibrary
 CALL, GENERATE, STOP = 0, 1, 2  # queue priorities: changes before waiting requests; the stop after everything
 
 
+def still_allowed(request: Request, names: frozenset[str], fut: Future) -> bool:
+    """Narrow the request's allowed set to the adapters still in the library (one removed since the request was
+    checked is no longer routable); with none left, fail its future and return False."""
+    allowed = set(request.allowed) & names
+    if not allowed:
+        fut.set_exception(PermissionError(
+            f"none of the request's adapters {sorted(request.allowed)} is in the library any more"))
+        return False
+    request.allowed = allowed
+    return True
+
+
 @dataclass(order=True)
 class _Job:
     priority: int
@@ -132,14 +144,9 @@ class Engine:
 
     def _generate(self, batch: list[_Job]) -> None:
         live = []
-        for job in batch:  # an adapter removed since the request was checked is no longer routable
-            allowed = job.request.allowed & self._names
-            if not allowed:
-                job.future.set_exception(PermissionError(
-                    f"none of the request's adapters {sorted(job.request.allowed)} is in the library any more"))
-                continue
-            job.request.allowed = allowed
-            live.append(job)
+        for job in batch:
+            if still_allowed(job.request, self._names, job.future):
+                live.append(job)
         if not live:
             return
         try:

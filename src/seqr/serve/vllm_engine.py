@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from seqr.hf.generation import Request, Result
-from seqr.serve.engine import Engine
+from seqr.serve.engine import Engine, still_allowed
 from seqr.serve.vllm_plugin import ROUTED_ARCHITECTURES
 from seqr.serve.vllm_sets import PROBE, Columns, SetAdapters
 from seqr.store.library import LoraLibrary
@@ -148,12 +148,9 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
-        allowed = set(request.allowed) & self._names  # an adapter removed since the request was checked
-        if not allowed:
-            fut.set_exception(PermissionError(
-                f"none of the request's adapters {sorted(request.allowed)} is in the library any more"))
+        if not still_allowed(request, self._names, fut):
             return
-        name, lora_id, path = self.sets.get(allowed)
+        name, lora_id, path = self.sets.get(request.allowed)
         eos = self.tokenizer.eos_token_id
         params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, seed=request.seed,
                                 stop_token_ids=[] if eos is None or request.ignore_eos else [eos],
@@ -173,8 +170,7 @@ class VllmEngine:
             return
         request, fut, toks = self._live[out.request_id]
         eos = self.tokenizer.eos_token_id
-        new = [t for t in out.outputs[0].token_ids[len(toks):]]
-        for t in new:
+        for t in out.outputs[0].token_ids[len(toks):]:
             if t == eos and not request.ignore_eos:
                 continue
             toks.append(t)
