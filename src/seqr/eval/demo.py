@@ -176,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, FileNotFoundError) as e:
         print(f"seqr demo: {e}", file=sys.stderr)
         return 2
+    from seqr.eval import bootstrap
     from seqr.eval import report as eval_report
 
-    print(eval_report.markdown(doc))
+    print(eval_report.markdown(doc, intervals=bootstrap.intervals(doc)))
     say(f"done in {time.time() - t0:.0f} s; report {Path(a.out) / 'eval' / files.EVAL_REPORT}, figures and "
         f"{files.EVAL_RESULTS} beside it")
     return 0

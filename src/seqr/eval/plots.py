@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from seqr.core import registry
+from seqr.eval import bootstrap as eb
 from seqr.eval import report as er
 from seqr.store import files
 
@@ -37,20 +38,28 @@ def accuracy(doc: dict, out: Path, kind: str = "shared") -> str | None:
     plt = _plt()
     cols = er.tasks(doc) + ["avg"]
     fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(cols)), 4))
-    width = 0.8 / len(keys)
+    width, ci = 0.8 / len(keys), eb.accuracy_intervals(doc, kind)
     for j, key in enumerate(keys):
-        cells = [summ[key]["norm"][c] for c in cols]
+        means = [c[0] if c else None for c in (summ[key]["norm"][c] for c in cols)]
         xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(cols))]
-        err = [100 * c[1] if c and c[1] is not None else 0 for c in cells]
-        ax.bar(xs, [100 * c[0] if c else 0 for c in cells], width, label=key, yerr=err if any(err) else None,
-               capsize=2)
+        err = _yerr(means, [ci.get(key, {}).get(c) for c in cols])
+        ax.bar(xs, [100 * m if m is not None else 0 for m in means], width, label=key, yerr=err, capsize=2,
+               error_kw={"lw": 0.8})
     ax.axhline(100, color="k", lw=0.8, ls="--", label="oracle (100%)")
     ax.set_xticks(range(len(cols)), cols, rotation=30)
     ax.set_xlabel("task")
     ax.set_ylabel("accuracy / oracle accuracy (%)")
-    ax.set_title(f"{kind}-A library: normalised accuracy per task (error bars: std over libraries)")
+    ax.set_title(f"{kind}-A library: normalised accuracy per task (error bars: {eb.LEVEL:.0%} bootstrap CI "
+                 "over examples)", fontsize=10)
     ax.legend(ncol=min(len(keys) + 1, 6), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22))  # off the bars
     return _save(fig, out, f"accuracy_{kind}.png")
+
+
+def _yerr(means: list, intervals: list) -> list[list[float]] | None:
+    """matplotlib's asymmetric (2, n) yerr in % from point estimates and (lo, hi) intervals (0 where absent)."""
+    lo = [100 * max(0.0, m - iv[0]) if m is not None and iv else 0.0 for m, iv in zip(means, intervals)]
+    hi = [100 * max(0.0, iv[1] - m) if m is not None and iv else 0.0 for m, iv in zip(means, intervals)]
+    return [lo, hi] if any(lo) or any(hi) else None
 
 
 def routing_accuracy(doc: dict, out: Path, kind: str = "shared") -> str | None:
@@ -156,10 +165,9 @@ def noise(doc: dict, out: Path) -> str | None:
     plt = _plt()
     summ = er.accuracy_summary(doc, "shared")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    xs = sorted(curve)
-    err = [100 * (curve[x][1] or 0) for x in xs]
-    ax.errorbar(xs, [100 * curve[x][0] for x in xs], yerr=err if any(err) else None, fmt="o-", capsize=3,
-                label="seqr")
+    xs, ci = sorted(curve), eb.noise_intervals(doc)
+    ax.errorbar(xs, [100 * curve[x][0] for x in xs], yerr=_yerr([curve[x][0] for x in xs], [ci.get(x) for x in xs]),
+                fmt="o-", capsize=3, label=f"seqr ({eb.LEVEL:.0%} bootstrap CI)")
     for key, style in (("arrow", "--"), ("lag", ":")):
         hit = [k for k in summ if k.split("@")[0] == key]
         if hit and summ[hit[0]]["norm"]["avg"]:
@@ -186,5 +194,5 @@ def write_report(doc: dict, out: str | Path) -> tuple[Path, list[str]]:
     out = Path(out)
     figs = all_figures(doc, out)
     path = out / files.EVAL_REPORT
-    files.atomic_write_bytes(path, er.markdown(doc, figs).encode())
+    files.atomic_write_bytes(path, er.markdown(doc, figs, eb.intervals(doc)).encode())
     return path, figs

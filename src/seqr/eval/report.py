@@ -70,12 +70,12 @@ def tasks(doc: dict) -> list[str]:
     return list(doc["config"]["tasks"])
 
 
-def _result(doc: dict, entry: dict, key: str) -> dict | None:
+def pass_result(doc: dict, entry: dict, key: str) -> dict | None:
     return doc["base"] if key == "base" else entry["methods"].get(key)
 
 
 def task_acc(doc: dict, entry: dict, key: str, task: str) -> float | None:
-    res = _result(doc, entry, key)
+    res = pass_result(doc, entry, key)
     return None if res is None or task not in res["tasks"] else res["tasks"][task]["acc"]
 
 
@@ -152,7 +152,7 @@ def own_share(doc: dict, kind: str = "shared") -> dict:
 def paired(doc: dict, entry: dict, a: str, b: str) -> tuple[int, int, float] | None:
     """Over every eval example: (only `a` right, only `b` right, two-sided exact sign-test p-value)."""
     gold = doc.get("examples")
-    ra, rb = _result(doc, entry, a), _result(doc, entry, b)
+    ra, rb = pass_result(doc, entry, a), pass_result(doc, entry, b)
     if not gold or ra is None or rb is None:
         return None
     only_a = only_b = 0
@@ -181,6 +181,13 @@ def norms(doc: dict, label: str, which: str = "raw") -> tuple[list[str], list[st
     return ts, names, [[ref["tasks"][t][f"mean_{which}_norm"][n] for n in names] for t in ts]
 
 
+def noise_passes(entry: dict, level: float) -> list[dict]:
+    """A shared library's SEQR passes at one noise level (one per noise seed); level 0 is the seqr pass itself."""
+    if level:
+        return [r for k, r in entry["noise"].items() if float(k.split("@")[0]) == level]
+    return [entry["methods"]["seqr"]] if "seqr" in entry["methods"] else []
+
+
 def noise_summary(doc: dict) -> dict[float, tuple[float, float | None]]:
     """{noise level: SEQR's average normalised accuracy (mean, std over shared libraries)}; level 0 is the
     seqr pass itself."""
@@ -190,8 +197,7 @@ def noise_summary(doc: dict) -> dict[float, tuple[float, float | None]]:
     for level in levels:
         per_lib = []
         for _, e in libs:
-            seeds = [r for k, r in e["noise"].items() if float(k.split("@")[0]) == level] if level else (
-                [e["methods"]["seqr"]] if "seqr" in e["methods"] else [])
+            seeds = noise_passes(e, level)
             if not seeds or "oracle" not in e["methods"]:
                 per_lib.append(None)
                 continue
@@ -211,12 +217,17 @@ def _pct(cell, digits: int = 1) -> str:
     return f"{100 * m:.{digits}f}" + ("" if s is None else f" ± {100 * s:.{digits}f}")
 
 
+def _interval(iv: tuple[float, float] | None) -> str:
+    return "–" if iv is None else f"{100 * iv[0]:.1f} – {100 * iv[1]:.1f}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def markdown(doc: dict, figures: list[str] | None = None) -> str:
+def markdown(doc: dict, figures: list[str] | None = None, intervals: dict | None = None) -> str:
+    """The report; `intervals` ({kind: bootstrap.accuracy_intervals}) adds the average's confidence interval."""
     cfg, ts = doc["config"], tasks(doc)
     lines = ["# seqr eval", "",
              f"Model `{cfg.get('model') or '?'}`, split `{cfg['split']}`, up to {cfg['max_eval'] or 'all'} examples "
@@ -244,10 +255,11 @@ def markdown(doc: dict, figures: list[str] | None = None) -> str:
         sd = f" (mean ± std over {nlib} libraries)" if nlib > 1 else ""
         for what, title in (("norm", "accuracy normalised by the oracle's, % (the paper's Table 3)"),
                             ("acc", "accuracy, %")):
+            ci = (intervals or {}).get(kind) if what == "norm" else None
             lines += [f"## {kind.capitalize()}-A library: {title}{sd}", ""]
-            lines += _table(["method", *ts, "average"],
+            lines += _table(["method", *ts, "average"] + (["average, 95% bootstrap CI"] if ci else []),
                             [[key] + [_pct(summ[key][what][t]) for t in ts] + [_pct(summ[key][what]["avg"])]
-                             for key in summ]) + [""]
+                             + ([_interval(ci.get(key, {}).get("avg"))] if ci else []) for key in summ]) + [""]
     lines += _paired_lines(doc) + _oracle_lines(doc, ts) + _routing_lines(doc, ts) + _noise_lines(doc)
     rows = variant_rows(doc)
     if rows:
