@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(formatter_class=Help, prog="seqr demo", description=(
         "End to end on SmolLM2-135M-Instruct: train small shared-A adapters, calibrate, build the library, "
         "evaluate every routing method; tables on stdout, report.md + figures in OUT/eval."))
-    p.add_argument("--quick", action="store_true", help="3 tasks, small budget (about 10-15 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="3 tasks, small budget (about 8-15 min on 2 CPU cores: bf16 or float32)")
     p.add_argument("--out", default="seqr-demo", help="working and output dir (default seqr-demo); reused on reruns")
     p.add_argument("--data", help="JSONL task dir <task>/{train,dev}.jsonl (default: HF datasets when the hub is "
                                   f"reachable, else ${DATA_ENV})")
