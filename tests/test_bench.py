@@ -216,3 +216,31 @@ def test_forward_bad_args(args, needle, capsys):
         main(["forward", "--quick", *args])
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype,native,want", [("auto", True, "bfloat16"), ("auto", False, "float32"),
+                                               ("float32", True, "float32")])
+def test_vllm_lora_reference_serves_in_the_dtype_seqr_serve_chooses(dtype, native, want, tmp_path, monkeypatch):
+    """The per-request LoRA reference and seqr's engines must run in one dtype, or the ratio measures dtypes."""
+    import argparse
+
+    from seqr.bench import serve as bs
+    from seqr.hf import dtypes
+
+    monkeypatch.setattr(dtypes, "native_bf16", lambda: (native, "test"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    for n in ("a", "b"):
+        (tmp_path / "peft" / n).mkdir(parents=True)
+        (tmp_path / "peft" / n / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    p = argparse.ArgumentParser()
+    bs.add_serve_args(p)
+    a = p.parse_args(["lib", "--model", str(tmp_path / "model"), "--engines", "embedded,vllm,vllm-lora,vllm-base",
+                      "--peft-root", str(tmp_path / "peft"), "--dtype", dtype, "--clients", "3"])
+    modes = bs._modes(a, p, ["a", "b"], "auth.json")
+    _, args, models = modes["vllm_lora_per_request"]
+    assert args[args.index("--dtype") + 1] == want and models == ["a", "b", "a"]
+    assert args[args.index("--max-lora-rank") + 1] == "4" and "a=" + str(tmp_path / "peft" / "a") in args
+    assert modes["vllm"][1][modes["vllm"][1].index("--dtype") + 1] == dtype  # seqr serve resolves auto the same way
+    _, base, models = modes["vllm_base_no_adapters"]  # the ceiling: the same server with no adapter at all
+    assert base == args[:len(base)] and "--enable-lora" not in base and models == ["base"] * 3

@@ -72,3 +72,43 @@ def test_output_piped_into_head_ends_quietly(tmp_path):
     p = subprocess.run(f"{sys.executable} -c \"{code}\" | head -n 1", shell=True, capture_output=True, text=True,
                        timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert p.stdout == "x" * 100 + "\n" and p.stderr == ""
+
+
+def _corrupt_library(tmp_path):
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "manifest.json").write_text("{ not json")
+    return tmp_path / "corrupt"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["info", "NOWHERE"], "NOWHERE"),
+    (["info", "CORRUPT"], "CORRUPT"),
+    (["build", "NOWHERE", "-o", "OUT"], "NOWHERE"),
+    (["calibrate", "--model", "m", "--adapter", "NOWHERE", "--task", "sst2"], "NOWHERE"),
+    (["eval", "--library", "NOWHERE", "--model", "m"], "NOWHERE"),
+    (["eval", "--library", "CORRUPT", "--model", "m"], "CORRUPT"),
+    (["serve", "NOWHERE", "--model", "m", "--auth", "OUT"], "NOWHERE"),
+    (["eval", "--replot", "--out", "NOWHERE"], "NOWHERE"),
+    (["costs", "--N", "0"], "N must be positive, got 0"),
+    (["train", "--task", "sst2", "--out", "OUT"], "the following arguments are required: --model"),
+    (["bench", "routing", "--N", "x"], "invalid int value: 'x'"),
+])
+def test_a_bad_path_or_value_is_one_line_naming_it_and_exit_2(argv, needle, tmp_path, monkeypatch, capsys):
+    import seqr.hf.models
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(seqr.hf.models, "load_model", no_model)
+    subs = {"NOWHERE": str(tmp_path / "nowhere"), "CORRUPT": str(_corrupt_library(tmp_path)),
+            "OUT": str(tmp_path / "out")}
+    argv = [subs.get(a, a) for a in argv]
+    from seqr.cli import main
+    try:
+        code = main(argv)  # a verb that says its own one line and returns 2
+    except SystemExit as e:  # or its parser's error
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and subs.get(needle, needle) in err[0] and err[0].startswith(f"seqr {argv[0]}"), err
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,7 @@ import sys
 
 # verb -> (module, one-line help). Modules are imported only when their verb runs.
 VERBS = {
-    "demo": ("seqr.eval.demo", "end to end on SmolLM2: train, calibrate, build, evaluate every method (--quick: ~15 min)"),
+    "demo": ("seqr.eval.demo", "end to end on SmolLM2: train, calibrate, build, evaluate every method (--quick: 8-15 min)"),
     "train": ("seqr.silo.train", "train one silo's shared-A LoRA adapter on its own task data"),
     "calibrate": ("seqr.silo.calibrate", "per-layer activation-norm stats of an adapter on its own data"),
     "build": ("seqr.silo.build", "build a routing library from calibrated adapter dirs"),

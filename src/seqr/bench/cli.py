@@ -8,10 +8,9 @@ train     the fp32 training path against the fast path, interleaved
 """
 from __future__ import annotations
 
-import argparse
 
 from seqr.bench import forward, generate, routing, serve, train
-from seqr.core.argfmt import Help
+from seqr.core.argfmt import Help, Parser
 
 # name -> (help, add its options, run(args, parser)).
 SUBCOMMANDS = {
@@ -29,7 +28,7 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         formatter_class=Help, prog="seqr bench", description="Benchmarks of the seqr routers.")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     for name, (help_, add_args, run) in SUBCOMMANDS.items():

@@ -100,7 +100,9 @@ def stop(proc, timeout_s: float = 60) -> None:
         proc.wait()
 
 
-ENGINES = ("embedded", "vllm", "vllm-lora")  # vllm-lora: vLLM's own serving, one LoRA per request (the reference)
+# vllm-lora: vLLM's own serving, one LoRA per request (the reference); vllm-base: vLLM serving the base model with
+# no adapter at all, the ceiling any adapter serving inside vLLM can reach on the machine
+ENGINES = ("embedded", "vllm", "vllm-lora", "vllm-base")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -113,8 +115,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="Write one sentence about the weather.", help="every client's prompt")
     p.add_argument("--engines", default="embedded",
                    help=f"comma list of {ENGINES}, run one after another: seqr serve's embedded engine, seqr serve "
-                        "--engine vllm (SEQR per token), and `vllm serve --enable-lora` with client i's requests on "
-                        "adapter i (needs --peft-root)")
+                        "--engine vllm (SEQR per token), `vllm serve --enable-lora` with client i's requests on "
+                        "adapter i (needs --peft-root), and `vllm serve` of the base model alone (no adapters)")
     p.add_argument("--peft-root", help="with vllm-lora: dir of the library's peft adapter dirs, one per name")
     p.add_argument("--dtype", default="auto", help="the servers' --dtype (auto, float32, bfloat16)")
     p.add_argument("--ray-replicas", type=int, default=2,
@@ -140,14 +142,26 @@ def _modes(a: argparse.Namespace, parser: argparse.ArgumentParser, names: list[s
         modes["vllm"] = (None, [*seqr_args, "--engine", "vllm"], None)
     if "vllm-lora" in engines:
         modes["vllm_lora_per_request"] = _vllm_lora(a, parser, names)
+    if "vllm-base" in engines:
+        modes["vllm_base_no_adapters"] = (_VLLM_SERVER, _vllm_args(a), ["base"] * a.clients)
     return modes
+
+
+_VLLM_SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+
+
+def _vllm_args(a: argparse.Namespace) -> list[str]:
+    """vLLM's own OpenAI server over the base model, in the dtype seqr serve chooses for `--dtype`."""
+    from seqr.hf import dtypes
+    from seqr.hf.models import resolve_source
+
+    return ["--model", resolve_source(a.model).ref, "--max-num-seqs", str(a.max_batch), "--enforce-eager",
+            "--max-model-len", "2048", "--served-model-name", "base", "--dtype", dtypes.name(dtypes.choose(a.dtype)[0])]
 
 
 def _vllm_lora(a: argparse.Namespace, parser: argparse.ArgumentParser, names: list[str]) -> tuple:
     """`vllm serve` with every adapter as a LoRA module; client i sends its requests to adapter i mod N."""
     from pathlib import Path
-
-    from seqr.hf.models import resolve_source
 
     if not a.peft_root:
         parser.error("--engines vllm-lora needs --peft-root (the library's peft adapter dirs)")
@@ -156,13 +170,10 @@ def _vllm_lora(a: argparse.Namespace, parser: argparse.ArgumentParser, names: li
     if missing:
         parser.error(f"--peft-root {a.peft_root} has no adapter dir for {missing[:5]}")
     rank = json.loads((dirs[names[0]] / "adapter_config.json").read_text())["r"]
-    args = ["--model", resolve_source(a.model).ref, "--enable-lora", "--max-loras", str(min(a.max_batch, len(names))),
-            "--max-cpu-loras", str(len(names)), "--max-lora-rank", str(rank), "--max-num-seqs", str(a.max_batch),
-            "--enforce-eager", "--max-model-len", "2048", "--served-model-name", "base",
-            "--dtype", "float32" if a.dtype == "auto" else a.dtype, "--lora-modules",
+    args = [*_vllm_args(a), "--enable-lora", "--max-loras", str(min(a.max_batch, len(names))),
+            "--max-cpu-loras", str(len(names)), "--max-lora-rank", str(rank), "--lora-modules",
             *[f"{n}={d}" for n, d in dirs.items()]]
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"], args, [names[i % len(names)]
-                                                                             for i in range(a.clients)]
+    return _VLLM_SERVER, args, [names[i % len(names)] for i in range(a.clients)]
 
 
 def cmd_serve(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -216,7 +227,9 @@ def _add_ratios(res: dict) -> None:
     """Side-by-side ratios of the modes measured in this run."""
     pairs = [("ray_vs_one_process", next((k for k in res if k.startswith("ray_")), None), "one_process"),
              ("vllm_vs_one_process", "vllm", "one_process"),
-             ("vllm_vs_vllm_lora_per_request", "vllm", "vllm_lora_per_request")]
+             ("vllm_vs_vllm_lora_per_request", "vllm", "vllm_lora_per_request"),
+             ("vllm_vs_vllm_base_no_adapters", "vllm", "vllm_base_no_adapters"),
+             ("vllm_base_no_adapters_vs_one_process", "vllm_base_no_adapters", "one_process")]
     for label, x, y in pairs:
         if x in res and y in res:
             res[label] = {"requests_per_s": _ratio(res[x]["requests_per_s"], res[y]["requests_per_s"]),

@@ -11,3 +11,15 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
             return text
         return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every `seqr` verb's parser: `Help`'s format, and any error, argparse's own or a verb's `p.error`, is one
+    line naming the value (no usage block), exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Help)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")

@@ -72,7 +72,8 @@ class AdapterBank:
             raise ValueError("the shared A contains NaN or inf")
         self.names: list[str] = names
         self.index = {n: i for i, n in enumerate(names)}
-        self.A, self.B = A, B
+        # B (N, m, r) is kept as a view of a contiguous (N, r, m): the update gathers each token's B^T whole
+        self.A, self.B = A, B.transpose(1, 2).contiguous().transpose(1, 2)
         self.mu, self.sigma = self._check_stats(mu, sigma, N, B)
         self._cdf = self._check_quantiles(quantiles, N, B)  # None, or (knots (N, Q) in z units, target (Q,))
         self.shared_a = A.dim() == 2

@@ -10,7 +10,6 @@ tasks; an hour or more on a laptop CPU). Any profile setting can be overridden b
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -19,7 +18,7 @@ from pathlib import Path
 from seqr.store import files
 from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.silo.tasks import DATA_ENV, TASKS
-from seqr.core.argfmt import Help
+from seqr.core.argfmt import Help, Parser
 
 
 @dataclass(frozen=True)
@@ -145,7 +144,7 @@ def run(profile: Profile, out: str | Path, *, model_name: str = DEFAULT_MODEL, d
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(formatter_class=Help, prog="seqr demo", description=(
+    p = Parser(formatter_class=Help, prog="seqr demo", description=(
         "End to end on SmolLM2-135M-Instruct: train small shared-A adapters, calibrate, build the library, "
         "evaluate every routing method; tables on stdout, report.md + figures in OUT/eval."))
     p.add_argument("--quick", action="store_true", help="3 tasks, small budget (about 8-15 min on 2 CPU cores: bf16 or float32)")

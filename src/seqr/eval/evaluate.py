@@ -34,7 +34,7 @@ from seqr.hf.choices import choice_logprobs
 from seqr.core import registry
 from seqr.core.stats import NORMALISATIONS
 from seqr.silo.tasks import Example, SCORINGS
-from seqr.core.argfmt import Help
+from seqr.core.argfmt import Help, Parser
 
 METHODS = tuple(r.name for r in registry.routers() if r.evaluated)  # the default passes, in report order
 FORMAT = "seqr-eval"
@@ -406,11 +406,9 @@ def load_data(tasks: list[str], split: str, *, data_dir=None, source: str = "aut
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     from seqr.eval import plots
 
-    p = argparse.ArgumentParser(formatter_class=Help, prog="seqr eval", description=(
+    p = Parser(formatter_class=Help, prog="seqr eval", description=(
         "Evaluate oracle, base, mu, arrow, lag, spectr and seqr on each task's held-out split; write eval.json, "
         "report.md and PNG figures to --out. Finished passes in --out are reused."))
     p.add_argument("--library", action="append", default=[], metavar="DIR",
@@ -451,7 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     if a.replot:
-        doc = files.read_json(out / files.EVAL_RESULTS, "eval results (run seqr eval first)")
+        try:
+            doc = files.read_json(out / files.EVAL_RESULTS, "eval results (run seqr eval first)")
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
     else:
         if not a.library:
             p.error("give at least one --library DIR (or --replot)")
@@ -461,7 +462,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--noise must be comma-separated numbers, got {a.noise!r}")
         libs, count = {}, {"shared": 0, "unique": 0}
         for d in a.library:
-            lib = LoraLibrary.load(d)
+            try:
+                lib = LoraLibrary.load(d)
+            except (FileNotFoundError, ValueError) as e:  # before any model loads: one line naming the dir
+                p.error(f"--library {d}: {e}")
             kind = "shared" if lib.shared_a else "unique"
             libs[f"{kind}-{count[kind]}"] = lib
             count[kind] += 1

@@ -27,6 +27,7 @@ class SetRouting:
         self.configure(names, columns, method, k)
         self.mask: torch.Tensor | None = None  # (T, N) bool: the tokens' allowed adapters (bank order)
         self.has: torch.Tensor | None = None  # (T,) bool: tokens with at least one allowed adapter
+        self.every, self.choose_mask = True, None  # all tokens have a set; the mask routing chooses under
         self.tracing = False
         self.outside = 0  # decisions outside the token's allowed set (traced; must stay 0)
         self.decisions: Counter = Counter()  # adapter -> traced decisions
@@ -48,19 +49,19 @@ class SetRouting:
         """The forward's tokens' allowed masks over the columns, (T, C) (the set probe's output)."""
         mask = column_mask[:, self.col_index.to(column_mask.device)] > 0.5  # (T, N)
         self.mask, self.has = mask, mask.any(dim=1)  # (T, N), (T,)
+        self.every = bool(self.has.all())  # every token has a set: no masking of updates (read once per forward)
+        self.choose_mask = mask if self.every else mask | ~self.has[:, None]  # (T, N) maskless rows: any choice
 
     def update(self, bank: AdapterBank, x: torch.Tensor) -> torch.Tensor:
         """The routed update B_i* A x of tokens x (T, n) -> (T, m), in fp32 (like peft under a bf16 model); a
         token with no allowed adapter (no set: vLLM's warm-up, a request without one) gets no update."""
         xf = x if x.dtype == torch.promote_types(x.dtype, torch.float32) else x.float()  # (T, n)
-        mask, has = self.mask, self.has
+        mask, has, every = self.mask, self.has, self.every
         if mask is None or mask.shape[0] != xf.shape[0]:
             raise RuntimeError(f"routing mask for {None if mask is None else mask.shape[0]} tokens, got "
                                f"{xf.shape[0]}: the set probe did not run on this forward")
-        every = bool(has.all())
-        choose_mask = mask if every else mask | ~has[:, None]  # (T, N) maskless rows: any choice, zeroed below
         z = bank.z(xf) if bank.shared_a else None  # (T, r): A x once, for the scores and the update
-        idx = bank.choose(xf, self.method, choose_mask, k=self.k, z=z)  # (T,)
+        idx = bank.choose(xf, self.method, self.choose_mask, k=self.k, z=z)  # (T,) tokens without a set: zeroed below
         upd = bank.apply(xf, idx, z=z)  # (T, m)
         if self.tracing:
             self._record(idx, mask, has)
@@ -100,6 +101,7 @@ class RoutedPacked(nn.Module):
     def forward(self, x: torch.Tensor):
         y, bias = self.base(x)  # (T, sum of part sizes)
         xf = x.reshape(-1, x.shape[-1])  # (T, n)
+        xf = xf if xf.dtype == torch.promote_types(xf.dtype, torch.float32) else xf.float()  # once for every part
         outs = [self.routing.update(bank, xf) if bank is not None  # (T, m_part)
                 else xf.new_zeros(xf.shape[0], size, dtype=torch.float32) for _, bank, size in self.parts]
         upd = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (T, m)

@@ -1,11 +1,10 @@
 """`seqr build ADAPTER_DIR... -o LIBRARY_DIR`: silos' adapter dirs (peft + stats) into one library."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 from seqr.store.library import LoraLibrary
-from seqr.core.argfmt import Help
+from seqr.core.argfmt import Help, Parser
 
 
 def build(adapter_dirs: list[str], out: str, *, allow_uncalibrated: bool = False) -> LoraLibrary:
@@ -20,7 +19,7 @@ def build(adapter_dirs: list[str], out: str, *, allow_uncalibrated: bool = False
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = Parser(
         formatter_class=Help, prog="seqr build", description="Build a routing library from adapter dirs.")
     p.add_argument("adapters", nargs="+", help="adapter directories (peft adapter + seqr_stats.json)")
     p.add_argument("-o", "--out", required=True, help="library directory to write")

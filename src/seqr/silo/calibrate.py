@@ -17,7 +17,6 @@ more about the data than mu and sigma; `--withhold-centroids` keeps it in the si
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from seqr.hf.layers import attach, detach, routing
 from seqr.store.library import LoraLibrary
 from seqr.store.peft_io import stats_json, write_centroids
 from seqr.core.stats import NormStats, with_quantiles
-from seqr.core.argfmt import Help
+from seqr.core.argfmt import Help, Parser
 
 
 TOKEN_SETS = ("all", "prompt", "answer", "content")  # which tokens feed mu, sigma (content: no template tokens)
@@ -205,7 +204,7 @@ def recalibrated(library: LoraLibrary, model, tokenizer, spec: str, *, data_dir=
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(formatter_class=Help, prog="seqr calibrate",
+    p = Parser(formatter_class=Help, prog="seqr calibrate",
                                 description="Per-layer activation-norm stats of one adapter on its own training data.")
     p.add_argument("--model", required=True, help="the base model the adapter was trained on")
     p.add_argument("--adapter", required=True, help="the adapter dir (seqr train's --out)")

@@ -1,14 +1,13 @@
 """`seqr info LIBRARY_DIR`: what a library holds: adapters, layers, rank, shared A, sizes and stats."""
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 from pathlib import Path
 
 from seqr.store.library import LoraLibrary
-from seqr.core.argfmt import Help
+from seqr.core.argfmt import Help, Parser
 
 
 def describe(lib: LoraLibrary, path: Path) -> dict:
@@ -44,7 +43,7 @@ def format_info(d: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(formatter_class=Help, prog="seqr info", description="Describe a seqr library.")
+    p = Parser(formatter_class=Help, prog="seqr info", description="Describe a seqr library.")
     p.add_argument("library")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     a = p.parse_args(argv)

@@ -330,4 +330,4 @@ def check_task(parser, task, data_dir, max_examples: int | None = None, seed: in
     try:
         return load_task(task, "train", data_dir=data_dir, max_examples=max_examples, seed=seed)
     except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
-        parser.exit(2, f"{parser.prog}: error: {str(e).strip(chr(39) + chr(34))}\n")
+        parser.error(str(e).strip(chr(39) + chr(34)))

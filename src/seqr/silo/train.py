@@ -14,7 +14,6 @@ state stay fp32. `path="reference"` is the plain peft loop (full logits, shuffle
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -33,7 +32,7 @@ from seqr.store import files
 from seqr.hf.dtypes import CHOICES
 from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.hf.dtypes import name as dtype_name
-from seqr.core.argfmt import Help
+from seqr.core.argfmt import Help, Parser
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PATHS = ("fast", "reference")
@@ -395,7 +394,7 @@ def _save(peft_model, cfg: TrainConfig, out: Path, meta: dict, log: list[dict]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = Parser(
         formatter_class=Help, prog="seqr train", description="Train one silo's LoRA adapter on its own task data.")
     p.add_argument("--model", required=True, help="anything seqr.load_model takes, e.g. smollm2-135m-instruct")
     p.add_argument("--task", required=True, help="one of the ten task names, or a JSONL file of the task schema")

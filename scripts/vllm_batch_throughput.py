@@ -1,0 +1,66 @@
+"""Steady-state batch throughput of vLLM on SmolLM2-135M-Instruct: 8 prompts x 16 tokens per call, median of 5
+calls after one warm-up, for the base model alone (`plain`), vLLM's LoRA serving (`lora`, 8 adapters), or seqr's
+routed model (`seqr`, through VllmEngine). Run from .venv-vllm; set VLLM_CPU_OMP_THREADS_BIND (auto / 0-1) and
+EAGER=0 (torch.compile; plain and lora only) to compare settings:
+
+    .venv-vllm/bin/python scripts/vllm_batch_throughput.py seqr bfloat16 runs/serve/n10/lib
+"""
+import json
+import os
+import sys
+import time
+
+
+def runner(mode: str, dtype: str, lib_dir: str, model: str, prompts: list[list[int]]):
+    if mode == "seqr":
+        from seqr.hf.generation import Request
+        from seqr.serve.vllm_engine import VllmEngine
+        from seqr.store.library import LoraLibrary
+
+        lib = LoraLibrary.load(lib_dir)
+        eng = VllmEngine(model, lib, dtype=dtype, max_batch=8, max_model_len=512)
+
+        def run():
+            futs = [eng.submit(Request(prompt=p, max_tokens=16, allowed=set(lib.names), ignore_eos=True))
+                    for p in prompts]
+            return [f.result() for f in futs]
+        return run, eng.close
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    kw = dict(model=model, dtype=dtype, max_model_len=512, max_num_seqs=8, enforce_eager=os.environ.get("EAGER", "1") == "1")
+    peft = os.path.join(os.path.dirname(lib_dir.rstrip("/")), "peft")
+    names = sorted(os.listdir(peft))[:8] if mode == "lora" else []
+    if names:
+        kw.update(enable_lora=True, max_loras=8, max_lora_rank=8)
+    llm, sp = LLM(**kw), SamplingParams(max_tokens=16, ignore_eos=True, temperature=0)
+    loras = [LoRARequest(n, i + 1, os.path.join(peft, n)) for i, n in enumerate(names)] or None
+
+    def run():
+        return llm.generate([{"prompt_token_ids": p} for p in prompts], sp, lora_request=loras, use_tqdm=False)
+    return run, lambda: None
+
+
+def main(mode: str, dtype: str = "bfloat16", lib_dir: str = "runs/serve/n10/lib") -> None:
+    if mode not in ("plain", "lora", "seqr"):
+        raise SystemExit(f"mode must be plain, lora or seqr, got {mode!r}")
+    from seqr.hf.models import resolve_source
+
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10 + i] for i in range(8)]
+    run, close = runner(mode, dtype, lib_dir, resolve_source("smollm2-135m-instruct").ref, prompts)
+    run()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    print(json.dumps({"mode": mode, "dtype": dtype, "bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+                      "eager": os.environ.get("EAGER", "1") == "1", "median_s": round(times[2], 4),
+                      "tokens_per_s": round(8 * 16 / times[2], 1), "all_s": [round(x, 3) for x in times]}), flush=True)
+    close()
+    os._exit(0)  # vLLM's engine processes
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
