@@ -42,6 +42,7 @@ def runner(mode: str, dtype: str, lib_dir: str, model: str, prompts: list[list[i
 
 
 def main(mode: str, dtype: str = "bfloat16", lib_dir: str = "runs/serve/n10/lib") -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vLLM's CPU default wants 92% of free memory
     if mode not in ("plain", "lora", "seqr"):
         raise SystemExit(f"mode must be plain, lora or seqr, got {mode!r}")
     from seqr.hf.models import resolve_source
