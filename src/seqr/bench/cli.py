@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 from seqr.bench import forward, generate, routing, serve, train
-from seqr.core.argfmt import Help, Parser
+from seqr.core.argfmt import Parser
 
 # name -> (help, add its options, run(args, parser)).
 SUBCOMMANDS = {
@@ -28,11 +28,10 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = Parser(
-        formatter_class=Help, prog="seqr bench", description="Benchmarks of the seqr routers.")
+    parser = Parser(prog="seqr bench", description="Benchmarks of the seqr routers.")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     for name, (help_, add_args, run) in SUBCOMMANDS.items():
-        sp = sub.add_parser(name, help=help_, description=help_, formatter_class=Help)
+        sp = sub.add_parser(name, help=help_, description=help_)
         add_args(sp)
         sp.set_defaults(run=run, subparser=sp)
     args = parser.parse_args(argv)

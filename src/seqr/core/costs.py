@@ -28,7 +28,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from seqr.core import registry
-from seqr.core.argfmt import Help, Parser
+from seqr.core.argfmt import Parser
 
 
 def methods() -> list[str]:
@@ -148,8 +148,7 @@ def add_shape_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`seqr costs`: print Table 1 for a layer and library size."""
-    p = Parser(
-        formatter_class=Help, prog="seqr costs", description="Routing MACs per token and storage per method.")
+    p = Parser(prog="seqr costs", description="Routing MACs per token and storage per method.")
     add_shape_args(p, dict(DEFAULT_SHAPE, k=None))
     p.add_argument("--unique-a", action="store_true", help="one A_i per adapter instead of a shared A")
     p.add_argument("--bytes-per-param", type=float, default=4, help="bytes per stored number (default 4, fp32)")

@@ -18,7 +18,7 @@ from pathlib import Path
 from seqr.store import files
 from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.silo.tasks import DATA_ENV, TASKS
-from seqr.core.argfmt import Help, Parser
+from seqr.core.argfmt import Parser
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def run(profile: Profile, out: str | Path, *, model_name: str = DEFAULT_MODEL, d
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(formatter_class=Help, prog="seqr demo", description=(
+    p = Parser(prog="seqr demo", description=(
         "End to end on SmolLM2-135M-Instruct: train small shared-A adapters, calibrate, build the library, "
         "evaluate every routing method; tables on stdout, report.md + figures in OUT/eval."))
     p.add_argument("--quick", action="store_true", help="3 tasks, small budget (about 8-15 min on 2 CPU cores: bf16 or float32)")

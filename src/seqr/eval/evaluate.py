@@ -34,7 +34,7 @@ from seqr.hf.choices import choice_logprobs
 from seqr.core import registry
 from seqr.core.stats import NORMALISATIONS
 from seqr.silo.tasks import Example, SCORINGS
-from seqr.core.argfmt import Help, Parser
+from seqr.core.argfmt import Parser
 
 METHODS = tuple(r.name for r in registry.routers() if r.evaluated)  # the default passes, in report order
 FORMAT = "seqr-eval"
@@ -408,7 +408,7 @@ def load_data(tasks: list[str], split: str, *, data_dir=None, source: str = "aut
 def main(argv: list[str] | None = None) -> int:
     from seqr.eval import plots
 
-    p = Parser(formatter_class=Help, prog="seqr eval", description=(
+    p = Parser(prog="seqr eval", description=(
         "Evaluate oracle, base, mu, arrow, lag, spectr and seqr on each task's held-out split; write eval.json, "
         "report.md and PNG figures to --out. Finished passes in --out are reused."))
     p.add_argument("--library", action="append", default=[], metavar="DIR",

@@ -6,11 +6,11 @@ import sys
 
 from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.serve.server import ENGINES, build_app, load_checked
-from seqr.core.argfmt import Help, Parser
+from seqr.core.argfmt import Parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(formatter_class=Help, prog="seqr serve", description=(
+    p = Parser(prog="seqr serve", description=(
         "Serve an OpenAI-compatible API; each user is routed only among the adapters their key allows."))
     p.add_argument("library", help="library dir (seqr build)")
     p.add_argument("--model", required=True, help="the base model (anything seqr.load_model takes)")

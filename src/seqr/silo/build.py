@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from seqr.store.library import LoraLibrary
-from seqr.core.argfmt import Help, Parser
+from seqr.core.argfmt import Parser
 
 
 def build(adapter_dirs: list[str], out: str, *, allow_uncalibrated: bool = False) -> LoraLibrary:
@@ -19,8 +19,7 @@ def build(adapter_dirs: list[str], out: str, *, allow_uncalibrated: bool = False
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(
-        formatter_class=Help, prog="seqr build", description="Build a routing library from adapter dirs.")
+    p = Parser(prog="seqr build", description="Build a routing library from adapter dirs.")
     p.add_argument("adapters", nargs="+", help="adapter directories (peft adapter + seqr_stats.json)")
     p.add_argument("-o", "--out", required=True, help="library directory to write")
     p.add_argument("--allow-uncalibrated", action="store_true", help="accept adapters without stats")

@@ -29,7 +29,7 @@ from seqr.hf.layers import attach, detach, routing
 from seqr.store.library import LoraLibrary
 from seqr.store.peft_io import stats_json, write_centroids
 from seqr.core.stats import NormStats, with_quantiles
-from seqr.core.argfmt import Help, Parser
+from seqr.core.argfmt import Parser
 
 
 TOKEN_SETS = ("all", "prompt", "answer", "content")  # which tokens feed mu, sigma (content: no template tokens)
@@ -204,8 +204,8 @@ def recalibrated(library: LoraLibrary, model, tokenizer, spec: str, *, data_dir=
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(formatter_class=Help, prog="seqr calibrate",
-                                description="Per-layer activation-norm stats of one adapter on its own training data.")
+    p = Parser(prog="seqr calibrate",
+               description="Per-layer activation-norm stats of one adapter on its own training data.")
     p.add_argument("--model", required=True, help="the base model the adapter was trained on")
     p.add_argument("--adapter", required=True, help="the adapter dir (seqr train's --out)")
     p.add_argument("--task", required=True, help="the adapter's own task: a name or a JSONL file")

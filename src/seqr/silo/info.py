@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from seqr.store.library import LoraLibrary
-from seqr.core.argfmt import Help, Parser
+from seqr.core.argfmt import Parser
 
 
 def describe(lib: LoraLibrary, path: Path) -> dict:
@@ -43,7 +43,7 @@ def format_info(d: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(formatter_class=Help, prog="seqr info", description="Describe a seqr library.")
+    p = Parser(prog="seqr info", description="Describe a seqr library.")
     p.add_argument("library")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     a = p.parse_args(argv)

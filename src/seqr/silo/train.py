@@ -32,7 +32,7 @@ from seqr.store import files
 from seqr.hf.dtypes import CHOICES
 from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.hf.dtypes import name as dtype_name
-from seqr.core.argfmt import Help, Parser
+from seqr.core.argfmt import Parser
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PATHS = ("fast", "reference")
@@ -394,8 +394,7 @@ def _save(peft_model, cfg: TrainConfig, out: Path, meta: dict, log: list[dict]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(
-        formatter_class=Help, prog="seqr train", description="Train one silo's LoRA adapter on its own task data.")
+    p = Parser(prog="seqr train", description="Train one silo's LoRA adapter on its own task data.")
     p.add_argument("--model", required=True, help="anything seqr.load_model takes, e.g. smollm2-135m-instruct")
     p.add_argument("--task", required=True, help="one of the ten task names, or a JSONL file of the task schema")
     p.add_argument("--data", help="directory laid out as <task>/{train,dev}.jsonl (default $SEQR_TASK_DATA)")
