@@ -29,8 +29,9 @@ def _save(fig, out: Path, name: str) -> str:
     return name
 
 
-def accuracy(doc: dict, out: Path, kind: str = "shared") -> str | None:
-    """Table 3 as grouped bars: normalised accuracy per task and on average, one bar per method."""
+def accuracy(doc: dict, out: Path, kind: str = "shared", ci: dict | None = None) -> str | None:
+    """Table 3 as grouped bars: normalised accuracy per task and on average, one bar per method; `ci`:
+    bootstrap.accuracy_intervals(doc, kind), computed here when not given."""
     summ = er.accuracy_summary(doc, kind)
     keys = [k for k in summ if k != "oracle"]
     if not keys:
@@ -38,7 +39,7 @@ def accuracy(doc: dict, out: Path, kind: str = "shared") -> str | None:
     plt = _plt()
     cols = er.tasks(doc) + ["avg"]
     fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(cols)), 4))
-    width, ci = 0.8 / len(keys), eb.accuracy_intervals(doc, kind)
+    width, ci = 0.8 / len(keys), eb.accuracy_intervals(doc, kind) if ci is None else ci
     for j, key in enumerate(keys):
         means = [c[0] if c else None for c in (summ[key]["norm"][c] for c in cols)]
         xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(cols))]
@@ -181,11 +182,13 @@ def noise(doc: dict, out: Path) -> str | None:
     return _save(fig, out, "noise.png")
 
 
-def all_figures(doc: dict, out: str | Path) -> list[str]:
-    """Every figure the document has data for; returns their file names (relative to `out`)."""
+def all_figures(doc: dict, out: str | Path, intervals: dict | None = None) -> list[str]:
+    """Every figure the document has data for; returns their file names (relative to `out`). `intervals`:
+    bootstrap.intervals(doc), computed here when not given."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    made = [accuracy(doc, out, k) for k in er.KINDS] + [routing_accuracy(doc, out, k) for k in er.KINDS]
+    intervals = eb.intervals(doc) if intervals is None else intervals
+    made = [accuracy(doc, out, k, intervals[k]) for k in er.KINDS] + [routing_accuracy(doc, out, k) for k in er.KINDS]
     made += [confusion(doc, out, k) for k in er.KINDS] + [norms(doc, out), noise(doc, out)]
     return [m for m in made if m]
 
@@ -193,7 +196,8 @@ def all_figures(doc: dict, out: str | Path) -> list[str]:
 def write_report(doc: dict, out: str | Path) -> tuple[Path, list[str]]:
     """Figures plus report.md (tables + the figures) into `out`; returns (report path, figure names)."""
     out = Path(out)
-    figs = all_figures(doc, out)
+    intervals = eb.intervals(doc)  # the bootstrap once, for the figures and the tables
+    figs = all_figures(doc, out, intervals)
     path = out / files.EVAL_REPORT
-    files.atomic_write_bytes(path, er.markdown(doc, figs, eb.intervals(doc)).encode())
+    files.atomic_write_bytes(path, er.markdown(doc, figs, intervals).encode())
     return path, figs
