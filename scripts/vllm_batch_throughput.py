@@ -7,8 +7,10 @@ EAGER=0 (torch.compile; plain and lora only) to compare settings:
 """
 import json
 import os
+import statistics
 import sys
-import time
+
+from seqr.bench.common import timed
 
 
 def runner(mode: str, dtype: str, lib_dir: str, model: str, prompts: list[list[int]]):
@@ -49,16 +51,12 @@ def main(mode: str, dtype: str = "bfloat16", lib_dir: str = "runs/serve/n10/lib"
 
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10 + i] for i in range(8)]
     run, close = runner(mode, dtype, lib_dir, resolve_source("smollm2-135m-instruct").ref, prompts)
-    run()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    times.sort()
+    times, _ = timed(run, repeats=5, warmup=1)
+    med = statistics.median(times)
     print(json.dumps({"mode": mode, "dtype": dtype, "bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
-                      "eager": os.environ.get("EAGER", "1") == "1", "median_s": round(times[2], 4),
-                      "tokens_per_s": round(8 * 16 / times[2], 1), "all_s": [round(x, 3) for x in times]}), flush=True)
+                      "eager": os.environ.get("EAGER", "1") == "1", "median_s": round(med, 4),
+                      "tokens_per_s": round(8 * 16 / med, 1), "all_s": [round(x, 3) for x in sorted(times)]}),
+          flush=True)
     close()
     os._exit(0)  # vLLM's engine processes
 

@@ -4,10 +4,11 @@
     .venv/bin/python scripts/vllm_routing_cost.py runs/serve/n10/lib --threads 1 --tokens 8
 """
 import argparse
-import time
+import statistics
 
 import torch
 
+from seqr.bench.common import timed
 from seqr.serve.vllm_routing import SetRouting
 from seqr.store.library import LoraLibrary
 
@@ -30,14 +31,8 @@ def main() -> None:
     def step():
         for b in banks:
             routing.update(b, xs[b.A.shape[-1]])  # (T, m)
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(20):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    med = sorted(times)[10]
+    times, _ = timed(step, repeats=20, warmup=3)
+    med = statistics.median(times)
     print(f"{a.method}, {a.threads} thread(s), {a.tokens} tokens: {len(banks)} routed layers, median {1e3 * med:.2f} ms "
           f"per step, {1e6 * med / len(banks):.0f} us per layer")
     if a.profile:

@@ -11,20 +11,15 @@ from seqr.eval import demo
 
 from seqr.store import files
 from test_evaluate import task_examples
-from tiny_chat import chat_tokenizer, tiny_chat_llama
+from tiny_chat import save_chat_model, write_task_dir
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    tok = chat_tokenizer()
-    tiny_chat_llama(len(tok)).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    for t in ("sst2", "cola"):
-        (root / "data" / t).mkdir(parents=True)
-        for split, n in (("train", 8), ("dev", 5)):
-            rows = [e.__dict__ | {"choices": list(e.choices)} for e in task_examples(t, split, n)]
-            (root / "data" / t / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save_chat_model(root / "model")
+    write_task_dir(root / "data", lambda t, split, n: [e.__dict__ | {"choices": list(e.choices)}
+                                                       for e in task_examples(t, split, n)], ("sst2", "cola"))
     return root
 
 

@@ -7,7 +7,6 @@ bin dir). Each substitution must apply, so a README edit that breaks a block, or
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from seqr.silo.tasks import TASKS
-from tiny_chat import chat_tokenizer, tiny_chat_llama
+from tiny_chat import save_chat_model, write_task_dir
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BIN = Path(sys.executable).parent
@@ -67,13 +66,8 @@ def run(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
 def newcomer(tmp_path_factory):
     """A working dir after README's first command: the demo run on the tiny model and tiny task files."""
     root = tmp_path_factory.mktemp("readme")
-    tok = chat_tokenizer()
-    tiny_chat_llama(len(tok)).save_pretrained(root / "tiny-model")
-    tok.save_pretrained(root / "tiny-model")
-    for t in DEMO_TASKS:
-        (root / "data" / t).mkdir(parents=True)
-        for split, n in (("train", 8), ("dev", 5)):
-            (root / "data" / t / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(t, split, n)))
+    save_chat_model(root / "tiny-model")
+    write_task_dir(root / "data", rows, DEMO_TASKS)
     first = block("seqr", "bash")
     line = next(ln for ln in first.splitlines() if "seqr demo" in ln)
     demo = substitute(line.split("&& ")[-1], {".venv/bin/": f"{BIN}/", "../shared/data/tasks": str(root / "data")})

@@ -38,6 +38,26 @@ def tiny_chat_llama(vocab_size: int, seed: int = 0, dtype=torch.float32, init: f
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+def save_chat_model(path):
+    """The offline chat tokenizer and a tiny chat Llama sized for it, saved as a model dir (seqr.load_model,
+    the CLIs' --model); returns the path."""
+    tok = chat_tokenizer()
+    tiny_chat_llama(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_task_dir(root, rows, tasks, sizes=(("train", 8), ("dev", 5))):
+    """The --data layout <root>/<task>/<split>.jsonl, rows(task, split, n) -> JSONL dicts per file; returns root."""
+    import json
+
+    for t in tasks:
+        (root / t).mkdir(parents=True)
+        for split, n in sizes:
+            (root / t / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(t, split, n)))
+    return root
+
+
 def saved_model_and_library(tmp_path, names):
     """A tiny chat model dir and a calibrated library dir of peft adapters `names` on disk (the adapter
     dirs stay under tmp_path/a)."""
@@ -45,8 +65,7 @@ def saved_model_and_library(tmp_path, names):
     from seqr import LoraLibrary, NormStats
 
     tok = chat_tokenizer()
-    tiny_chat_llama(len(tok)).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    save_chat_model(tmp_path / "model")
     lib = LoraLibrary.from_peft({n: make_adapter(tmp_path / "a" / n, seed=i, base=tiny_chat_llama(len(tok))) and
                                  tmp_path / "a" / n for i, n in enumerate(names)})
     for n in lib.names:

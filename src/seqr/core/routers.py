@@ -28,6 +28,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def in_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in compute_dtype (fp32 under a bf16/fp16 model, like peft's adapters), without a dispatch when it is."""
+    cdt = compute_dtype(x.dtype)
+    return x if x.dtype == cdt else x.to(cdt)
+
+
 def token_chunks(T: int, per_token: int, block: int | None = None):
     """Yield slices of the token axis so that each chunk's temporary holds at most `block` elements
     (default: the module's BLOCK_ELEMENTS, read at call time)."""

@@ -251,9 +251,7 @@ def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: st
     """The per-token update of one layer under the state's method; records the trace when one is on."""
     B, T = st.rows(x)
     # like peft's default (autocast_adapter_dtype), the adapters run in fp32 under a bf16/fp16 base model
-    xf = x.reshape(B * T, x.shape[-1])  # (B*T, n)
-    cdt = torch.promote_types(x.dtype, torch.float32)
-    xf = xf if xf.dtype == cdt else xf.to(cdt)
+    xf = rt.in_compute_dtype(x.reshape(B * T, x.shape[-1]))  # (B*T, n)
     mask = st.token_mask(B, T)  # None, (1, N) or (B*T, N)
     cfg, z = st.cfg, None
     if cfg.kind == "mean":

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from seqr.core import registry
+from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
 
 
@@ -55,7 +56,7 @@ class SetRouting:
     def update(self, bank: AdapterBank, x: torch.Tensor) -> torch.Tensor:
         """The routed update B_i* A x of tokens x (T, n) -> (T, m), in fp32 (like peft under a bf16 model); a
         token with no allowed adapter (no set: vLLM's warm-up, a request without one) gets no update."""
-        xf = x if x.dtype == torch.promote_types(x.dtype, torch.float32) else x.float()  # (T, n)
+        xf = rt.in_compute_dtype(x)  # (T, n)
         mask, has, every = self.mask, self.has, self.every
         if mask is None or mask.shape[0] != xf.shape[0]:
             raise RuntimeError(f"routing mask for {None if mask is None else mask.shape[0]} tokens, got "
@@ -100,8 +101,7 @@ class RoutedPacked(nn.Module):
 
     def forward(self, x: torch.Tensor):
         y, bias = self.base(x)  # (T, sum of part sizes)
-        xf = x.reshape(-1, x.shape[-1])  # (T, n)
-        xf = xf if xf.dtype == torch.promote_types(xf.dtype, torch.float32) else xf.float()  # once for every part
+        xf = rt.in_compute_dtype(x.reshape(-1, x.shape[-1]))  # (T, n), cast once for every part
         outs = [self.routing.update(bank, xf) if bank is not None  # (T, m_part)
                 else xf.new_zeros(xf.shape[0], size, dtype=torch.float32) for _, bank, size in self.parts]
         upd = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (T, m)
