@@ -9,8 +9,13 @@ import statistics
 import torch
 
 from seqr.bench.common import timed
-from seqr.serve.vllm_routing import SetRouting
+from seqr.core.packed import PackedBank
+from seqr.serve.vllm_routing import SetRouting, routing_threads
 from seqr.store.library import LoraLibrary
+
+
+PACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+          "up_proj": "gate_up_proj"}  # HF layer -> the vLLM Llama module it is packed into
 
 
 def main() -> None:
@@ -23,18 +28,24 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     lib = LoraLibrary.load(a.library)
-    banks = [lib.bank(layer) for layer in lib.layers]
+    groups: dict[str, list] = {}  # vLLM's packed module -> its adapted parts' banks (q, k, v -> qkv_proj)
+    for layer in lib.layers:
+        prefix, _, leaf = layer.rpartition(".")
+        groups.setdefault(f"{prefix}.{PACKED.get(leaf, leaf)}", []).append(lib.bank(layer))
+    banks = [PackedBank(g) for g in groups.values()]
     routing = SetRouting(lib.names, lib.names, a.method)
     routing.begin(torch.ones(a.tokens, len(lib.names)))  # (T, C): every token may use every adapter
-    xs = {b.A.shape[-1]: torch.randn(a.tokens, b.A.shape[-1], dtype=torch.bfloat16) for b in banks}  # (T, n)
+    xs = {b.At.shape[0]: torch.randn(a.tokens, b.At.shape[0], dtype=torch.bfloat16) for b in banks}  # (T, n)
 
     def step():
         for b in banks:
-            routing.update(b, xs[b.A.shape[-1]])  # (T, m)
+            with routing_threads(xs[b.At.shape[0]]):
+                routing.update(b, xs[b.At.shape[0]].float())  # [(T, m_p)]
     times, _ = timed(step, repeats=20, warmup=3)
     med = statistics.median(times)
-    print(f"{a.method}, {a.threads} thread(s), {a.tokens} tokens: {len(banks)} routed layers, median {1e3 * med:.2f} ms "
-          f"per step, {1e6 * med / len(banks):.0f} us per layer")
+    layers = sum(b.num_parts for b in banks)
+    print(f"{a.method}, {a.threads} thread(s), {a.tokens} tokens: {layers} routed layers in {len(banks)} vLLM modules, "
+          f"median {1e3 * med:.2f} ms per step, {1e6 * med / len(banks):.0f} us per module")
     if a.profile:
         from torch.profiler import profile
         with profile() as prof:

@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import _lora, _stats, _tokens
+from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
+from seqr.core.packed import PackedBank
 from seqr.serve.vllm_engine import engine_kwargs
 from seqr.serve.vllm_routing import RoutedPacked, SetRouting, install, packed_parts
 from seqr.serve.vllm_sets import PROBE, Columns, SetAdapters
@@ -64,7 +66,7 @@ def test_update_equals_routing_each_token_among_its_own_mask(method, dtype):
     st = SetRouting(NAMES, columns, method)
     st.tracing = True
     st.begin(col_mask)
-    got = st.update(bank, x)  # (T, m)
+    got = st.update(PackedBank([bank]), rt.in_compute_dtype(x))[0]  # (T, m)
     for t in range(10):
         allowed = {columns[c] for c in range(5) if col_mask[t, c] and columns[c]}
         if not allowed:
@@ -120,7 +122,7 @@ def test_routing_errors_name_the_problem():
         SetRouting(NAMES, ["a", "b", "c"], "seqr")
     st = SetRouting(NAMES, NAMES, "seqr")
     with pytest.raises(RuntimeError, match="set probe"):
-        st.update(_bank(12), _tokens(3, n=16))
+        st.update(PackedBank([_bank(12)]), _tokens(3, n=16))
 
 
 def test_engine_kwargs_route_llama_only(tmp_path):

@@ -244,6 +244,13 @@ class AdapterBank:
             return rt.seqr_scores_few(z, self._R_stacked, self._offset)  # (T, N)
         return rt.seqr_scores(z, self._G_scored, self._offset)  # (T, N)
 
+    def seqr_factors(self):
+        """SEQR's few-token score factors (see `seqr_scores_few`): R_stacked (r, N*r), offsets mu/sigma (N,) or
+        None, and the percentile map (knots (N, Q), target (Q,)) or None. Needs a shared A."""
+        if not self.shared_a:
+            raise ValueError("SEQR's factors need a shared A; this bank has one A per adapter")
+        return self._R_stacked, self._offset, self._cdf
+
     def route(self, x: torch.Tensor, method: str = "seqr", *, k: int | None = None, allowed=None,
               z: torch.Tensor | None = None) -> torch.Tensor:
         """Chosen adapter index per token, (…,) LongTensor. `allowed`: names, indices or a bool mask

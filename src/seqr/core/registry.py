@@ -31,7 +31,8 @@ class Router:
     """One routing method. `score(bank, x (T, n), z (T, r) or None) -> (T, N)`; `route(bank, x, mask, k, z) -> (T,)`
     for kind shortlist; `prompt_score(bank, x (B, T, n), real (B, T) bool) -> (B, N)` scores a whole prompt
     (default: the mean of its real tokens' scores); `cost(N, n, m, r, k, shared_a) -> (MACs per token, of them
-    reused by the update, routing state stored)`; `width(N, m, n, r, k)`: temporary elements per token."""
+    reused by the update, routing state stored)`; `width(N, m, n, r, k)`: temporary elements per token;
+    `packed(packed_bank, x, z) -> (T, P, N) or None` the scores of all parts of a `PackedBank` at once (optional)."""
 
     name: str
     label: str
@@ -46,6 +47,7 @@ class Router:
     trace: str = "own"
     percentile: bool = False  # takes the percentile score when the bank holds quantiles (calibrated norms)
     takes_k: bool = False  # a shortlist size k (reported as name@k)
+    packed: Callable | None = None  # (PackedBank, x, z) -> (T, P, N) scores of packed parts at once, or None
     evaluated: bool = True  # one of `seqr eval`'s default passes
     table1: int | None = None  # position in the paper's Table 1 (`seqr costs` lists those first, in that order)
     help: str = ""
@@ -148,6 +150,10 @@ def _seqr(bank, x, z):
     return bank.seqr_scores(x, z)  # (T, N) from z = A x: the Gram form, z-scored
 
 
+def _seqr_packed(packed, x, z):
+    return packed.seqr_scores(z)  # (T, P, N) from every part's z at once, or None (score part by part)
+
+
 def _spectr(bank, x, z):
     S, Vt = bank.svd
     return rt.zscore_(rt.spectr_norms(x, S, Vt), bank.mu, bank.sigma)  # (T, N)
@@ -203,8 +209,9 @@ for _r in (
     Router("spectr", "SPECTR", 4, score=_spectr, needs={"svd"}, trace="norm", percentile=True, table1=1,
            cost=lambda N, n, m, r, k, sa: (N * (r * n + r), 0, N * (n * r + r)), width=lambda N, m, n, r, k=1: 2 * N * r,
            help="||S_i V_i^T x||, z-scored"),
-    Router("seqr", "SEQR", 5, score=_seqr, needs={"shared_a"}, trace="norm", percentile=True, table1=4,
-           cost=_seqr_cost, width=lambda N, m, n, r, k=1: N + r * (r + 1), help="||R_i A x|| from the Grams, z-scored"),
+    Router("seqr", "SEQR", 5, score=_seqr, packed=_seqr_packed, needs={"shared_a"}, trace="norm", percentile=True,
+           table1=4, cost=_seqr_cost, width=lambda N, m, n, r, k=1: N + r * (r + 1),
+           help="||R_i A x|| from the Grams, z-scored"),
     Router("naive", "naive", 6, score=_naive, trace="norm", percentile=True, evaluated=False, table1=0,
            cost=lambda N, n, m, r, k, sa: (N * (r * n + m * r), 0, 0), width=lambda N, m, n, r, k=1: 2 * N,
            help="every ||B_i A_i x|| formed directly (the exactness check)"),

@@ -126,11 +126,13 @@ def stack_r(R: torch.Tensor, sigma: torch.Tensor | None) -> torch.Tensor:
     return Rs.transpose(1, 2).permute(1, 0, 2).reshape(r, N * r).contiguous()  # (r, N*r): column block i = (R_i/s_i)^T
 
 
-def seqr_scores_few(z: torch.Tensor, R_stacked: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+def seqr_scores_few(z: torch.Tensor, R_stacked: torch.Tensor, offset: torch.Tensor | None,
+                    r: int | None = None) -> torch.Tensor:
     """SEQR's scores ||R_i z|| / sigma_i - mu_i / sigma_i for a few tokens (a decode step): every R_i z from one
     (T, r) @ (r, N*r) product and their norms, 3 ops where the Gram form takes 7. It costs N r^2 MACs per token
-    instead of N r(r+1)/2 and a (T, N*r) temporary, which only pays off while T is small."""
-    T, r = z.shape
+    instead of N r(r+1)/2 and a (T, N*r) temporary, which only pays off while T is small. Packed parts
+    (`PackedBank`) pass z (T, P*r) and a block-diagonal (P*r, P*N*r) stack with their rank r: (T, P*N)."""
+    T, r = z.shape[0], z.shape[1] if r is None else r
     s = torch.linalg.vector_norm((z @ R_stacked).view(T, R_stacked.shape[1] // r, r), dim=-1)  # (T, N)
     return s if offset is None else s.sub_(offset)
 

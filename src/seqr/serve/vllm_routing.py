@@ -10,6 +10,7 @@ y = W x + B_i* A x, i* = the router's choice restricted to the token's mask.
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from seqr.core import registry
 from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
+from seqr.core.packed import PackedBank
 
 
 class SetRouting:
@@ -51,22 +53,24 @@ class SetRouting:
         mask = column_mask[:, self.col_index.to(column_mask.device)] > 0.5  # (T, N)
         self.mask, self.has = mask, mask.any(dim=1)  # (T, N), (T,)
         self.every = bool(self.has.all())  # every token has a set: no masking of updates (read once per forward)
-        self.choose_mask = mask if self.every else mask | ~self.has[:, None]  # (T, N) maskless rows: any choice
+        choose = mask if self.every else mask | ~self.has[:, None]  # (T, N) maskless rows: any choice
+        self.choose_mask = None if bool(choose.all()) else choose  # None: every token may use every adapter
 
-    def update(self, bank: AdapterBank, x: torch.Tensor) -> torch.Tensor:
-        """The routed update B_i* A x of tokens x (T, n) -> (T, m), in fp32 (like peft under a bf16 model); a
-        token with no allowed adapter (no set: vLLM's warm-up, a request without one) gets no update."""
-        xf = rt.in_compute_dtype(x)  # (T, n)
+    def update(self, packed: PackedBank, xf: torch.Tensor) -> list[torch.Tensor]:
+        """The routed updates B_i* A x of tokens xf (T, n), in the compute dtype (fp32 under a bf16 model, like
+        peft), for each part of `packed`: [(T, m_p)]. A token with no allowed adapter (no set: vLLM's warm-up, a
+        request without one) gets no update."""
         mask, has, every = self.mask, self.has, self.every
         if mask is None or mask.shape[0] != xf.shape[0]:
             raise RuntimeError(f"routing mask for {None if mask is None else mask.shape[0]} tokens, got "
                                f"{xf.shape[0]}: the set probe did not run on this forward")
-        z = bank.z(xf) if bank.shared_a else None  # (T, r): A x once, for the scores and the update
-        idx = bank.choose(xf, self.method, self.choose_mask, k=self.k, z=z)  # (T,) tokens without a set: zeroed below
-        upd = bank.apply(xf, idx, z=z)  # (T, m)
+        z = packed.z(xf)  # (T, sum r_p): every part's A x at once, for the scores and the update
+        idx = packed.choose(xf, self.method, self.choose_mask, k=self.k, z=z)  # (T, P) no-set tokens: zeroed below
+        upds = packed.apply(xf, idx, z)  # [(T, m_p)]
         if self.tracing:
-            self._record(idx, mask, has)
-        return upd if every else upd * has[:, None].to(upd.dtype)  # (T, m)
+            for p in range(idx.shape[1]):
+                self._record(idx[:, p], mask, has)
+        return upds if every else [u * has[:, None].to(u.dtype) for u in upds]  # [(T, m_p)]
 
     def _record(self, idx: torch.Tensor, mask: torch.Tensor, has: torch.Tensor) -> None:
         idx, mask, has = idx.cpu(), mask.cpu(), has.cpu()
@@ -88,8 +92,8 @@ class SetRouting:
 
 class RoutedPacked(nn.Module):
     """A vLLM linear layer (returning (y, bias)) plus the routed updates of its packed parts: e.g. qkv_proj =
-    q | k | v, each part routed on its own (the library adapts q, k and v as separate layers). A part without a
-    bank (not adapted) adds nothing."""
+    q | k | v, each part routed on its own (the library adapts q, k and v as separate layers) and the adapted
+    parts' routing work shared (`PackedBank`). A part without a bank (not adapted) adds nothing."""
 
     def __init__(self, base: nn.Module, parts: Sequence[tuple[str, AdapterBank | None, int]], routing: SetRouting):
         super().__init__()
@@ -98,14 +102,35 @@ class RoutedPacked(nn.Module):
         for name, bank, size in self.parts:
             if bank is not None and bank.shape[1] != size:
                 raise ValueError(f"adapters of {name} have {bank.shape[1]} outputs; vLLM's layer has {size}")
+        self.packed = PackedBank([bank for _, bank, _ in self.parts if bank is not None])
 
     def forward(self, x: torch.Tensor):
         y, bias = self.base(x)  # (T, sum of part sizes)
-        xf = rt.in_compute_dtype(x.reshape(-1, x.shape[-1]))  # (T, n), cast once for every part
-        outs = [self.routing.update(bank, xf) if bank is not None  # (T, m_part)
-                else xf.new_zeros(xf.shape[0], size, dtype=torch.float32) for _, bank, size in self.parts]
-        upd = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (T, m)
-        return (y + upd.view_as(y)).to(y.dtype), bias  # one rounding, as in the transformers path
+        with routing_threads(x):
+            xf = rt.in_compute_dtype(x.reshape(-1, x.shape[-1]))  # (T, n), cast once for every part
+            adapted = iter(self.routing.update(self.packed, xf))  # [(T, m_p)] of the adapted parts
+            outs = [next(adapted) if bank is not None  # (T, m_p)
+                    else xf.new_zeros(xf.shape[0], size, dtype=torch.float32) for _, bank, size in self.parts]
+            upd = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (T, m)
+            return (y + upd.view_as(y)).to(y.dtype), bias  # one rounding, as in the transformers path
+
+
+@contextmanager
+def routing_threads(x: torch.Tensor):
+    """Run routing's ops on one intra-op thread on CPU. They are tiny ((T, r) products, T gathered B's), and in
+    vLLM's thread-bound CPU worker each two-thread parallel region of such an op costs 30-40 us against 7 us on one
+    thread (an (8, 576) x (576, 8) product, timed on vLLM's
+    engine thread). vLLM's CPU worker turns `torch.set_num_threads` into a no-op
+    once it has bound its threads; `torch._C.set_num_threads` is the setter itself (it costs ~0.2 us)."""
+    threads = torch.get_num_threads()
+    if x.device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch._C.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch._C.set_num_threads(threads)
 
 
 def packed_parts(module_name: str, packed: dict[str, list[str]]) -> list[str]:
