@@ -29,6 +29,7 @@ from seqr.hf.dtypes import say_choice
 from seqr.hf.dtypes import name as dtype_name
 from seqr.silo.calibrate import add_noise, parse_calibration, recalibrated
 from seqr.hf.layers import GRANULARITIES, attach, detach, routing
+from seqr.hf.models import add_device_arg, parse_device
 from seqr.store.library import LoraLibrary
 from seqr.hf.choices import choice_logprobs
 from seqr.core import registry
@@ -446,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="eval-out", help="output dir (default eval-out)")
     p.add_argument("--replot", action="store_true", help="only redraw report.md and figures from --out/eval.json")
     add_dtype_arg(p)
+    add_device_arg(p)
     a = p.parse_args(argv)
+    device = parse_device(p, a.device)
     out = Path(a.out)
     if a.replot:
         try:
@@ -481,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         data = load_data(cfg.tasks, cfg.split, data_dir=a.data, max_eval=cfg.max_eval, seed=cfg.seed)
         from seqr.hf.models import load_model
 
-        model, tok = load_model(a.model, dtype=say_choice(a.dtype, "seqr eval"))
+        model, tok = load_model(a.model, dtype=say_choice(a.dtype, "seqr eval"), device=device)
         doc = evaluate(model, tok, libs, data, cfg, out_dir=out, train_data=a.data)
         doc["command"] = "seqr eval " + " ".join(sys.argv[2:] if argv is None else argv)
         files.atomic_write_json(out / files.EVAL_RESULTS, doc)

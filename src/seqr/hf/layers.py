@@ -339,6 +339,7 @@ def _mixture(bank: AdapterBank, xf, z, cfg: _Config, mask) -> tuple[torch.Tensor
 
 def _record(st: RoutingState, bank: AdapterBank, name: str, xf, z, idx, mask, B: int, T: int) -> None:
     real = st.real_tokens(B, T)  # (B*T,)
+    real = real.to(xf.device)
     rows = torch.arange(B).repeat_interleave(T)[real.cpu()]
     if st.trace.light:  # only what was used: per-row counts and the outside-set check, no score vectors
         chosen = torch.full((int(real.sum()),), -1, dtype=torch.long) if idx is None else idx[real].cpu()
@@ -353,9 +354,9 @@ def _record(st: RoutingState, bank: AdapterBank, name: str, xf, z, idx, mask, B:
         vectors["own"] = bank.scores(xr, st.cfg.method, z=zr)  # (t, N) the routing method's own scores
     if mr is not None:
         vectors = {key: v.masked_fill(~mr, float("-inf")) for key, v in vectors.items()}
-    chosen = torch.full((xr.shape[0],), -1, dtype=torch.long) if idx is None else idx[real]
+    chosen = torch.full((xr.shape[0],), -1, dtype=torch.long, device=xr.device) if idx is None else idx[real]
     used = None if router is None else _used_scores(router.trace, vectors, st.cfg.k)
-    margin = torch.full((xr.shape[0],), float("nan")) if used is None else _margin(used, chosen)
+    margin = torch.full((xr.shape[0],), float("nan"), device=xr.device) if used is None else _margin(used, chosen)
     st.trace.record(name, rows=rows, chosen=chosen, margin=margin, **{k: v.float() for k, v in vectors.items()})
 
 
@@ -400,7 +401,7 @@ def attach(model: nn.Module, library: LoraLibrary, *, method: str | None = None,
     state.cfg = state.configure(method, k, adapter=adapter)
     state.device = next(model.parameters()).device
     for layer in library.layers:
-        bank = library.bank(layer)
+        bank = library.bank(layer, device=state.device)  # the routing math runs where the model does
         if state.cfg.kind in ("score", "shortlist"):
             bank.prepare(method)
         parent, _, child = layer.rpartition(".")

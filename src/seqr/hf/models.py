@@ -135,6 +135,36 @@ def _finish(model, tokenizer, device):
     return model, tokenizer
 
 
+def device_of(spec: str) -> torch.device:
+    """A torch device this machine has, from a name like "cpu", "cuda" or "cuda:1"; one-line errors otherwise."""
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {spec!r} ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r}: this machine has no CUDA device (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be 'cpu' or a CUDA device, got {spec!r}")
+    return dev
+
+
+def add_device_arg(p) -> None:
+    """The --device option of the verbs that run the base model (train, calibrate, eval)."""
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu, or cuda[:N] where this machine has a GPU (default cpu)")
+
+
+def parse_device(p, spec: str) -> torch.device:
+    """device_of for a CLI: a bad --device is one line naming it, exit 2."""
+    try:
+        return device_of(spec)
+    except ValueError as e:
+        p.error(f"--device: {e}")
+
+
 # --- the hub -------------------------------------------------------------------------------------------
 def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> tuple[bool, str]:
     """(reachable, why not): offline mode set, or one HEAD request to the hub endpoint fails to connect.

@@ -26,6 +26,7 @@ import torch
 from seqr.store import files
 from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.hf.layers import attach, detach, routing
+from seqr.hf.models import add_device_arg, parse_device
 from seqr.store.library import LoraLibrary
 from seqr.store.peft_io import stats_json, write_centroids
 from seqr.core.stats import NormStats, with_quantiles
@@ -64,6 +65,7 @@ def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: d
     name = Path(adapter_dir).name
     lib = LoraLibrary.from_peft({name: adapter_dir})  # one adapter, no stats: traces give raw norms
     encoded = [encode(ex, tokenizer, scoring) for ex in examples]
+    dev = next(model.parameters()).device
     plen = [sum(1 for y in labels if y == -100) for _, labels in encoded]  # prompt tokens per example
     pre, suf = _shared_ends([ids[:p] for (ids, _), p in zip(encoded, plen)])
     seen = {k: {layer: [] for layer in lib.layers} for k in sets}  # every kept norm (stats and quantiles at the end)
@@ -76,9 +78,9 @@ def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: d
                           file=sys.stderr):
             ids, mask, _ = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)  # (B, L) each
             B, L = ids.shape
-            live.mask = mask.bool()  # (B, L)
+            live.mask = mask.bool().to(dev)  # (B, L)
             with torch.no_grad(), routing(model, adapter=name, trace=True) as tr:
-                model(input_ids=ids, attention_mask=mask)
+                model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
             pos = torch.arange(L)[None, :]  # (1, L)
             p = torch.tensor(plen[start:start + B])[:, None]  # (B, 1)
             row = torch.arange(start, start + B)[:, None]  # (B, 1) example index
@@ -98,7 +100,7 @@ def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: d
         live.remove()
         detach(model)
     if centroids is not None:
-        centroids.update({layer: (v / max(live.tokens, 1)).float() for layer, v in sums.items()})  # (n,) each
+        centroids.update({layer: (v / max(live.tokens, 1)).float().cpu() for layer, v in sums.items()})  # (n,) each
     stats = {k: {layer: _summary(torch.cat(v)) for layer, v in per.items()} for k, per in seen.items()}
     return stats, counts
 
@@ -222,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--withhold-centroids", action="store_true",
                    help="do not write the per-layer mean inputs the centroid routers need (they reveal more than mu)")
     add_dtype_arg(p)
+    add_device_arg(p)
     a = p.parse_args(argv)
+    device = parse_device(p, a.device)
     if not (Path(a.adapter) / files.PEFT_WEIGHTS).exists():
         p.error(f"{a.adapter} holds no adapter ({files.PEFT_WEIGHTS} missing); run seqr train first")
     from seqr.hf.dtypes import say_choice
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     from seqr.silo.tasks import check_task
 
     examples = check_task(p, a.task, a.data, a.max_examples, a.seed)  # before the model loads
-    model, tok = load_model(a.model, dtype=say_choice(a.dtype, "seqr calibrate"))
+    model, tok = load_model(a.model, dtype=say_choice(a.dtype, "seqr calibrate"), device=device)
     stats = calibrate(model, tok, a.adapter, examples, noise=a.noise, seed=a.seed, batch_size=a.batch_size,
                       scoring=a.scoring, tokens=a.tokens, quantiles=not a.no_quantiles,
                       centroids=not a.withhold_centroids)

@@ -32,6 +32,7 @@ from seqr.store import files
 from seqr.hf.dtypes import CHOICES
 from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.hf.dtypes import name as dtype_name
+from seqr.hf.models import add_device_arg, parse_device
 from seqr.core.argfmt import Parser
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -63,6 +64,7 @@ class TrainConfig:
     target_modules: tuple[str, ...] = field(default=TARGETS)
     dtype: str = "auto"  # the base model's dtype when train() loads it (dtypes.CHOICES)
     path: str = "fast"  # PATHS: answer-only head + length buckets + fast dropout, or the plain peft loop
+    device: str = "cpu"  # where train() runs the model when it loads it ("cpu", "cuda", "cuda:1")
 
     def __post_init__(self):
         for name in ("rank", "batch_size"):
@@ -248,7 +250,8 @@ class Session:
 
     def step(self) -> dict:
         """One optimizer step on the next batch; returns (and logs) its row."""
-        ids, mask, labels = self.next_batch()
+        dev = next(self.model.parameters()).device
+        ids, mask, labels = (t.to(dev) for t in self.next_batch())  # (B, L) each, where the model runs
         t0 = time.perf_counter()
         if self.cfg.path == "fast":
             loss = answer_loss(self.model, ids, mask, labels)
@@ -268,7 +271,7 @@ class Session:
         return sum(r["tokens"] for r in self.log)
 
     def _resume_key(self) -> dict:
-        return {k: v for k, v in asdict(self.cfg).items() if k not in ("out", "force", "dtype")}
+        return {k: v for k, v in asdict(self.cfg).items() if k not in ("out", "force", "dtype", "device")}
 
     def save_state(self, path: Path) -> None:
         """Everything a later process needs to continue bit-for-bit: trainable weights, optimizer and schedule,
@@ -344,7 +347,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, examples=None, progre
     if model is None:
         from seqr.hf.dtypes import say_choice
         from seqr.hf.models import load_model
-        model, tokenizer = load_model(cfg.model, dtype=say_choice(cfg.dtype, "seqr train"))
+        model, tokenizer = load_model(cfg.model, dtype=say_choice(cfg.dtype, "seqr train"), device=cfg.device)
     if examples is None:
         from seqr.silo.tasks import load_task
         examples = load_task(cfg.task, "train", data_dir=cfg.data, max_examples=cfg.max_train, seed=cfg.seed)
@@ -416,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-every", type=int, default=0, metavar="N",
                    help="every N steps save a resumable state beside --out; a rerun continues from it (default 0: off)")
     add_dtype_arg(p)
+    add_device_arg(p)
     p.add_argument("--path", choices=PATHS, default=d.path,
                    help="fast: LM head only at answer positions, length-bucketed batches, fast dropout; reference: "
                         "the plain peft loop (full logits, shuffled batches), for comparison (default fast)")
@@ -424,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(model=a.model, task=a.task, out=a.out, data=a.data, a_seed=a.a_seed, rank=a.rank,
                           alpha=a.alpha, dropout=a.dropout, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
                           max_train=a.max_train, unique_a=a.unique_a, force=a.force, seed=a.seed,
-                          scoring=a.scoring, dtype=a.dtype, path=a.path)
+                          scoring=a.scoring, dtype=a.dtype, path=a.path, device=str(parse_device(p, a.device)))
     except ValueError as e:
         p.error(str(e))
     if a.state_every < 0:

@@ -25,6 +25,8 @@ from seqr.core.stats import NormStats, as_normalised
 from seqr.core.stats import pooled as pool_stats
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+# The dtypes a library may store its tensors in on disk (`save(dtype=...)`); in memory they are float32 either way.
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -70,6 +72,7 @@ class LoraLibrary:
         self._generation = 0  # the manifest generation this copy was loaded from or last wrote
         self._shared_file: tuple[str, str] | None = None  # (file, sha256) of the stored shared A
         self.percentile = False  # route by each adapter's empirical CDF (a `scored("percentile")` view)
+        self.storage_dtype = "float32"  # STORAGE_DTYPES: what its files hold; memory holds those values in float32
 
     # ---------------------------------------------------------------------------------------------- access
     @property
@@ -115,17 +118,19 @@ class LoraLibrary:
     def centroids(self, name: str) -> dict[str, torch.Tensor] | None:
         return self._get(name).centroids
 
-    def bank(self, layer: str) -> AdapterBank:
-        """The AdapterBank of one layer (built on first use, cached until the library changes)."""
+    def bank(self, layer: str, device: torch.device | str | None = None) -> AdapterBank:
+        """The AdapterBank of one layer on `device` (default: where the library's tensors are, the CPU), built on
+        first use and cached until the library changes."""
         if layer not in self.meta.layers:
             raise KeyError(f"unknown layer {layer!r}; this library adapts {len(self.layers)} layers, e.g. "
                            f"{self.layers[:3]}")
         if not self._adapters:
             raise ValueError("the library is empty: add an adapter before routing")
-        if layer not in self._banks:
+        key = layer if device is None else (layer, str(torch.device(device)))
+        if key not in self._banks:
             ads = list(self._adapters.values())
-            B = torch.stack([a.B[layer] for a in ads])  # (N, m, r)
-            A = self.shared_A[layer] if self.shared_a else torch.stack([a.A[layer] for a in ads])
+            B = torch.stack([a.B[layer] for a in ads]).to(device)  # (N, m, r)
+            A = (self.shared_A[layer] if self.shared_a else torch.stack([a.A[layer] for a in ads])).to(device)
             mu = sigma = q = None
             if not self.uncalibrated:
                 mu = torch.tensor([a.stats[layer].mean for a in ads], dtype=torch.float64)  # (N,)
@@ -133,8 +138,8 @@ class LoraLibrary:
             if self.percentile:
                 q = torch.tensor([a.stats[layer].quantiles for a in ads], dtype=torch.float64)  # (N, Q)
             c = torch.stack([a.centroids[layer] for a in ads]) if self.has_centroids else None  # (N, n)
-            self._banks[layer] = AdapterBank(A, B, mu=mu, sigma=sigma, quantiles=q, centroids=c, names=self.names)
-        return self._banks[layer]
+            self._banks[key] = AdapterBank(A, B, mu=mu, sigma=sigma, quantiles=q, centroids=c, names=self.names)
+        return self._banks[key]
 
     def adapter_weights(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(A, B) per layer of one adapter, B with its scaling folded in."""
@@ -160,7 +165,8 @@ class LoraLibrary:
         B = checks.tensors(self.meta, B, where, "B")
         if self.shared_a:
             if A is not None:
-                checks.same_A(self.meta, self.shared_A, checks.tensors(self.meta, A, where, "A"), where)
+                A = self._stored(checks.tensors(self.meta, A, where, "A"))  # as it would be stored
+                checks.same_A(self.meta, self.shared_A, A, where)
             A = None
         elif A is None:
             raise ValueError(f"{where}: this library has one A per adapter, so add() needs A")
@@ -170,7 +176,7 @@ class LoraLibrary:
             stats = checks.stats(self.meta, stats, where)
         if centroids is not None:
             centroids = checks.centroids(self.meta, centroids, where)
-        ad = _Adapter(B=B, A=A, stats=stats, centroids=centroids)
+        ad = _Adapter(B=self._stored(B), A=self._stored(A), stats=stats, centroids=self._stored(centroids))
         self._adapters[name] = ad
         self._banks.clear()
         self._persist(undo=lambda: self._adapters.pop(name), before=lambda: self._write_adapter(self.path, name, ad))
@@ -214,7 +220,7 @@ class LoraLibrary:
         if unknown:
             raise KeyError(f"stats given for unknown adapter(s) {unknown}; the library holds {self.names}")
         new = LoraLibrary(self.meta)
-        new.shared_A = self.shared_A
+        new.shared_A, new.storage_dtype = self.shared_A, self.storage_dtype
         new._adapters = {n: replace(a, file=None, sha256=None, stats=checks.stats(self.meta, stats[n], f"adapter {n!r}")
                                     if n in stats else a.stats) for n, a in self._adapters.items()}
         return new
@@ -243,6 +249,30 @@ class LoraLibrary:
         new.percentile = how == "percentile"
         return new
 
+    def _stored(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        """float32 tensors holding exactly the values the library's files store (rounded through the storage
+        dtype), so a library in memory routes as the same library loaded back from disk."""
+        if tensors is None or self.storage_dtype == "float32":
+            return tensors
+        dt = STORAGE_DTYPES[self.storage_dtype]
+        return {k: t.to(dt).float() for k, t in tensors.items()}
+
+    def _round_to_storage(self, dtype: str) -> None:
+        """Switch the storage dtype, rounding every tensor held (shared A, B, A, centroids) to it."""
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
+        if dtype == self.storage_dtype or dtype == "float32":  # widening keeps every stored value
+            self.storage_dtype = dtype
+            return
+        if self.storage_dtype != "float32":
+            raise ValueError(f"library is stored in {self.storage_dtype}; it cannot be re-stored in {dtype} "
+                             f"(its float32 values are gone)")
+        self.storage_dtype = dtype
+        self.shared_A = self._stored(self.shared_A)
+        for ad in self._adapters.values():
+            ad.B, ad.A, ad.centroids = self._stored(ad.B), self._stored(ad.A), self._stored(ad.centroids)
+        self._banks.clear()
+
     def _persist(self, undo, before=None, after=None) -> None:
         """Commit an in-memory change of a bound library under the directory's writer lock: check no other writer
         committed since this copy was loaded (else LibraryConflict), run `before` (new files), write the manifest
@@ -270,8 +300,12 @@ class LoraLibrary:
                 after()
 
     # ---------------------------------------------------------------------------------------------- disk
-    def save(self, path: str | Path) -> Path:
-        """Write the library to a directory (new files, then the manifest, atomically) and bind to it."""
+    def save(self, path: str | Path, dtype: str | None = None) -> Path:
+        """Write the library to a directory (new files, then the manifest, atomically) and bind to it. `dtype`
+        (STORAGE_DTYPES) stores the tensors in half precision: files half the size, the routing math still
+        float32; the library in memory is rounded to the stored values, so it equals what `load` gives back."""
+        if dtype is not None:
+            self._round_to_storage(dtype)
         path = Path(path)
         (path / files.ADAPTERS_DIR).mkdir(parents=True, exist_ok=True)
         with files.dir_lock(path):  # concurrent saves to one dir take turns; each leaves a loadable library
@@ -282,7 +316,7 @@ class LoraLibrary:
         self._generation = _generation_of(path) + 1
         if self.shared_a:
             self._shared_file = _write_hashed(path, files.SHARED_A_PREFIX,
-                                             {f"{layer}.A": t for layer, t in self.shared_A.items()})
+                                             self._on_disk({f"{layer}.A": t for layer, t in self.shared_A.items()}))
         for name, ad in self._adapters.items():
             self._write_adapter(path, name, ad)
         self._write_manifest(path)
@@ -299,7 +333,11 @@ class LoraLibrary:
             tensors.update({f"{layer}.A": t for layer, t in ad.A.items()})
         if ad.centroids is not None:
             tensors.update({f"{layer}.centroid": t for layer, t in ad.centroids.items()})
-        ad.file, ad.sha256 = _write_hashed(path, f"{files.ADAPTERS_DIR}/{name}", tensors)
+        ad.file, ad.sha256 = _write_hashed(path, f"{files.ADAPTERS_DIR}/{name}", self._on_disk(tensors))
+
+    def _on_disk(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dt = STORAGE_DTYPES[self.storage_dtype]
+        return {k: t.to(dt) for k, t in tensors.items()}
 
     def _referenced(self, file: str) -> bool:
         return any(a.file == file for a in self._adapters.values())
@@ -308,7 +346,7 @@ class LoraLibrary:
         m = self.meta
         files.atomic_write_json(path / files.MANIFEST, {
             "format": files.LIBRARY_FORMAT, "format_version": files.LIBRARY_FORMAT_VERSION,
-            "generation": self._generation,
+            "generation": self._generation, "storage_dtype": self.storage_dtype,
             "base_model": m.base_model, "rank": m.rank, "target_modules": m.target_modules,
             "shared_a": self.shared_a, "a_seed": m.a_seed, "fan_in_fan_out": m.fan_in_fan_out,
             "extra": m.extra, "layers": {k: list(v) for k, v in m.layers.items()},
@@ -343,12 +381,17 @@ class LoraLibrary:
                                extra=man.get("extra") or {})
             entries, sa = man["adapters"], man.get("shared_a_file")
             generation = int(man.get("generation", 0))
+            storage = man.get("storage_dtype", "float32")
+            if storage not in STORAGE_DTYPES:
+                raise ValueError(f"library {path}: unknown storage_dtype {storage!r}; expected one of "
+                                 f"{list(STORAGE_DTYPES)}")
             shared = None
             if man.get("shared_a"):
                 what = f"library {path}: shared A"
                 t = files.read_tensors(files.confined(path, sa["file"], what), what, sa["sha256"])
                 shared = {layer: t[f"{layer}.A"] for layer in meta.layers if f"{layer}.A" in t}
             lib = cls(meta, shared)
+            lib.storage_dtype = storage
             lib._shared_file = None if sa is None else (sa["file"], sa["sha256"])
             for e in entries:
                 lib._load_entry(path, e)

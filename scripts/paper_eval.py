@@ -1,0 +1,93 @@
+"""Evaluate the committed paper-budget library (issue 28, item 5-6), one pass at a time, each committed at once.
+
+Usage: SEQR_TASK_DATA=../shared/data/tasks python scripts/paper_eval.py [--stage main|exact|noise|steps|all]
+       [--device cuda] [--commit]
+Every pass runs the base model in float32 (on any machine or device), so passes made on different machines
+combine in one eval.json; a pass already in the stage's eval.json is skipped, so a fresh clone continues with the
+next one. Stages (each its own `seqr eval` results document under OUT):
+  main   full dev splits: base, oracle, seqr, mu, arrow, centroid, centroid-seqr@3, lag@3
+  exact  EXACT_N dev examples per task: seqr, spectr, naive (the same decisions, by Theorem 3.1)
+  noise  NOISE_N dev examples per task: seqr, then seqr with noise on mu at NOISE_LEVELS sigmas (Figure 6)
+  steps  NOISE_N dev examples per task: oracle and seqr on the step-12 / step-50 snapshots and the final library
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from seqr.eval.evaluate import EvalConfig, evaluate, load_data
+from seqr.hf.models import device_of, load_model
+from seqr.store import files
+from seqr.store.library import LoraLibrary
+
+MODEL = "smollm2-135m-instruct"
+LIBRARY = Path("artifacts/paper-library")
+OUT = Path("docs/results/paper_library")
+MAIN = ("base", "oracle", "seqr", "mu", "arrow", "centroid", "centroid-seqr", "lag")
+EXACT_N, NOISE_N = 20, 100
+NOISE_LEVELS = (0.1, 0.2, 0.5, 1.0)
+STEPS = (12, 50)
+STAGES = ("main", "exact", "noise", "steps")
+
+
+def plan(stage: str, lib: Path) -> tuple[dict[str, Path], EvalConfig, tuple[str, ...]]:
+    """(libraries by label, the stage's config, its passes in order)."""
+    tasks = LoraLibrary.load(lib).names
+    if stage == "main":
+        return {"shared-0": lib}, EvalConfig(tasks=tasks, max_eval=None, noise=(), model=MODEL), MAIN
+    if stage == "exact":
+        return ({"shared-0": lib}, EvalConfig(tasks=tasks, max_eval=EXACT_N, noise=(), model=MODEL),
+                ("seqr", "spectr", "naive"))
+    if stage == "noise":
+        return ({"shared-0": lib}, EvalConfig(tasks=tasks, max_eval=NOISE_N, noise=NOISE_LEVELS, model=MODEL),
+                ("seqr",))
+    libs = {f"step-{s}": lib / "checkpoints" / f"step-{s}" for s in STEPS}
+    return {**libs, "final": lib}, EvalConfig(tasks=tasks, max_eval=NOISE_N, noise=(), model=MODEL), ("oracle", "seqr")
+
+
+def run_stage(stage: str, a, model, tok) -> None:
+    paths, cfg, passes = plan(stage, Path(a.library))
+    cfg.model, cfg.batch_size = a.model, a.batch_size
+    libs = {label: LoraLibrary.load(p) for label, p in paths.items() if (p / files.MANIFEST).exists()}
+    cfg.tasks = [t for t in cfg.tasks if all(t in lib for lib in libs.values())]
+    data = load_data(cfg.tasks, cfg.split, data_dir=a.data, max_eval=cfg.max_eval, seed=cfg.seed)
+    out = Path(a.out) / stage
+    for method in passes:
+        cfg.methods = (method,)
+        evaluate(model, tok, libs, data, cfg, out_dir=out)
+        if a.commit:
+            subprocess.run(["git", "add", "--", str(out / files.EVAL_RESULTS)], check=True)
+            if subprocess.run(["git", "diff", "--cached", "--quiet"]).returncode:
+                subprocess.run(["git", "commit", "-q", "-m", f"Issue 28: eval {stage} {method} pass"], check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stage", choices=STAGES + ("all",), default="all")
+    p.add_argument("--data", default=os.environ.get("SEQR_TASK_DATA"), help="task dir (default $SEQR_TASK_DATA)")
+    p.add_argument("--library", default=str(LIBRARY), help=f"the library (default {LIBRARY})")
+    p.add_argument("--out", default=str(OUT), help=f"results root, one folder per stage (default {OUT})")
+    p.add_argument("--model", default=MODEL, help=f"base model (default {MODEL})")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is available")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward (default 8; a GPU takes more)")
+    p.add_argument("--commit", action="store_true", help="git commit every finished pass at once")
+    a = p.parse_args(argv)
+    if not a.data or not Path(a.data).is_dir():
+        p.error(f"--data / $SEQR_TASK_DATA must name the task directory, got {a.data!r}")
+    if not (Path(a.library) / files.MANIFEST).exists():
+        p.error(f"--library {a.library}: no library there yet (scripts/paper_library.py builds it)")
+    try:
+        device = device_of(a.device)
+    except ValueError as e:
+        p.error(str(e))
+    model, tok = load_model(a.model, dtype="float32", device=device)
+    for stage in STAGES if a.stage == "all" else (a.stage,):
+        run_stage(stage, a, model, tok)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
