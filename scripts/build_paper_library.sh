@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# The paper-budget ten-task library (issue 14) on SmolLM2-135M-Instruct, in one resumable command:
-#   SEQR_TASK_DATA=../shared/data/tasks bash scripts/build_paper_library.sh OUT
-# Stages (scripts/paper_library.py documents the recipe): per task a 3-rate sweep and the full shared-A run
-# (with checkpoints), then the unique-A runs, then the libraries OUT/{shared,unique,checkpoints/step-N}/library.
-# Rerun the same command after an interruption: finished pieces are skipped, a cut training run continues from
-# its last saved state. Logs: OUT/logs/<stage>.log (appended). The built library stays out of git.
+# The paper-budget ten-task library (issue 28), built into git piece by piece, in one resumable command:
+#   SEQR_TASK_DATA=../shared/data/tasks bash scripts/build_paper_library.sh [--device cuda]
+# 1. scripts/paper_library.py trains, calibrates and adds each task not yet in artifacts/paper-library/ and
+#    commits it at once (then the snapshot libraries any task still lacks);
+# 2. once all ten are in, scripts/paper_eval.py runs every evaluation pass not yet in docs/results/paper_library/
+#    (float32, one commit per pass).
+# On a fresh clone it continues from what main holds; an interruption loses at most the piece in progress.
+# Logs: runs/paper-logs/ (kept out of git). PYTHON overrides the interpreter (default .venv/bin/python).
 set -euo pipefail
-OUT=${1:?usage: build_paper_library.sh OUT}
 PY=${PYTHON:-.venv/bin/python}
 : "${SEQR_TASK_DATA:?set SEQR_TASK_DATA to the tasks directory}"
-mkdir -p "$OUT/logs"
-for stage in shared unique build; do
-  echo "== $(date -u +%FT%TZ) stage $stage" | tee -a "$OUT/logs/$stage.log"
-  "$PY" scripts/paper_library.py "$OUT" --stage "$stage" >>"$OUT/logs/$stage.log" 2>&1
-done
-"$PY" -m seqr.cli info "$OUT/shared/library" | tee -a "$OUT/logs/build.log"
+LOGS=runs/paper-logs
+mkdir -p "$LOGS"
+say() { echo "== $(date -u +%FT%TZ) $*" | tee -a "$LOGS/build.log"; }
+say "train"
+"$PY" scripts/paper_library.py --commit "$@" 2>&1 | tee -a "$LOGS/train.log"
+say "snapshots"
+"$PY" scripts/paper_library.py --commit --snapshots-only "$@" 2>&1 | tee -a "$LOGS/train.log"
+say "eval"
+"$PY" scripts/paper_eval.py --commit "$@" 2>&1 | tee -a "$LOGS/eval.log"
+"$PY" -m seqr.cli info artifacts/paper-library | tee -a "$LOGS/build.log"

@@ -26,6 +26,7 @@ from seqr.store.library import LoraLibrary
 MODEL = "smollm2-135m-instruct"
 LIBRARY = Path("artifacts/paper-library")
 OUT = Path("docs/results/paper_library")
+TASKS = ("agnews", "cola", "dbpedia", "hellaswag", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2")
 MAIN = ("base", "oracle", "seqr", "mu", "arrow", "centroid", "centroid-seqr", "lag")
 EXACT_N, NOISE_N = 20, 100
 NOISE_LEVELS = (0.1, 0.2, 0.5, 1.0)
@@ -74,11 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is available")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward (default 8; a GPU takes more)")
     p.add_argument("--commit", action="store_true", help="git commit every finished pass at once")
+    p.add_argument("--allow-partial", action="store_true", help="evaluate the default library before all ten are in")
     a = p.parse_args(argv)
     if not a.data or not Path(a.data).is_dir():
         p.error(f"--data / $SEQR_TASK_DATA must name the task directory, got {a.data!r}")
     if not (Path(a.library) / files.MANIFEST).exists():
         p.error(f"--library {a.library}: no library there yet (scripts/paper_library.py builds it)")
+    held = LoraLibrary.load(a.library).names
+    if a.library == str(LIBRARY) and set(held) != set(TASKS) and not a.allow_partial:
+        p.error(f"--library {a.library} holds {len(held)} of the {len(TASKS)} tasks ({sorted(held)}); finish "
+                f"scripts/paper_library.py first (every pass's fingerprint changes with each added adapter)")
     try:
         device = device_of(a.device)
     except ValueError as e:

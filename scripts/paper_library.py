@@ -52,7 +52,7 @@ STATE_EVERY = 10
 SEED, A_SEED = 0, 0
 STORAGE = "float16"
 ARTIFACTS = Path("artifacts/paper-library")
-OLD_SWEEPS = Path("docs/results/paper_library/training.json")  # sweeps run on CPU before this store existed
+OLD_SWEEPS = Path("docs/results/paper_library/cpu_sweeps_issue14.json")  # sweeps run on CPU before this store existed
 
 
 def recipe(task: str, out: Path, lr: float, data: str, rank: int = 32, **kw) -> TrainConfig:
@@ -187,7 +187,7 @@ def full_run(ctx: dict, task: str, lr: float) -> Path:
     print(f"[paper] {task} lr={lr:g}: {len(examples)} examples x {EPOCHS} epochs", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     train(cfg, model=ctx["model"], tokenizer=ctx["tok"], examples=examples, state_every=STATE_EVERY,
-          on_step=snapshotter(ctx["work"], task, ctx["checkpoints"]), progress=False)
+          on_step=snapshotter(ctx["work"], task, ctx["checkpoints"]))
     wall = time.perf_counter() - t0
     for d in [out] + [ctx["work"] / f"step-{s}" / task for s in ctx["checkpoints"]]:
         if (d / files.PEFT_WEIGHTS).exists():
@@ -196,6 +196,36 @@ def full_run(ctx: dict, task: str, lr: float) -> Path:
     meta.setdefault("wall_seconds", round(wall, 1))  # of this process's share of the run
     files.atomic_write_json(out / files.ADAPTER_META, meta)
     return out
+
+
+def missing_snapshots(ctx: dict, task: str) -> tuple[int, ...]:
+    """CHECKPOINTS whose committed library lacks the task (e.g. made on a machine that could not send them back)."""
+    return tuple(s for s in ctx["checkpoints"] if task not in done_tasks(ctx["art"] / "checkpoints" / f"step-{s}"))
+
+
+def snapshots_run(ctx: dict, task: str, lr: float) -> None:
+    """Rerun the first steps of a committed task's run (same recipe, rate, seeds and data order) up to the last
+    missing snapshot, calibrate those snapshots, add them to their libraries, note where they were made, commit."""
+    steps = missing_snapshots(ctx, task)
+    if not steps:
+        return
+    cfg = recipe(task, Path("unused"), lr, ctx["data"], model=ctx["name"], rank=ctx["rank"])
+    examples = load_task(task, "train", data_dir=ctx["data"], max_examples=FULL_TRAIN, seed=SEED)
+    print(f"[paper] {task}: snapshots at steps {steps} (lr {lr:g})", file=sys.stderr, flush=True)
+    session, on_step = Session(cfg, ctx["model"], ctx["tok"], examples), snapshotter(ctx["work"], task, steps)
+    while len(session.log) < max(steps):
+        on_step(session, session.step())
+    session.model.unload()
+    art, f = ctx["art"], ctx["art"] / "runs" / f"{task}.json"
+    record, touched = files.read_json(f, "run record"), [f]
+    for s in steps:
+        d = ctx["work"] / f"step-{s}" / task
+        calibrated(ctx, d, task)
+        touched.append(add_to_library(art / "checkpoints" / f"step-{s}", task, d))
+        record.setdefault("snapshots", {})[str(s)] = {"device": str(ctx["device"]), "machine": machine(),
+                                                      "base_dtype": dtype_name(ctx["dtype"]), "rerun": True}
+    files.atomic_write_json(f, record)
+    ctx["commit"](f"paper library: {task} snapshots at steps {steps}", touched)
 
 
 # ---------------------------------------------------------------------------------------------- publishing
@@ -260,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", action="store_true", help="git commit every finished piece at once")
     p.add_argument("--artifacts", default=str(ARTIFACTS), help=f"the committed store (default {ARTIFACTS})")
     p.add_argument("--model", default=MODEL, help=f"base model (default {MODEL}; tests pass a tiny one)")
+    p.add_argument("--snapshots-only", action="store_true",
+                   help="only rebuild the committed tasks' missing snapshot libraries (the first steps of each run)")
     p.add_argument("--rank", type=int, default=32, help="LoRA rank (alpha = 2 rank; default 32, the paper's)")
     p.add_argument("--checkpoints", default=",".join(map(str, CHECKPOINTS)),
                    help="steps whose snapshots are kept, comma-separated")
@@ -272,17 +304,25 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     art = Path(a.artifacts)
     done = done_tasks(art)
-    todo = [t for t in a.tasks if t not in done]
+    steps = tuple(int(x) for x in a.checkpoints.split(",") if x)
+    if a.snapshots_only:  # committed tasks whose snapshot libraries lack them
+        todo = [t for t in a.tasks if t in done and any(t not in done_tasks(art / "checkpoints" / f"step-{s}")
+                                                         for s in steps)]
+    else:
+        todo = [t for t in a.tasks if t not in done]
     print(f"[paper] committed: {done}; to do: {todo}", file=sys.stderr, flush=True)
     if not todo:
         return 0
     model, tok = load_model(a.model, dtype="auto", device=device)
     ctx = {"model": model, "tok": tok, "name": a.model, "data": a.data, "work": Path(a.work), "device": device, "art": art,
            "dtype": next(model.parameters()).dtype, "commit": git_committer(a.commit),
-           "checkpoints": tuple(int(x) for x in a.checkpoints.split(",") if x), "rank": a.rank}
+           "checkpoints": steps, "rank": a.rank}
     for task in todo:
         rec = sweep(ctx, task)
-        publish(ctx, task, rec, full_run(ctx, task, rec["lr"]))
+        if a.snapshots_only:
+            snapshots_run(ctx, task, rec["lr"])
+        else:
+            publish(ctx, task, rec, full_run(ctx, task, rec["lr"]))
     return 0
 
 

@@ -12,7 +12,7 @@ from seqr.core.argfmt import Parser
 
 def describe(lib: LoraLibrary, path: Path) -> dict:
     """A JSON-able summary; per adapter the spread of its per-layer mu and sigma."""
-    disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    disk = sum((path / f).stat().st_size for f in lib.files())  # its own files, not what else the dir holds
     adapters = []
     for name in lib.names:
         st = lib.stats(name)
@@ -24,14 +24,15 @@ def describe(lib: LoraLibrary, path: Path) -> dict:
         adapters.append(row)
     return {"path": str(path), "base_model": lib.meta.base_model, "adapters": len(lib), "layers": len(lib.layers),
             "rank": lib.rank, "shared_a": lib.shared_a, "a_seed": lib.meta.a_seed,
-            "target_modules": lib.meta.target_modules, "disk_bytes": disk, "adapter_stats": adapters}
+            "target_modules": lib.meta.target_modules, "storage_dtype": lib.storage_dtype, "disk_bytes": disk,
+            "adapter_stats": adapters}
 
 
 def format_info(d: dict) -> str:
     lines = [f"library {d['path']}: {d['adapters']} adapters x {d['layers']} layers, rank {d['rank']}, "
              f"{'shared A (seed ' + str(d['a_seed']) + ')' if d['shared_a'] else 'one A per adapter'}, "
              f"base model {d['base_model']!r}, targets {', '.join(d['target_modules'])}, "
-             f"{d['disk_bytes'] / 2**20:.1f} MiB on disk", "",
+             f"{d['disk_bytes'] / 2**20:.1f} MiB on disk ({d['storage_dtype']})", "",
              "| adapter | calibrated | mean mu | min mu | max mu | mean sigma | tokens |", "|---|---|---:|---:|---:|---:|---:|"]
     for a in d["adapter_stats"]:
         if a["calibrated"]:

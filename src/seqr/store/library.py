@@ -339,6 +339,13 @@ class LoraLibrary:
         dt = STORAGE_DTYPES[self.storage_dtype]
         return {k: t.to(dt) for k, t in tensors.items()}
 
+    def files(self) -> list[str]:
+        """The files of a saved library, relative to its directory: the manifest, the shared A, each adapter's."""
+        if self.path is None:
+            raise ValueError("this library is not saved; save() it first")
+        return ([files.MANIFEST] + ([self._shared_file[0]] if self._shared_file else [])
+                + [a.file for a in self._adapters.values() if a.file])
+
     def _referenced(self, file: str) -> bool:
         return any(a.file == file for a in self._adapters.values())
 

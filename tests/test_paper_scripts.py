@@ -1,0 +1,124 @@
+"""scripts/paper_library.py and scripts/paper_eval.py (issue 28) on a tiny chat model: the store in git is what
+resumes, sweeps widen at an edge, snapshots rebuild bit-for-bit, eval passes are reused, pieces get committed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from seqr import LoraLibrary
+from seqr.store import files
+from test_evaluate import task_examples
+from tiny_chat import save_chat_model, write_task_dir
+
+ROOT = Path(__file__).parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+pl, pe = _script("paper_library"), _script("paper_eval")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("paper")
+    save_chat_model(root / "model")
+    write_task_dir(root / "data", lambda t, split, n: [e.__dict__ | {"choices": list(e.choices)}
+                                                       for e in task_examples(t, split, n)], ("sst2", "cola"),
+                   sizes=(("train", 16), ("dev", 6)))
+    return root
+
+
+def _args(root, *extra):
+    return ["--data", str(root / "data"), "--model", str(root / "model"), "--artifacts", str(root / "art"),
+            "--work", str(root / "work"), "--tasks", "sst2", "cola", "--checkpoints", "1,2", "--rank", "4", *extra]
+
+
+def _pt(lr, acc, lp=None):
+    return {"lr": lr, "accuracy": acc, "gold_logprob": lp}
+
+
+def test_sweep_choice_and_widening():
+    pts = [_pt(5e-4, 0.8, -0.5), _pt(1e-3, 0.8, -0.4), _pt(2e-3, 0.7, -0.1)]
+    assert pl.best_point(pts, None)["lr"] == 1e-3  # tie on accuracy: the better gold log-probability
+    assert pl.next_rate(pts, None) is None  # best inside the range: no widening
+    pts = [_pt(5e-4, 0.7), _pt(1e-3, 0.8), _pt(2e-3, 0.9)]
+    assert pl.next_rate(pts, None) == 4e-3  # best at the top edge: one rate beyond it
+    assert pl.next_rate(pts + [_pt(4e-3, 0.95), _pt(8e-3, 0.97)], None) is None  # at most WIDEN per side
+    old = [_pt(5e-4, 0.86), _pt(1e-3, 0.86), _pt(2e-3, 0.81)]  # a committed sweep without log-probabilities
+    assert pl.best_point(old, 1e-3)["lr"] == 1e-3 and pl.next_rate(old, 1e-3) is None
+    assert pl.best_point(old, None)["lr"] == 5e-4 and pl.next_rate(old, None) == 2.5e-4
+
+
+def test_build_commits_pieces_resumes_from_the_store_and_rebuilds_snapshots(setup, monkeypatch, capsys):
+    monkeypatch.setattr(pl, "OLD_SWEEPS", setup / "none.json")
+    assert pl.main(_args(setup)) == 0
+    art = setup / "art"
+    lib = LoraLibrary.load(art)
+    assert sorted(lib.names) == ["cola", "sst2"] and lib.storage_dtype == "float16" and lib.has_centroids
+    assert not lib.uncalibrated
+    for step in (1, 2):
+        assert sorted(LoraLibrary.load(art / "checkpoints" / f"step-{step}").names) == ["cola", "sst2"]
+    run = json.loads((art / "runs" / "sst2.json").read_text())
+    assert run["steps"] == 4 and run["epochs"] == 2 and len(run["loss"]) == 4 and run["base_dtype"] == "float32"
+    assert {"lr", "sweep", "tokens_per_s", "wall_seconds", "machine", "device"} <= set(run)
+    sweep = json.loads((art / "sweeps" / "sst2.json").read_text())
+    assert sweep["lr"] == run["lr"] and len(sweep["points"]) >= 3 and "base" in sweep
+    snap = next((art / "checkpoints" / "step-1" / "adapters").glob("cola-*")).read_bytes()
+
+    boom = lambda *a, **k: (_ for _ in ()).throw(AssertionError("should have been skipped"))  # noqa: E731
+    monkeypatch.setattr(pl, "train", boom)
+    assert pl.main(_args(setup)) == 0  # everything is in the store: nothing to train
+    assert "to do: []" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(pl, "OLD_SWEEPS", setup / "none.json")
+
+    LoraLibrary.load(art / "checkpoints" / "step-1").remove("cola")  # a snapshot the store lacks
+    weights = next((art / "adapters").glob("cola-*")).read_bytes()
+    assert pl.main(_args(setup, "--snapshots-only")) == 0
+    assert next((art / "checkpoints" / "step-1" / "adapters").glob("cola-*")).read_bytes() == snap  # bit for bit
+    assert next((art / "adapters").glob("cola-*")).read_bytes() == weights  # the final adapter untouched
+    assert json.loads((art / "runs" / "cola.json").read_text())["snapshots"]["1"]["rerun"]
+
+
+def test_eval_runs_each_pass_once_in_float32(setup, monkeypatch, capsys):
+    if not (setup / "art" / files.MANIFEST).exists():
+        monkeypatch.setattr(pl, "OLD_SWEEPS", setup / "none.json")
+        pl.main(_args(setup))
+    args = ["--data", str(setup / "data"), "--model", str(setup / "model"), "--library", str(setup / "art"),
+            "--out", str(setup / "ev"), "--stage", "main"]
+    assert pe.main(args) == 0
+    doc = json.loads((setup / "ev" / "main" / files.EVAL_RESULTS).read_text())
+    assert doc["config"]["dtype"] == "float32" and doc["config"]["max_eval"] is None and doc["base"]
+    assert set(doc["libraries"]["shared-0"]["methods"]) == {"oracle", "seqr", "mu", "arrow", "centroid",
+                                                           "centroid-seqr@2", "lag@2"}
+    import seqr.eval.evaluate
+
+    boom = lambda *a, **k: (_ for _ in ()).throw(AssertionError("should have been reused"))  # noqa: E731
+    monkeypatch.setattr(seqr.eval.evaluate, "run_pass", boom)
+    assert pe.main(args) == 0
+    with pytest.raises(SystemExit) as e:
+        pe.main(args[:4] + ["--library", str(setup / "nowhere")])
+    assert e.value.code == 2 and "no library there yet" in capsys.readouterr().err
+
+
+def test_committer_commits_only_the_pieces_it_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"]):
+        subprocess.run(cmd, check=True)
+    Path("piece.json").write_text("{}")
+    Path("other.txt").write_text("not mine")
+    pl.git_committer(True)("sweep x", [Path("piece.json")])
+    pl.git_committer(True)("nothing new", [Path("piece.json")])  # no change: no empty commit
+    log = subprocess.run(["git", "log", "--format=%s", "--name-only"], capture_output=True, text=True).stdout
+    assert log.split() == ["Issue", "28:", "sweep", "x", "piece.json"]
+    pl.git_committer(False)("off", [Path("other.txt")])
+    assert "other.txt" not in subprocess.run(["git", "ls-files"], capture_output=True, text=True).stdout
