@@ -81,15 +81,27 @@ class NormStats:
 
     @classmethod
     def from_dict(cls, d: dict) -> "NormStats":
+        """A record written by `to_dict`; errors name the field (callers add the file, adapter and layer)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"malformed NormStats record: must be an object, got {d!r}")
+        for key in ("count", "mean", "m2"):
+            v = d.get(key)
+            if key not in d:
+                raise ValueError(f"malformed NormStats record: no field {key!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"malformed NormStats record: field {key!r} must be a number, got {v!r}")
+        count = d["count"]
+        if isinstance(count, float) and count.is_integer():
+            count = int(count)
+        q = d.get("quantiles")
+        if q is not None and (not isinstance(q, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                              for v in q)):
+            raise ValueError(f"malformed NormStats record: field 'quantiles' must be a list of numbers, got {q!r}")
         try:
-            count = d["count"]
-            if isinstance(count, float) and count.is_integer():
-                count = int(count)
-            q = d.get("quantiles")
             return cls(count=count, mean=float(d["mean"]), m2=float(d["m2"]),
                        quantiles=None if q is None else tuple(float(v) for v in q))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"malformed NormStats record {d!r}: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"malformed NormStats record: {e}") from None
 
 
 def with_quantiles(s: NormStats, values) -> NormStats:

@@ -132,7 +132,15 @@ class RoutingState:
         if isinstance(allowed, str):
             raise ValueError(f"allowed must be a set of adapter names (or one set per row), got the string {allowed!r}")
         items = list(allowed)
-        per_row = bool(items) and all(isinstance(a, (set, frozenset, list, tuple)) for a in items)
+        sets = [isinstance(a, (set, frozenset, list, tuple)) for a in items]
+        if any(sets) and not all(sets):
+            bad = next(a for a, is_set in zip(items, sets) if not is_set)
+            raise ValueError(f"allowed must be one set of adapter names, or one set per batch row; got a mix of sets "
+                             f"and single names (e.g. {bad!r}): write {{{bad!r}}} for a row allowed only {bad!r}")
+        bad = [a for a in items if not sets[0] and not isinstance(a, str)] if items and not sets[0] else []
+        if bad:
+            raise ValueError(f"allowed names adapters by name (strings); got {bad[:3]!r}")
+        per_row = bool(items) and all(sets)
         rows = items if per_row else [items]
         mask = torch.zeros(len(rows), len(self.names), dtype=torch.bool)
         for r, row in enumerate(rows):

@@ -114,13 +114,14 @@ class LockTimeout(TimeoutError):
 
 
 @contextlib.contextmanager
-def dir_lock(path: str | Path, *, shared: bool = False, timeout: float = LOCK_TIMEOUT_S):
+def dir_lock(path: str | Path, *, shared: bool = False, timeout: float | None = None):
     """An inter-process lock on a directory (flock on its LOCK_FILE): exclusive for writers, shared for readers.
-    Waits up to `timeout` seconds, then raises LockTimeout naming the directory. A directory where the lock file
-    cannot be created (read-only) is read without one."""
+    Waits up to `timeout` seconds (default LOCK_TIMEOUT_S, read at each call), then raises LockTimeout naming the
+    directory. A directory where the lock file cannot be created (read-only) is read without one."""
     import fcntl
 
     path = Path(path)
+    timeout = LOCK_TIMEOUT_S if timeout is None else timeout
     try:
         fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:

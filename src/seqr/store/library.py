@@ -20,7 +20,7 @@ import torch
 
 from seqr.store import checks, files
 from seqr.core.bank import AdapterBank
-from seqr.store.peft_io import PeftAdapter, read_peft_adapter, write_peft_adapter
+from seqr.store.peft_io import PeftAdapter, read_peft_adapter, stats_record, write_peft_adapter
 from seqr.core.stats import NormStats, as_normalised
 from seqr.core.stats import pooled as pool_stats
 
@@ -276,13 +276,14 @@ class LoraLibrary:
     def _persist(self, undo, before=None, after=None) -> None:
         """Commit an in-memory change of a bound library under the directory's writer lock: check no other writer
         committed since this copy was loaded (else LibraryConflict), run `before` (new files), write the manifest
-        with the next generation, run `after` (deleting files no manifest names). If anything before the manifest
-        fails, undo the in-memory change and re-raise, so memory and disk never disagree."""
+        with the next generation, run `after` (deleting files no manifest names). If anything fails before the
+        manifest is written (the lock cannot be taken or times out, a read-only directory, a conflict, a failed
+        write), undo the in-memory change and re-raise, so memory and disk never disagree."""
         if self.path is None:
             return
-        with files.dir_lock(self.path):
-            gen = self._generation
-            try:
+        gen, committed = self._generation, False
+        try:
+            with files.dir_lock(self.path):
                 on_disk = _generation_of(self.path)
                 if on_disk != gen:
                     raise LibraryConflict(f"library {self.path} was changed by another writer since this copy was "
@@ -291,13 +292,15 @@ class LoraLibrary:
                     before()
                 self._generation = gen + 1
                 self._write_manifest(self.path)
-            except BaseException:
+                committed = True
+                if after is not None:
+                    after()
+        except BaseException:
+            if not committed:
                 self._generation = gen
                 undo()
                 self._banks.clear()
-                raise
-            if after is not None:
-                after()
+            raise
 
     # ---------------------------------------------------------------------------------------------- disk
     def save(self, path: str | Path, dtype: str | None = None) -> Path:
@@ -386,7 +389,7 @@ class LoraLibrary:
                                target_modules=man["target_modules"], base_model=man.get("base_model"),
                                a_seed=man.get("a_seed"), fan_in_fan_out=bool(man.get("fan_in_fan_out")),
                                extra=man.get("extra") or {})
-            entries, sa = man["adapters"], man.get("shared_a_file")
+            entries, sa = _checked_entries(path, man)
             generation = int(man.get("generation", 0))
             storage = man.get("storage_dtype", "float32")
             if storage not in STORAGE_DTYPES:
@@ -414,7 +417,10 @@ class LoraLibrary:
         layers = self.meta.layers
         B = {layer: t[key] for layer in layers if (key := f"{layer}.B") in t}
         A = None if self.shared_a else {layer: t[k] for layer in layers if (k := f"{layer}.A") in t}
-        stats = None if e.get("stats") is None else {k: NormStats.from_dict(v) for k, v in e["stats"].items()}
+        if e.get("stats") is not None and not isinstance(e["stats"], dict):
+            raise ValueError(f"{what}: field 'stats' must be an object layer -> record, got {type(e['stats']).__name__}")
+        stats = None if e.get("stats") is None else {k: stats_record(v, f"{what}, layer {k}")
+                                                     for k, v in e["stats"].items()}
         cents = {layer: t[k] for layer in layers if (k := f"{layer}.centroid") in t} or None
         self.add(name, B, A=A, stats=stats, centroids=cents)
         self._adapters[name].file, self._adapters[name].sha256 = e["file"], e["sha256"]
@@ -477,14 +483,40 @@ def natural_key(layer: str) -> list:
 
 
 def _write_hashed(path: Path, stem: str, tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
-    """Write tensors to `<stem>-<hash>.safetensors` (skipped when that exact content is already there)."""
+    """Write tensors to `<stem>-<hash>.safetensors` (skipped when that exact content, checked by its sha256, is
+    already there)."""
     data = files.tensors_to_bytes(tensors)
     digest = files.sha256(data)
     rel = f"{stem}-{digest[:16]}.safetensors"
     target = path / rel
-    if not (target.is_file() and target.stat().st_size == len(data)):
-        files.atomic_write_bytes(target, data)
+    if not (target.is_file() and target.stat().st_size == len(data) and files.sha256(target.read_bytes()) == digest):
+        files.atomic_write_bytes(target, data)  # absent, or a damaged leftover under the same name: rewritten
     return rel, digest
+
+
+def _checked_entries(path: Path, man: dict) -> tuple[list[dict], dict | None]:
+    """The manifest's adapter entries and shared-A entry, each checked for the fields loading reads; errors name
+    the library, the adapter (or entry index) and the field."""
+    where = f"library manifest {path / files.MANIFEST}"
+    entries = man.get("adapters")
+    if not isinstance(entries, list):
+        raise ValueError(f"{where}: field 'adapters' must be a list of adapter objects, got "
+                         f"{type(entries).__name__}")
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise ValueError(f"{where}: adapters[{i}] must be an object, got {type(e).__name__}")
+        name = e.get("name")
+        if not isinstance(name, str):
+            raise ValueError(f"{where}: adapters[{i}] has no string 'name' (got {name!r})")
+        for key in ("file", "sha256"):
+            if not isinstance(e.get(key), str) or not e[key]:
+                raise ValueError(f"{where}: adapter {name!r} has no {key!r} (got {e.get(key)!r})")
+    sa = man.get("shared_a_file")
+    if man.get("shared_a") and not (isinstance(sa, dict) and all(isinstance(sa.get(k), str) and sa[k]
+                                                                  for k in ("file", "sha256"))):
+        raise ValueError(f"{where}: 'shared_a' is true but 'shared_a_file' is not an object with 'file' and "
+                         f"'sha256' (got {sa!r})")
+    return entries, sa
 
 
 def _check_compatible(ads: list[PeftAdapter]) -> None:

@@ -37,6 +37,22 @@ def lora_scaling(config: dict) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
+def _check_config_types(cfg: dict, where: str) -> None:
+    """The peft config fields seqr reads, with the types peft writes; errors name the field and the value."""
+    alpha = cfg.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"{where}: lora_alpha must be a positive number, got {alpha!r}")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise ValueError(f"{where}: {key} must be true or false, got {cfg[key]!r}")
+    tm = cfg.get("target_modules")
+    if tm is not None and not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
+        raise ValueError(f"{where}: target_modules must be a string or a list of strings, got {tm!r}")
+    base = cfg.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"{where}: base_model_name_or_path must be a string, got {base!r}")
+
+
 def read_peft_adapter(path: str | Path, name: str | None = None) -> PeftAdapter:
     """Read a peft LoRA adapter directory; every unsupported or malformed piece raises naming the dir."""
     path = Path(path)
@@ -54,8 +70,9 @@ def read_peft_adapter(path: str | Path, name: str | None = None) -> PeftAdapter:
         if cfg.get(key):
             raise ValueError(f"{where}: per-module {key} is not supported (all layers must share one rank)")
     r = cfg.get("r")
-    if not isinstance(r, int) or r <= 0:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"{where}: rank r must be a positive integer, got {r!r}")
+    _check_config_types(cfg, f"{where}: {files.PEFT_CONFIG}")
     sd = files.read_tensors(path / files.PEFT_WEIGHTS, f"{where}: weights")
     scale = lora_scaling(cfg)
     A, B = {}, {}
@@ -98,7 +115,15 @@ def read_stats(path: Path, where: str) -> dict[str, NormStats]:
     layers = obj.get("layers")
     if not isinstance(layers, dict):
         raise ValueError(f"{where}: stats file {path} has no 'layers' object")
-    return {layer: NormStats.from_dict(d) for layer, d in layers.items()}
+    return {layer: stats_record(d, f"{where}: stats file {path}, layer {layer}") for layer, d in layers.items()}
+
+
+def stats_record(d, where: str) -> NormStats:
+    """NormStats.from_dict with `where` (file, adapter, layer) in front of its error."""
+    try:
+        return NormStats.from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def stats_json(stats: dict[str, NormStats], **extra) -> dict:
