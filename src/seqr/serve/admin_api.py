@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from fastapi import Request as HTTPRequest  # module level: FastAPI resolves handler annotations here
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from seqr.serve.auth import AuthConflict
 from seqr.serve.http_io import APIError, Service, bearer_key, body_of, principal, service
 from seqr.store import files
 from seqr.store.library import LibraryConflict
@@ -29,6 +30,8 @@ async def mapped(op, *args):
         raise APIError(404, str(e).strip("'\"")) from None
     except LibraryConflict as e:
         raise APIError(409, str(e), code="library_conflict") from None
+    except AuthConflict as e:
+        raise APIError(409, str(e), code="auth_conflict") from None
     except files.LockTimeout as e:
         raise APIError(503, str(e), "server_error", code="library_locked") from None
     except (ValueError, TypeError, FileNotFoundError) as e:  # e.g. an added adapter's malformed config

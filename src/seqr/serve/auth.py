@@ -2,7 +2,7 @@
 
 Shape (more fields may be added, these stay):
     {"users": {"alice": {"keys": ["sha256$<salt hex>$<hash hex>"], "adapters": ["sst2", "agnews"]}},
-     "admin_keys": ["sha256$<salt hex>$<hash hex>"]}
+     "admin_keys": ["sha256$<salt hex>$<hash hex>"], "generation": 7}
 Keys are stored hashed: "sha256$" + a random 16-byte salt (hex) + "$" + hex(sha256(salt + key)), a fresh salt
 per key. A file that still holds plaintext keys (any entry not starting with "sha256$") is accepted: its keys
 are hashed on load and the file is rewritten in the hashed form (once; it says so on stderr). Plaintext keys
@@ -10,6 +10,10 @@ are hashed on load and the file is rewritten in the hashed form (once; it says s
 
 A bearer key is checked against every stored hash, in constant time each (no early exit that would leak which
 entry matched). Keys never appear in errors, logs or reprs.
+
+Writers take the file's lock (`.<name>.lock` beside it) and check its `generation` against the one they loaded:
+a second writer with a stale copy (another process or server changed the file since) gets AuthConflict and
+writes nothing, so no acknowledged change is ever overwritten.
 """
 from __future__ import annotations
 
@@ -131,17 +135,27 @@ def _hashed(entry: str) -> str:
     return entry if is_hashed(entry) else hash_key(entry)
 
 
+class AuthConflict(RuntimeError):
+    """Another writer changed the auth file since this copy was loaded."""
+
+
+def _generation_on_disk(path: Path) -> int:
+    return int(files.read_json(path, "auth file").get("generation", 0)) if path.exists() else 0
+
+
 class AuthStore:
     """Users, their hashed keys and adapter sets, and hashed admin keys; changes persist atomically to the
-    file."""
+    file, under its lock and generation check."""
 
     def __init__(self, users: dict[str, User], admin_keys: tuple[str, ...], path: Path | None = None,
-                 extra: dict | None = None):
+                 extra: dict | None = None, generation: int = 0):
         admin_keys = tuple(admin_keys)
         if not all(_valid_hash(k) for k in admin_keys):
             raise ValueError(f"admin_keys must be hashed keys ({HASH_PREFIX}<32 hex salt>$<64 hex hash>)")
         self._state = (dict(users), admin_keys)  # one attribute: a reload or a change swaps both at once
         self.path, self.extra = path, extra or {}
+        self.generation = generation  # of the file this copy was loaded from or last wrote
+        self.lock_owner = None  # set by a holder of the file's lock (files.file_lock) to hand it over
         self._check_unique_keys()
 
     @property
@@ -160,7 +174,7 @@ class AuthStore:
     def reload(self) -> None:
         """Re-read the file (another process changed it); the old state stays if the file is bad."""
         new = AuthStore.load(self.path)
-        self._state, self.extra = new._state, new.extra
+        self._state, self.extra, self.generation = new._state, new.extra, new.generation
 
     @classmethod
     def from_dict(cls, d: dict, path: Path | None = None) -> "AuthStore":
@@ -185,14 +199,17 @@ class AuthStore:
         plain = _check_entries(entries, where)
         users = {name: User(name, tuple(_hashed(k) for k in u["keys"]), frozenset(u["adapters"]))
                  for name, u in d["users"].items()}
-        extra = {k: v for k, v in d.items() if k not in ("users", "admin_keys")}
-        store = cls(users, tuple(_hashed(k) for k in admin), path, extra)
+        extra = {k: v for k, v in d.items() if k not in ("users", "admin_keys", "generation")}
+        gen = d.get("generation", 0)
+        if isinstance(gen, bool) or not isinstance(gen, int) or gen < 0:
+            raise ValueError(f"{where}: generation must be a non-negative integer, got {gen!r}")
+        store = cls(users, tuple(_hashed(k) for k in admin), path, extra, gen)
         if plain and path is not None:
             try:
-                store.save()
-            except OSError as e:
+                store._commit(*store._state)
+            except (OSError, AuthConflict) as e:
                 print(f"seqr: could not rewrite {path} with its {plain} plaintext API key(s) hashed "
-                      f"({e.strerror or type(e).__name__}); they stay in plaintext on disk", file=sys.stderr,
+                      f"({getattr(e, 'strerror', None) or e}); they stay in plaintext on disk", file=sys.stderr,
                       flush=True)
             else:
                 print(f"seqr: hashed {plain} plaintext API key(s) in {path}", file=sys.stderr, flush=True)
@@ -206,7 +223,8 @@ class AuthStore:
     def to_dict(self) -> dict:
         users, admin_keys = self._state
         return {**self.extra, "users": {n: {"keys": list(u.keys), "adapters": sorted(u.adapters)}
-                                        for n, u in users.items()}, "admin_keys": list(admin_keys)}
+                                        for n, u in users.items()}, "admin_keys": list(admin_keys),
+                "generation": self.generation}
 
     def _check_unique_keys(self) -> None:
         """The same stored entry may not name two principals (hashes of one key under different salts can only
@@ -267,16 +285,27 @@ class AuthStore:
         users, admin_keys = self._state
         self._commit({n: User(n, u.keys, u.adapters - {adapter}) for n, u in users.items()}, admin_keys)
 
-    def _commit(self, users: dict[str, User], admin_keys: tuple[str, ...]) -> None:
-        """Write the new state, then swap it in (a failed write changes nothing; a lookup sees old or new)."""
-        old = self._state
-        self._state = (users, admin_keys)
-        try:
-            self.save()
-        except BaseException:
-            self._state = old
-            raise
+    def restore(self, users: dict[str, User]) -> None:
+        """Put back an earlier set of users (undoing a change whose companion library change failed), persisted
+        like any change."""
+        self._commit(users, self.admin_keys)
 
-    def save(self) -> None:
-        if self.path is not None:
-            files.atomic_write_json(self.path, self.to_dict())
+    def _commit(self, users: dict[str, User], admin_keys: tuple[str, ...]) -> None:
+        """Under the file's lock: refuse if another writer committed since this copy was loaded (AuthConflict),
+        else write the new state with the next generation, then swap it in. A failed write changes nothing; a
+        lookup sees the old state or the new one."""
+        if self.path is None:
+            self._state = (users, admin_keys)
+            return
+        with files.file_lock(files.lock_file_of(self.path), str(self.path), owner=self.lock_owner):
+            on_disk = _generation_on_disk(self.path)
+            if on_disk != self.generation:
+                raise AuthConflict(f"auth file {self.path} was changed by another writer since this copy was "
+                                   f"loaded (generation {on_disk} on disk, {self.generation} here); reload and retry")
+            old, gen = self._state, self.generation
+            self._state, self.generation = (users, admin_keys), gen + 1
+            try:
+                files.atomic_write_json(self.path, self.to_dict())
+            except BaseException:
+                self._state, self.generation = old, gen
+                raise

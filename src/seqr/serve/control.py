@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
-from seqr.serve.auth import AuthStore
+from seqr.serve.auth import AuthConflict, AuthStore
+from seqr.store import files
 
 
 def apply_change(library, auth: AuthStore, op: str, *args):
@@ -26,11 +28,10 @@ def apply_change(library, auth: AuthStore, op: str, *args):
         try:
             library.remove(name, allow_empty=False)
         except BaseException:
-            dropped, auth.users = auth.users, before
             try:
-                auth.save()
-            except OSError:  # e.g. a full disk: the file keeps the drop, so memory follows the file
-                auth.users = dropped
+                auth.restore(before)
+            except (OSError, AuthConflict, files.LockTimeout):  # the file keeps the drop, and so does memory
+                pass
             raise
         return sorted(library.names)
     if op == "put_user":
@@ -41,16 +42,37 @@ def apply_change(library, auth: AuthStore, op: str, *args):
 
 
 class LocalControl:
-    """Library and user changes in one process: library changes run on the engine's worker between batches (so
-    a request sees the library before or after a change, never half), persisted to the library dir and the auth
-    file."""
+    """Library and user changes in one process, one at a time: the library's and the auth file's writer locks are
+    taken off the engine's worker (so a lock another process holds never stalls generation; a change that cannot
+    get them within the lock timeout fails with 503), then the change runs on the worker between batches (a
+    request sees the library before or after it, never half; a user's adapters are checked against the library
+    on the same thread that removes adapters), writing under the locks it was handed."""
 
     def __init__(self, engine, auth: AuthStore):
         self.engine, self.auth = engine, auth
+        self._one = asyncio.Lock()
 
     async def _on_worker(self, op: str, *args):
-        return await asyncio.wrap_future(self.engine.call(
-            lambda e: e.change(lambda lib: apply_change(lib, self.auth, op, *args))))
+        async with self._one:
+            with contextlib.ExitStack() as held:
+                owner = object()
+                await asyncio.to_thread(self._take_locks, held, owner)
+                lib = self.engine.library
+                lib.lock_owner = self.auth.lock_owner = owner
+                try:
+                    run = (lambda e: e.change(lambda lib: apply_change(lib, self.auth, op, *args))) if op != "put_user" \
+                        else (lambda e: apply_change(e.library, self.auth, op, *args))
+                    return await asyncio.wrap_future(self.engine.call(run))
+                finally:
+                    lib.lock_owner = self.auth.lock_owner = None
+
+    def _take_locks(self, held: contextlib.ExitStack, owner) -> None:
+        """The library directory's and the auth file's writer locks, for `owner` (waits here, not on the worker)."""
+        path = self.engine.library.path
+        if path is not None:
+            held.enter_context(files.dir_lock(path, owner=owner))
+        if self.auth.path is not None:
+            held.enter_context(files.file_lock(files.lock_file_of(self.auth.path), str(self.auth.path), owner=owner))
 
     async def add_adapter(self, name: str, path: Path) -> list[str]:
         return await self._on_worker("add", name, path)
@@ -59,4 +81,4 @@ class LocalControl:
         return await self._on_worker("remove", name)
 
     async def put_user(self, user: str, keys: list, adapters: list) -> dict:
-        return apply_change(self.engine.library, self.auth, "put_user", user, keys, adapters)
+        return await self._on_worker("put_user", user, keys, adapters)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -113,17 +114,42 @@ class LockTimeout(TimeoutError):
     """Another process held a directory's lock for longer than we were willing to wait."""
 
 
+_HELD: dict[str, object] = {}  # lock files this process holds exclusively for an owner -> that owner
+_HELD_MUTEX = threading.Lock()
+
+
 @contextlib.contextmanager
-def dir_lock(path: str | Path, *, shared: bool = False, timeout: float | None = None):
+def dir_lock(path: str | Path, *, shared: bool = False, timeout: float | None = None, owner=None):
     """An inter-process lock on a directory (flock on its LOCK_FILE): exclusive for writers, shared for readers.
     Waits up to `timeout` seconds (default LOCK_TIMEOUT_S, read at each call), then raises LockTimeout naming the
-    directory. A directory where the lock file cannot be created (read-only) is read without one."""
+    directory. A directory where the lock file cannot be created (read-only) is read without one. `owner`: see
+    file_lock."""
+    with file_lock(Path(path) / LOCK_FILE, str(path), shared=shared, timeout=timeout, owner=owner):
+        yield
+
+
+def lock_file_of(path: str | Path) -> Path:
+    """The lock file guarding a single file's writers: `.<name>.lock` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def file_lock(lock: Path, what: str, *, shared: bool = False, timeout: float | None = None, owner=None):
+    """flock on `lock` (created if missing). An exclusive lock taken for an `owner` (any object) is handed to
+    every nested call for the same owner, on any thread: a service takes it off its engine thread, then the change
+    it queues there writes under it. Any other caller, in this process or another, waits as usual."""
     import fcntl
 
-    path = Path(path)
+    key = os.path.realpath(lock)
+    with _HELD_MUTEX:
+        handed = owner is not None and _HELD.get(key) is owner
+    if handed:
+        yield
+        return
     timeout = LOCK_TIMEOUT_S if timeout is None else timeout
     try:
-        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
         if not shared:
             raise
@@ -138,9 +164,17 @@ def dir_lock(path: str | Path, *, shared: bool = False, timeout: float | None = 
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise LockTimeout(f"{path} is locked by another writer for more than {timeout:g} s") from None
+                    raise LockTimeout(f"{what} is locked by another writer for more than {timeout:g} s") from None
                 time.sleep(0.02)
-        yield
+        if owner is not None and not shared:
+            with _HELD_MUTEX:
+                _HELD[key] = owner
+        try:
+            yield
+        finally:
+            if owner is not None and not shared:
+                with _HELD_MUTEX:
+                    _HELD.pop(key, None)
     finally:
         os.close(fd)  # closing releases the lock
 

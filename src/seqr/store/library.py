@@ -73,6 +73,7 @@ class LoraLibrary:
         self._shared_file: tuple[str, str] | None = None  # (file, sha256) of the stored shared A
         self.percentile = False  # route by each adapter's empirical CDF (a `scored("percentile")` view)
         self.storage_dtype = "float32"  # STORAGE_DTYPES: what its files hold; memory holds those values in float32
+        self.lock_owner = None  # set by a holder of the directory's writer lock (files.file_lock) to hand it over
 
     # ---------------------------------------------------------------------------------------------- access
     @property
@@ -283,7 +284,7 @@ class LoraLibrary:
             return
         gen, committed = self._generation, False
         try:
-            with files.dir_lock(self.path):
+            with files.dir_lock(self.path, owner=self.lock_owner):
                 on_disk = _generation_of(self.path)
                 if on_disk != gen:
                     raise LibraryConflict(f"library {self.path} was changed by another writer since this copy was "
