@@ -199,20 +199,94 @@ def test_admin_actions_are_audited_without_keys(tmp_path):
     tok = chat_tokenizer()
     lib = random_stats(adapter_library(tmp_path, NAMES, base=lambda: tiny_chat_llama(len(tok))))
     lib.save(tmp_path / "lib")
-    (tmp_path / "auth.json").write_text(json.dumps(AUTH))
+    (tmp_path / "auth.json").write_text(json.dumps({**AUTH, "admin_keys": ["sk-admin-0001", "sk-admin-0002"]}))
+    (tmp_path / "silos").mkdir()
     engine = Engine(tiny_chat_llama(len(tok)), tok, lib)
     log = tmp_path / "audit.jsonl"
+    admin2 = {"Authorization": "Bearer sk-admin-0002"}
     try:
-        app = create_app(engine, AuthStore.load(tmp_path / "auth.json"), ServeSettings(audit_log=str(log)))
+        auth = AuthStore.load(tmp_path / "auth.json")
+        app = create_app(engine, auth, ServeSettings(audit_log=str(log), adapters_root=str(tmp_path / "silos")))
         with TestClient(app) as c:
             assert c.put("/admin/users/dave", json={"keys": ["sk-dave-000001"], "adapters": ["beta"]},
                          headers=ADMIN).status_code == 200
             assert c.delete("/admin/adapters/nope", headers=ADMIN).status_code == 404
-            assert c.delete("/admin/adapters/gamma", headers=ADMIN).status_code == 200
+            assert c.delete("/admin/adapters/gamma", headers=admin2).status_code == 200
+            # refused before any change: still audited
+            assert c.post("/admin/adapters", json={"name": "evil", "path": "../../etc"}, headers=ADMIN).status_code == 400
+            assert c.post("/admin/adapters", json={"name": 5, "path": "x"}, headers=ADMIN).status_code == 400
+            assert c.put("/admin/users/erin", json={"keys": "sk-erin-000001", "adapters": []},
+                         headers=admin2).status_code == 400
+            assert c.put("/admin/users/erin", content=b"{not json", headers=ADMIN).status_code == 400
     finally:
         engine.close()
     rows = audit.read(log)
     assert [(r["action"], r["target"], r["result"]) for r in rows] == [
-        ("put_user", "dave", "ok"), ("remove_adapter", "nope", "error 404"), ("remove_adapter", "gamma", "ok")]
-    assert all(r["time"] and r["who"] == "admin" for r in rows)
-    assert "sk-" not in log.read_text()
+        ("put_user", "dave", "ok"), ("remove_adapter", "nope", "error 404"), ("remove_adapter", "gamma", "ok"),
+        ("add_adapter", "evil", "error 400"), ("add_adapter", "5", "error 400"), ("put_user", "erin", "error 400"),
+        ("put_user", "erin", "error 400")]
+    ids = [auth.lookup(k).key_id for k in ("sk-admin-0001", "sk-admin-0002")]
+    assert ids[0] != ids[1] and all(len(i) == 12 for i in ids)
+    assert [r["who"] for r in rows] == [f"admin:{ids[i]}" for i in (0, 0, 1, 0, 0, 1, 0)]  # which admin, not the key
+    assert all(r["time"] for r in rows) and "sk-" not in log.read_text()
+
+
+def test_adapter_files_leading_outside_the_root_and_unusable_paths_are_400(server, tmp_path):
+    from peft_factory import make_adapter
+    from tiny_chat import tiny_chat_llama
+
+    url, engine = server
+    outside = tmp_path / "outside"
+    make_adapter(outside, seed=3, base=tiny_chat_llama(len(PATHS["tok"])))
+    linked = PATHS["silos"] / "linked"
+    linked.mkdir()
+    for f in outside.iterdir():  # a real directory under the root whose weights file is a symlink out of it
+        (linked / f.name).write_bytes(f.read_bytes()) if f.name != "adapter_model.safetensors" else \
+            (linked / f.name).symlink_to(f)
+    r = _post(url, {"name": "linked", "path": "linked"}, ADMIN, "/admin/adapters")
+    assert r.status_code == 400 and "adapter_model.safetensors" in r.json()["error"]["message"]
+    assert "lead outside" in r.json()["error"]["message"] and "linked" not in engine.library
+    for bad in ("a" * 300, "x/" + "b" * 4000):  # a component over 255 bytes; a path over PATH_MAX
+        r = _post(url, {"name": "long", "path": bad}, ADMIN, "/admin/adapters")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "path", r.text
+    assert httpx.get(url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("field, value", [("user", {}), ("stream_options", "x"), ("seqr", "no"), ("n", True),
+                                          ("n", 1.0), ("stream_options", {"include_usage": "yes"})])
+def test_fields_of_the_wrong_type_are_400_naming_them(server, field, value):
+    url, _ = server
+    r = _post(url, {"prompt": "hi", "max_tokens": 2, field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_a_lone_surrogate_is_refused_where_it_is(server):
+    url, _ = server
+    r = _post(url, '{"messages": [{"role": "us\\udc80er", "content": "hi"}], "max_tokens": 2}',
+              path="/v1/chat/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role", r.text
+    r = httpx.put(
+        url + "/admin/users/lone", content=b'{"keys": ["sk-lone-\\udc80-0001"], "adapters": []}',
+        headers={**ADMIN, "Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and "keys" in r.json()["error"]["message"], r.text
+
+
+def test_a_client_that_disconnects_mid_body_is_no_server_error(server):
+    import socket
+
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+
+    def errors_500() -> float:
+        text = httpx.get(url + "/metrics", headers=ADMIN).text
+        return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                   if s.name == "seqr_errors_total" and s.labels.get("status") == "500")
+
+    before = errors_500()
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-alice-0001\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\": \"h")
+        time.sleep(0.3)
+    assert errors_500() == before
+    assert httpx.get(url + "/health").status_code == 200

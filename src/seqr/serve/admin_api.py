@@ -22,6 +22,11 @@ def admin(request: HTTPRequest) -> Service:
     return service(request)
 
 
+def who(request: HTTPRequest) -> str:
+    """The audit log's name for the admin making a request: its key's id, never the key."""
+    return f"admin:{principal(request).key_id}"
+
+
 async def mapped(op, *args):
     """Run a control operation, its failures as the client should see them."""
     try:
@@ -38,57 +43,75 @@ async def mapped(op, *args):
         raise APIError(400, str(e).strip("'\"")) from None
 
 
-async def change(svc: Service, op, *args, action: str, target: str):
-    """Apply a library or user change through the control and audit its outcome."""
+async def audited(request: HTTPRequest, action: str, work, target: str = "?"):
+    """Run an admin request's `work(svc, seen)` (checks, then the change; it may name the target in
+    seen["target"] once it has read the body) and audit its outcome, whatever it is: a refusal before the change
+    (a bad path or body) is audited like a failed change."""
+    svc = admin(request)
+    seen = {"target": target}
     try:
-        out = await mapped(op, *args)
+        out = await work(svc, seen)
     except APIError as e:
-        svc.audit.record("admin", action, target, f"error {e.status}", message=e.message[:300])
+        svc.audit.record(who(request), action, seen["target"], f"error {e.status}", message=e.message[:300])
         raise
-    svc.audit.record("admin", action, target, "ok")
+    svc.audit.record(who(request), action, seen["target"], "ok")
     return out
 
 
 def adapter_dir(svc: Service, name, rel) -> Path:
-    """The adapter directory an add names: a path under the server's adapters root, nowhere else."""
+    """The adapter directory an add names: a path under the server's adapters root, nowhere else, and so is every
+    file seqr reads from it (a symlinked file that leads outside is refused like a symlinked directory)."""
     if not isinstance(name, str) or not isinstance(rel, str) or "\x00" in rel or "\x00" in name:
         raise APIError(400, "give the adapter's name and its path under the adapters root (strings without "
                             "NUL bytes)", param="path")
     if svc.settings.adapters_root is None:
         raise APIError(400, "this server has no --adapters-root; adding adapters is disabled", param="path")
     root = Path(svc.settings.adapters_root).resolve()
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root) or not path.is_dir():
-        raise APIError(400, f"path {rel!r} is not an adapter directory under the adapters root", param="path")
+    try:
+        path = (root / rel).resolve()
+        inside = path.is_relative_to(root) and path.is_dir()
+        outside = [f.name for f in path.iterdir() if f.name in files.ADAPTER_FILES
+                   and not f.resolve().is_relative_to(root)] if inside else []
+    except (OSError, RuntimeError, ValueError) as e:  # a name too long, a symlink loop, ...
+        raise APIError(400, f"path {rel[:200]!r} cannot be used ({type(e).__name__}: "
+                            f"{getattr(e, 'strerror', None) or e})", param="path") from None
+    if not inside:
+        raise APIError(400, f"path {rel[:200]!r} is not an adapter directory under the adapters root", param="path")
+    if outside:
+        raise APIError(400, f"path {rel[:200]!r}: file(s) {sorted(outside)} lead outside the adapters root "
+                            f"(symlinks)", param="path")
     return path
 
 
 @router.post("/admin/adapters")
 async def add_adapter(request: HTTPRequest):
-    svc = admin(request)
-    body = await body_of(request)
-    name = body.get("name")
-    path = adapter_dir(svc, name, body.get("path"))
-    names = await change(svc, svc.control.add_adapter, name, path, action="add_adapter", target=name)
-    return JSONResponse({"added": name, "adapters": names}, status_code=201)
+    async def work(svc, seen):
+        body = await body_of(request)
+        name = body.get("name")
+        seen["target"] = name if isinstance(name, str) else repr(name)
+        path = adapter_dir(svc, name, body.get("path"))
+        names = await mapped(svc.control.add_adapter, name, path)
+        return JSONResponse({"added": name, "adapters": names}, status_code=201)
+    return await audited(request, "add_adapter", work)
 
 
 @router.delete("/admin/adapters/{name}")
 async def remove_adapter(name: str, request: HTTPRequest):
-    svc = admin(request)
-    names = await change(svc, svc.control.remove_adapter, name, action="remove_adapter", target=name)
-    return {"removed": name, "adapters": names}
+    async def work(svc, seen):
+        return {"removed": name, "adapters": await mapped(svc.control.remove_adapter, name)}
+    return await audited(request, "remove_adapter", work, name)
 
 
 @router.put("/admin/users/{user}")
 async def put_user(user: str, request: HTTPRequest):
-    svc = admin(request)
-    body = await body_of(request)
-    keys, adapters = body.get("keys"), body.get("adapters")
-    for field_name, value in (("keys", keys), ("adapters", adapters)):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise APIError(400, f"'{field_name}' must be a list of strings", param=field_name)
-    return await change(svc, svc.control.put_user, user, keys, adapters, action="put_user", target=user)
+    async def work(svc, seen):
+        body = await body_of(request)
+        keys, adapters = body.get("keys"), body.get("adapters")
+        for field_name, value in (("keys", keys), ("adapters", adapters)):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise APIError(400, f"'{field_name}' must be a list of strings", param=field_name)
+        return await mapped(svc.control.put_user, user, keys, adapters)
+    return await audited(request, "put_user", work, user)
 
 
 @router.get("/health")

@@ -1,8 +1,8 @@
 """An append-only audit log of admin actions: one JSON object a line, each flushed and fsynced.
 
     log = AuditLog("audit.jsonl")
-    log.record("admin", "put_user", "carol", "ok", adapters=["gamma"])
-    # {"time": "2025-01-01T12:00:00.000000Z", "who": "admin", "action": "put_user", "target": "carol",
+    log.record("admin:3f2a9c1b0d4e", "put_user", "carol", "ok", adapters=["gamma"])
+    # {"time": "2025-01-01T12:00:00.000000Z", "who": "admin:3f2a9c1b0d4e", "action": "put_user", "target": "carol",
     #  "result": "ok", "adapters": ["gamma"]}
 
 Keys never reach it: a detail named "keys" or containing "key" (any case) is refused. AuditLog(None) records

@@ -69,7 +69,15 @@ def key_matches(key: str, entry: str) -> bool:
 
 
 def _valid_plaintext(k) -> bool:
-    return isinstance(k, str) and len(k) >= MIN_KEY_LEN
+    """A usable plaintext key: a string of MIN_KEY_LEN+ characters that is valid Unicode (no lone surrogate,
+    which no client could send as a header)."""
+    if not isinstance(k, str) or len(k) < MIN_KEY_LEN:
+        return False
+    try:
+        k.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _valid_hash(k) -> bool:
@@ -98,6 +106,12 @@ class Principal:
 
     user: User | None
     admin: bool = False
+    key_id: str | None = None  # which stored key matched (key_id()), never the key: tells two admins apart
+
+
+def key_id(entry: str) -> str:
+    """A short public id of a stored (hashed) key entry: the first 12 hex of its sha256."""
+    return hashlib.sha256(entry.encode()).hexdigest()[:12]
 
 
 def _check_entries(entries: list[tuple[str, str]], where: str) -> int:
@@ -253,18 +267,19 @@ class AuthStore:
         users, admin_keys = self._state
         for k in admin_keys:
             if _matches(given, k):
-                found = Principal(None, admin=True)
+                found = Principal(None, admin=True, key_id=key_id(k))
         for u in users.values():
             for k in u.keys:
                 if _matches(given, k):
-                    found = Principal(u)
+                    found = Principal(u, key_id=key_id(k))
         return found
 
     def put_user(self, name: str, keys: list[str], adapters: list[str], known: set[str]) -> User:
         """Create or replace a user from plaintext keys (stored hashed) and persist the file; nothing changes
         if the write fails. A key that already names another principal is refused."""
         if not isinstance(keys, (list, tuple)) or not keys or not all(_valid_plaintext(k) for k in keys):
-            raise ValueError(f"user {name!r}: keys must be a non-empty list of strings of {MIN_KEY_LEN}+ characters")
+            raise ValueError(f"user {name!r}: keys must be a non-empty list of strings of {MIN_KEY_LEN}+ characters "
+                             f"(valid Unicode)")
         if not isinstance(adapters, (list, tuple, set, frozenset)):
             raise ValueError(f"user {name!r}: adapters must be a list of adapter names")
         user = User(name, tuple(hash_key(k) for k in keys), frozenset(adapters))

@@ -60,12 +60,18 @@ async def read_limited(request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body has {declared} bytes, over the limit of {limit}", code="body_too_large")
+    from starlette.requests import ClientDisconnect
+
     size, chunks = 0, []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client went away mid-body: its fault, nobody to answer, not a server error
+        raise APIError(400, "the client disconnected before sending the whole body", code="client_disconnected") \
+            from None
     return b"".join(chunks)
 
 

@@ -89,8 +89,9 @@ def check_sampling(settings: ServeSettings, body: dict) -> Sampling:
         raise APIError(404, f"unknown model {body.get('model')!r}; this server serves {settings.model_name!r}",
                        param="model", code="model_not_found")
     n = body.get("n", 1)
-    if n != 1:
-        raise APIError(400, f"only n=1 is supported, got {n!r}", param="n")
+    if isinstance(n, bool) or not isinstance(n, int) or n != 1:
+        raise APIError(400, f"only n=1 (an integer) is supported, got {n!r}", param="n")
+    check_options(body)
     mt = body.get("max_completion_tokens", body.get("max_tokens", settings.default_max_tokens))
     if isinstance(mt, bool) or not isinstance(mt, int) or not 1 <= mt <= settings.max_tokens_limit:
         raise APIError(400, f"max_tokens must be an integer in [1, {settings.max_tokens_limit}], got {mt!r}",
@@ -110,6 +111,23 @@ def check_sampling(settings: ServeSettings, body: dict) -> Sampling:
     return Sampling(mt, float(temp), stream, seed, ignore_eos)
 
 
+def check_options(body: dict) -> None:
+    """The OpenAI fields seqr accepts but does not act on, and its own `seqr` switch, with the types the API
+    defines (a wrong type is a 400 naming the field, never silently taken)."""
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise APIError(400, f"user must be a string, got {type(user).__name__}", param="user")
+    opts = body.get("stream_options")
+    if opts is not None and not (isinstance(opts, dict) and set(opts) <= {"include_usage"}
+                                 and isinstance(opts.get("include_usage", False), bool)):
+        raise APIError(400, f"stream_options must be an object {{include_usage: boolean}}, got {opts!r}",
+                       param="stream_options")
+    summary = body.get("seqr", True)
+    if not isinstance(summary, bool):
+        raise APIError(400, f"seqr must be a boolean (whether the reply carries the routing summary), got "
+                            f"{summary!r}", param="seqr")
+
+
 async def prompt_text(svc: Service, body: dict, chat: bool) -> str:
     """The prompt as text: `prompt`, or `messages` through the model's chat template (off the event loop)."""
     limit = svc.settings.max_prompt_chars
@@ -122,8 +140,9 @@ async def prompt_text(svc: Service, body: dict, chat: bool) -> str:
     if not isinstance(msgs, list) or not msgs or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
         raise APIError(400, "messages must be a non-empty list of {role, content} strings", param="messages")
-    for m in msgs:
-        check_text(m["content"], limit, "messages")
+    for i, m in enumerate(msgs):
+        check_text(m["role"], limit, f"messages[{i}].role")
+        check_text(m["content"], limit, f"messages[{i}].content")
     try:
         return await asyncio.to_thread(svc.engine.tokenizer.apply_chat_template, msgs, tokenize=False,
                                        add_generation_prompt=True)

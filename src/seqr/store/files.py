@@ -32,6 +32,7 @@ CENTROIDS_FILE = "seqr_centroids.safetensors"  # per-layer mean input of the sil
 ADAPTER_META = "seqr_adapter.json"  # seqr's own facts about a trained adapter (shared-A seed, task)
 TRAIN_LOG = "train_log.jsonl"  # loss per training step, beside the adapter
 TRAIN_STATE_SUFFIX = ".resume.pt"  # a run's resumable state, hidden beside the adapter dir it will write
+ADAPTER_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, STATS_FILE, CENTROIDS_FILE, ADAPTER_META)  # what seqr reads from one
 
 # An evaluation output directory (seqr eval / seqr demo)
 EVAL_RESULTS = "eval.json"  # every number the report and figures are drawn from
