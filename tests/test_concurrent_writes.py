@@ -157,3 +157,77 @@ def test_each_change_writes_the_next_generation(tmp_path):
     auth.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="generation must be a non-negative integer, got 'two'"):
         AuthStore.load(auth)
+
+
+def test_two_servers_admin_churn_and_a_held_lock_under_traffic_lose_nothing_acknowledged(tmp_path):
+    """Fault injection: two real `seqr serve` processes on one library and auth file, live traffic on both, admin
+    churn through both (users, adapter adds and removes), and a real flock holder in the middle. Every change
+    answered 2xx must be there after a restart, which must succeed; a refused change (409/503) leaves nothing."""
+    from seqr.bench.serve import launch, stop
+    from seqr.serve.auth import AuthStore
+    from tiny_chat import chat_tokenizer, saved_model_and_library
+
+    model, lib_dir = saved_model_and_library(tmp_path, ["alpha", "beta", "gamma"])
+    auth_file, silos = tmp_path / "auth.json", tmp_path / "silos"
+    auth_file.write_text(json.dumps({"users": {"alice": {"keys": ["sk-alice-0001"], "adapters": ["alpha", "beta"]}},
+                                     "admin_keys": ["sk-admin-0001"]}))
+    stats = {layer: s.to_dict() for layer, s in LoraLibrary.load(lib_dir).stats("alpha").items()}
+    for i in range(6):
+        make_adapter(silos / f"s{i}", seed=40 + i, base=tiny_chat_llama(len(chat_tokenizer())), b_scale=1.0)
+        files.atomic_write_json(silos / f"s{i}" / files.STATS_FILE, {"layers": stats})
+    args = [str(lib_dir), "--model", str(model), "--auth", str(auth_file), "--adapters-root", str(silos),
+            "--lock-timeout", "2"]
+    servers = [launch(args, timeout_s=120) for _ in range(2)]
+    stop_traffic, codes = threading.Event(), []
+
+    def traffic(url):
+        while not stop_traffic.is_set():
+            r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=ALICE, timeout=60)
+            codes.append(r.status_code)
+
+    threads = [threading.Thread(target=traffic, args=(url,)) for _, url in servers]
+    for t in threads:
+        t.start()
+    users, added, removed = {}, set(), set()
+    try:
+        for i in range(12):
+            url = servers[i % 2][1]
+            if i == 6:  # a held lock: whatever asks for it now gets a 503 and changes nothing
+                holder = subprocess.Popen(["flock", str(lib_dir / files.LOCK_FILE), "sleep", "40"],
+                                          start_new_session=True)
+                time.sleep(0.3)
+            r = httpx.put(url + f"/admin/users/u{i}", json={"keys": [f"sk-user-{i:05d}"], "adapters": ["alpha"]},
+                          headers=ADMIN, timeout=60)
+            assert r.status_code in (200, 409, 503), r.text
+            if r.status_code == 200:
+                users[f"u{i}"] = {"alpha"}
+            r = httpx.post(url + "/admin/adapters", json={"name": f"s{i % 6}", "path": f"s{i % 6}"}, headers=ADMIN,
+                           timeout=60)
+            assert r.status_code in (201, 400, 409, 503), r.text
+            if r.status_code == 201:
+                added.add(f"s{i % 6}")
+            if i == 6:
+                os.killpg(holder.pid, 9)
+                holder.wait()
+            if i % 3 == 2 and added:
+                name = sorted(added)[0]
+                r = httpx.delete(url + f"/admin/adapters/{name}", headers=ADMIN, timeout=60)
+                assert r.status_code in (200, 404, 409, 503), r.text
+                if r.status_code == 200:
+                    added.discard(name)
+                    removed.add(name)
+    finally:
+        stop_traffic.set()
+        for t in threads:
+            t.join(timeout=60)
+        for proc, _ in servers:
+            stop(proc)
+    assert codes and set(codes) == {200}  # traffic never failed
+    assert users and added  # both servers made changes that were acknowledged
+    proc, url = launch(args, timeout_s=120)  # the restart must succeed
+    try:
+        auth, lib = AuthStore.load(auth_file), LoraLibrary.load(lib_dir)
+        assert set(users) <= set(auth.users) and added <= set(lib.names) and not (removed & set(lib.names))
+        assert httpx.get(url + "/health").json()["adapters"] == len(lib.names)
+    finally:
+        stop(proc)

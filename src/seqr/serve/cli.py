@@ -29,8 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (scale-out)")
     p.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each with model + library")
     p.add_argument("--ray-address", help="with --ray: join this Ray cluster (default: start a local one)")
+    p.add_argument("--lock-timeout", type=float, default=10.0,
+                   help="seconds an admin change waits for the library's or auth file's lock (held by another "
+                        "writer) before it is refused with 503; generation never waits for it")
     add_dtype_arg(p)
     a = p.parse_args(argv)
+    if not a.lock_timeout >= 0:
+        p.error(f"--lock-timeout must be >= 0 seconds, got {a.lock_timeout}")
+    from seqr.store import files
+
+    files.LOCK_TIMEOUT_S = a.lock_timeout
     if a.ray:
         if a.engine != "embedded":
             p.error("--ray serves the embedded engine; --engine vllm scales out with vLLM's own parallelism")
