@@ -16,6 +16,7 @@ from torch import nn
 from seqr.core import registry
 from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
+from seqr.core.memory import trim_heap
 from seqr.core.trace import Trace
 from seqr.hf.compat import passed_cache
 from seqr.store.library import LoraLibrary
@@ -417,6 +418,7 @@ def attach(model: nn.Module, library: LoraLibrary, *, method: str | None = None,
         setattr(owner, child, RoutedLinear(modules[layer], bank, state, layer))
     state.hook = model.register_forward_pre_hook(state.pre_hook, with_kwargs=True)
     setattr(model, STATE_ATTR, state)
+    trim_heap()  # the per-adapter tensors the banks replaced: their pages back to the OS
     return model
 
 

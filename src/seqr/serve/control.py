@@ -46,7 +46,8 @@ class LocalControl:
     taken off the engine's worker (so a lock another process holds never stalls generation; a change that cannot
     get them within the lock timeout fails with 503), then the change runs on the worker between batches (a
     request sees the library before or after it, never half; a user's adapters are checked against the library
-    on the same thread that removes adapters), writing under the locks it was handed."""
+    on the same thread that removes adapters), writing under the locks it was handed and releasing them before
+    the engine reloads the library (vLLM's workers read it back from disk under a shared lock)."""
 
     def __init__(self, engine, auth: AuthStore):
         self.engine, self.auth = engine, auth
@@ -54,17 +55,24 @@ class LocalControl:
 
     async def _on_worker(self, op: str, *args):
         async with self._one:
-            with contextlib.ExitStack() as held:
-                owner = object()
+            held, owner = contextlib.ExitStack(), object()
+            try:
                 await asyncio.to_thread(self._take_locks, held, owner)
                 lib = self.engine.library
                 lib.lock_owner = self.auth.lock_owner = owner
-                try:
-                    run = (lambda e: e.change(lambda lib: apply_change(lib, self.auth, op, *args))) if op != "put_user" \
-                        else (lambda e: apply_change(e.library, self.auth, op, *args))
-                    return await asyncio.wrap_future(self.engine.call(run))
-                finally:
-                    lib.lock_owner = self.auth.lock_owner = None
+
+                def apply(library):  # on the worker, under the handed locks, released before any reload
+                    try:
+                        return apply_change(library, self.auth, op, *args)
+                    finally:
+                        library.lock_owner = self.auth.lock_owner = None
+                        held.close()
+
+                run = (lambda e: e.change(apply)) if op != "put_user" else (lambda e: apply(e.library))
+                return await asyncio.wrap_future(self.engine.call(run))
+            finally:
+                self.engine.library.lock_owner = self.auth.lock_owner = None
+                held.close()
 
     def _take_locks(self, held: contextlib.ExitStack, owner) -> None:
         """The library directory's and the auth file's writer locks, for `owner` (waits here, not on the worker)."""

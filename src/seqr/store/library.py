@@ -130,8 +130,14 @@ class LoraLibrary:
         key = layer if device is None else (layer, str(torch.device(device)))
         if key not in self._banks:
             ads = list(self._adapters.values())
-            B = torch.stack([a.B[layer] for a in ads]).to(device)  # (N, m, r)
+            Bt = torch.stack([a.B[layer].T for a in ads]).to(device)  # (N, r, m): the bank's own layout
             A = (self.shared_A[layer] if self.shared_a else torch.stack([a.A[layer] for a in ads])).to(device)
+            if Bt.device == ads[0].B[layer].device:  # one copy: each adapter's tensors become views of the stack
+                for i, a in enumerate(ads):
+                    a.B[layer] = Bt[i].T  # (m, r)
+                    if not self.shared_a:
+                        a.A[layer] = A[i]  # (r, n)
+            B = Bt.transpose(1, 2)  # (N, m, r) view; AdapterBank keeps its contiguous (N, r, m) storage as is
             mu = sigma = q = None
             if not self.uncalibrated:
                 mu = torch.tensor([a.stats[layer].mean for a in ads], dtype=torch.float64)  # (N,)
