@@ -2,9 +2,12 @@
 the form the library stores (float32, contiguous; NormStats)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from seqr.core.stats import NormStats, z_scorable
+from seqr.store import files
 
 A_REL_TOL = 1e-6  # two A matrices closer than this (relative Frobenius) count as the same shared A
 
@@ -73,3 +76,53 @@ def stats(meta, stats: dict, where: str) -> dict[str, NormStats]:
                              f"1 / sigma^2 is not finite): mu={s.mean:.6g}, sigma={s.std:.6g}")
         out[layer] = s
     return out
+
+
+def manifest_entries(path: Path, man: dict) -> tuple[list[dict], dict | None]:
+    """The manifest's adapter entries and shared-A entry, each checked for the fields loading reads; errors name
+    the library, the adapter (or entry index) and the field."""
+    where = f"library manifest {path / files.MANIFEST}"
+    entries = man.get("adapters")
+    if not isinstance(entries, list):
+        raise ValueError(f"{where}: field 'adapters' must be a list of adapter objects, got "
+                         f"{type(entries).__name__}")
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise ValueError(f"{where}: adapters[{i}] must be an object, got {type(e).__name__}")
+        name = e.get("name")
+        if not isinstance(name, str):
+            raise ValueError(f"{where}: adapters[{i}] has no string 'name' (got {name!r})")
+        for key in ("file", "sha256"):
+            if not isinstance(e.get(key), str) or not e[key]:
+                raise ValueError(f"{where}: adapter {name!r} has no {key!r} (got {e.get(key)!r})")
+    sa = man.get("shared_a_file")
+    if man.get("shared_a") and not (isinstance(sa, dict) and all(isinstance(sa.get(k), str) and sa[k]
+                                                                  for k in ("file", "sha256"))):
+        raise ValueError(f"{where}: 'shared_a' is true but 'shared_a_file' is not an object with 'file' and "
+                         f"'sha256' (got {sa!r})")
+    return entries, sa
+
+
+def compatible(ads: list) -> None:
+    """One error listing every adapter and layer that does not match the first adapter."""
+    first, problems = ads[0], []
+    names = [a.name for a in ads]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"adapter name {dup!r} is used more than once")
+    for a in ads[1:]:
+        tag = f"adapter {a.name!r} ({a.path})"
+        if a.base_model and first.base_model and a.base_model != first.base_model:
+            problems.append(f"{tag}: base model {a.base_model!r} differs from {first.name!r}'s {first.base_model!r}")
+        if a.rank != first.rank:
+            problems.append(f"{tag}: rank {a.rank} differs from {first.name!r}'s rank {first.rank}")
+        if a.target_modules != first.target_modules:
+            problems.append(f"{tag}: target modules {a.target_modules} differ from {first.target_modules}")
+        missing, extra = sorted(set(first.A) - set(a.A)), sorted(set(a.A) - set(first.A))
+        if missing or extra:
+            problems.append(f"{tag}: layers differ (missing {missing}, extra {extra})")
+        for layer in sorted(set(first.A) & set(a.A)):
+            if a.A[layer].shape[1] != first.A[layer].shape[1] or a.B[layer].shape[0] != first.B[layer].shape[0]:
+                problems.append(f"{tag}, layer {layer}: shape {tuple(a.B[layer].shape[:1]) + tuple(a.A[layer].shape[1:])}"
+                                f" differs from {tuple(first.B[layer].shape[:1]) + tuple(first.A[layer].shape[1:])}")
+    if problems:
+        raise ValueError(f"{len(problems)} incompatible adapter(s):\n  " + "\n  ".join(problems))

@@ -20,7 +20,7 @@ import torch
 
 from seqr.store import checks, files
 from seqr.core.bank import AdapterBank
-from seqr.store.peft_io import PeftAdapter, read_peft_adapter, stats_record, write_peft_adapter
+from seqr.store.peft_io import read_peft_adapter, stats_record, write_peft_adapter
 from seqr.core.stats import NormStats, as_normalised
 from seqr.core.stats import pooled as pool_stats
 
@@ -396,7 +396,7 @@ class LoraLibrary:
                                target_modules=man["target_modules"], base_model=man.get("base_model"),
                                a_seed=man.get("a_seed"), fan_in_fan_out=bool(man.get("fan_in_fan_out")),
                                extra=man.get("extra") or {})
-            entries, sa = _checked_entries(path, man)
+            entries, sa = checks.manifest_entries(path, man)
             generation = int(man.get("generation", 0))
             storage = man.get("storage_dtype", "float32")
             if storage not in STORAGE_DTYPES:
@@ -445,7 +445,7 @@ class LoraLibrary:
         if not items:
             raise ValueError("from_peft needs at least one adapter directory, got none")
         ads = [read_peft_adapter(p, name) for name, p in items]
-        _check_compatible(ads)
+        checks.compatible(ads)
         first = ads[0]
         shared = all(checks.rel_diff(a.A[layer], first.A[layer]) <= checks.A_REL_TOL for a in ads[1:] for layer in first.A)
         seeds = {a.meta.get("a_seed") for a in ads}
@@ -499,53 +499,3 @@ def _write_hashed(path: Path, stem: str, tensors: dict[str, torch.Tensor]) -> tu
     if not (target.is_file() and target.stat().st_size == len(data) and files.sha256(target.read_bytes()) == digest):
         files.atomic_write_bytes(target, data)  # absent, or a damaged leftover under the same name: rewritten
     return rel, digest
-
-
-def _checked_entries(path: Path, man: dict) -> tuple[list[dict], dict | None]:
-    """The manifest's adapter entries and shared-A entry, each checked for the fields loading reads; errors name
-    the library, the adapter (or entry index) and the field."""
-    where = f"library manifest {path / files.MANIFEST}"
-    entries = man.get("adapters")
-    if not isinstance(entries, list):
-        raise ValueError(f"{where}: field 'adapters' must be a list of adapter objects, got "
-                         f"{type(entries).__name__}")
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict):
-            raise ValueError(f"{where}: adapters[{i}] must be an object, got {type(e).__name__}")
-        name = e.get("name")
-        if not isinstance(name, str):
-            raise ValueError(f"{where}: adapters[{i}] has no string 'name' (got {name!r})")
-        for key in ("file", "sha256"):
-            if not isinstance(e.get(key), str) or not e[key]:
-                raise ValueError(f"{where}: adapter {name!r} has no {key!r} (got {e.get(key)!r})")
-    sa = man.get("shared_a_file")
-    if man.get("shared_a") and not (isinstance(sa, dict) and all(isinstance(sa.get(k), str) and sa[k]
-                                                                  for k in ("file", "sha256"))):
-        raise ValueError(f"{where}: 'shared_a' is true but 'shared_a_file' is not an object with 'file' and "
-                         f"'sha256' (got {sa!r})")
-    return entries, sa
-
-
-def _check_compatible(ads: list[PeftAdapter]) -> None:
-    """One error listing every adapter and layer that does not match the first adapter."""
-    first, problems = ads[0], []
-    names = [a.name for a in ads]
-    for dup in sorted({n for n in names if names.count(n) > 1}):
-        problems.append(f"adapter name {dup!r} is used more than once")
-    for a in ads[1:]:
-        tag = f"adapter {a.name!r} ({a.path})"
-        if a.base_model and first.base_model and a.base_model != first.base_model:
-            problems.append(f"{tag}: base model {a.base_model!r} differs from {first.name!r}'s {first.base_model!r}")
-        if a.rank != first.rank:
-            problems.append(f"{tag}: rank {a.rank} differs from {first.name!r}'s rank {first.rank}")
-        if a.target_modules != first.target_modules:
-            problems.append(f"{tag}: target modules {a.target_modules} differ from {first.target_modules}")
-        missing, extra = sorted(set(first.A) - set(a.A)), sorted(set(a.A) - set(first.A))
-        if missing or extra:
-            problems.append(f"{tag}: layers differ (missing {missing}, extra {extra})")
-        for layer in sorted(set(first.A) & set(a.A)):
-            if a.A[layer].shape[1] != first.A[layer].shape[1] or a.B[layer].shape[0] != first.B[layer].shape[0]:
-                problems.append(f"{tag}, layer {layer}: shape {tuple(a.B[layer].shape[:1]) + tuple(a.A[layer].shape[1:])}"
-                                f" differs from {tuple(first.B[layer].shape[:1]) + tuple(first.A[layer].shape[1:])}")
-    if problems:
-        raise ValueError(f"{len(problems)} incompatible adapter(s):\n  " + "\n  ".join(problems))
