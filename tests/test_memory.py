@@ -2,9 +2,16 @@
 stacked tensors its banks route with, before and after changes, with every value as given."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from peft_factory import adapter_library, random_stats
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative Frobenius error of a against the reference b."""
+    assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+    return float((a - b).norm() / b.norm())
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -41,3 +48,62 @@ def test_unique_a_libraries_share_their_a_too(tmp_path):
         A = lib.adapter_weights(n)[0][layer]
         assert _storage(A) == _storage(bank.A) and torch.equal(A, A_given[n]) and torch.equal(bank.A[i], A)
 
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_resident_library_routes_like_float32_and_holds_half(tmp_path, dtype):
+    ref = random_stats(adapter_library(tmp_path / "s", [f"a{i}" for i in range(6)]))
+    half = random_stats(adapter_library(tmp_path / "s", [f"a{i}" for i in range(6)])).set_resident_dtype(dtype)
+    x = torch.randn(3000, ref.meta.layers[ref.layers[0]][1], generator=torch.Generator().manual_seed(0))
+    for layer in ref.layers:
+        b32, b16 = ref.bank(layer), half.bank(layer)
+        assert b16.B.dtype == getattr(torch, dtype) and b16.A.dtype == b16.B.dtype
+        for method in ("seqr", "arrow", "spectr"):
+            s = b32.scores(x, method)  # (T, N) the float32 reference
+            top = s.topk(2, dim=-1).values
+            clear = (top[:, 0] - top[:, 1]) > 2e-2 * top[:, 0].abs().clamp(min=1)
+            i32, i16 = b32.route(x, method), b16.route(x, method)
+            assert clear.float().mean() > 0.8 and torch.equal(i16[clear], i32[clear]), (layer, method)
+        idx, eps = b32.route(x, "seqr"), torch.finfo(getattr(torch, dtype)).eps
+        for T in (1, 5, 3000):  # one token, a decode batch, a prefill: each path of the update
+            assert _rel(b16.delta(x[:T], idx[:T]), b32.delta(x[:T], idx[:T])) < 4 * eps  # the weights' rounding
+        assert _rel(b16.mean_delta(x[:64]), b32.mean_delta(x[:64])) < 4 * eps
+        assert b16._cast(torch.float32)[1].dtype == b16.B.dtype  # no float32 copy of B behind the update
+    name = half.names[0]
+    assert half.adapter_weights(name)[1][half.layers[0]].dtype == getattr(torch, dtype)
+    with pytest.raises(ValueError, match="'int8'"):
+        half.set_resident_dtype("int8")
+
+
+def test_half_resident_unique_a_library(tmp_path):
+    ref = adapter_library(tmp_path / "u", ["x", "y", "z"], a_seed=None)
+    half = adapter_library(tmp_path / "u", ["x", "y", "z"], a_seed=None).set_resident_dtype("float16")
+    layer = ref.layers[0]
+    x = torch.randn(40, ref.meta.layers[layer][1], generator=torch.Generator().manual_seed(1))
+    idx = torch.arange(40) % 3
+    eps = torch.finfo(torch.float16).eps
+    assert _rel(half.bank(layer).delta(x, idx), ref.bank(layer).delta(x, idx)) < 4 * eps
+    assert _rel(half.bank(layer).mean_delta(x), ref.bank(layer).mean_delta(x)) < 4 * eps
+
+
+def test_a_half_resident_library_attached_to_a_model(tmp_path):
+    from peft_factory import tiny_llama
+    from seqr import attach, detach, routing
+
+    ref = random_stats(adapter_library(tmp_path / "s", ["a", "b", "c"], b_scale=1.0))
+    half = random_stats(adapter_library(tmp_path / "s", ["a", "b", "c"], b_scale=1.0)).set_resident_dtype("float16")
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    out, first = {}, [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]  # layers fed the same embeddings
+    for label, lib in (("fp32", ref), ("fp16", half)):
+        model = attach(tiny_llama(), lib)
+        with torch.no_grad(), routing(model, "seqr", trace=True) as tr:
+            model(input_ids=ids)
+        with torch.no_grad(), routing(model, adapter="b"):
+            logits = model(input_ids=ids).logits
+        out[label] = (logits, {layer: tr.layer(layer) for layer in first})
+        detach(model)
+    assert _rel(out["fp16"][0], out["fp32"][0]) < 4 * torch.finfo(torch.float16).eps  # a fixed adapter: rounding only
+    for layer in first:  # routed: the same choice wherever the float32 margin is clear
+        ref_t, half_t = out["fp32"][1][layer], out["fp16"][1][layer]
+        clear = ref_t["margin"].abs() > 0.05
+        assert clear.float().mean() > 0.7 and torch.equal(half_t["chosen"][clear], ref_t["chosen"][clear]), layer

@@ -367,10 +367,11 @@ class AdapterBank:
         inv = inv.expand(xf.shape[0]) if inv.shape[0] == 1 else inv  # (T,)
         A, Bt, _ = self._cast(xf.dtype)
         if self.shared_a:
-            mean_Bt = (w @ Bt.reshape(N, r * m)).view(-1, r, m)  # (P, r, m)
+            mean_Bt = (w @ Bt.reshape(N, r * m).to(w.dtype)).view(-1, r, m)  # (P, r, m)
             return rt.grouped_matmul(xf @ A.T, inv, mean_Bt).view(*lead, m)
+        A = A.to(xf.dtype)  # (N, n, r)
         zs = (xf @ A.permute(0, 2, 1).reshape(N * r, n).T).view(-1, N, r) * w[inv][:, :, None]  # (T, N, r)
-        return (zs.reshape(-1, N * r) @ Bt.reshape(N * r, m)).view(*lead, m)  # (…, m)
+        return (zs.reshape(-1, N * r) @ Bt.reshape(N * r, m).to(zs.dtype)).view(*lead, m)  # (…, m)
 
     def _cast(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A, B^T and the shared A^T in the activations' dtype (cached): A (r, n) or (N, n, r), Bt (N, r, m),
@@ -378,7 +379,12 @@ class AdapterBank:
         if dtype not in self._casts:
             A = self.A.to(dtype)
             At = A.T.contiguous() if self.shared_a else None
-            self._casts[dtype] = (A if self.shared_a else A.transpose(1, 2), self.B.to(dtype).transpose(1, 2), At)
+            # half-precision B under float32 activations stays as held: the update casts only the rows it gathers
+            keep = self.B.element_size() < 4 and dtype == torch.float32
+            Bt = (self.B if keep else self.B.to(dtype)).transpose(1, 2)  # (N, r, m)
+            if keep and not self.shared_a:
+                A = self.A
+            self._casts[dtype] = (A if self.shared_a else A.transpose(1, 2), Bt, At)
         return self._casts[dtype]
 
     # ----------------------------------------------------------------------------------------------

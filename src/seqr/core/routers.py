@@ -215,19 +215,20 @@ GATHER_TOKENS = 32  # up to this many tokens, gather each token's matrix and bmm
 def grouped_matmul(z: torch.Tensor, idx: torch.Tensor, Wt: torch.Tensor) -> torch.Tensor:
     """Per-token product with the token's own matrix: out_t = z_t @ Wt[idx_t], (T, a) x (G, a, b) -> (T, b).
 
-    Only the matrices some token uses are touched. A few tokens (a decode step): gather each token's matrix and
+    Only the matrices some token uses are touched (and cast to z's dtype: half-precision weights stay half in
+    memory). A few tokens (a decode step): gather each token's matrix and
     one bmm. Many tokens: sort them by matrix and run one grouped GEMM over the used matrices only (CPU grouped_mm
     loops over every group, empty ones included); what grouped_mm does not take (fp64, sizes not 16-byte aligned)
     falls back to one product per used matrix.
     """
     if z.shape[0] == 1 and z.device.type == "cpu":  # one token: its matrix by index (a cheap host read on CPU)
-        return z @ Wt[int(idx[0])]  # (1, b)
+        return z @ Wt[int(idx[0])].to(z.dtype)  # (1, b)
     if z.shape[0] <= GATHER_TOKENS:
-        return torch.bmm(z[:, None, :], Wt.index_select(0, idx))[:, 0]  # (T, b)
+        return torch.bmm(z[:, None, :], Wt.index_select(0, idx).to(z.dtype))[:, 0]  # (T, b)
     order = torch.argsort(idx, stable=True)  # (T,) tokens grouped by matrix
     counts = torch.bincount(idx, minlength=Wt.shape[0])  # (G,)
     used = counts.nonzero()[:, 0]  # (U,) the matrices some token uses, ascending like the sorted tokens
-    zs, Wu, cu = z[order], Wt.index_select(0, used), counts[used]  # (T, a), (U, a, b), (U,)
+    zs, Wu, cu = z[order], Wt.index_select(0, used).to(z.dtype), counts[used]  # (T, a), (U, a, b), (U,)
     if _grouped_mm_ok(zs) and _grouped_mm_ok(Wu):
         ys = torch.nn.functional.grouped_mm(zs, Wu, offs=torch.cumsum(cu, 0).to(torch.int32))  # (T, b)
     else:

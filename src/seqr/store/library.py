@@ -74,6 +74,7 @@ class LoraLibrary:
         self.percentile = False  # route by each adapter's empirical CDF (a `scored("percentile")` view)
         self.storage_dtype = "float32"  # STORAGE_DTYPES: what its files hold; memory holds those values in float32
         self.lock_owner = None  # set by a holder of the directory's writer lock (files.file_lock) to hand it over
+        self.resident_dtype = "float32"  # STORAGE_DTYPES: the dtype A, B and centroids are held in (routing: fp32)
 
     # ---------------------------------------------------------------------------------------------- access
     @property
@@ -227,7 +228,7 @@ class LoraLibrary:
         if unknown:
             raise KeyError(f"stats given for unknown adapter(s) {unknown}; the library holds {self.names}")
         new = LoraLibrary(self.meta)
-        new.shared_A, new.storage_dtype = self.shared_A, self.storage_dtype
+        new.shared_A, new.storage_dtype, new.resident_dtype = self.shared_A, self.storage_dtype, self.resident_dtype
         new._adapters = {n: replace(a, file=None, sha256=None, stats=checks.stats(self.meta, stats[n], f"adapter {n!r}")
                                     if n in stats else a.stats) for n, a in self._adapters.items()}
         return new
@@ -257,12 +258,25 @@ class LoraLibrary:
         return new
 
     def _stored(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
-        """float32 tensors holding exactly the values the library's files store (rounded through the storage
-        dtype), so a library in memory routes as the same library loaded back from disk."""
-        if tensors is None or self.storage_dtype == "float32":
+        """The tensors as this library holds them: exactly the values its files store (rounded through the storage
+        dtype), in its resident dtype, so a library in memory routes as the same library loaded back from disk."""
+        sd, rd = STORAGE_DTYPES[self.storage_dtype], STORAGE_DTYPES[self.resident_dtype]
+        if tensors is None or (sd == rd == torch.float32):
             return tensors
-        dt = STORAGE_DTYPES[self.storage_dtype]
-        return {k: t.to(dt).float() for k, t in tensors.items()}
+        return {k: t.to(sd).to(rd) for k, t in tensors.items()}
+
+    def set_resident_dtype(self, dtype: str) -> "LoraLibrary":
+        """Hold A, B and the centroids in `dtype` (STORAGE_DTYPES) from now on: float16 / bfloat16 halve the memory;
+        the routing math (z = A x, the Gram form, the z-score, the update's product) still runs in float32."""
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"resident dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
+        self.resident_dtype, rd = dtype, STORAGE_DTYPES[dtype]
+        cast = (lambda d: None if d is None else {k: t.to(rd) for k, t in d.items()})
+        self.shared_A = cast(self.shared_A)
+        for ad in self._adapters.values():
+            ad.B, ad.A, ad.centroids = cast(ad.B), cast(ad.A), cast(ad.centroids)
+        self._banks.clear()
+        return self
 
     def _round_to_storage(self, dtype: str) -> None:
         """Switch the storage dtype, rounding every tensor held (shared A, B, A, centroids) to it."""
