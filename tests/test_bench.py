@@ -244,3 +244,27 @@ def test_vllm_lora_reference_serves_in_the_dtype_seqr_serve_chooses(dtype, nativ
     assert modes["vllm"][1][modes["vllm"][1].index("--dtype") + 1] == dtype  # seqr serve resolves auto the same way
     _, base, models = modes["vllm_base_no_adapters"]  # the ceiling: the same server with no adapter at all
     assert base == args[:len(base)] and "--enable-lora" not in base and models == ["base"] * 3
+
+
+def test_bench_scale_measures_each_size_in_its_own_process(tmp_path):
+    from seqr.bench.cli import main as bench_main
+    from seqr.bench.scale import formula_mib
+    from tiny_chat import save_chat_model
+
+    save_chat_model(tmp_path / "model")
+    out = tmp_path / "scale"
+    assert bench_main(["scale", "--quick", "--sizes", "3,6", "--model", str(tmp_path / "model"), "--rank", "4",
+                       "--resident", "float16", "--prompt", "4", "--new-tokens", "2", "--out", str(out)]) == 0
+    doc = json.loads((out / "scale.json").read_text())
+    rows = doc["rows"]
+    assert [r["N"] for r in rows] == [3, 6] and doc["resident"] == "float16"
+    layers = {f"model.layers.{i}.self_attn.{p}_proj": ((32 if p in "qo" else 16), 32) for i in range(2) for p in "qkvo"}
+    for r in rows:  # the formula: n r + N (m r + r(r+1)/2) float32 numbers per layer
+        assert r["formula_mib"] == pytest.approx(sum(n * 4 + r["N"] * (m * 4 + 10) for m, n in layers.values()) * 4 / 2**20)
+        assert r["formula_mib"] == pytest.approx(formula_mib(layers, r["N"], 4))
+        assert r["load_s"] > 0 and r["add_s"] > 0 and r["remove_s"] > 0
+        assert set(r["decode_ms"]) == {"1", "8"} and all(v["seqr"] > 0 and v["untouched"] > 0
+                                                         for v in r["decode_ms"].values())
+    assert (out / "scale.png").stat().st_size > 0 and "| 6 |" in (out / "scale.md").read_text()
+    with pytest.raises(SystemExit):
+        bench_main(["scale", "--sizes", "x"])

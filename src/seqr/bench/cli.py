@@ -5,11 +5,12 @@ forward   a whole model's forward with N routed adapters beside peft's static Lo
 generate  per-token greedy decoding with N routed adapters beside the untouched model and peft
 serve     N concurrent clients against the HTTP service
 train     the fp32 training path against the fast path, interleaved
+scale     memory, load, add/remove and decode cost as the library grows to thousands of adapters
 """
 from __future__ import annotations
 
 
-from seqr.bench import forward, generate, routing, serve, train
+from seqr.bench import forward, generate, routing, scale, serve, train
 from seqr.core.argfmt import Parser
 
 # name -> (help, add its options, run(args, parser)).
@@ -24,6 +25,8 @@ SUBCOMMANDS = {
               serve.cmd_serve),
     "train": ("train the same examples on the fp32 path and the fast path, interleaved: tokens/s, dev accuracy, "
               "routed-eval throughput and agreement", train.add_train_args, train.cmd_train),
+    "scale": ("memory, load, add/remove and decode cost as N grows (fresh process per N): JSON, Markdown, PNG",
+              scale.add_scale_args, scale.cmd_scale),
 }
 
 
