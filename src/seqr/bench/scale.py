@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from seqr.bench.common import machine_info, machine_line, write_json
+from seqr.bench.common import cpu_snapshot, machine_info, machine_line, other_cpu_share, write_json
 
 SIZES = [10, 100, 1000, 5000]
 QUICK_SIZES = [4, 16]
@@ -125,6 +125,13 @@ def _changes(model, lib, layers: dict, rank: int) -> dict:
     attach(model, lib)
     out["reattach_remove_s"] = time.perf_counter() - t0
     return out
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
 
 
 def child(a) -> dict:
@@ -229,7 +236,7 @@ def cmd_scale(a, p) -> int:
     if not sizes or min(sizes) < 1 or a.rank < 1 or a.repeats < 1:
         p.error(f"--sizes, --rank and --repeats must be positive, got {sizes}, {a.rank}, {a.repeats}")
     repeats = 1 if a.quick else a.repeats
-    rows = []
+    rows, start, kids = [], cpu_snapshot(), _children_cpu_s()
     for N in sizes:
         cmd = [sys.executable, "-m", "seqr.cli", "bench", "scale", "--child", str(N), "--model", a.model,
                "--rank", str(a.rank), "--resident", a.resident, "--prompt", str(a.prompt), "--new-tokens",
@@ -243,6 +250,11 @@ def cmd_scale(a, p) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     info = machine_info()
+    end = cpu_snapshot()
+    share = other_cpu_share(start, end)  # counts the measuring children as others: take their CPU time out
+    if share is not None:
+        share = max(0.0, share - (_children_cpu_s() - kids) / (end["total"] - start["total"]))
+    info["other_cpu_share"] = share
     write_json(out / "scale.json", {"machine": info, "resident": a.resident, "rank": a.rank, "rows": rows,
                                     "targets": TARGETS})
     text = f"{machine_line(info)}\n\n{markdown(rows, a.resident)}" if rows else "no size finished\n"
