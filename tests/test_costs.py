@@ -97,9 +97,11 @@ def _counted_matmul_macs(fn) -> int:
 
 
 @pytest.mark.parametrize("shared", [True, False])
-def test_macs_match_counted_torch_ops(shared, make_lora, make_tokens):
+def test_macs_match_counted_torch_ops(shared, make_lora, make_tokens, monkeypatch):
     """Independent check: count the matmul MACs the bank's routers really run on a tiny bank. The elementwise
-    parts (SPECTR's S_i scaling: r per adapter) are not matmuls and are added from the tensor shapes."""
+    parts (SPECTR's S_i scaling: r per adapter) are not matmuls and are added from the tensor shapes. LAG runs
+    its gathered path here, the one the formula costs (its dense few-adapter path is checked below)."""
+    monkeypatch.setattr(rt, "LAG_DENSE_PER_K", 0)
     N, n, m, r, k, T = 6, 20, 12, 3, 2, 5
     A, B = make_lora(N, m, n, r, shared=shared)
     bank = AdapterBank(A, B)
@@ -152,3 +154,19 @@ def test_cli_bad_input_exits_with_message(capsys):
     assert "got k=20" in capsys.readouterr().err
     assert main(["--N", "10"]) == 0  # the default k=20 shrinks to N
     assert "k=10 (lag)" in capsys.readouterr().out
+
+
+def test_lag_dense_path_runs_spectr_macs(make_lora, make_tokens, monkeypatch):
+    """With few adapters LAG scores all of them: exactly ARROW's plus SPECTR's matmul MACs, and the same choice
+    as its gathered path."""
+    N, n, m, r, k, T = 6, 20, 12, 3, 2, 5
+    A, B = make_lora(N, m, n, r, shared=True)
+    bank = AdapterBank(A, B)
+    x = make_tokens(T, n=n)
+    bank.prepare("arrow", "spectr", "lag")
+    assert rt.lag_dense(N, k)
+    dense = _counted_matmul_macs(lambda: bank.route(x, "lag", k=k)) / T
+    assert dense + N * r == costs("arrow", N, n, m, r).macs + costs("spectr", N, n, m, r).macs
+    chosen = bank.route(x, "lag", k=k)
+    monkeypatch.setattr(rt, "LAG_DENSE_PER_K", 0)
+    assert bank.route(x, "lag", k=k).tolist() == chosen.tolist()

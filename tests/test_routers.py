@@ -255,9 +255,13 @@ def test_masked_argmax_never_picks_disallowed():
     assert (rt.masked_argmax_(scores.clone(), row) != 3).all()
 
 
+@pytest.mark.parametrize("per_k", [0, 64], ids=["gather", "dense"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lag_route_brute_force_with_mask(dtype, make_lora, make_tokens, ref):
+def test_lag_route_brute_force_with_mask(dtype, per_k, make_lora, make_tokens, ref, monkeypatch):
+    """Both of LAG's paths (k candidates gathered per token; all N scored by one GEMM) against brute force."""
+    monkeypatch.setattr(rt, "LAG_DENSE_PER_K", per_k)
     N, m, n, r, T, k = 12, 16, 20, 4, 60, 4
+    assert rt.lag_dense(N, k) == bool(per_k)
     A, B = make_lora(N, m, n, r, dtype, seed=8)
     x = make_tokens(T, n=n, dtype=dtype)
     S, V = rt.svd_factors(B, A)

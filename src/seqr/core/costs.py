@@ -13,6 +13,8 @@ One adapted layer W (m x n) carries N rank-r updates B_i A_i. Per token x (n,), 
 
 The baselines are costed as their papers compute them, whether or not A is shared. `shared_macs` is routing work
 left out of `macs` because the chosen adapter's update needs it anyway; the timed routing work is macs + shared_macs.
+LAG is costed as gathered (k r n per token); with few adapters (N <= LAG_DENSE_PER_K k, `routers.lag_dense`)
+the bank runs N (r n + r) dense MACs instead, which is faster than gathering k adapters' vectors per token.
 
 Numbers stored for routing AND applying the updates: the updates, n r + N m r with a shared A or N (r n + m r)
 otherwise, plus each router's state: naive none; spectr N (n r + r) (V_i, S_i); arrow N n (prototypes);

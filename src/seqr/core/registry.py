@@ -205,7 +205,7 @@ for _r in (
            cost=lambda N, n, m, r, k, sa: (N * n, 0, N * n), help="|v_i . x|, v_i the top right singular vector"),
     Router("lag", "LAG", 3, kind="shortlist", route=_lag, needs={"svd"}, trace="lag", takes_k=True, table1=2,
            cost=lambda N, n, m, r, k, sa: (N * n + k * (r * n + r), 0, N * n + N * (n * r + r)),
-           width=lambda N, m, n, r, k=1: N + k * r * n, help="ARROW's top k, then SPECTR among them"),
+           width=lambda N, m, n, r, k=1: N + ((N * r + N) if rt.lag_dense(N, k) else k * r * n), help="ARROW's top k, then SPECTR among them"),
     Router("spectr", "SPECTR", 4, score=_spectr, needs={"svd"}, trace="norm", percentile=True, table1=1,
            cost=lambda N, n, m, r, k, sa: (N * (r * n + r), 0, N * (n * r + r)), width=lambda N, m, n, r, k=1: 2 * N * r,
            help="||S_i V_i^T x||, z-scored"),
