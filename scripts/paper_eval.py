@@ -16,6 +16,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from seqr.eval.evaluate import EvalConfig, evaluate, load_data
@@ -58,11 +59,32 @@ def run_stage(stage: str, a, model, tok) -> None:
     out = Path(a.out) / stage
     for method in passes:
         cfg.methods = (method,)
+        before = finished_passes(out / files.EVAL_RESULTS)
         evaluate(model, tok, libs, data, cfg, out_dir=out)
-        if a.commit:
-            subprocess.run(["git", "add", "--", str(out / files.EVAL_RESULTS)], check=True)
-            if subprocess.run(["git", "diff", "--cached", "--quiet"]).returncode:
-                subprocess.run(["git", "commit", "-q", "-m", f"Issue 28: eval {stage} {method} pass"], check=True)
+        if a.commit and finished_passes(out / files.EVAL_RESULTS) != before:  # a reused pass is no news
+            commit_only(out / files.EVAL_RESULTS, f"Issue 28: eval {stage} {method} pass")
+
+
+def finished_passes(path: Path) -> set[str]:
+    """The passes a results document holds: base, and per library its methods and noise passes."""
+    if not path.exists():
+        return set()
+    doc = files.read_json(path, "eval results")
+    return ({"base"} if doc.get("base") else set()) | {f"{label} {key}" for label, e in doc["libraries"].items()
+                                                      for key in [*e["methods"], *e["noise"]]}
+
+
+def commit_only(path: Path, message: str, tries: int = 5) -> None:
+    """Commit this one file and nothing else staged beside it; retried while another git command holds the index."""
+    for attempt in range(tries):
+        added = subprocess.run(["git", "add", "--", str(path)])
+        if added.returncode == 0:
+            if not subprocess.run(["git", "diff", "--cached", "--quiet", "--", str(path)]).returncode:
+                return  # unchanged since the last commit
+            if subprocess.run(["git", "commit", "-q", "--only", "-m", message, "--", str(path)]).returncode == 0:
+                return
+        time.sleep(2 + 3 * attempt)
+    raise RuntimeError(f"could not commit {str(path)!r} after {tries} tries")
 
 
 def main(argv: list[str] | None = None) -> int:

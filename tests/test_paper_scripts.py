@@ -122,3 +122,52 @@ def test_committer_commits_only_the_pieces_it_names(tmp_path, monkeypatch):
     assert log.split() == ["Issue", "28:", "sweep", "x", "piece.json"]
     pl.git_committer(False)("off", [Path("other.txt")])
     assert "other.txt" not in subprocess.run(["git", "ls-files"], capture_output=True, text=True).stdout
+
+
+def test_eval_commits_only_its_results_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"]):
+        subprocess.run(cmd, check=True)
+    Path("eval.json").write_text("{}")
+    Path("staged.txt").write_text("someone else's")
+    subprocess.run(["git", "add", "staged.txt"], check=True)  # staged by another hand: must stay out of the commit
+    pe.commit_only(Path("eval.json"), "Issue 28: eval main seqr pass")
+    pe.commit_only(Path("eval.json"), "again")  # unchanged: no empty commit
+    log = subprocess.run(["git", "log", "--format=%s", "--name-only"], capture_output=True, text=True).stdout
+    assert log.split() == ["Issue", "28:", "eval", "main", "seqr", "pass", "eval.json"]
+    assert "staged.txt" in subprocess.run(["git", "diff", "--cached", "--name-only"], capture_output=True, text=True).stdout
+
+
+def test_report_from_every_stage(setup, monkeypatch):
+    """All four stages on the tiny library (snapshots at steps 1 and 2), then scripts/paper_report.py's report."""
+    if not (setup / "art" / files.MANIFEST).exists():
+        monkeypatch.setattr(pl, "OLD_SWEEPS", setup / "none.json")
+        pl.main(_args(setup))
+    monkeypatch.setattr(pe, "STEPS", (1, 2))
+    monkeypatch.setattr(pe, "NOISE_LEVELS", (0.5, 1.0))
+    monkeypatch.setattr(pe, "EXACT_N", 4)
+    monkeypatch.setattr(pe, "NOISE_N", 4)
+    base = ["--data", str(setup / "data"), "--model", str(setup / "model"), "--library", str(setup / "art"),
+            "--out", str(setup / "ev")]
+    assert pe.main(base + ["--stage", "all"]) == 0
+    pr = _script("paper_report")
+    monkeypatch.setattr(pr, "final_steps", lambda: 4)
+    text = pr.write(setup / "ev").read_text()
+    summary = json.loads((setup / "ev" / "summary.json").read_text())
+    assert set(summary) == {"learned", "seqr_vs", "exactness", "noise", "routability"}
+    assert set(summary["routability"]) == {"step-1", "step-2", "final"}
+    assert set(summary["seqr_vs"]) == {"base", "mu", "arrow", "lag@2", "centroid", "centroid-seqr@2"}
+    assert set(summary["exactness"]) == {"spectr", "naive"} and set(summary["noise"]) == {"0", "0.5", "1"}
+    for section in ("Did each adapter learn", "Does SEQR beat", "Exactness", "under noise", "Routability vs"):
+        assert section in text
+    assert "Not yet evaluated" not in text
+    for png in ("main/accuracy_shared.png", "noise/noise.png", "routability_vs_training.png"):
+        assert (setup / "ev" / png).stat().st_size > 1000
+
+
+def test_finished_passes_name_base_methods_and_noise(tmp_path):
+    assert pe.finished_passes(tmp_path / "none.json") == set()
+    f = tmp_path / "eval.json"
+    f.write_text(json.dumps({"base": {"tasks": {}}, "libraries": {
+        "shared-0": {"methods": {"seqr": {}, "lag@3": {}}, "noise": {"0.5@0": {}}}, "step-12": {"methods": {}, "noise": {}}}}))
+    assert pe.finished_passes(f) == {"base", "shared-0 seqr", "shared-0 lag@3", "shared-0 0.5@0"}

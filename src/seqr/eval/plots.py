@@ -69,11 +69,12 @@ def routing_accuracy(doc: dict, out: Path, kind: str = "shared") -> str | None:
     if not r["own"] and not r["would"]:
         return None
     plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained")
     keys = list(r["own"])
     err = [100 * (r["own"][k][1] or 0) for k in keys]
     a1.bar(keys, [100 * r["own"][k][0] for k in keys], yerr=err if any(err) else None, capsize=3, color="tab:blue")
     a1.set_ylim(0, 105)
+    a1.tick_params(axis="x", labelrotation=30)
     a1.set_ylabel("% decisions = norm-max")
     a1.set_title("each router, its own pass")
     lag = sorted((int(k.split("@")[1]), v[0]) for k, v in r["would"].items() if k.startswith("lag@"))
@@ -83,6 +84,7 @@ def routing_accuracy(doc: dict, out: Path, kind: str = "shared") -> str | None:
         a2.axhline(100, color="tab:green", ls=":", label="SEQR = SPECTR")
         a2.set_xticks([k for k, _ in lag])
         a2.set_xlabel("k (ARROW shortlist)")
+        a2.set_ylabel("% decisions LAG(k) would make = norm-max")
         a2.set_ylim(0, 105)
         a2.legend(fontsize=8)
         a2.set_title("on the reference pass's hidden states")
@@ -102,18 +104,18 @@ def confusion(doc: dict, out: Path, kind: str = "shared") -> str | None:
     plt = _plt()
     mats = {key: er.confusion(doc, label, key) for key in keys}
     top = max(v for _, _, mat in mats.values() for row in mat for v in row) or 1.0  # one colour scale for all
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 4.4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys) + 1.5, 4.4), squeeze=False, layout="constrained")
+    for i, (ax, key) in enumerate(zip(axes[0], keys)):
         ts, names, mat = mats[key]
         im = ax.imshow(mat, vmin=0, vmax=top, cmap="viridis")
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(ts)), ts, fontsize=7)
+        ax.set_yticks(range(len(ts)), ts if i == 0 else [], fontsize=7)  # the same tasks on every row: named once
         _cell_numbers(ax, mat, top, "{:.0%}")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("adapter", fontsize=8)
     axes[0][0].set_ylabel("input task", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of decisions")
-    fig.suptitle(f"routing confusion ({label})")
+    fig.suptitle(f"routing confusion ({label}): share of each task's decisions per adapter", y=1.05)
     return _save(fig, out, f"confusion_{kind}.png")
 
 
@@ -140,7 +142,7 @@ def norms(doc: dict, out: Path) -> str | None:
         return None
     plt = _plt()
     rows = (len(panels) + 1) // 2
-    fig, axes = plt.subplots(rows, 2, figsize=(10, 4.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 4.4 * rows), squeeze=False, layout="constrained")
     for ax, (title, (ts, names, mat)) in zip(axes.flat, panels):
         im = ax.imshow(mat, cmap="magma")
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
@@ -180,6 +182,36 @@ def noise(doc: dict, out: Path) -> str | None:
     ax.legend(fontsize=8)
     ax.set_title("robustness to noisy calibration")
     return _save(fig, out, "noise.png")
+
+
+def routability(study: dict, steps: dict[str, int], n_adapters: int, out: Path, key: str = "seqr") -> str | None:
+    """Routability vs training: `key`'s normalised accuracy and own-adapter share (study.routability) against
+    the training steps of each library (`steps`: label -> step), the average bold and each task thin."""
+    labels = sorted((lb for lb in study if lb in steps), key=steps.__getitem__)
+    if len(labels) < 2:
+        return None
+    plt = _plt()
+    xs = [steps[lb] for lb in labels]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, what, title in ((axes[0], "norm", f"{key}'s accuracy / oracle's (%)"),
+                            (axes[1], "own", "decisions routed to the own adapter (%)")):
+        for t in study[labels[0]]["per_task"]:
+            ys = [study[lb]["per_task"][t][what] for lb in labels]
+            if None not in ys:
+                ax.plot(xs, [100 * y for y in ys], color="0.75", lw=0.8)
+        ax.plot(xs, [100 * study[lb][what] for lb in labels], "o-", lw=2, color="C0", label="average over tasks")
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(xs, [f"{x}\n{lb}" for x, lb in zip(xs, labels)])
+        ax.set_xlabel("optimizer steps")
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+    axes[1].axhline(100 / n_adapters, ls=":", color="gray", label=f"chance (1/{n_adapters})")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle("routability vs training (thin: one task each)")
+    fig.tight_layout()
+    return _save(fig, out, "routability_vs_training.png")
 
 
 def all_figures(doc: dict, out: str | Path, intervals: dict | None = None) -> list[str]:

@@ -1,0 +1,150 @@
+"""The paper-budget library's report (issue 28, items 4-6): docs/results/paper_library/report.md, summary.json and
+the figures, from the committed stage documents (scripts/paper_eval.py), whichever of them exist so far.
+
+Usage: python scripts/paper_report.py [--out docs/results/paper_library]
+Sections: did each adapter learn (own adapter vs the untouched model per task, exact sign tests); the full-dev
+comparison (Tables 3-4, Figures 3-4, SEQR against every method: main/report.md); exactness (spectr and naive
+decide as seqr does); SEQR under noise on mu (Figure 6, normalised by the oracle of the steps stage's final
+library, which evaluated the same examples); routability vs training (step-12, step-50, final).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from seqr.eval import plots, study
+from seqr.eval import report as er
+from seqr.store import files
+
+OUT = Path("docs/results/paper_library")
+LABEL = "shared-0"
+
+
+def load(out: Path, stage: str) -> dict | None:
+    f = out / stage / files.EVAL_RESULTS
+    return files.read_json(f, f"{stage} results") if f.exists() else None
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return er._table(header, [[str(c) for c in r] for r in rows]) + [""]
+
+
+def learned_lines(doc: dict) -> tuple[list[str], dict]:
+    res = study.learned(doc, LABEL)
+    rows = [[t, f"{100 * r['base']:.1f}", f"{100 * r['oracle']:.1f}", r["only_oracle"], r["only_base"],
+             f"{r['p']:.2g}", "yes" if r["learned"] else "no"] for t, r in res["tasks"].items()]
+    n = len(res["tasks"])
+    return (["## Did each adapter learn its task? (item 4; full dev splits)", "",
+             f"Own adapter (the oracle) against the untouched model, example by example: **{res['learned']} of {n} "
+             f"tasks** improve with exact sign-test p < {res['alpha']:g} (target: at least 8), and the oracle's mean "
+             f"accuracy is **{res['points']:+.1f} points** over the untouched model's (target: at least +15).", ""]
+            + _table(["task", "untouched %", "own adapter %", "only own right", "only untouched right", "sign-test p",
+                      "learned"], rows), res)
+
+
+def verdict_lines(doc: dict) -> tuple[list[str], dict]:
+    entry, out, rows = doc["libraries"][LABEL], {}, []
+    for key in (k for k in er.method_keys(doc, "shared") if k not in ("seqr", "oracle")):
+        pr = er.paired(doc, entry, "seqr", key)
+        if pr is None:
+            continue
+        a, b, p = pr
+        verdict = ("SEQR better" if a > b else f"{key} better") if p < 0.05 else "no significant difference"
+        out[key] = {"only_seqr": a, "only_other": b, "p": p, "verdict": verdict}
+        rows.append([key, a, b, f"{p:.2g}", verdict])
+    n = sum(len(v["gold"]) for v in doc["examples"].values())
+    return ([f"## Does SEQR beat the other routers? (full dev splits, {n} examples)", ""]
+            + _table(["method", "only seqr right", "only it right", "sign-test p", "verdict (p < 0.05)"], rows), out)
+
+
+def exact_lines(doc: dict) -> tuple[list[str], dict]:
+    res = study.exactness(doc, LABEL)
+    rows = [[k, f"{r['same_answer']} / {r['examples']}", f"{r['same_counts']} / {r['tasks']}",
+             f"{r['decisions'] - r['agree']} of {r['decisions']}"] for k, r in res.items()]
+    return (["## Exactness: SPECTR and naive decide as SEQR does (Theorem 3.1)", "",
+             f"{er.examples_per_task(doc)[er.tasks(doc)[0]]} dev examples per task. All three compute the same "
+             "calibrated norm ||B_i A x|| by different factorisations; float32 rounding may split only exact near-ties.",
+             ""] + _table(["router", "same answer as seqr", "tasks with identical decision counts",
+                           "its decisions off the norm-max"], rows), res)
+
+
+def noise_lines(noise: dict, steps: dict | None, out: Path) -> tuple[list[str], dict]:
+    if steps is None or "final" not in steps["libraries"]:
+        return ["## SEQR under noise on mu (Figure 6)", "", "Waiting for the steps stage's final-library oracle pass "
+                "(the normalisation).", ""], {}
+    doc = study.lend_pass(noise, steps, "oracle", LABEL, "final")
+    plots.write_report(doc, out / "noise")
+    curve = er.noise_summary(doc)
+    return (["## SEQR under noise on mu (the paper's Figure 6)", "",
+             f"{er.examples_per_task(doc)[er.tasks(doc)[0]]} dev examples per task; full tables: "
+             "[noise/report.md](noise/report.md).", "", "![noise](noise/noise.png)", ""]
+            + _table(["noise (std of mu)", "seqr, normalised accuracy %"],
+                     [[f"{lv:g}", f"{100 * v[0]:.1f}"] for lv, v in curve.items()]),
+            {f"{lv:g}": v[0] for lv, v in curve.items()})
+
+
+def steps_lines(doc: dict, final_steps: int, out: Path) -> tuple[list[str], dict]:
+    res = study.routability(doc)
+    steps = {lb: int(lb.split("-")[1]) for lb in res if lb.startswith("step-")} | {"final": final_steps}
+    n = len(next(iter(doc["libraries"].values()))["adapters"])
+    fig = plots.routability(res, steps, n, out)
+    order = sorted(res, key=lambda lb: steps.get(lb, 0))
+    rows = [[lb, steps.get(lb, "?"), f"{100 * res[lb]['oracle']:.1f}", f"{100 * res[lb]['acc']:.1f}",
+             f"{100 * res[lb]['norm']:.1f}", f"{100 * res[lb]['own']:.1f}"] for lb in order]
+    return (["## Routability vs training (item 6)", "",
+             f"{er.examples_per_task(doc)[er.tasks(doc)[0]]} dev examples per task; each library's SEQR against its own "
+             f"oracle. Chance own share: {100 / n:.0f}%.", ""]
+            + _table(["library", "steps", "oracle %", "seqr %", "seqr / oracle %", "own-adapter share %"], rows)
+            + ([f"![routability]({fig})", ""] if fig else []), res)
+
+
+def write(out: Path) -> Path:
+    docs = {st: load(out, st) for st in ("main", "exact", "noise", "steps")}
+    first = next((d for d in docs.values() if d), None)
+    n = len(next(iter(first["libraries"].values()))["adapters"]) if first else 0
+    lines = ["# The paper-budget library: evaluation", "",
+             f"{first['config'].get('model') if first else '?'}, {n} shared-A adapters (the paper's recipe: "
+             "[training.md](training.md)), every pass in float32. Stages not yet run are named at the end.", ""]
+    summary, missing = {}, []
+    if docs["main"]:
+        plots.write_report(docs["main"], out / "main")
+        for fn, key in ((learned_lines, "learned"), (verdict_lines, "seqr_vs")):
+            more, summary[key] = fn(docs["main"])
+            lines += more
+        lines += ["Full tables and figures (Tables 3-4, Figures 3-4, own-adapter shares): [main/report.md](main/report.md).",
+                  "", "![accuracy](main/accuracy_shared.png)", ""]
+    if docs["exact"]:
+        more, summary["exactness"] = exact_lines(docs["exact"])
+        lines += more
+    if docs["noise"]:
+        more, summary["noise"] = noise_lines(docs["noise"], docs["steps"], out)
+        lines += more
+    if docs["steps"]:
+        more, summary["routability"] = steps_lines(docs["steps"], final_steps(), out)
+        lines += more
+    missing = [st for st, d in docs.items() if d is None]
+    if missing:
+        lines += [f"Not yet evaluated: {', '.join(missing)} (scripts/paper_eval.py --stage ...).", ""]
+    files.atomic_write_json(out / "summary.json", summary)
+    files.atomic_write_bytes(out / files.EVAL_REPORT, "\n".join(lines).encode())
+    return out / files.EVAL_REPORT
+
+
+def final_steps() -> int:
+    """Steps of the final adapters (250; dbpedia's 900 examples give 226): the most any run took."""
+    runs = Path("artifacts/paper-library/runs")
+    return max((json.loads(f.read_text())["steps"] for f in runs.glob("*.json")), default=250)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(OUT), help=f"results root holding the stage folders (default {OUT})")
+    a = p.parse_args(argv)
+    print(write(Path(a.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

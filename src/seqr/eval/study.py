@@ -1,0 +1,97 @@
+"""Studies over `seqr eval` results documents (pure: no model, no I/O): did each adapter learn its task, do the
+exact routers make the same decisions, how routable are adapters as they train, and the passes of one document
+lent to another that evaluated the same examples.
+
+Every test here is paired, example by example: the two-sided exact sign test on the discordant pairs.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+
+from seqr.core.stats import sign_test_p
+from seqr.eval import report as er
+
+
+def _only(pa: list[int], pb: list[int], gold: list[int]) -> tuple[int, int]:
+    """(examples only a answers right, examples only b does)."""
+    a = sum(x == g and y != g for x, y, g in zip(pa, pb, gold))
+    b = sum(y == g and x != g for x, y, g in zip(pa, pb, gold))
+    return a, b
+
+
+def learned(doc: dict, label: str, alpha: float = 0.05) -> dict:
+    """Each task's own adapter (the oracle pass) against the untouched model, on every example of the task:
+    {"tasks": {task: {base, oracle, only_oracle, only_base, p, learned}}, "learned": count, "points": oracle's
+    mean accuracy minus the base's, in percentage points}."""
+    e, gold = doc["libraries"][label], doc["examples"]
+    base, oracle = doc.get("base"), e["methods"].get("oracle")
+    if base is None or oracle is None:
+        raise ValueError(f"library {label!r}: learned() needs the base and oracle passes, got "
+                         f"{'base' if base else 'no base'} and {'oracle' if oracle else 'no oracle'}")
+    rows = {}
+    for t in er.tasks(doc):
+        b, o = base["tasks"][t], oracle["tasks"][t]
+        only_o, only_b = _only(o["pred"], b["pred"], gold[t]["gold"])
+        p = sign_test_p(only_o, only_b)
+        rows[t] = {"base": b["acc"], "oracle": o["acc"], "only_oracle": only_o, "only_base": only_b, "p": p,
+                   "learned": o["acc"] > b["acc"] and p < alpha}
+    mean = statistics.fmean
+    return {"tasks": rows, "learned": sum(r["learned"] for r in rows.values()), "alpha": alpha,
+            "points": 100 * (mean(r["oracle"] for r in rows.values()) - mean(r["base"] for r in rows.values()))}
+
+
+def exactness(doc: dict, label: str, ref: str = "seqr", others: tuple[str, ...] = ("spectr", "naive")) -> dict:
+    """Whether routers that compute the same calibrated norm make the same decisions as `ref`: per method, the
+    examples whose answer equals ref's, the tasks whose (token, layer) decision counts per adapter equal ref's,
+    and how many of its own (token, layer) decisions picked the calibrated norm-maximising adapter."""
+    e = doc["libraries"][label]
+    base = e["methods"][ref]["tasks"]
+    out = {}
+    for key in (k for k in others if k in e["methods"]):
+        res = e["methods"][key]["tasks"]
+        ts = er.tasks(doc)
+        out[key] = {"same_answer": sum(x == y for t in ts for x, y in zip(res[t]["pred"], base[t]["pred"])),
+                    "examples": sum(len(base[t]["pred"]) for t in ts),
+                    "same_counts": sum(res[t]["counts"] == base[t]["counts"] for t in ts), "tasks": len(ts),
+                    "decisions": sum(res[t]["decisions"] for t in ts), "agree": sum(res[t]["agree"] for t in ts)}
+    return out
+
+
+def routability(doc: dict, key: str = "seqr") -> dict:
+    """Per library of the document (e.g. snapshots at several training steps): `key`'s average normalised
+    accuracy (over the tasks, each by its own library's oracle), its own-adapter share averaged over the tasks,
+    and both per task."""
+    out = {}
+    for label, e in doc["libraries"].items():
+        if key not in e["methods"] or "oracle" not in e["methods"]:
+            continue
+        ts = er.tasks(doc)
+        norm = {t: er.normalised(doc, e, key, t) for t in ts}
+        res = e["methods"][key]["tasks"]
+        own = {t: res[t]["counts"].get(t, 0) / res[t]["decisions"] if res[t]["decisions"] else None for t in ts}
+        known = [v for v in norm.values() if v is not None]
+        out[label] = {"norm": statistics.fmean(known) if known else None,
+                      "own": statistics.fmean(v for v in own.values() if v is not None),
+                      "acc": statistics.fmean(res[t]["acc"] for t in ts),
+                      "oracle": statistics.fmean(e["methods"]["oracle"]["tasks"][t]["acc"] for t in ts),
+                      "per_task": {t: {"norm": norm[t], "own": own[t]} for t in ts}}
+    return out
+
+
+def lend_pass(doc: dict, donor: dict, key: str, label: str, donor_label: str) -> dict:
+    """A copy of `doc` with `key`'s pass of the donor's library `donor_label` added to its library `label`, when
+    both documents evaluated the very same examples (ids per task, in order) with the same adapters; else
+    ValueError naming what differs. (E.g. the oracle beside noise passes, for Figure 6's normalisation.)"""
+    mine, theirs = doc["libraries"][label], donor["libraries"][donor_label]
+    for t in er.tasks(doc):
+        if doc["examples"].get(t, {}).get("ids") != donor["examples"].get(t, {}).get("ids"):
+            raise ValueError(f"task {t!r}: the two documents evaluated different examples")
+    for what in ("adapters", "fingerprint"):
+        if mine.get(what) != theirs.get(what):
+            raise ValueError(f"library {label!r} and the donor's {donor_label!r} differ in {what}")
+    if key not in theirs["methods"]:
+        raise ValueError(f"the donor's library {donor_label!r} has no {key!r} pass")
+    out = copy.deepcopy(doc)
+    out["libraries"][label]["methods"][key] = copy.deepcopy(theirs["methods"][key])
+    return out
