@@ -98,7 +98,7 @@ def test_sweep_skips_slow_methods_and_says_so(tmp_path, capsys):
 
 def test_other_cpu_share_sees_a_busy_neighbour_and_not_itself():
     from seqr.bench.common import contention_note, cpu_snapshot, other_cpu_share
-    import subprocess, sys, time
+    import os, subprocess, sys, time
     s0 = cpu_snapshot()
     t = time.perf_counter()
     while time.perf_counter() - t < 0.5:  # our own work must not count as contention
@@ -108,7 +108,8 @@ def test_other_cpu_share_sees_a_busy_neighbour_and_not_itself():
     s1 = cpu_snapshot()
     busy.wait()
     with_neighbour = other_cpu_share(s1, cpu_snapshot())
-    assert with_neighbour >= 0.25  # one of 2 cores spinning is ~50% of the machine
+    cores = os.cpu_count() or 1  # /proc/stat's first line sums every CPU of the machine
+    assert with_neighbour >= 0.5 / cores  # one core spinning is 1 / cores of the machine; allow half of that
     assert with_neighbour > own_only
     assert contention_note({"other_cpu_share": 0.3}) and contention_note({"other_cpu_share": 0.01}) is None
 

@@ -87,7 +87,7 @@ def _corrupt_library(tmp_path):
     (["calibrate", "--model", "m", "--adapter", "NOWHERE", "--task", "sst2"], "NOWHERE"),
     (["eval", "--library", "NOWHERE", "--model", "m"], "NOWHERE"),
     (["eval", "--library", "CORRUPT", "--model", "m"], "CORRUPT"),
-    (["serve", "NOWHERE", "--model", "m", "--auth", "OUT"], "NOWHERE"),
+    (["serve", "NOWHERE", "--model", "m", "--auth", "OUT", "--port", "0"], "NOWHERE"),
     (["eval", "--replot", "--out", "NOWHERE"], "NOWHERE"),
     (["costs", "--N", "0"], "N must be positive, got 0"),
     (["train", "--task", "sst2", "--out", "OUT"], "the following arguments are required: --model"),

@@ -33,6 +33,26 @@ def _files(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- protocol
+def test_replicas_serve_a_unique_a_library_with_its_own_default_method(tmp_path):
+    """What a replica builds from the spec `seqr serve --ray` gives it: the library's default method (spectr for a
+    unique A, as one process serves it), not seqr, which a unique-A library refuses."""
+    from seqr.serve.ray_serve import replica_spec
+    from seqr.serve.server import build_app
+
+    model, lib = saved_model_and_library(tmp_path, NAMES, a_seed=None)
+    (tmp_path / "auth.json").write_text(json.dumps(AUTH))
+    spec = replica_spec(library_dir=str(lib), model=str(model), auth_file=str(tmp_path / "auth.json"), replicas=2)
+    assert spec.pop("threads") >= 1 and spec["method"] is None
+    _, engine = build_app(**spec, control=object(), replica="r1")
+    try:
+        assert not LoraLibrary.load(lib).shared_a and engine.method == "spectr"
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="'seqr' needs a shared A"):  # what the replicas met before
+        build_app(**{**spec, "method": "seqr"}, control=object(), replica="r1")
+    Coordinator(str(lib), str(tmp_path / "auth.json"))  # the coordinator takes the same default: no refusal
+
+
 def test_a_change_returns_only_after_every_live_replica_reloaded_it(tmp_path):
     _, lib, auth = _files(tmp_path)
 

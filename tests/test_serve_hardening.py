@@ -290,3 +290,17 @@ def test_a_client_that_disconnects_mid_body_is_no_server_error(server):
         time.sleep(0.3)
     assert errors_500() == before
     assert httpx.get(url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("method, path, status, code", [
+    ("GET", "/v1/nothing", 404, "not_found"), ("POST", "/admin/nothing", 404, "not_found"),
+    ("GET", "/v1/completions", 405, "method_not_allowed"), ("DELETE", "/v1/models", 405, "method_not_allowed")])
+def test_unknown_paths_and_methods_answer_in_openais_error_shape(server, method, path, status, code):
+    url, _ = server
+    r = httpx.request(method, url + path, headers=ALICE, timeout=60)
+    assert r.status_code == status and set(r.json()) == {"error"}, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] is None
+    assert err["type"] == "invalid_request_error" and err["code"] == code and f"{method} {path}" in err["message"]
+    if status == 405:
+        assert r.headers["allow"] in err["message"] and r.headers["allow"] != ""

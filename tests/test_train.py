@@ -116,10 +116,30 @@ def test_calibration_centroids_equal_a_direct_mean_and_can_be_withheld(tmp_path,
     assert not LoraLibrary.from_peft([out]).has_centroids
 
 
-@pytest.mark.parametrize("bad", [{"rank": 0}, {"lr": -1.0}, {"dropout": 1.5}, {"max_train": 0}])
+@pytest.mark.parametrize("bad", [{"rank": 0}, {"lr": -1.0}, {"dropout": 1.5}, {"max_train": 0},
+                                 {"target_modules": ("q_proj", "q-proj")}, {"target_modules": ()},
+                                 {"target_modules": ("v_proj", "v_proj")}])
 def test_bad_train_config_names_the_value(bad):
     with pytest.raises(ValueError, match=list(bad)[0]):
         TrainConfig(model="m", task="t", out="o", **bad)
+
+
+def test_target_modules_choose_the_adapted_layers_and_unknown_ones_are_named(tmp_path, tok, capsys):
+    from seqr.core.argfmt import BadValue
+    from seqr.silo.train import TARGETS, main
+
+    assert TrainConfig(model="m", task="t", out="o").target_modules == TARGETS == ("q_proj", "k_proj", "v_proj",
+                                                                                  "o_proj")
+    out = _train(tmp_path, tok, epochs=1, target_modules=("q_proj", "v_proj"))
+    assert {k.split(".")[-3] for k in _weights(out) if "lora_A" in k} == {"q_proj", "v_proj"}
+    assert json.loads((out / files.PEFT_CONFIG).read_text())["target_modules"] in (["q_proj", "v_proj"],
+                                                                                   ["v_proj", "q_proj"])
+    with pytest.raises(BadValue, match=r"\['qv_proj'\] match no layer of the model; .*'q_proj'"):
+        _train(tmp_path, tok, name="bad", target_modules=("q_proj", "qv_proj"))
+    with pytest.raises(SystemExit) as e:  # the command line: one line naming the value, before any model loads
+        main(["--model", "m", "--task", "sst2", "--out", str(tmp_path / "o"), "--target-modules", "q_proj,,v_proj"])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "['q_proj', '', 'v_proj']" in err[0]
 
 
 def test_calibration_stats_equal_a_brute_force_norm_pass(tmp_path, tok):

@@ -58,16 +58,17 @@ def write_task_dir(root, rows, tasks, sizes=(("train", 8), ("dev", 5))):
     return root
 
 
-def saved_model_and_library(tmp_path, names):
+def saved_model_and_library(tmp_path, names, **adapter_kw):
     """A tiny chat model dir and a calibrated library dir of peft adapters `names` on disk (the adapter
-    dirs stay under tmp_path/a)."""
+    dirs stay under tmp_path/a); `adapter_kw` goes to make_adapter (a_seed=None: a unique-A library)."""
     from peft_factory import make_adapter
     from seqr import LoraLibrary, NormStats
 
     tok = chat_tokenizer()
     save_chat_model(tmp_path / "model")
-    lib = LoraLibrary.from_peft({n: make_adapter(tmp_path / "a" / n, seed=i, base=tiny_chat_llama(len(tok))) and
-                                 tmp_path / "a" / n for i, n in enumerate(names)})
+    for i, n in enumerate(names):
+        make_adapter(tmp_path / "a" / n, seed=i, base=tiny_chat_llama(len(tok)), **adapter_kw)
+    lib = LoraLibrary.from_peft({n: tmp_path / "a" / n for n in names})
     for n in lib.names:
         lib.set_stats(n, {layer: NormStats().update(torch.rand(30) + 1) for layer in lib.layers})
     lib.save(tmp_path / "lib")

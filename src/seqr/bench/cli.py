@@ -9,9 +9,8 @@ scale     memory, load, add/remove and decode cost as the library grows to thous
 """
 from __future__ import annotations
 
-
 from seqr.bench import forward, generate, routing, scale, serve, train
-from seqr.core.argfmt import Parser
+from seqr.core.argfmt import Parser, unknown
 
 # name -> (help, add its options, run(args, parser)).
 SUBCOMMANDS = {
@@ -37,5 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         sp = sub.add_parser(name, help=help_, description=help_)
         add_args(sp)
         sp.set_defaults(run=run, subparser=sp)
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        parser.error(unknown("subcommand", argv[0], SUBCOMMANDS))  # one line, with a "did you mean"
     args = parser.parse_args(argv)
     return int(args.run(args, args.subparser) or 0)

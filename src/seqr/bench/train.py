@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from seqr.bench.common import contention_note, cpu_snapshot, machine_info, machine_line, other_cpu_share, write_json
+from seqr.core.argfmt import existing_dir
 from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.hf.dtypes import choose, name
 from seqr.core.stats import sign_test_p
@@ -248,7 +249,8 @@ def report(payload: dict) -> str:
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model for seqr.load_model (default {DEFAULT_MODEL})")
-    p.add_argument("--data", help="JSONL task dir <task>/{train,dev}.jsonl (default $SEQR_TASK_DATA, else HF datasets)")
+    p.add_argument("--data", type=existing_dir,
+                   help="JSONL task dir <task>/{train,dev}.jsonl (default $SEQR_TASK_DATA, else HF datasets)")
     p.add_argument("--tasks", nargs="+", help="tasks (default sst2 agnews)")
     p.add_argument("--max-train", type=int, help="training examples per task (default 300; --quick 32)")
     p.add_argument("--max-eval", type=int, help="dev examples per task, 0 = all (default all; --quick 40)")

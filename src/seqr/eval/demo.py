@@ -18,7 +18,7 @@ from pathlib import Path
 from seqr.store import files
 from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.silo.tasks import DATA_ENV, TASKS
-from seqr.core.argfmt import Parser
+from seqr.core.argfmt import Parser, existing_dir
 
 
 @dataclass(frozen=True)
@@ -147,10 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="seqr demo", description=(
         "End to end on SmolLM2-135M-Instruct: train small shared-A adapters, calibrate, build the library, "
         "evaluate every routing method; tables on stdout, report.md + figures in OUT/eval."))
-    p.add_argument("--quick", action="store_true", help="3 tasks, small budget (about 8-15 min on 2 CPU cores: bf16 or float32)")
+    p.add_argument("--quick", action="store_true",
+                   help="3 tasks, small budget (about 8-14 min on 2 CPU cores: bf16 or float32)")
     p.add_argument("--out", default="seqr-demo", help="working and output dir (default seqr-demo); reused on reruns")
-    p.add_argument("--data", help="JSONL task dir <task>/{train,dev}.jsonl (default: HF datasets when the hub is "
-                                  f"reachable, else ${DATA_ENV})")
+    p.add_argument("--data", type=existing_dir,
+                   help="JSONL task dir <task>/{train,dev}.jsonl (default: HF datasets when the hub is "
+                        f"reachable, else ${DATA_ENV})")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the base model")
     p.add_argument("--tasks", nargs="+", help="override the profile's tasks")
     for flag in ("max-train", "calib", "max-eval", "rank"):

@@ -35,7 +35,7 @@ from seqr.hf.choices import choice_logprobs
 from seqr.core import registry
 from seqr.core.stats import NORMALISATIONS
 from seqr.silo.tasks import Example, SCORINGS
-from seqr.core.argfmt import Parser
+from seqr.core.argfmt import Parser, existing_dir
 
 METHODS = tuple(r.name for r in registry.routers() if r.evaluated)  # the default passes, in report order
 FORMAT = "seqr-eval"
@@ -416,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a calibrated library (seqr build); repeat for several seeds; unique-A libraries are "
                         "detected and reported as the shared-vs-unique comparison")
     p.add_argument("--model", default="smollm2-135m-instruct", help="the base model the libraries adapt")
-    p.add_argument("--data", help="JSONL task dir <task>/{train,dev}.jsonl (default $SEQR_TASK_DATA, else HF datasets)")
+    p.add_argument("--data", type=existing_dir,
+                   help="JSONL task dir <task>/{train,dev}.jsonl (default $SEQR_TASK_DATA, else HF datasets)")
     p.add_argument("--tasks", nargs="+", help="tasks to evaluate (default: the first library's adapter names)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=registry.names(), metavar="METHOD",
                    help=f"passes to run, of {registry.names()}")

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from seqr.core.argfmt import UserError
 from seqr.hf.model_cache import ensure_cached
 from seqr.hf.model_cache import say as _say
 
@@ -36,8 +37,9 @@ CACHE_MODELS_SUBDIR = "models"  # <cache root>/models/<alias>/
 HUB_PROBE_TIMEOUT_S = 5.0  # one quick request instead of transformers' ~50 s of retries when offline
 
 
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer could not be found, fetched or read; the message says what was tried."""
+class ModelLoadError(UserError, RuntimeError):
+    """A model or tokenizer could not be found, fetched or read; the message says what was tried (a user error:
+    `seqr VERB --model M` says it as one line, exit 2)."""
 
 
 # --- public entry point --------------------------------------------------------------------------------

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 
 from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.serve.server import ENGINES, build_app, load_checked
-from seqr.core.argfmt import Parser
+from seqr.core.argfmt import Parser, existing_dir
+
+BACKLOG = 2048  # uvicorn's default
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> Parser:
     p = Parser(prog="seqr serve", description=(
         "Serve an OpenAI-compatible API; each user is routed only among the adapters their key allows."))
     p.add_argument("library", help="library dir (seqr build)")
@@ -18,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  '"admin_keys": [...]}')
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
-    p.add_argument("--adapters-root", help="admins may add adapter dirs under this dir (POST /admin/adapters)")
+    p.add_argument("--adapters-root", type=existing_dir,
+                   help="admins may add adapter dirs under this dir (POST /admin/adapters)")
     p.add_argument("--served-model-name", help="the model id clients send (default: --model)")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
@@ -33,9 +37,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds an admin change waits for the library's or auth file's lock (held by another "
                         "writer) before it is refused with 503; generation never waits for it")
     add_dtype_arg(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     a = p.parse_args(argv)
     if not a.lock_timeout >= 0:
         p.error(f"--lock-timeout must be >= 0 seconds, got {a.lock_timeout}")
+    if not 0 <= a.port <= 65535:
+        p.error(f"--port must be in [0, 65535], got {a.port}")
+    bind_or_exit(p, a.host, a.port).close()  # a taken port fails now, not after the model has loaded
     from seqr.store import files
 
     files.LOCK_TIMEOUT_S = a.lock_timeout
@@ -51,22 +63,51 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"seqr serve: {e}", file=sys.stderr)
         return 2
-    import uvicorn
+    try:  # bound only now: the engine's worker processes (vLLM) never inherit the listening socket
+        with bind_or_exit(p, a.host, a.port) as sock:
+            sock.listen(BACKLOG)
+            print(f"seqr serve: {len(engine.adapters)} adapters, listening on http://{a.host}:"
+                  f"{sock.getsockname()[1]}", file=sys.stderr, flush=True)  # the port --port 0 was given
+            _run(app, engine, sock)
+    finally:
+        engine.close()
+    return 0
 
-    print(f"seqr serve: {len(engine.adapters)} adapters, listening on http://{a.host}:{a.port}", file=sys.stderr,
-          flush=True)
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port, not yet listening (a client is refused until it is); OSError when the
+    port is taken or the host is not an address of this machine."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_or_exit(p: argparse.ArgumentParser, host: str, port: int) -> socket.socket:
+    """`bind`, or one line naming the address (exit 2)."""
+    try:
+        return bind(host, port)
+    except OSError as e:
+        p.error(f"cannot listen on {host}:{port} (--host {host} --port {port}): {e.strerror or e}")
+
+
+def _run(app, engine, sock: socket.socket) -> None:
+    """uvicorn on the listening socket until SIGINT or SIGTERM."""
     import signal
+
+    import uvicorn
 
     def _term(*_):  # uvicorn re-raises SIGTERM after its graceful exit: close the engine (vLLM's processes) first
         engine.close()
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, _term)
-    try:
-        uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
-    finally:
-        engine.close()
-    return 0
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", backlog=BACKLOG)).run(sockets=[sock])
 
 
 def _serve_ray(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:

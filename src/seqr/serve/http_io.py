@@ -47,6 +47,18 @@ def worker_error(e: BaseException) -> APIError:
     return APIError(500, "internal error", "server_error")
 
 
+def routing_error(request, status: int, headers: dict | None = None) -> APIError:
+    """The router's own refusals in OpenAI's shape: no such path (404), a method the path does not take (405,
+    naming the methods its Allow header lists)."""
+    where = f"{request.method} {request.url.path}"
+    if status == 404:
+        return APIError(404, f"no such endpoint: {where}", code="not_found")
+    if status == 405:
+        allowed = (headers or {}).get("Allow", "")
+        return APIError(405, f"method not allowed: {where} (allowed: {allowed})", code="method_not_allowed")
+    return APIError(status, f"{where}: HTTP {status}")
+
+
 def route_of(request) -> str:
     """The matched route's template (e.g. /admin/adapters/{name}), never the raw path: metric labels stay a
     fixed, small set whatever paths clients send."""

@@ -35,7 +35,7 @@ class _Replica:
 class Coordinator:
     """The one writer of a replicated service's library and users (a Ray actor; plain asyncio inside)."""
 
-    def __init__(self, library_dir: str, auth_file: str, *, method: str = "seqr", stale_s: float = STALE_S):
+    def __init__(self, library_dir: str, auth_file: str, *, method: str | None = None, stale_s: float = STALE_S):
         from seqr.serve.server import load_checked
 
         self.library, self.auth = load_checked(library_dir, auth_file, method)
@@ -176,8 +176,10 @@ class SeqrReplica:
 
 
 def deploy(*, library_dir: str, model: str, auth_file: str, replicas: int, host: str, port: int,
-           ray_address: str | None = None, method: str = "seqr", **app_kwargs):
-    """Start (or join) Ray, the coordinator and K replicas behind Ray Serve's HTTP proxy on host:port."""
+           ray_address: str | None = None, method: str | None = None, **app_kwargs):
+    """Start (or join) Ray, the coordinator and K replicas behind Ray Serve's HTTP proxy on host:port. `method`:
+    the router, by default the library's own (LoraLibrary.default_method: seqr for a shared A, else spectr), as
+    one process serves it."""
     import ray
     from ray import serve
 
@@ -187,14 +189,19 @@ def deploy(*, library_dir: str, model: str, auth_file: str, replicas: int, host:
              ignore_reinit_error=True)
     coord = ray.remote(Coordinator).options(num_cpus=0).remote(library_dir, auth_file, method=method)
     ray.get(coord.names.remote())  # surfaces a bad library / auth file here, as an error
-    threads = max(1, (os.cpu_count() or 1) // replicas)
-    spec = dict(library_dir=library_dir, model=model, auth_file=auth_file, method=method, threads=threads,
-                **app_kwargs)
+    spec = replica_spec(library_dir=library_dir, model=model, auth_file=auth_file, replicas=replicas, method=method,
+                        **app_kwargs)
     serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
     app = serve.deployment(serve.ingress()(SeqrReplica), name="seqr", num_replicas=replicas,
                            ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
     serve.run(app.bind(spec, coord), name="seqr", route_prefix="/", logging_config={"log_level": "WARNING"})
     return coord
+
+
+def replica_spec(*, replicas: int, method: str | None = None, **app_kwargs) -> dict:
+    """What each of `replicas` replicas builds its app from: build_app's keyword arguments (the method None: the
+    library's default) and its share of this machine's torch threads."""
+    return dict(method=method, threads=max(1, (os.cpu_count() or 1) // replicas), **app_kwargs)
 
 
 def shutdown() -> None:

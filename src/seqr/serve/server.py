@@ -10,7 +10,7 @@ from __future__ import annotations
 from seqr.serve.audit import AuditLog
 from seqr.serve.auth import AuthStore
 from seqr.serve.control import LocalControl
-from seqr.serve.http_io import APIError, Service, ServeSettings, route_of
+from seqr.serve.http_io import APIError, Service, ServeSettings, route_of, routing_error
 from seqr.serve.metrics import Metrics
 
 __all__ = ["ENGINES", "ServeSettings", "build_app", "create_app", "load_checked", "make_engine"]
@@ -22,6 +22,7 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
     """The FastAPI app. `control` applies admin changes (default: LocalControl, this process only)."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     from seqr.serve import admin_api, openai_api
 
@@ -32,15 +33,21 @@ def create_app(engine, auth: AuthStore, settings: ServeSettings | None = None, m
     app.state.service = svc
     app.state.engine, app.state.auth, app.state.metrics = engine, auth, svc.metrics
 
+    def reply(request, err: APIError, headers: dict | None = None):
+        svc.metrics.error(route_of(request), err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        svc.metrics.error(route_of(request), exc.status)
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return reply(request, exc)
+
+    @app.exception_handler(HTTPException)
+    async def _routing(request, exc: HTTPException):  # no such path (404), a method it does not take (405)
+        return reply(request, routing_error(request, exc.status_code, exc.headers), exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):  # never a stack trace to the client
-        svc.metrics.error(route_of(request), 500)
-        return JSONResponse(APIError(500, "internal error", "server_error").body(), status_code=500)
+        return reply(request, APIError(500, "internal error", "server_error"))
 
     app.include_router(openai_api.router)
     app.include_router(admin_api.router)

@@ -30,7 +30,7 @@ from seqr.hf.models import add_device_arg, parse_device
 from seqr.store.library import LoraLibrary
 from seqr.store.peft_io import stats_json, write_centroids
 from seqr.core.stats import NormStats, with_quantiles
-from seqr.core.argfmt import Parser
+from seqr.core.argfmt import Parser, existing_dir
 
 
 TOKEN_SETS = ("all", "prompt", "answer", "content")  # which tokens feed mu, sigma (content: no template tokens)
@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="the base model the adapter was trained on")
     p.add_argument("--adapter", required=True, help="the adapter dir (seqr train's --out)")
     p.add_argument("--task", required=True, help="the adapter's own task: a name or a JSONL file")
-    p.add_argument("--data", help="directory laid out as <task>/{train,dev}.jsonl (default $SEQR_TASK_DATA)")
+    p.add_argument("--data", type=existing_dir,
+                   help="directory laid out as <task>/{train,dev}.jsonl (default $SEQR_TASK_DATA)")
     p.add_argument("--max-examples", type=int, default=200, help="training examples to use (default 200)")
     p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise on mu, in standard deviations")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward")

@@ -16,6 +16,7 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from seqr.core.argfmt import BadValue, PathNotFound
 from seqr.hf.model_cache import say
 
 DATA_ENV = "SEQR_TASK_DATA"  # default data dir: <dir>/<task>/{train,dev}.jsonl
@@ -133,9 +134,9 @@ GENERIC = TaskSpec("", None, "Choose the correct option.", "Input", "Input 2", N
 
 
 def task_spec(task: str) -> TaskSpec:
-    """The spec of a task name; ValueError listing the ten when it is unknown."""
+    """The spec of a task name; ValueError (BadValue) listing the ten when it is unknown."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)} (or a path to a JSONL file)")
+        raise BadValue(f"unknown task {task!r}; known tasks: {', '.join(TASKS)} (or a path to a JSONL file)")
     return TASKS[task]
 
 
@@ -178,9 +179,9 @@ def load_task(task: str | os.PathLike, split: str = "train", *, data_dir: str | 
     path = root / task / f"{split}.jsonl"
     if not path.is_file():
         have = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else None
-        raise FileNotFoundError(f"no {split!r} split of {task!r}: {str(path)!r} does not exist "
-                                + (f"(task dirs in {str(root)!r}: {have})" if have is not None
-                                   else f"({str(root)!r} is not a directory)"))
+        raise PathNotFound(f"no {split!r} split of {task!r}: {str(path)!r} does not exist "
+                           + (f"(task dirs in {str(root)!r}: {have})" if have is not None
+                              else f"({str(root)!r} is not a directory)"))
     rows = read_jsonl(path, default_task=task)
     for ex in rows:
         if ex.task != task or (spec.labels is not None and ex.choices != spec.labels):
@@ -200,7 +201,7 @@ def read_jsonl(path: str | os.PathLike, *, default_task: str) -> list[Example]:
     `choices`, `label`; `task` defaults to `default_task`, `text_pair` to null. Ids must be unique."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"task file {str(path)!r} does not exist")
+        raise PathNotFound(f"task file {str(path)!r} does not exist")
     out, seen = [], {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import shutil
 import sys
 import tempfile
@@ -33,9 +34,10 @@ from seqr.hf.dtypes import CHOICES
 from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.hf.dtypes import name as dtype_name
 from seqr.hf.models import add_device_arg, parse_device
-from seqr.core.argfmt import Parser
+from seqr.core.argfmt import BadValue, Parser, existing_dir
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MODULE_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")  # a module name or dotted path suffix (peft's matching)
 PATHS = ("fast", "reference")
 BUCKET_BATCHES = 16  # length buckets: sort this many batches' worth of shuffled examples by length, then cut
 
@@ -83,6 +85,12 @@ class TrainConfig:
             raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
         if self.dtype not in CHOICES:
             raise ValueError(f"dtype must be one of {list(CHOICES)}, got {self.dtype!r}")
+        tm = self.target_modules
+        self.target_modules = (tm,) if isinstance(tm, str) else tuple(tm)  # a string names one module
+        bad = [m for m in self.target_modules if not isinstance(m, str) or not MODULE_RE.fullmatch(m)]
+        if bad or not self.target_modules or len(set(self.target_modules)) < len(self.target_modules):
+            raise ValueError(f"target_modules must be distinct module names such as q_proj, got "
+                             f"{list(self.target_modules)}" + (f" ({bad[0]!r} is not a module name)" if bad else ""))
 
 
 def shared_a(layer: str, shape: tuple[int, int], a_seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -94,10 +102,22 @@ def shared_a(layer: str, shape: tuple[int, int], a_seed: int, dtype=torch.float3
     return (torch.randn(shape, generator=g, dtype=torch.float64) / r).to(dtype)  # (r, n)
 
 
+def check_targets(model, targets) -> None:
+    """Every target module name matches a weight layer of `model` (its name, or a dotted suffix of it, as peft
+    matches); else BadValue naming the missing ones and the weight layers' names the model has."""
+    layers = {name for name, mod in model.named_modules()
+              if getattr(getattr(mod, "weight", None), "ndim", 0) == 2 and not any(True for _ in mod.children())}
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]
+    if missing:
+        have = sorted({n.rsplit(".", 1)[-1] for n in layers})
+        raise BadValue(f"target module(s) {missing} match no layer of the model; its layers are named {have}")
+
+
 def lora_model(model, cfg: TrainConfig):
     """Wrap a base model with peft LoRA; in shared-A mode set and freeze every lora_A."""
     from peft import LoraConfig, get_peft_model
 
+    check_targets(model, cfg.target_modules)
     torch.manual_seed(cfg.seed)
     peft_model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                                   target_modules=list(cfg.target_modules)))
@@ -400,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="seqr train", description="Train one silo's LoRA adapter on its own task data.")
     p.add_argument("--model", required=True, help="anything seqr.load_model takes, e.g. smollm2-135m-instruct")
     p.add_argument("--task", required=True, help="one of the ten task names, or a JSONL file of the task schema")
-    p.add_argument("--data", help="directory laid out as <task>/{train,dev}.jsonl (default $SEQR_TASK_DATA)")
+    p.add_argument("--data", type=existing_dir,
+                   help="directory laid out as <task>/{train,dev}.jsonl (default $SEQR_TASK_DATA)")
     p.add_argument("--out", required=True, help="adapter directory to write")
     d = TrainConfig("", "", "")
     p.add_argument("--a-seed", type=int, default=d.a_seed, help="seed of the shared, frozen A (default 0)")
@@ -414,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the example subset, order and dropout")
     p.add_argument("--scoring", choices=("choices", "letter"), default="choices",
                    help="answer format: the choice text (default) or its option letter")
+    p.add_argument("--target-modules", type=lambda s: tuple(s.split(",")), default=d.target_modules,
+                   metavar="M1,M2,...", help=f"comma-separated names of the linear layers to adapt (default "
+                                             f"{','.join(d.target_modules)})")
     p.add_argument("--unique-a", action="store_true", help="ordinary LoRA: train A too (baselines only)")
     p.add_argument("--force", action="store_true", help="retrain even if --out holds an adapter")
     p.add_argument("--state-every", type=int, default=0, metavar="N",
@@ -428,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(model=a.model, task=a.task, out=a.out, data=a.data, a_seed=a.a_seed, rank=a.rank,
                           alpha=a.alpha, dropout=a.dropout, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
                           max_train=a.max_train, unique_a=a.unique_a, force=a.force, seed=a.seed,
-                          scoring=a.scoring, dtype=a.dtype, path=a.path, device=str(parse_device(p, a.device)))
+                          scoring=a.scoring, target_modules=a.target_modules, dtype=a.dtype, path=a.path,
+                          device=str(parse_device(p, a.device)))
     except ValueError as e:
         p.error(str(e))
     if a.state_every < 0:

@@ -15,6 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from seqr.core.argfmt import PathNotFound
+
 # A library directory
 MANIFEST = "manifest.json"
 LOCK_FILE = ".seqr.lock"  # flock'd by every writer (and shared by readers) of a library directory
@@ -79,7 +81,7 @@ def read_json(path: str | Path, what: str) -> dict:
     """Read a JSON object with errors that name the file and what it was supposed to be."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise PathNotFound(f"{what} not found: {path}")
     try:
         obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

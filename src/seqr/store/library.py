@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from seqr.core.argfmt import PathNotFound
 from seqr.store import checks, files
 from seqr.core.bank import AdapterBank
 from seqr.store.peft_io import read_peft_adapter, stats_record, write_peft_adapter
@@ -393,7 +394,7 @@ class LoraLibrary:
         """Load a library directory, verifying the format version and every file's checksum."""
         path = Path(path)
         if not (path / files.MANIFEST).is_file():
-            raise FileNotFoundError(f"{path} holds no seqr library ({files.MANIFEST} missing)")
+            raise PathNotFound(f"{path} holds no seqr library ({files.MANIFEST} missing)")
         with files.dir_lock(path, shared=True):  # never half of another process's change
             return cls._load_locked(path)
 

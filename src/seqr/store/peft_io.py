@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from seqr.core.argfmt import PathNotFound
 from seqr.store import files
 from seqr.core.stats import NormStats
 
@@ -59,7 +60,7 @@ def read_peft_adapter(path: str | Path, name: str | None = None) -> PeftAdapter:
     name = name or path.name
     where = f"adapter {name!r} ({path})"
     if not path.is_dir():
-        raise FileNotFoundError(f"{where}: not a directory")
+        raise PathNotFound(f"{where}: not a directory")
     cfg = files.read_json(path / files.PEFT_CONFIG, f"{where}: peft config")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{where}: peft_type must be LORA, got {cfg.get('peft_type')!r}")
