@@ -110,10 +110,15 @@ def test_eval_runs_each_pass_once_in_float32(setup, monkeypatch, capsys):
     assert e.value.code == 2 and "no library there yet" in capsys.readouterr().err
 
 
-def test_committer_commits_only_the_pieces_it_names(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def _git_repo(path, monkeypatch) -> None:
+    """An empty git repository at `path`, made the working directory."""
+    monkeypatch.chdir(path)
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"]):
         subprocess.run(cmd, check=True)
+
+
+def test_committer_commits_only_the_pieces_it_names(tmp_path, monkeypatch):
+    _git_repo(tmp_path, monkeypatch)
     Path("piece.json").write_text("{}")
     Path("other.txt").write_text("not mine")
     pl.git_committer(True)("sweep x", [Path("piece.json")])
@@ -125,9 +130,7 @@ def test_committer_commits_only_the_pieces_it_names(tmp_path, monkeypatch):
 
 
 def test_eval_commits_only_its_results_file(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"]):
-        subprocess.run(cmd, check=True)
+    _git_repo(tmp_path, monkeypatch)
     Path("eval.json").write_text("{}")
     Path("staged.txt").write_text("someone else's")
     subprocess.run(["git", "add", "staged.txt"], check=True)  # staged by another hand: must stay out of the commit

@@ -109,7 +109,7 @@ def prototype_alignment(arrow_model, lib) -> dict:
         arrow = mod.lora_arrow["arrow_router"] if "arrow_router" in getattr(mod, "lora_arrow", ()) else None
         layer = name.removeprefix("base_model.model.")
         if arrow is not None and getattr(arrow, "_protos_ready", False) and layer in lib.meta.layers:
-            exact = lib.bank(layer)._prototypes  # (N, n), unit rows
+            exact = lib.bank(layer).prototypes  # (N, n), unit rows
             cos.append(torch.nn.functional.cosine_similarity(arrow.prototypes.float(), exact, dim=-1).abs())
     c = torch.cat(cos) if cos else torch.empty(0)
     return {"what": "peft Arrow prototypes vs exact top singular vectors, |cos| over (layer, adapter)",

@@ -8,7 +8,8 @@ random shared-A rank-r adapters on q/k/v/o (seeded; calibrated with stand-in sta
   rss_*          the process's resident growth over the loaded model after LoraLibrary.load, attach, a first forward
   load_s         LoraLibrary.load of the saved library (checksums verified)
   add_s / remove_s   lib.add / lib.remove of one adapter on the bound library (its file and the manifest written);
-                 reattach_s: detach + attach afterwards, what a serving engine does before its next batch
+                 (add_write_s / remove_write_s: of which in the atomic file writes, the adapter's file and the
+                 manifest); reattach_s: detach + attach afterwards, what a serving engine does before its next batch
   decode ms/token    greedy decoding (prompt P tokens, G steps timed) at batch 1 and 8, untouched vs routed by SEQR,
                  interleaved, medians of --repeats
   routing_share  1 - (a prefill forward with every token on one fixed adapter) / (the same forward routed by SEQR)
@@ -18,6 +19,7 @@ Writes scale.json, scale.md and scale.png to --out. --resident float16 holds A a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -110,21 +112,51 @@ def _changes(model, lib, layers: dict, rank: int) -> dict:
 
     one = random_library(layers, 1, rank, seed=99)
     B, out = one.adapter_weights("a0")[1], {}
-    t0 = time.perf_counter()
-    lib.add("extra", B, stats=one.stats("a0"))
-    out["add_s"] = time.perf_counter() - t0
+    with _timed_writes() as w:
+        t0 = time.perf_counter()
+        lib.add("extra", B, stats=one.stats("a0"))
+        out["add_s"], out["add_write_s"] = time.perf_counter() - t0, w()
     t0 = time.perf_counter()
     detach(model)
     attach(model, lib)
     out["reattach_add_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    lib.remove("extra")
-    out["remove_s"] = time.perf_counter() - t0
+    with _timed_writes() as w:
+        t0 = time.perf_counter()
+        lib.remove("extra")
+        out["remove_s"], out["remove_write_s"] = time.perf_counter() - t0, w()
     t0 = time.perf_counter()
     detach(model)
     attach(model, lib)
     out["reattach_remove_s"] = time.perf_counter() - t0
     return out
+
+
+@contextlib.contextmanager
+def _timed_writes():
+    """Inside the block, time the store's atomic file writes (the adapter's file, the manifest): yields take(),
+    which returns the seconds spent in them so far and restarts the count."""
+    from seqr.store import files
+
+    spent, originals = [0.0], (files.atomic_write_json, files.atomic_write_bytes)
+
+    def timed(fn):
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        return run
+
+    def take() -> float:
+        total, spent[0] = spent[0], 0.0
+        return total
+
+    files.atomic_write_json, files.atomic_write_bytes = map(timed, originals)
+    try:
+        yield take
+    finally:
+        files.atomic_write_json, files.atomic_write_bytes = originals
 
 
 def _children_cpu_s() -> float:
@@ -173,7 +205,8 @@ def child(a) -> dict:
 
 
 def markdown(rows: list[dict], resident: str) -> str:
-    lines = [f"| N | formula MiB | resident after load / attach / forward MiB | × formula | load s | add / remove s | "
+    lines = [f"| N | formula MiB | resident after load / attach / forward MiB | × formula | load s | add / remove s "
+             f"(file writes) | "
              f"reattach s | decode b1 ms (× untouched) | decode b8 ms (× untouched) | routing share |",
              "|---:|---:|---|---:|---:|---|---|---|---|---:|"]
     for r in rows:
@@ -181,7 +214,8 @@ def markdown(rows: list[dict], resident: str) -> str:
         lines.append(
             f"| {r['N']} | {r['formula_mib']:.1f} | {r['rss_load_mib']:.0f} / {r['rss_attach_mib']:.0f} / "
             f"{r['rss_forward_mib']:.0f} | {r['rss_forward_mib'] / r['formula_mib']:.2f}× | {r['load_s']:.2f} | "
-            f"{r['add_s']:.3f} / {r['remove_s']:.3f} | {r['reattach_add_s']:.2f} / {r['reattach_remove_s']:.2f} | "
+            f"{r['add_s']:.3f} / {r['remove_s']:.3f} ({r['add_write_s']:.3f} / {r['remove_write_s']:.3f}) | "
+            f"{r['reattach_add_s']:.2f} / {r['reattach_remove_s']:.2f} | "
             f"{d1['seqr']:.1f} ({d1['seqr'] / d1['untouched']:.2f}×) | {d8['seqr']:.1f} "
             f"({d8['seqr'] / d8['untouched']:.2f}×) | {100 * r['routing_share']:.0f}% |")
     return "\n".join(lines) + f"\n\nresident dtype: {resident}; files stored float16.\n"

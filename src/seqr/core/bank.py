@@ -1,13 +1,13 @@
 """`AdapterBank`: the validated tensors of one adapted layer and the routers over them."""
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Iterable, Sequence
 
 import torch
 
 from seqr.core import registry
 from seqr.core import routers as rt
+from seqr.core.rows import Rows
 
 
 def _first_nonfinite(t: torch.Tensor) -> int | None:
@@ -72,13 +72,19 @@ class AdapterBank:
             raise ValueError("the shared A contains NaN or inf")
         self.names: list[str] = names
         self.index = {n: i for i, n in enumerate(names)}
-        # B (N, m, r) is kept as a view of a contiguous (N, r, m): the update gathers each token's B^T whole
-        self.A, self.B = A, B.transpose(1, 2).contiguous().transpose(1, 2)
+        # B (N, m, r) is kept as a view of a contiguous (N, r, m): the update gathers each token's B^T whole.
+        # B, a unique A and the centroids are the first N rows of stores with spare rows (`append`, `remove`)
+        self._Bt = Rows(B.transpose(1, 2).contiguous())  # (N, r, m)
+        self.A, self.B = A, self._Bt.view.transpose(1, 2)
+        self.shared_a = A.dim() == 2
+        self._A = None if self.shared_a else Rows(A)  # (N, r, n)
         self.mu, self.sigma = self._check_stats(mu, sigma, N, B)
         self._cdf = self._check_quantiles(quantiles, N, B)  # None, or (knots (N, Q) in z units, target (Q,))
-        self.shared_a = A.dim() == 2
-        self.centroids = self._check_centroids(centroids, N, A.shape[-1], B)  # (N, n) unit rows, or None
+        c = self._check_centroids(centroids, N, A.shape[-1], B)  # (N, n) unit rows, or None
+        self._C = None if c is None else Rows(c)
+        self.centroids = c
         self._casts: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._svd_rows: tuple[Rows, Rows, Rows] | None = None  # S (N, r), Vt (N, r, n), prototypes (N, n): lazy
         if self.shared_a:
             _, R = rt.qr_positive(B.to(rt.compute_dtype(B.dtype)))  # (N, r, r)
             self.G_packed = rt.pack_gram(R)  # (N, r(r+1)/2)
@@ -165,27 +171,24 @@ class AdapterBank:
         """Build the lazy factors that the given methods need now (e.g. before timing, or before serving)."""
         for method in methods:
             if "svd" in self._router(method).needs:
-                self._prototypes
+                self.svd
         return self
 
     @property
     def svd(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """SVD factors of every update B_i A_i, found through the rank-r factors: S (N, r), Vt (N, r, n)."""
-        return self._svd
+        """SVD factors of every update B_i A_i, found through the rank-r factors: S (N, r), Vt (N, r, n); built
+        on first use, then kept in step with `append` and `remove`."""
+        if self._svd_rows is None:
+            cdt = rt.compute_dtype(self.B.dtype)
+            S, Vt = rt.svd_factors(self.B.to(cdt), self.A.to(cdt))  # (N, r), (N, r, n)
+            self._svd_rows = (Rows(S), Rows(Vt), Rows(Vt[:, 0, :].contiguous()))  # prototypes (N, n)
+        return self._svd_rows[0].view, self._svd_rows[1].view
 
     @property
     def prototypes(self) -> torch.Tensor:
         """ARROW's prototypes: each update's top right singular vector, (N, n) unit rows."""
-        return self._prototypes
-
-    @cached_property
-    def _svd(self) -> tuple[torch.Tensor, torch.Tensor]:
-        cdt = rt.compute_dtype(self.B.dtype)
-        return rt.svd_factors(self.B.to(cdt), self.A.to(cdt))  # S (N, r), Vt (N, r, n)
-
-    @cached_property
-    def _prototypes(self) -> torch.Tensor:
-        return self._svd[1][:, 0, :].contiguous()  # (N, n): ARROW's top right singular vectors
+        self.svd
+        return self._svd_rows[2].view
 
     # ----------------------------------------------------------------------------------------------
     def _flat(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -386,6 +389,88 @@ class AdapterBank:
                 A = self.A
             self._casts[dtype] = (A if self.shared_a else A.transpose(1, 2), Bt, At)
         return self._casts[dtype]
+
+    # ---------------------------------------------------------------------------------------------- changes
+    def append(self, name: str, B: torch.Tensor, *, A: torch.Tensor | None = None, mu=None, sigma=None,
+               quantiles=None, centroid: torch.Tensor | None = None) -> bool:
+        """Add one adapter in place: B (m, r), A (r, n) for a bank with one A per adapter, its stats and centroid
+        (n,) when the bank has them. Its rows are written into spare capacity (O(m r), amortised) and only the
+        small per-adapter state (stats, Grams, R blocks: O(N r^2)) is rebuilt; checked like the constructor.
+        True when a store was reallocated (views of the old rows are stale)."""
+        one = self._single(name, B, A, mu, sigma, quantiles, centroid)
+        grew = self._Bt.append(one._Bt.view[0])  # (r, m)
+        self.B = self._Bt.view.transpose(1, 2)  # (N+1, m, r)
+        if self._A is not None:
+            grew |= self._A.append(one.A[0])  # (r, n)
+            self.A = self._A.view
+        if self._C is not None:
+            self._C.append(one.centroids[0])  # (n,)
+            self.centroids = self._C.view
+        if self._svd_rows is not None:
+            for rows, t in zip(self._svd_rows, (*one.svd, one.prototypes)):
+                rows.append(t[0])
+        cat = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+        self.mu, self.sigma = cat(self.mu, one.mu), cat(self.sigma, one.sigma)  # (N+1,)
+        self._cdf = None if self._cdf is None else (cat(self._cdf[0], one._cdf[0]), self._cdf[1])
+        if self.shared_a:
+            self.G_packed, self._G_scored = cat(self.G_packed, one.G_packed), cat(self._G_scored, one._G_scored)
+            self._offset = cat(self._offset, one._offset)  # (N+1,) or None
+            self._R_stacked = torch.cat([self._R_stacked, one._R_stacked], dim=1)  # (r, (N+1)*r)
+        self.names.append(name)
+        self.index[name] = len(self.names) - 1
+        self._casts.clear()
+        return grew
+
+    def _single(self, name, B, A, mu, sigma, quantiles, centroid) -> "AdapterBank":
+        """The one-adapter bank of an adapter to append: validated, with its Gram, R block and unit centroid."""
+        if name in self.index:
+            raise ValueError(f"adapter {name!r} is already in this bank")
+        N, m, n, r = self.shape
+        if not isinstance(B, torch.Tensor) or tuple(B.shape) != (m, r):
+            raise ValueError(f"B of adapter {name!r} must have shape ({m}, {r}), got {_shape(B)}")
+        have = {"mu and sigma": self.mu is not None, "quantiles": self._cdf is not None,
+                "a centroid": self.centroids is not None, "its own A": not self.shared_a}
+        given = {"mu and sigma": mu is not None and sigma is not None, "quantiles": quantiles is not None,
+                 "a centroid": centroid is not None, "its own A": A is not None}
+        for what in have:
+            if have[what] != given[what]:
+                raise ValueError(f"adapter {name!r}: this bank's adapters {'have' if have[what] else 'have no'} "
+                                 f"{what}, so the one added must {'have' if have[what] else 'not have'} them too")
+        one = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float64)[None]  # noqa: E731 (1, ...)
+        return AdapterBank(self.A if self.shared_a else A[None], B[None], mu=one(mu), sigma=one(sigma),
+                           quantiles=one(quantiles), centroids=None if centroid is None else centroid[None],
+                           names=[name])
+
+    def remove(self, name: str) -> int:
+        """Remove one adapter in place: the last adapter's rows move into its slot (O(m r)) and the small
+        per-adapter state is rebuilt (O(N r^2)). Returns the index the moved adapter had (the removed one's
+        own index when it was last); indices of every other adapter are unchanged."""
+        if name not in self.index:
+            raise KeyError(f"unknown adapter {name!r}; the bank holds {self.names}")
+        N, i = self.num_adapters, self.index[name]
+        if N == 1:
+            raise ValueError(f"cannot remove {name!r}: an AdapterBank needs at least one adapter")
+        last = self._Bt.swap_remove(i)
+        self.B = self._Bt.view.transpose(1, 2)  # (N-1, m, r)
+        for rows in (self._A, self._C, *(self._svd_rows or ())):
+            if rows is not None:
+                rows.swap_remove(i)
+        self.A = self.A if self._A is None else self._A.view
+        self.centroids = None if self._C is None else self._C.view
+        order = torch.tensor([last if j == i else j for j in range(last)], device=self.B.device)  # (N-1,)
+        pick = lambda t: None if t is None else t.index_select(0, order)  # noqa: E731
+        self.mu, self.sigma = pick(self.mu), pick(self.sigma)  # (N-1,)
+        self._cdf = None if self._cdf is None else (pick(self._cdf[0]), self._cdf[1])
+        if self.shared_a:
+            self.G_packed, self._G_scored, self._offset = pick(self.G_packed), pick(self._G_scored), pick(self._offset)
+            r = self.shape[3]
+            blocks = self._R_stacked.view(r, N, r).index_select(1, order)  # (r, N-1, r)
+            self._R_stacked = blocks.reshape(r, (N - 1) * r).contiguous()  # (r, (N-1)*r)
+        self.names[i] = self.names[last]
+        self.names.pop()
+        self.index = {nm: j for j, nm in enumerate(self.names)}
+        self._casts.clear()
+        return last
 
     # ----------------------------------------------------------------------------------------------
     def _router(self, method: str):

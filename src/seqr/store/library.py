@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from seqr.core.argfmt import PathNotFound
-from seqr.store import checks, files
+from seqr.store import banks, checks, files
 from seqr.core.bank import AdapterBank
 from seqr.store.peft_io import read_peft_adapter, stats_record, write_peft_adapter
 from seqr.core.stats import NormStats, as_normalised
@@ -121,9 +121,13 @@ class LoraLibrary:
     def centroids(self, name: str) -> dict[str, torch.Tensor] | None:
         return self._get(name).centroids
 
+    def bank_flags(self) -> tuple[bool, bool, bool]:
+        """What a freshly built bank would hold besides A and B: (stats, centroids, quantiles)."""
+        return not self.uncalibrated, self.has_centroids, self.percentile
+
     def bank(self, layer: str, device: torch.device | str | None = None) -> AdapterBank:
         """The AdapterBank of one layer on `device` (default: where the library's tensors are, the CPU), built on
-        first use and cached until the library changes."""
+        first use and cached: `add` and `remove` update it in place (store/banks.py), other changes rebuild it."""
         if layer not in self.meta.layers:
             raise KeyError(f"unknown layer {layer!r}; this library adapts {len(self.layers)} layers, e.g. "
                            f"{self.layers[:3]}")
@@ -131,23 +135,7 @@ class LoraLibrary:
             raise ValueError("the library is empty: add an adapter before routing")
         key = layer if device is None else (layer, str(torch.device(device)))
         if key not in self._banks:
-            ads = list(self._adapters.values())
-            Bt = torch.stack([a.B[layer].T for a in ads]).to(device)  # (N, r, m): the bank's own layout
-            A = (self.shared_A[layer] if self.shared_a else torch.stack([a.A[layer] for a in ads])).to(device)
-            if Bt.device == ads[0].B[layer].device:  # one copy: each adapter's tensors become views of the stack
-                for i, a in enumerate(ads):
-                    a.B[layer] = Bt[i].T  # (m, r)
-                    if not self.shared_a:
-                        a.A[layer] = A[i]  # (r, n)
-            B = Bt.transpose(1, 2)  # (N, m, r) view; AdapterBank keeps its contiguous (N, r, m) storage as is
-            mu = sigma = q = None
-            if not self.uncalibrated:
-                mu = torch.tensor([a.stats[layer].mean for a in ads], dtype=torch.float64)  # (N,)
-                sigma = torch.tensor([a.stats[layer].std for a in ads], dtype=torch.float64)  # (N,)
-            if self.percentile:
-                q = torch.tensor([a.stats[layer].quantiles for a in ads], dtype=torch.float64)  # (N, Q)
-            c = torch.stack([a.centroids[layer] for a in ads]) if self.has_centroids else None  # (N, n)
-            self._banks[key] = AdapterBank(A, B, mu=mu, sigma=sigma, quantiles=q, centroids=c, names=self.names)
+            self._banks[key] = banks.build(self, layer, device)
         return self._banks[key]
 
     def adapter_weights(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -186,9 +174,10 @@ class LoraLibrary:
         if centroids is not None:
             centroids = checks.centroids(self.meta, centroids, where)
         ad = _Adapter(B=self._stored(B), A=self._stored(A), stats=stats, centroids=self._stored(centroids))
+        flags = self.bank_flags()
         self._adapters[name] = ad
-        self._banks.clear()
         self._persist(undo=lambda: self._adapters.pop(name), before=lambda: self._write_adapter(self.path, name, ad))
+        banks.added(self, name, flags)  # in place: cached banks gain one row each
 
     def add_peft(self, name: str, adapter_dir: str | Path) -> None:
         """Add one calibrated peft adapter dir under `name` (a live service's "add adapter")."""
@@ -203,14 +192,14 @@ class LoraLibrary:
         ad = self._get(name)
         if not allow_empty and len(self) == 1:
             raise ValueError(f"cannot remove {name!r}: it is the library's last adapter")
-        order = self.names
-        del self._adapters[name]
-        self._banks.clear()
+        order, flags = self.names, self.bank_flags()
+        self._adapters = banks.swap_last(self._adapters, name)  # the last adapter takes its place, as in the banks
 
         def delete_file():  # after the manifest dropped it, still under the lock
             if ad.file and not self._referenced(ad.file):
                 files.confined(self.path, ad.file, f"adapter {name!r}").unlink(missing_ok=True)
         self._persist(undo=lambda: self._restore(order, name, ad), after=delete_file)
+        banks.removed(self, name, ad, order.index(name), flags)  # in place: the last adapter takes its slot
 
     def _restore(self, order: list[str], name: str, ad: _Adapter) -> None:
         self._adapters[name] = ad
