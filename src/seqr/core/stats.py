@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from seqr.core.privacy import Guarantee
+
 QUANTILE_LEVELS = tuple((k + 0.5) / 32 for k in range(32))  # where calibration samples each adapter's norm CDF
 
 
@@ -16,13 +18,16 @@ class NormStats:
     `std` is the population standard deviation (ddof=0, numpy's default). Two NormStats built from
     disjoint shards merge exactly (Chan et al.), so silos can calibrate in parallel. `quantiles` (optional):
     the norms at QUANTILE_LEVELS from one whole calibration pass (`with_quantiles`), for the percentile score;
-    they cannot be streamed or merged, so `update` and `merge` drop them.
+    they cannot be streamed or merged, so `update` and `merge` drop them. `privacy` (optional): the DP guarantee
+    of a differentially private calibration (seqr.core.privacy), whose count is then the number of examples, not
+    tokens; `update` and `merge` drop it too (a merged stream is another release).
     """
 
     count: int = 0
     mean: float = 0.0
     m2: float = 0.0
     quantiles: tuple[float, ...] | None = None
+    privacy: Guarantee | None = None
 
     def __post_init__(self):
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
@@ -37,6 +42,8 @@ class NormStats:
                 raise ValueError(f"quantiles must be {len(QUANTILE_LEVELS)} finite non-decreasing norms (at "
                                  f"stats.QUANTILE_LEVELS), got {len(q)} values {list(q[:4])}...")
             self.quantiles = q
+        if self.privacy is not None and not isinstance(self.privacy, Guarantee):
+            raise ValueError(f"privacy must be a seqr.core.privacy.Guarantee or None, got {self.privacy!r}")
 
     def update(self, values) -> "NormStats":
         """Add a batch of values (any shape); batches are combined with the parallel formula."""
@@ -46,13 +53,13 @@ class NormStats:
         if not torch.isfinite(v).all():
             raise ValueError("NormStats.update got NaN or inf values")
         b_mean = float(v.mean())
-        self.quantiles = None
+        self.quantiles = self.privacy = None
         self._combine(v.numel(), b_mean, float(((v - b_mean) ** 2).sum()))
         return self
 
     def merge(self, other: "NormStats") -> "NormStats":
         """Fold another shard's stats into this one (in place) and return self."""
-        self.quantiles = None
+        self.quantiles = self.privacy = None
         self._combine(other.count, other.mean, other.m2)
         return self
 
@@ -77,7 +84,8 @@ class NormStats:
 
     def to_dict(self) -> dict:
         d = {"count": self.count, "mean": self.mean, "m2": self.m2, "std": self.std if self.count else None}
-        return d if self.quantiles is None else {**d, "quantiles": list(self.quantiles)}
+        d = d if self.quantiles is None else {**d, "quantiles": list(self.quantiles)}
+        return d if self.privacy is None else {**d, "privacy": self.privacy.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "NormStats":
@@ -98,8 +106,9 @@ class NormStats:
                                                               for v in q)):
             raise ValueError(f"malformed NormStats record: field 'quantiles' must be a list of numbers, got {q!r}")
         try:
+            privacy = None if d.get("privacy") is None else Guarantee.from_dict(d["privacy"])
             return cls(count=count, mean=float(d["mean"]), m2=float(d["m2"]),
-                       quantiles=None if q is None else tuple(float(v) for v in q))
+                       quantiles=None if q is None else tuple(float(v) for v in q), privacy=privacy)
         except ValueError as e:
             raise ValueError(f"malformed NormStats record: {e}") from None
 

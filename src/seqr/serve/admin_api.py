@@ -1,13 +1,15 @@
-"""The admin and operations routes: POST/DELETE /admin/adapters, PUT /admin/users/{user}, GET /health and
+"""The admin and operations routes: GET/POST/DELETE /admin/adapters, PUT /admin/users/{user}, GET /health and
 GET /metrics. Admin changes go through the service's control, are mapped to 4xx/503, and are audited."""
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest  # module level: FastAPI resolves handler annotations here
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from seqr.core.privacy import guarantees
 from seqr.serve.auth import AuthConflict
 from seqr.serve.http_io import APIError, Service, bearer_key, body_of, principal, service
 from seqr.store import files
@@ -81,6 +83,22 @@ def adapter_dir(svc: Service, name, rel) -> Path:
         raise APIError(400, f"path {rel[:200]!r}: file(s) {sorted(outside)} lead outside the adapters root "
                             f"(symlinks)", param="path")
     return path
+
+
+def listing(library) -> dict:
+    """Every adapter of the library: calibrated or not, and its DP guarantee (seqr.core.privacy) or None."""
+    found = guarantees(library)
+    return {"adapters": [{"name": n, "calibrated": library.stats(n) is not None,
+                          "privacy": None if g is None else g.to_dict()} for n, g in found.items()],
+            "without_privacy_guarantee": [n for n, g in found.items() if g is None]}
+
+
+@router.get("/admin/adapters")
+async def list_adapters(request: HTTPRequest):
+    """The served library's adapters with their privacy guarantees (admin key), read on the engine's worker
+    between batches: never half of a change."""
+    svc = admin(request)
+    return await asyncio.wrap_future(svc.engine.call(lambda engine: listing(engine.library)))
 
 
 @router.post("/admin/adapters")

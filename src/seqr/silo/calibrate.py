@@ -9,7 +9,10 @@ What mu and sigma reveal: per layer, the mean and spread of how strongly the ada
 data (two numbers per layer and a token count; the quantiles add 32 points of that norm's distribution, which
 `--no-quantiles` withholds). They carry no text, but they are a fingerprint of the data distribution;
 `--noise S` adds Gaussian noise of S standard deviations to each mu (the paper's Appendix E) to blur that
-fingerprint, at some cost in routing accuracy (`seqr eval` measures it).
+fingerprint, at some cost in routing accuracy (`seqr eval` measures it). That noise carries no formal guarantee;
+`--dp-epsilon E --dp-delta D` releases mu, sigma and the centroids (E, D)-differentially private per training
+example instead (seqr.core.privacy has the mechanism, seqr.silo.private runs it), the guarantee recorded with
+the stats.
 
 Centroids (for the centroid routers): per layer, the mean input x over the same real tokens, with the adapter
 active, written to seqr_centroids.safetensors. A centroid is a whole mean activation vector per layer, so it says
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +33,7 @@ from seqr.hf.layers import attach, detach, routing
 from seqr.hf.models import add_device_arg, parse_device
 from seqr.store.library import LoraLibrary
 from seqr.store.peft_io import stats_json, write_centroids
+from seqr.core.privacy import DPConfig
 from seqr.core.stats import NormStats, with_quantiles
 from seqr.core.argfmt import Parser, existing_dir
 
@@ -55,24 +60,59 @@ def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: d
     but the chat template's fixed tokens (the prefix and suffix every prompt of this silo shares).
     Returns ({label: per-layer NormStats}, {label: token count}). A `centroids` dict is filled with each layer's
     mean input (n,) over all real tokens of the same pass."""
+    bad = {k: v for k, v in sets.items() if v[0] not in TOKEN_SETS}
+    if bad or not sets:
+        raise ValueError(f"token sets must be some of {TOKEN_SETS}, got {bad or sets}")
+    seen = {k: {} for k in sets}  # label -> layer -> every kept norm (stats and quantiles at the end)
+    counts = dict.fromkeys(sets, 0)
+    sums, tokens = {}, 0  # layer -> (n,) float64 sum of the real tokens' inputs; their number
+    for b in traced_batches(model, tokenizer, adapter_dir, examples, batch_size=batch_size, progress=progress,
+                            scoring=scoring, inputs=centroids is not None):
+        keep = {k: b.select[kind] & (b.example < (n if n is not None else len(examples)))  # (t,)
+                for k, (kind, n) in sets.items()}
+        for layer, norms in b.norms.items():
+            for k in sets:
+                seen[k].setdefault(layer, []).append(norms[keep[k]])
+        for k in sets:
+            counts[k] += int(keep[k].sum())
+        for layer, x in b.inputs.items():
+            sums[layer] = sums.get(layer, 0.0) + x.sum(0)  # (n,)
+        tokens += int(b.tokens.sum())
+    if centroids is not None:
+        centroids.update({layer: (v / max(tokens, 1)).float().cpu() for layer, v in sums.items()})  # (n,) each
+    stats = {k: {layer: _summary(torch.cat(v)) for layer, v in per.items()} for k, per in seen.items()}
+    return stats, counts
+
+
+@dataclass
+class Batch:
+    """One traced forward of a batch of examples; t counts the batch's real tokens (row-major)."""
+
+    start: int  # index of the batch's first example
+    example: torch.Tensor  # (t,) index into the examples of each real token
+    select: dict[str, torch.Tensor]  # token set -> (t,) bool
+    norms: dict[str, torch.Tensor]  # layer -> (t,) float64 ||B A x||
+    inputs: dict[str, torch.Tensor]  # layer -> (B, n) float64 sum of each example's real tokens' inputs ({}: off)
+    tokens: torch.Tensor  # (B,) real tokens per example
+
+
+def traced_batches(model, tokenizer, adapter_dir: str | Path, examples, *, batch_size: int, progress: bool,
+                   scoring: str, inputs: bool = False):
+    """Run the model with the adapter at `adapter_dir` active over `examples` (prompt + gold answer), yielding a
+    `Batch` per forward (with the inputs of every routed layer when `inputs`)."""
     from tqdm import tqdm
 
     from seqr.silo.train import collate, encode
 
-    bad = {k: v for k, v in sets.items() if v[0] not in TOKEN_SETS}
-    if bad or not sets:
-        raise ValueError(f"token sets must be some of {TOKEN_SETS}, got {bad or sets}")
     name = Path(adapter_dir).name
-    lib = LoraLibrary.from_peft({name: adapter_dir})  # one adapter, no stats: traces give raw norms
+    lib = LoraLibrary.from_peft({name: adapter_dir})  # one adapter
+    lib = lib if lib.uncalibrated else lib.normalised("raw")  # stats from a past run: traces still give raw norms
     encoded = [encode(ex, tokenizer, scoring) for ex in examples]
     dev = next(model.parameters()).device
     plen = [sum(1 for y in labels if y == -100) for _, labels in encoded]  # prompt tokens per example
     pre, suf = _shared_ends([ids[:p] for (ids, _), p in zip(encoded, plen)])
-    seen = {k: {layer: [] for layer in lib.layers} for k in sets}  # every kept norm (stats and quantiles at the end)
-    counts = dict.fromkeys(sets, 0)
     attach(model, lib)
-    sums = {layer: 0.0 for layer in lib.layers}  # layer -> (n,) float64 sum of the real tokens' inputs
-    live = _InputSums(model, sums if centroids is not None else {})  # no hooks unless centroids are wanted
+    live = _InputSums(model, lib.layers if inputs else [])  # no hooks unless inputs are wanted
     try:
         for start in tqdm(range(0, len(encoded), batch_size), desc=f"calibrate {name}", disable=not progress,
                           file=sys.stderr):
@@ -83,40 +123,35 @@ def norm_stats_sets(model, tokenizer, adapter_dir: str | Path, examples, sets: d
                 model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
             pos = torch.arange(L)[None, :]  # (1, L)
             p = torch.tensor(plen[start:start + B])[:, None]  # (B, 1)
-            row = torch.arange(start, start + B)[:, None]  # (B, 1) example index
             real = mask.bool()  # (B, L)
             select = {"all": real, "prompt": real & (pos < p), "answer": real & (pos >= p),
                       "content": real & ((pos >= pre) & (pos < p - suf) | (pos >= p))}
-            keep = {k: (select[kind] & (row < (n if n is not None else len(encoded))))[real]  # (t,) of real tokens
-                    for k, (kind, n) in sets.items()}
-            for layer in lib.layers:
-                norms = tr.layer(layer)["norm"][:, 0]  # (t,) ||B A x|| of the real tokens
-                for k in sets:
-                    seen[k][layer].append(norms[keep[k]].double())
-            for k in sets:
-                counts[k] += int(keep[k].sum())
-            live.tokens += int(real.sum())
+            yield Batch(start=start, example=torch.arange(start, start + B)[:, None].expand(B, L)[real],  # (t,)
+                         select={k: v[real] for k, v in select.items()},  # (t,) each
+                         norms={layer: tr.layer(layer)["norm"][:, 0].double().cpu() for layer in lib.layers},
+                         inputs=live.take(), tokens=real.sum(1))
     finally:
         live.remove()
         detach(model)
-    if centroids is not None:
-        centroids.update({layer: (v / max(live.tokens, 1)).float().cpu() for layer, v in sums.items()})  # (n,) each
-    stats = {k: {layer: _summary(torch.cat(v)) for layer, v in per.items()} for k, per in seen.items()}
-    return stats, counts
 
 
 class _InputSums:
-    """Forward pre-hooks adding, per routed layer, the inputs of the current batch's real tokens (`mask`)."""
+    """Forward pre-hooks summing, per routed layer, each example's real-token inputs (`mask`) of the current batch."""
 
-    def __init__(self, model, sums: dict):
-        self.sums, self.mask, self.tokens = sums, None, 0
-        self.handles = [model.get_submodule(layer).register_forward_pre_hook(self._hook(layer)) for layer in sums]
+    def __init__(self, model, layers: list[str]):
+        self.layers, self.batch, self.mask = layers, {}, None
+        self.handles = [model.get_submodule(layer).register_forward_pre_hook(self._hook(layer)) for layer in layers]
 
     def _hook(self, layer: str):
         def add(module, args):
             x = args[0]  # (B, L, n)
-            self.sums[layer] = self.sums[layer] + x[self.mask].double().sum(0)  # (n,)
+            self.batch[layer] = torch.where(self.mask[..., None], x, 0).double().sum(1).cpu()  # (B, n)
         return add
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """The current batch's sums, in the order of `layers` (not the order the model ran them)."""
+        out, self.batch = {layer: self.batch[layer] for layer in self.layers}, {}
+        return out
 
     def remove(self) -> None:
         for h in self.handles:
@@ -146,30 +181,45 @@ def add_noise(stats: dict[str, NormStats], noise: float, seed: int = 0) -> dict[
     for layer, s in stats.items():
         eps = float(torch.randn((), generator=g, dtype=torch.float64))
         shift = noise * s.std * eps  # the whole norm distribution moves with mu
-        out[layer] = NormStats(count=s.count, mean=s.mean + shift, m2=s.m2,
-                               quantiles=None if s.quantiles is None else tuple(q + shift for q in s.quantiles))
+        out[layer] = replace(s, mean=s.mean + shift,  # post-processing: a DP guarantee still holds
+                             quantiles=None if s.quantiles is None else tuple(q + shift for q in s.quantiles))
     return out
 
 
 def calibrate(model, tokenizer, adapter_dir: str | Path, examples, *, noise: float = 0.0, seed: int = 0,
-              batch_size: int = 8, progress: bool = True, scoring: str = "choices",
-              tokens: str = "all", quantiles: bool = True, centroids: bool = True) -> dict[str, NormStats]:
+              batch_size: int = 8, progress: bool = True, scoring: str = "choices", tokens: str = "all",
+              quantiles: bool = True, centroids: bool = True, dp: DPConfig | None = None,
+              generator: torch.Generator | None = None) -> dict[str, NormStats]:
     """Compute the stats and write them atomically into the adapter dir (seqr_stats.json), and the centroids
     (seqr_centroids.safetensors) unless `centroids=False`; without `quantiles` only mu, sigma and counts leave
-    the silo (the percentile score then cannot use this adapter)."""
+    the silo (the percentile score then cannot use this adapter). With `dp` (a seqr.core.privacy.DPConfig) the
+    release is differentially private instead (seqr.silo.private.dp_calibrate; `generator` draws its noise)."""
+    if dp is not None:
+        from seqr.silo.private import dp_calibrate
+
+        return dp_calibrate(model, tokenizer, adapter_dir, examples, dp, noise=noise, seed=seed,
+                            batch_size=batch_size, progress=progress, scoring=scoring, tokens=tokens,
+                            centroids=centroids, generator=generator)
     means = {} if centroids else None
     stats, count = norm_stats(model, tokenizer, adapter_dir, examples, batch_size=batch_size, progress=progress,
                               scoring=scoring, tokens=tokens, centroids=means)
-    if centroids:
-        write_centroids(Path(adapter_dir), means)
-    else:
-        (Path(adapter_dir) / files.CENTROIDS_FILE).unlink(missing_ok=True)  # withheld: none left from a past run
     if not quantiles:
         stats = {layer: NormStats(s.count, s.mean, s.m2) for layer, s in stats.items()}
+    return ship(adapter_dir, stats, means, noise=noise, seed=seed, examples=len(examples), tokens=count,
+                token_set=tokens)
+
+
+def ship(adapter_dir: str | Path, stats: dict[str, NormStats], centroids: dict | None, *, noise: float, seed: int,
+         **extra) -> dict[str, NormStats]:
+    """What leaves the silo, written atomically into the adapter dir: the stats (with `noise` added, Appendix E)
+    and the centroids, or no centroids file when they are withheld (None); `extra` goes into the stats file."""
+    if centroids is not None:
+        write_centroids(Path(adapter_dir), centroids)
+    else:
+        (Path(adapter_dir) / files.CENTROIDS_FILE).unlink(missing_ok=True)  # withheld: none left from a past run
     stats = add_noise(stats, noise, seed) if noise else stats
     files.atomic_write_json(Path(adapter_dir) / files.STATS_FILE,
-                            stats_json(stats, examples=len(examples), tokens=count, noise=noise, seed=seed,
-                                       token_set=tokens))
+                            stats_json(stats, noise=noise, seed=seed, **extra))
     return stats
 
 
@@ -206,6 +256,8 @@ def recalibrated(library: LoraLibrary, model, tokenizer, spec: str, *, data_dir=
 
 
 def main(argv: list[str] | None = None) -> int:
+    from seqr.silo.private import add_dp_args
+
     p = Parser(prog="seqr calibrate",
                description="Per-layer activation-norm stats of one adapter on its own training data.")
     p.add_argument("--model", required=True, help="the base model the adapter was trained on")
@@ -224,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="store only mu, sigma and counts (withholds the norm quantiles the percentile score needs)")
     p.add_argument("--withhold-centroids", action="store_true",
                    help="do not write the per-layer mean inputs the centroid routers need (they reveal more than mu)")
+    add_dp_args(p)
     add_dtype_arg(p)
     add_device_arg(p)
     a = p.parse_args(argv)
@@ -232,14 +285,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{a.adapter} holds no adapter ({files.PEFT_WEIGHTS} missing); run seqr train first")
     from seqr.hf.dtypes import say_choice
     from seqr.hf.models import load_model
+    from seqr.silo.private import dp_request, with_public_clip
     from seqr.silo.tasks import check_task
 
     examples = check_task(p, a.task, a.data, a.max_examples, a.seed)  # before the model loads
+    dp, public = dp_request(p, a, len(examples))  # so is the DP request
     model, tok = load_model(a.model, dtype=say_choice(a.dtype, "seqr calibrate"), device=device)
+    dp = with_public_clip(dp, model, tok, a, public) if public else dp
     stats = calibrate(model, tok, a.adapter, examples, noise=a.noise, seed=a.seed, batch_size=a.batch_size,
                       scoring=a.scoring, tokens=a.tokens, quantiles=not a.no_quantiles,
-                      centroids=not a.withhold_centroids)
+                      centroids=not a.withhold_centroids, dp=dp)
     means = [s.mean for s in stats.values()]
+    privacy = next(iter(stats.values())).privacy
     print(json.dumps({"adapter": a.adapter, "layers": len(stats), "examples": len(examples),
-                      "mean_mu": sum(means) / len(means), "min_mu": min(means), "max_mu": max(means)}, indent=1))
+                      "mean_mu": sum(means) / len(means), "min_mu": min(means), "max_mu": max(means),
+                      "privacy": None if privacy is None else privacy.to_dict()}, indent=1))
     return 0

@@ -1,4 +1,5 @@
-"""`seqr info LIBRARY_DIR`: what a library holds: adapters, layers, rank, shared A, sizes and stats."""
+"""`seqr info LIBRARY_DIR`: what a library holds: adapters, layers, rank, shared A, sizes, stats and each adapter's
+differential-privacy guarantee (seqr.core.privacy), or none."""
 from __future__ import annotations
 
 import json
@@ -8,24 +9,27 @@ from pathlib import Path
 
 from seqr.store.library import LoraLibrary
 from seqr.core.argfmt import Parser
+from seqr.core.privacy import Guarantee, guarantees, unguaranteed
 
 
 def describe(lib: LoraLibrary, path: Path) -> dict:
-    """A JSON-able summary; per adapter the spread of its per-layer mu and sigma."""
+    """A JSON-able summary; per adapter the spread of its per-layer mu and sigma, its token count (the example
+    count under DP) and its DP guarantee (None: none)."""
     disk = sum((path / f).stat().st_size for f in lib.files())  # its own files, not what else the dir holds
     adapters = []
-    for name in lib.names:
+    for name, g in guarantees(lib).items():
         st = lib.stats(name)
-        row = {"name": name, "calibrated": st is not None}
+        row = {"name": name, "calibrated": st is not None, "privacy": None if g is None else g.to_dict()}
         if st:
             mus, sigmas = [s.mean for s in st.values()], [s.std for s in st.values()]
+            count = next(iter(st.values())).count
             row.update(mu_mean=statistics.fmean(mus), mu_min=min(mus), mu_max=max(mus),
-                       sigma_mean=statistics.fmean(sigmas), tokens=next(iter(st.values())).count)
+                       sigma_mean=statistics.fmean(sigmas), tokens=None if g else count, examples=count if g else None)
         adapters.append(row)
     return {"path": str(path), "base_model": lib.meta.base_model, "adapters": len(lib), "layers": len(lib.layers),
             "rank": lib.rank, "shared_a": lib.shared_a, "a_seed": lib.meta.a_seed,
             "target_modules": lib.meta.target_modules, "storage_dtype": lib.storage_dtype, "disk_bytes": disk,
-            "adapter_stats": adapters}
+            "adapter_stats": adapters, "without_privacy_guarantee": unguaranteed(lib)}
 
 
 def format_info(d: dict) -> str:
@@ -33,13 +37,19 @@ def format_info(d: dict) -> str:
              f"{'shared A (seed ' + str(d['a_seed']) + ')' if d['shared_a'] else 'one A per adapter'}, "
              f"base model {d['base_model']!r}, targets {', '.join(d['target_modules'])}, "
              f"{d['disk_bytes'] / 2**20:.1f} MiB on disk ({d['storage_dtype']})", "",
-             "| adapter | calibrated | mean mu | min mu | max mu | mean sigma | tokens |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| adapter | calibrated | mean mu | min mu | max mu | mean sigma | tokens | privacy |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for a in d["adapter_stats"]:
+        g = a["privacy"]
+        shown = "none" if g is None else Guarantee.from_dict(g).describe()
         if a["calibrated"]:
+            count = a["tokens"] if g is None else f"{a['examples']} examples"
             lines.append(f"| {a['name']} | yes | {a['mu_mean']:.4g} | {a['mu_min']:.4g} | {a['mu_max']:.4g} "
-                         f"| {a['sigma_mean']:.4g} | {a['tokens']} |")
+                         f"| {a['sigma_mean']:.4g} | {count} | {shown} |")
         else:
-            lines.append(f"| {a['name']} | no | | | | | |")
+            lines.append(f"| {a['name']} | no | | | | | | {shown} |")
+    missing = d["without_privacy_guarantee"]
+    lines += ["", f"without a privacy guarantee: {', '.join(missing) if missing else 'none'}"]
     return "\n".join(lines)
 
 
