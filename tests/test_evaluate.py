@@ -350,3 +350,25 @@ def test_overall_progress_line_counts_passes_and_estimates_the_rest(model, tok, 
     assert [ln.split(" (")[0] for ln in lines] == [f"seqr eval: pass {k} of at most 4" for k in (1, 2, 3, 4)]
     assert "left" not in lines[0] and all("elapsed, about" in ln and "left" in ln for ln in lines[1:])
     assert "(shared-0 noise 0.5 seqr)" in lines[-1]
+
+
+def test_conclusion_states_what_the_sign_tests_and_shares_say():
+    """The report's conclusion, against counts worked out here: 12 examples, gold all 0; seqr right on 0-9, mu on
+    0-1 only (8 discordant, none for mu: p = 2/2^8), arrow right exactly where seqr is (no discordant pair)."""
+    ts = ["a"]
+    gold = [0] * 12
+
+    def res(right: int, own: int = 0):
+        pred = [0] * right + [1] * (12 - right)
+        return {"tasks": {"a": {"n": 12, "acc": right / 12, "correct": right, "pred": pred, "decisions": 10,
+                                "agree": 10, "counts": {"a": own, "b": 10 - own}}}}
+
+    d = {"config": {"tasks": ts, "split": "dev", "max_eval": 12, "seed": 0, "scoring": "choices", "k": 3,
+                    "model": "m"}, "base": res(1), "examples": {"a": {"ids": [str(i) for i in range(12)], "gold": gold}},
+         "libraries": {"shared-0": {"shared_a": True, "adapters": ["a", "b"], "noise": {}, "methods": {
+             "oracle": res(12), "seqr": res(10, own=7), "mu": res(2), "arrow": res(10, own=5)}}}}
+    text = er.markdown(d)
+    assert "## Conclusion" in text and "SEQR reaches 83.3% of the oracle's accuracy" in text
+    assert "significantly better than base (p = 0.0039), mu (p = 0.0078)" in text
+    assert "not significantly different from arrow (p = 1)" in text
+    assert "70.0% of its decisions, against 50.0% by chance (1/2)" in text

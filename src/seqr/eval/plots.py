@@ -81,7 +81,7 @@ def routing_accuracy(doc: dict, out: Path, kind: str = "shared") -> str | None:
     if lag:
         a2.plot([k for k, _ in lag], [100 * v for _, v in lag], "o-", label="LAG(k)")
         a2.axhline(100 * r["would"]["arrow"][0], color="tab:orange", ls="--", label="ARROW")
-        a2.axhline(100, color="tab:green", ls=":", label="SEQR = SPECTR")
+        a2.axhline(100, color="tab:green", ls=":", label="SEQR = SPECTR" if kind == "shared" else "SPECTR")
         a2.set_xticks([k for k, _ in lag])
         a2.set_xlabel("k (ARROW shortlist)")
         a2.set_ylabel("% decisions LAG(k) would make = norm-max")

@@ -247,6 +247,7 @@ def markdown(doc: dict, figures: list[str] | None = None, intervals: dict | None
     n = examples_per_task(doc)
     if n:
         lines += ["Examples per task: " + ", ".join(f"{t} {n[t]}" for t in ts) + ".", ""]
+    lines += _conclusion_lines(doc, (intervals or {}).get("shared") or {})
     for kind in KINDS:
         summ = accuracy_summary(doc, kind)
         if not summ:
@@ -271,6 +272,39 @@ def markdown(doc: dict, figures: list[str] | None = None, intervals: dict | None
     if figures:
         lines += ["## Figures", ""] + [f"![{f.rsplit('.', 1)[0]}]({f})" for f in figures] + [""]
     return "\n".join(lines)
+
+
+def _conclusion_lines(doc: dict, ci: dict) -> list[str]:
+    """What the numbers below say, computed from them: SEQR's average with its interval, which differences the
+    paired sign tests call significant, what a normalised accuracy above 100% and SEQR's routing accuracy mean,
+    and the own-adapter share against chance."""
+    libs = libraries(doc, "shared")
+    summ = accuracy_summary(doc, "shared")
+    if not libs or "seqr" not in summ or summ["seqr"]["norm"]["avg"] is None:
+        return []
+    label, entry = libs[0]
+    avg, iv = summ["seqr"]["norm"]["avg"][0], ci.get("seqr", {}).get("avg")
+    out = [f"SEQR reaches {100 * avg:.1f}% of the oracle's accuracy on average"
+           + (f" (95% bootstrap interval {_interval(iv)})." if iv else ".")]
+    better, worse, tie = [], [], []
+    for key in method_keys(doc, "shared"):
+        if key not in ("seqr", "oracle") and (pr := paired(doc, entry, "seqr", key)) is not None:
+            (better if pr[2] < 0.05 and pr[0] > pr[1] else worse if pr[2] < 0.05 else tie).append(f"{key} (p = {pr[2]:.2g})")
+    parts = [f"{words} {', '.join(keys)}" for words, keys in (("significantly better than", better),
+             ("significantly worse than", worse), ("not significantly different from", tie)) if keys]
+    if parts:
+        out.append(f"Example by example (two-sided sign test, p < 0.05), SEQR is {'; '.join(parts)}.")
+    out.append("Overlapping intervals of the averages do not decide a ranking; the paired sign tests are the sharper "
+               "test. Normalised accuracy divides by the oracle's (each task's own adapter): above 100% on a task, "
+               "routing did better there than the own adapter alone.")
+    share = own_share(doc, "shared").get("seqr", {}).get("avg")
+    if share:
+        n = len(entry["adapters"])
+        out.append(f"SEQR picks the calibrated norm-maximising adapter on every decision by construction (its "
+                   f"routing accuracy is 100%, like SPECTR's); whether that is the input's own task adapter is what the "
+                   f"own-adapter share measures: {100 * share[0]:.1f}% of its decisions, against {100 / n:.1f}% by "
+                   f"chance (1/{n}).")
+    return ["## Conclusion", "", " ".join(out), ""]
 
 
 def examples_per_task(doc: dict) -> dict[str, int]:
