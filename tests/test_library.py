@@ -327,7 +327,7 @@ def test_failed_manifest_write_leaves_memory_and_disk_in_agreement(tmp_path, sha
     extra = LoraLibrary.from_peft({"task2": shared_dirs["task2"]})
     real = files.atomic_write_json
 
-    def full_disk(path, obj):
+    def full_disk(path, obj, **kw):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(files, "atomic_write_json", full_disk)

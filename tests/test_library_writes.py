@@ -180,3 +180,24 @@ def test_malformed_allowed_sets_are_named(tmp_path, allowed, words):
         state.configure("seqr", allowed=allowed)
     assert all(w in str(e.value) for w in words), str(e.value)
 
+
+
+def test_manifest_lines_and_the_generation_read_from_its_head(tmp_path):
+    """The manifest keeps one adapter per line (each entry encoded once, Python's C encoder) and a change reads
+    the generation from the file's head, falling back to a full parse when the head is not as written."""
+    import json
+
+    from seqr.store import files
+    from seqr.store.library import _generation_of
+
+    obj = {"format": "seqr-library", "format_version": 2, "generation": 7, "extra": {"generation": 99},
+           "adapters": [{"name": "a", "stats": {"l": {"mean": 1.0}}}, files.Encoded({"name": "b", "stats": None})]}
+    text = files.json_text(obj, "adapters")
+    assert json.loads(text) == {**obj, "adapters": [obj["adapters"][0], {"name": "b", "stats": None}]}
+    assert text.splitlines()[-4:] == ['  {"name": "a", "stats": {"l": {"mean": 1.0}}},', '  {"name": "b", "stats": null}',
+                                      " ]", "}"]
+    files.atomic_write_json(tmp_path / files.MANIFEST, obj, rows="adapters")
+    assert _generation_of(tmp_path) == 7
+    (tmp_path / files.MANIFEST).write_text(json.dumps({"extra": {"generation": 5}, **obj}))  # not our head: parsed
+    assert _generation_of(tmp_path) == 7
+    assert _generation_of(tmp_path / "none") == 0

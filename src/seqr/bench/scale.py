@@ -7,7 +7,8 @@ random shared-A rank-r adapters on q/k/v/o (seeded; calibrated with stand-in sta
   formula        A + B + packed Grams in float32, n r + N (m r + r(r+1)/2) numbers per layer (the tensors routing needs)
   rss_*          the process's resident growth over the loaded model after LoraLibrary.load, attach, a first forward
   load_s         LoraLibrary.load of the saved library (checksums verified)
-  add_s / remove_s   lib.add / lib.remove of one adapter on the bound library (its file and the manifest written);
+  add_s / remove_s   lib.add / lib.remove of one adapter on the bound library (its file and the manifest written),
+                 medians of 3 (add_first_s: the first add, which may grow the banks' stores);
                  (add_write_s / remove_write_s: of which in the atomic file writes, the adapter's file and the
                  manifest); reattach_s: detach + attach afterwards, what a serving engine does before its next batch
   decode ms/token    greedy decoding (prompt P tokens, G steps timed) at batch 1 and 8, untouched vs routed by SEQR,
@@ -106,29 +107,26 @@ def _routing_share(model, ids, repeats: int) -> float:
     return 1 - statistics.median(t["fixed"]) / statistics.median(t["seqr"])
 
 
-def _changes(model, lib, layers: dict, rank: int) -> dict:
-    """add one adapter, reattach, remove it, reattach: seconds of each."""
+def _changes(model, lib, layers: dict, rank: int, rounds: int = 3) -> dict:
+    """`rounds` adds of one adapter, then as many removes, each followed by a reattach: the median seconds of each,
+    of their file writes, and the first add's (which may grow the banks' stores: amortised O(1), not O(1))."""
     from seqr import attach, detach
 
     one = random_library(layers, 1, rank, seed=99)
-    B, out = one.adapter_weights("a0")[1], {}
-    with _timed_writes() as w:
-        t0 = time.perf_counter()
-        lib.add("extra", B, stats=one.stats("a0"))
-        out["add_s"], out["add_write_s"] = time.perf_counter() - t0, w()
-    t0 = time.perf_counter()
-    detach(model)
-    attach(model, lib)
-    out["reattach_add_s"] = time.perf_counter() - t0
-    with _timed_writes() as w:
-        t0 = time.perf_counter()
-        lib.remove("extra")
-        out["remove_s"], out["remove_write_s"] = time.perf_counter() - t0, w()
-    t0 = time.perf_counter()
-    detach(model)
-    attach(model, lib)
-    out["reattach_remove_s"] = time.perf_counter() - t0
-    return out
+    B, t = one.adapter_weights("a0")[1], {k: [] for k in ("add", "add_write", "reattach_add", "remove",
+                                                           "remove_write", "reattach_remove")}
+    with _timed_writes() as took:
+        for op in ["add"] * rounds + ["remove"] * rounds:
+            name = f"extra{len(t[op])}"
+            t0 = time.perf_counter()
+            lib.add(name, B, stats=one.stats("a0")) if op == "add" else lib.remove(name)
+            t[op].append(time.perf_counter() - t0)
+            t[f"{op}_write"].append(took())
+            t0 = time.perf_counter()
+            detach(model)
+            attach(model, lib)
+            t[f"reattach_{op}"].append(time.perf_counter() - t0)
+    return {"add_first_s": t["add"][0], **{f"{k}_s": statistics.median(v) for k, v in t.items()}}
 
 
 @contextlib.contextmanager
@@ -214,7 +212,8 @@ def markdown(rows: list[dict], resident: str) -> str:
         lines.append(
             f"| {r['N']} | {r['formula_mib']:.1f} | {r['rss_load_mib']:.0f} / {r['rss_attach_mib']:.0f} / "
             f"{r['rss_forward_mib']:.0f} | {r['rss_forward_mib'] / r['formula_mib']:.2f}× | {r['load_s']:.2f} | "
-            f"{r['add_s']:.3f} / {r['remove_s']:.3f} ({r['add_write_s']:.3f} / {r['remove_write_s']:.3f}) | "
+            f"{r['add_s']:.3f} / {r['remove_s']:.3f} ({r['add_write_s']:.3f} / {r['remove_write_s']:.3f}; first add "
+            f"{r['add_first_s']:.3f}) | "
             f"{r['reattach_add_s']:.2f} / {r['reattach_remove_s']:.2f} | "
             f"{d1['seqr']:.1f} ({d1['seqr'] / d1['untouched']:.2f}×) | {d8['seqr']:.1f} "
             f"({d8['seqr'] / d8['untouched']:.2f}×) | {100 * r['routing_share']:.0f}% |")

@@ -73,8 +73,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+def atomic_write_json(path: str | Path, obj, *, rows: str | None = None) -> None:
+    """Write obj as JSON atomically, indented; `rows`: the key of a list written one compact item per line
+    instead (a library manifest's adapters: Python's C encoder, 10x faster than the indenting one on thousands)."""
+    atomic_write_bytes(path, json_text(obj, rows).encode())
+
+
+class Encoded(str):
+    """An item of a `rows` list already JSON-encoded (its text, kept by the caller): written as is."""
+
+    def __new__(cls, obj):
+        return super().__new__(cls, json.dumps(obj))
+
+
+def json_text(obj, rows: str | None = None) -> str:
+    if rows is None or rows not in obj:
+        return json.dumps(obj, indent=1, sort_keys=False) + "\n"
+    head = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in obj.items() if k != rows]
+    items = ",\n".join(f"  {item if isinstance(item, Encoded) else json.dumps(item)}" for item in obj[rows])
+    return "{\n" + ",\n".join(head + [f" {json.dumps(rows)}: [\n{items}\n ]"]) + "\n}\n"
 
 
 def read_json(path: str | Path, what: str) -> dict:

@@ -38,6 +38,7 @@ class _Adapter:
     centroids: dict[str, torch.Tensor] | None = None  # layer -> (n,) mean input on the silo's data
     file: str | None = None  # relative path of its file once on disk
     sha256: str | None = None
+    line: tuple | None = field(default=None, repr=False, compare=False)  # (key, stats, encoded manifest entry)
 
 
 @dataclass
@@ -365,7 +366,7 @@ class LoraLibrary:
 
     def _write_manifest(self, path: Path) -> None:
         m = self.meta
-        files.atomic_write_json(path / files.MANIFEST, {
+        files.atomic_write_json(path / files.MANIFEST, rows="adapters", obj={
             "format": files.LIBRARY_FORMAT, "format_version": files.LIBRARY_FORMAT_VERSION,
             "generation": self._generation, "storage_dtype": self.storage_dtype,
             "base_model": m.base_model, "rank": m.rank, "target_modules": m.target_modules,
@@ -373,9 +374,7 @@ class LoraLibrary:
             "extra": m.extra, "layers": {k: list(v) for k, v in m.layers.items()},
             "shared_a_file": None if self._shared_file is None else
             {"file": self._shared_file[0], "sha256": self._shared_file[1]},
-            "adapters": [{"name": n, "file": a.file, "sha256": a.sha256,
-                          "stats": None if a.stats is None else {k: s.to_dict() for k, s in a.stats.items()}}
-                         for n, a in self._adapters.items()],
+            "adapters": [_entry(n, a) for n, a in self._adapters.items()],
         })
 
     @classmethod
@@ -481,11 +480,28 @@ class LibraryConflict(RuntimeError):
     """Another writer changed the library directory since this copy was loaded."""
 
 
+def _entry(name: str, ad: _Adapter) -> files.Encoded:
+    """One adapter's manifest entry, JSON-encoded once per content (a change then writes N cached lines)."""
+    key = (name, ad.file, ad.sha256)
+    if ad.line is None or ad.line[0] != key or ad.line[1] is not ad.stats:  # stats: the very object encoded
+        stats = None if ad.stats is None else {k: s.to_dict() for k, s in ad.stats.items()}
+        ad.line = (key, ad.stats, files.Encoded({"name": name, "file": ad.file, "sha256": ad.sha256, "stats": stats}))
+    return ad.line[2]
+
+
+_GENERATION = re.compile(rb'^\{\s*"format": "[^"]*",\s*"format_version": \d+,\s*"generation": (\d+),')
+
+
 def _generation_of(path: Path) -> int:
-    """The generation of the manifest in `path` (0 when there is none yet, or it predates generations)."""
-    if not (path / files.MANIFEST).exists():
+    """The generation of the manifest in `path` (0 when there is none yet, or it predates generations), read from
+    the head of the file, where `_write_manifest` puts it (the whole manifest is parsed only when it is not there):
+    a change's conflict check costs O(1), not a parse of N adapters' stats."""
+    f = path / files.MANIFEST
+    if not f.exists():
         return 0
-    return int(files.read_json(path / files.MANIFEST, "library manifest").get("generation", 0))
+    with open(f, "rb") as fh:
+        head = _GENERATION.match(fh.read(256))
+    return int(head.group(1)) if head else int(files.read_json(f, "library manifest").get("generation", 0))
 
 
 def natural_key(layer: str) -> list:
