@@ -70,11 +70,13 @@ def test_an_unknown_task_is_named_with_the_known_ones(files, no_model, capsys):
     assert_one_line(code, lines, "eval", "'sst3'", "known tasks:", "sst2", "agnews")
 
 
-@pytest.mark.parametrize("verb", ["train", "serve"])
+@pytest.mark.parametrize("verb", ["train", "serve", "serve --ray"])
 def test_a_model_that_cannot_be_loaded_is_its_message_in_one_line(verb, files, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub probe: the hub's answer is not what is tested
     argv = {"train": ["train", "--task", files["task"], "--out", str(tmp_path / "out")],
-            "serve": ["serve", files["lib"], "--auth", files["auth"], "--port", "0"]}[verb]
+            "serve": ["serve", files["lib"], "--auth", files["auth"], "--port", "0"],
+            "serve --ray": ["serve", files["lib"], "--auth", files["auth"], "--port", "0", "--ray"]}[verb]  # before Ray
+    verb = verb.split()[0]
     code, lines = run(argv + ["--model", "no-such-model"], capsys)
     assert_one_line(code, lines, verb, "could not load a causal LM and tokenizer from 'no-such-model'")
     assert not (tmp_path / "out").exists()

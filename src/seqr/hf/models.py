@@ -97,6 +97,23 @@ def resolve_source(name_or_path: str | os.PathLike) -> Source:
                              f"({why}), so only the local Hugging Face cache was tried)")
 
 
+def check_model(name_or_path: str | os.PathLike) -> Source:
+    """`resolve_source`, plus what loading would find out late: a name that only the local Hugging Face cache
+    could serve (the hub unreachable) must be in it. For a caller about to start something costly (Ray replicas
+    that each load the model): a one-line ModelLoadError now instead of a failed deployment."""
+    src = resolve_source(name_or_path)
+    if src.local_only and not Path(src.ref).is_dir():
+        try:
+            cached = _in_hf_cache(src.ref)
+        except Exception:  # not even a valid hub id (huggingface_hub's validation error)
+            cached = False
+        if not cached:
+            raise ModelLoadError(f"could not load a causal LM and tokenizer from {os.fspath(name_or_path)!r}: it is "
+                                 f"not a local model dir, not {SMOLLM2_ALIAS!r}, and not in the local Hugging Face "
+                                 f"cache ({src.what})")
+    return src
+
+
 def _looks_like_path(s: str) -> bool:
     """A name that can only mean a path (hub ids are 'name' or 'org/name')."""
     return s.startswith(("/", ".", "~")) or s.count("/") > 1 or "\\" in s

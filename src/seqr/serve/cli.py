@@ -113,6 +113,9 @@ def _run(app, engine, sock: socket.socket) -> None:
 def _serve_ray(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if a.replicas < 1:
         p.error(f"--replicas must be positive, got {a.replicas}")
+    from seqr.hf.models import check_model
+
+    check_model(a.model)  # a model no replica could load: one line (ModelLoadError), before Ray starts
     try:
         load_checked(a.library, a.auth)  # fail fast, before starting Ray
         from seqr.serve import ray_serve
