@@ -188,7 +188,6 @@ def test_manifest_lines_and_the_generation_read_from_its_head(tmp_path):
     import json
 
     from seqr.store import files
-    from seqr.store.library import _generation_of
 
     obj = {"format": "seqr-library", "format_version": 2, "generation": 7, "extra": {"generation": 99},
            "adapters": [{"name": "a", "stats": {"l": {"mean": 1.0}}}, files.Encoded({"name": "b", "stats": None})]}
@@ -197,7 +196,7 @@ def test_manifest_lines_and_the_generation_read_from_its_head(tmp_path):
     assert text.splitlines()[-4:] == ['  {"name": "a", "stats": {"l": {"mean": 1.0}}},', '  {"name": "b", "stats": null}',
                                       " ]", "}"]
     files.atomic_write_json(tmp_path / files.MANIFEST, obj, rows="adapters")
-    assert _generation_of(tmp_path) == 7
+    assert files.manifest_generation(tmp_path) == 7
     (tmp_path / files.MANIFEST).write_text(json.dumps({"extra": {"generation": 5}, **obj}))  # not our head: parsed
-    assert _generation_of(tmp_path) == 7
-    assert _generation_of(tmp_path / "none") == 0
+    assert files.manifest_generation(tmp_path) == 7
+    assert files.manifest_generation(tmp_path / "none") == 0

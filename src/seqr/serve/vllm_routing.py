@@ -10,7 +10,6 @@ y = W x + B_i* A x, i* = the router's choice restricted to the token's mask.
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 from seqr.core import registry
 from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
+from seqr.core.threads import one_thread
 from seqr.core.packed import PackedBank
 
 
@@ -115,22 +115,9 @@ class RoutedPacked(nn.Module):
             return (y + upd.view_as(y)).to(y.dtype), bias  # one rounding, as in the transformers path
 
 
-@contextmanager
 def routing_threads(x: torch.Tensor):
-    """Run routing's ops on one intra-op thread on CPU. They are tiny ((T, r) products, T gathered B's), and in
-    vLLM's thread-bound CPU worker each two-thread parallel region of such an op costs 30-40 us against 7 us on one
-    thread (an (8, 576) x (576, 8) product, timed on vLLM's
-    engine thread). vLLM's CPU worker turns `torch.set_num_threads` into a no-op
-    once it has bound its threads; `torch._C.set_num_threads` is the setter itself (it costs ~0.2 us)."""
-    threads = torch.get_num_threads()
-    if x.device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch._C.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch._C.set_num_threads(threads)
+    """Routing's tiny ops ((T, r) products, T gathered B's) on one intra-op thread where x lives on the CPU."""
+    return one_thread(x.device)
 
 
 def packed_parts(module_name: str, packed: dict[str, list[str]]) -> list[str]:

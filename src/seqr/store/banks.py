@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from seqr.core.bank import AdapterBank
+from seqr.core.threads import one_thread
 
 
 def build(lib, layer: str, device) -> AdapterBank:
@@ -53,17 +54,22 @@ def added(lib, name: str, flags: tuple) -> None:
         return
     ad = lib._adapters[name]
     try:
-        for key, bank in lib._banks.items():
-            layer = key if isinstance(key, str) else key[0]
-            dev = bank.B.device
-            mu, sigma, q = _stats(lib, [ad], layer, bank.mu is not None)
-            grew = bank.append(name, ad.B[layer].to(dev), A=None if lib.shared_a else ad.A[layer].to(dev),
-                               mu=None if mu is None else mu[0], sigma=None if sigma is None else sigma[0],
-                               quantiles=None if q is None else q[0],
-                               centroid=None if bank.centroids is None else ad.centroids[layer].to(dev))
-            bind(lib, layer, bank, None if grew else [bank.num_adapters - 1])
+        with one_thread():
+            _append_all(lib, name, ad)
     except (ValueError, RuntimeError):  # the change is on disk already: the rebuild on next use raises it again
         lib._banks.clear()
+
+
+def _append_all(lib, name: str, ad) -> None:
+    for key, bank in lib._banks.items():
+        layer = key if isinstance(key, str) else key[0]
+        dev = bank.B.device
+        mu, sigma, q = _stats(lib, [ad], layer, bank.mu is not None)
+        grew = bank.append(name, ad.B[layer].to(dev), A=None if lib.shared_a else ad.A[layer].to(dev),
+                           mu=None if mu is None else mu[0], sigma=None if sigma is None else sigma[0],
+                           quantiles=None if q is None else q[0],
+                           centroid=None if bank.centroids is None else ad.centroids[layer].to(dev))
+        bind(lib, layer, bank, None if grew else [bank.num_adapters - 1])
 
 
 def removed(lib, name: str, ad, index: int, flags: tuple) -> None:
@@ -76,11 +82,12 @@ def removed(lib, name: str, ad, index: int, flags: tuple) -> None:
     if not lib._adapters or lib.bank_flags() != flags:
         lib._banks.clear()
         return
-    for key, bank in lib._banks.items():
-        layer = key if isinstance(key, str) else key[0]
-        bank.remove(name)
-        if index < bank.num_adapters:
-            bind(lib, layer, bank, [index])
+    with one_thread():
+        for key, bank in lib._banks.items():
+            layer = key if isinstance(key, str) else key[0]
+            bank.remove(name)
+            if index < bank.num_adapters:
+                bind(lib, layer, bank, [index])
 
 
 def swap_last(adapters: dict, name: str) -> dict:

@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 import threading
 import time
@@ -213,3 +214,17 @@ def confined(root: str | Path, rel, what: str) -> Path:
         raise ValueError(f"{what}: file entry {rel!r} leads outside {root} (through a symlink)")
     return full
 
+
+_GENERATION = re.compile(rb'^\{\s*"format": "[^"]*",\s*"format_version": \d+,\s*"generation": (\d+),')
+
+
+def manifest_generation(path: Path) -> int:
+    """The generation of the manifest in `path` (0 when there is none yet, or it predates generations), read from
+    the head of the file, where `LoraLibrary._write_manifest` puts it (the whole manifest is parsed only when it is not there):
+    a change's conflict check costs O(1), not a parse of N adapters' stats."""
+    f = Path(path) / MANIFEST
+    if not f.exists():
+        return 0
+    with open(f, "rb") as fh:
+        head = _GENERATION.match(fh.read(256))
+    return int(head.group(1)) if head else int(read_json(f, "library manifest").get("generation", 0))

@@ -296,7 +296,7 @@ class LoraLibrary:
         gen, committed = self._generation, False
         try:
             with files.dir_lock(self.path, owner=self.lock_owner):
-                on_disk = _generation_of(self.path)
+                on_disk = files.manifest_generation(self.path)
                 if on_disk != gen:
                     raise LibraryConflict(f"library {self.path} was changed by another writer since this copy was "
                                           f"loaded (generation {on_disk} on disk, {gen} here); reload it and retry")
@@ -328,7 +328,7 @@ class LoraLibrary:
         return path
 
     def _save_locked(self, path: Path) -> None:
-        self._generation = _generation_of(path) + 1
+        self._generation = files.manifest_generation(path) + 1
         if self.shared_a:
             self._shared_file = _write_hashed(path, files.SHARED_A_PREFIX,
                                              self._on_disk({f"{layer}.A": t for layer, t in self.shared_A.items()}))
@@ -487,21 +487,6 @@ def _entry(name: str, ad: _Adapter) -> files.Encoded:
         stats = None if ad.stats is None else {k: s.to_dict() for k, s in ad.stats.items()}
         ad.line = (key, ad.stats, files.Encoded({"name": name, "file": ad.file, "sha256": ad.sha256, "stats": stats}))
     return ad.line[2]
-
-
-_GENERATION = re.compile(rb'^\{\s*"format": "[^"]*",\s*"format_version": \d+,\s*"generation": (\d+),')
-
-
-def _generation_of(path: Path) -> int:
-    """The generation of the manifest in `path` (0 when there is none yet, or it predates generations), read from
-    the head of the file, where `_write_manifest` puts it (the whole manifest is parsed only when it is not there):
-    a change's conflict check costs O(1), not a parse of N adapters' stats."""
-    f = path / files.MANIFEST
-    if not f.exists():
-        return 0
-    with open(f, "rb") as fh:
-        head = _GENERATION.match(fh.read(256))
-    return int(head.group(1)) if head else int(files.read_json(f, "library manifest").get("generation", 0))
 
 
 def natural_key(layer: str) -> list:
