@@ -141,7 +141,7 @@ def test_eval_commits_only_its_results_file(tmp_path, monkeypatch):
     assert "staged.txt" in subprocess.run(["git", "diff", "--cached", "--name-only"], capture_output=True, text=True).stdout
 
 
-def test_report_from_every_stage(setup, monkeypatch):
+def test_report_from_every_stage(setup, monkeypatch, tmp_path):
     """All four stages on the tiny library (snapshots at steps 1 and 2), then scripts/paper_report.py's report."""
     if not (setup / "art" / files.MANIFEST).exists():
         monkeypatch.setattr(pl, "OLD_SWEEPS", setup / "none.json")
@@ -166,6 +166,14 @@ def test_report_from_every_stage(setup, monkeypatch):
     assert "Not yet evaluated" not in text
     for png in ("main/accuracy_shared.png", "noise/noise.png", "routability_vs_training.png"):
         assert (setup / "ev" / png).stat().st_size > 1000
+    steps = json.loads((setup / "ev" / "steps" / files.EVAL_RESULTS).read_text())  # SEQR's step passes pending
+    for e in steps["libraries"].values():
+        e["methods"].pop("seqr")
+    (tmp_path / "steps").mkdir()
+    (tmp_path / "steps" / files.EVAL_RESULTS).write_text(json.dumps(steps))
+    text = pr.write(tmp_path).read_text()
+    assert "own adapters so far" in text and "| step-1 |" in text and "| final |" in text
+    assert "Not yet evaluated: main, exact, noise" in text
 
 
 def test_finished_passes_name_base_methods_and_noise(tmp_path):
