@@ -106,18 +106,13 @@ class RoutedPacked(nn.Module):
 
     def forward(self, x: torch.Tensor):
         y, bias = self.base(x)  # (T, sum of part sizes)
-        with routing_threads(x):
+        with one_thread(x.device):  # routing's tiny ops ((T, r) products, T gathered B's) on one thread
             xf = rt.in_compute_dtype(x.reshape(-1, x.shape[-1]))  # (T, n), cast once for every part
             adapted = iter(self.routing.update(self.packed, xf))  # [(T, m_p)] of the adapted parts
             outs = [next(adapted) if bank is not None  # (T, m_p)
                     else xf.new_zeros(xf.shape[0], size, dtype=torch.float32) for _, bank, size in self.parts]
             upd = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (T, m)
             return (y + upd.view_as(y)).to(y.dtype), bias  # one rounding, as in the transformers path
-
-
-def routing_threads(x: torch.Tensor):
-    """Routing's tiny ops ((T, r) products, T gathered B's) on one intra-op thread where x lives on the CPU."""
-    return one_thread(x.device)
 
 
 def packed_parts(module_name: str, packed: dict[str, list[str]]) -> list[str]:

@@ -61,8 +61,7 @@ def added(lib, name: str, flags: tuple) -> None:
 
 
 def _append_all(lib, name: str, ad) -> None:
-    for key, bank in lib._banks.items():
-        layer = key if isinstance(key, str) else key[0]
+    for layer, bank in _cached(lib):
         dev = bank.B.device
         mu, sigma, q = _stats(lib, [ad], layer, bank.mu is not None)
         grew = bank.append(name, ad.B[layer].to(dev), A=None if lib.shared_a else ad.A[layer].to(dev),
@@ -76,18 +75,22 @@ def removed(lib, name: str, ad, index: int, flags: tuple) -> None:
     """Take the adapter `ad` just removed (it was at `index`) out of every cached bank: the last adapter moves into
     its slot, as it did in the library's order (`swap_last`); `ad` keeps copies of its tensors (whoever still holds it, e.g. a
     `with_stats` view, never sees the moved rows). `flags`: `lib.bank_flags()` before the change."""
-    for d in (ad.B, ad.A):
+    if not lib._adapters or lib.bank_flags() != flags:
+        lib._banks.clear()  # the banks are dropped, their rows never overwritten
+        return
+    for d in (ad.B, ad.A):  # `ad`'s views are about to be overwritten by the moved rows
         for layer, t in (d or {}).items():
             d[layer] = t.clone()
-    if not lib._adapters or lib.bank_flags() != flags:
-        lib._banks.clear()
-        return
     with one_thread():
-        for key, bank in lib._banks.items():
-            layer = key if isinstance(key, str) else key[0]
+        for layer, bank in _cached(lib):
             bank.remove(name)
             if index < bank.num_adapters:
                 bind(lib, layer, bank, [index])
+
+
+def _cached(lib):
+    """(layer, bank) of every cached bank (keyed by layer, or by (layer, device) off the library's device)."""
+    return ((key if isinstance(key, str) else key[0], bank) for key, bank in lib._banks.items())
 
 
 def swap_last(adapters: dict, name: str) -> dict:
