@@ -1,18 +1,22 @@
 """Evaluate the committed paper-budget library (issue 28, item 5-6), one pass at a time, each committed at once.
 
-Usage: SEQR_TASK_DATA=../shared/data/tasks python scripts/paper_eval.py [--stage main|exact|noise|steps|all]
+Usage: SEQR_TASK_DATA=../shared/data/tasks python scripts/paper_eval.py [--stage main|exact|steps|noise|variants|all]
        [--device cuda] [--commit]
 Every pass runs the base model in float32 (on any machine or device), so passes made on different machines
 combine in one eval.json; a pass already in the stage's eval.json is skipped, so a fresh clone continues with the
 next one. Stages (each its own `seqr eval` results document under OUT):
   main   full dev splits: base, oracle, seqr, mu, arrow, centroid, centroid-seqr@3, lag@3
   exact  EXACT_N dev examples per task: seqr, spectr, naive (the same decisions, by Theorem 3.1)
-  noise  NOISE_N dev examples per task: seqr, then seqr with noise on mu at NOISE_LEVELS sigmas (Figure 6)
   steps  NOISE_N dev examples per task: oracle and seqr on the step-12 / step-50 snapshots and the final library
+  variants  full dev splits: seqr under each routing variant of VARIANTS (the routing study's main axes; the
+         norm routers' score, stats and granularity), for sign tests against the main stage's passes
+  noise  the steps stage's examples and document: the final library's seqr with noise on mu at NOISE_LEVELS
+         sigmas (Figure 6; its seqr and oracle passes are the steps stage's)
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -32,19 +36,27 @@ MAIN = ("base", "oracle", "seqr", "mu", "arrow", "centroid", "centroid-seqr", "l
 EXACT_N, NOISE_N = 20, 100
 NOISE_LEVELS = (0.1, 0.2, 0.5, 1.0)
 STEPS = (12, 50)
-STAGES = ("main", "exact", "noise", "steps")
+STAGES = ("main", "exact", "steps", "noise", "variants")
+# EvalConfig overrides of the seqr passes in the variants stage, most telling first
+VARIANTS = ({"granularity": "layers"}, {"granularity": "request"}, {"granularity": "request", "probe_depth": 0.5},
+            {"granularity": "depth"}, {"granularity": "prompt"}, {"normalise": "ratio"}, {"normalise": "raw"},
+            {"pooled": True})
+FOLDER = {"noise": "steps"}  # a stage that adds passes to another stage's document
 
 
-def plan(stage: str, lib: Path) -> tuple[dict[str, Path], EvalConfig, tuple[str, ...]]:
-    """(libraries by label, the stage's config, its passes in order)."""
+def plan(stage: str, lib: Path) -> tuple[dict[str, Path], EvalConfig, tuple]:
+    """(libraries by label, the stage's config, its passes in order: a method, or (method, config overrides))."""
     tasks = LoraLibrary.load(lib).names
     if stage == "main":
         return {"shared-0": lib}, EvalConfig(tasks=tasks, max_eval=None, noise=(), model=MODEL), MAIN
+    if stage == "variants":
+        return ({"shared-0": lib}, EvalConfig(tasks=tasks, max_eval=None, noise=(), model=MODEL),
+                tuple(("seqr", v) for v in VARIANTS))
     if stage == "exact":
         return ({"shared-0": lib}, EvalConfig(tasks=tasks, max_eval=EXACT_N, noise=(), model=MODEL),
                 ("seqr", "spectr", "naive"))
     if stage == "noise":
-        return ({"shared-0": lib}, EvalConfig(tasks=tasks, max_eval=NOISE_N, noise=NOISE_LEVELS, model=MODEL),
+        return ({"final": lib}, EvalConfig(tasks=tasks, max_eval=NOISE_N, noise=NOISE_LEVELS, model=MODEL),
                 ("seqr",))
     libs = {f"step-{s}": lib / "checkpoints" / f"step-{s}" for s in STEPS}
     return {**libs, "final": lib}, EvalConfig(tasks=tasks, max_eval=NOISE_N, noise=(), model=MODEL), ("oracle", "seqr")
@@ -56,13 +68,15 @@ def run_stage(stage: str, a, model, tok) -> None:
     libs = {label: LoraLibrary.load(p) for label, p in paths.items() if (p / files.MANIFEST).exists()}
     cfg.tasks = [t for t in cfg.tasks if all(t in lib for lib in libs.values())]
     data = load_data(cfg.tasks, cfg.split, data_dir=a.data, max_eval=cfg.max_eval, seed=cfg.seed)
-    out = Path(a.out) / stage
-    for method in passes:
-        cfg.methods = (method,)
+    out = Path(a.out) / FOLDER.get(stage, stage)
+    for item in passes:
+        method, overrides = (item, {}) if isinstance(item, str) else item
+        c = dataclasses.replace(cfg, methods=(method,), **overrides)
         before = finished_passes(out / files.EVAL_RESULTS)
-        evaluate(model, tok, libs, data, cfg, out_dir=out)
+        evaluate(model, tok, libs, data, c, out_dir=out)
         if a.commit and finished_passes(out / files.EVAL_RESULTS) != before:  # a reused pass is no news
-            commit_only(out / files.EVAL_RESULTS, f"Issue 28: eval {stage} {method} pass")
+            tag = f" [{c.variant()}]" if c.variant() else ""
+            commit_only(out / files.EVAL_RESULTS, f"Issue 28: eval {stage} {method}{tag} pass")
 
 
 def finished_passes(path: Path) -> set[str]:

@@ -4,8 +4,8 @@ the figures, from the committed stage documents (scripts/paper_eval.py), whichev
 Usage: python scripts/paper_report.py [--out docs/results/paper_library]
 Sections: did each adapter learn (own adapter vs the untouched model per task, exact sign tests); the full-dev
 comparison (Tables 3-4, Figures 3-4, SEQR against every method: main/report.md); exactness (spectr and naive
-decide as seqr does); SEQR under noise on mu (Figure 6, normalised by the oracle of the steps stage's final
-library, which evaluated the same examples); routability vs training (step-12, step-50, final).
+decide as seqr does); SEQR under noise on mu (Figure 6: the noise passes of the steps stage's final library);
+routability vs training (step-12, step-50, final); SEQR's routing variants against every main method.
 """
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ LABEL = "shared-0"
 def load(out: Path, stage: str) -> dict | None:
     f = out / stage / files.EVAL_RESULTS
     return files.read_json(f, f"{stage} results") if f.exists() else None
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -70,11 +74,9 @@ def exact_lines(doc: dict) -> tuple[list[str], dict]:
                            "its decisions off the norm-max"], rows), res)
 
 
-def noise_lines(noise: dict, steps: dict | None, out: Path) -> tuple[list[str], dict]:
-    if steps is None or "final" not in steps["libraries"]:
-        return ["## SEQR under noise on mu (Figure 6)", "", "Waiting for the steps stage's final-library oracle pass "
-                "(the normalisation).", ""], {}
-    doc = study.lend_pass(noise, steps, "oracle", LABEL, "final")
+def noise_lines(steps: dict, out: Path) -> tuple[list[str], dict]:
+    """Figure 6 from the steps document's final library (its seqr, oracle and noise passes)."""
+    doc = {**steps, "libraries": {LABEL: steps["libraries"]["final"]}}
     plots.write_report(doc, out / "noise")
     curve = er.noise_summary(doc)
     return (["## SEQR under noise on mu (the paper's Figure 6)", "",
@@ -83,6 +85,30 @@ def noise_lines(noise: dict, steps: dict | None, out: Path) -> tuple[list[str], 
             + _table(["noise (std of mu)", "seqr, normalised accuracy %"],
                      [[f"{lv:g}", f"{100 * v[0]:.1f}"] for lv, v in curve.items()]),
             {f"{lv:g}": v[0] for lv, v in curve.items()})
+
+
+def variants_lines(main: dict, variants: dict, out: Path) -> tuple[list[str], dict]:
+    """Item 7: SEQR's routing variants on the full dev splits against every method of the main stage."""
+    res = study.variants(main, variants, LABEL)
+    if not res:
+        return [], {}
+    fig = plots.variants(main, res, out, LABEL)
+    vs = next(iter(res.values()))["vs"]
+    others = ["seqr"] + [k for k in vs if k not in ("seqr", "base", "oracle")] + ["oracle"]
+    rows = []
+    for v, r in res.items():
+        ci = f"{100 * r['ci'][0]:.1f}-{100 * r['ci'][1]:.1f}" if r["ci"] else "-"
+        rows.append([v, _pct(r["norm"]), ci, _pct(r["norm_learned"]), _pct(r["own"])]
+                    + [f"+{c['only_variant']}/-{c['only_other']} (p={c['p']:.2g})"
+                       for c in (r["vs"][k] for k in others)])
+    n_learned = len(next(iter(res.values()))["learned_tasks"])
+    return (["## Routing variants on the full dev splits (item 7)", "",
+             "SEQR with one routing setting changed, against every method of the main stage on the same examples: "
+             "+a/-b counts the examples only the variant / only the other method answers right, with the exact "
+             f"sign-test p. 'learned tasks': the {n_learned} tasks whose own adapter beats the untouched model.", ""]
+            + _table(["variant", "normalised %", "95% CI", "on learned tasks %", "own share %",
+                      *[f"vs {k}" for k in others]], rows)
+            + ([f"![variants]({fig})", ""] if fig else []), res)
 
 
 def steps_lines(doc: dict, final_steps: int, out: Path) -> tuple[list[str], dict]:
@@ -115,7 +141,7 @@ def oracle_steps_lines(doc: dict) -> list[str]:
 
 
 def write(out: Path) -> Path:
-    docs = {st: load(out, st) for st in ("main", "exact", "noise", "steps")}
+    docs = {st: load(out, st) for st in ("main", "exact", "steps", "variants")}
     first = next((d for d in docs.values() if d), None)
     n = len(next(iter(first["libraries"].values()))["adapters"]) if first else 0
     lines = ["# The paper-budget library: evaluation", "",
@@ -132,13 +158,17 @@ def write(out: Path) -> Path:
     if docs["exact"]:
         more, summary["exactness"] = exact_lines(docs["exact"])
         lines += more
-    if docs["noise"]:
-        more, summary["noise"] = noise_lines(docs["noise"], docs["steps"], out)
+    noise = docs["steps"] and docs["steps"]["libraries"].get("final", {}).get("noise")
+    if noise:
+        more, summary["noise"] = noise_lines(docs["steps"], out)
         lines += more
     if docs["steps"]:
         more, summary["routability"] = steps_lines(docs["steps"], final_steps(), out)
         lines += more
-    missing = [st for st, d in docs.items() if d is None]
+    if docs["main"] and docs["variants"]:
+        more, summary["variants"] = variants_lines(docs["main"], docs["variants"], out)
+        lines += more
+    missing = [st for st, d in docs.items() if d is None] + ([] if noise else ["noise"])
     if missing:
         lines += [f"Not yet evaluated: {', '.join(missing)} (scripts/paper_eval.py --stage ...).", ""]
     files.atomic_write_json(out / "summary.json", summary)

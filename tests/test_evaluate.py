@@ -296,6 +296,17 @@ def test_cli_end_to_end_from_a_model_dir_and_jsonl(adapter_dirs, model, tok, tmp
                   "--noise", "", "--out", str(out), "--methods", "seqr", "--granularity", "layers"])
     saved3 = json.loads((out / files.EVAL_RESULTS).read_text())
     assert rc == 0 and list(saved3["libraries"]["shared-0 [granularity=layers]"]["methods"]) == ["seqr"]
+    rc = ev.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
+                  "--noise", "", "--out", str(out), "--methods", "seqr", "--granularity", "request",
+                  "--probe-depth", "0.5"])
+    saved4 = json.loads((out / files.EVAL_RESULTS).read_text())
+    req = saved4["libraries"]["shared-0 [granularity=request probe_depth=0.5]"]
+    assert rc == 0 and list(req["methods"]) == ["seqr"] and req["routing"]["probe_depth"] == 0.5
+    assert saved4["libraries"]["shared-0"] == saved["libraries"]["shared-0"]  # earlier passes kept, not redone
+    with pytest.raises(SystemExit) as bad:  # a shortened probe only where a probe runs
+        ev.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--out", str(out),
+                 "--granularity", "prompt", "--probe-depth", "0.5"])
+    assert bad.value.code == 2 and "probe_depth applies to" in capsys.readouterr().err
 
 
 def test_paired_sign_test_by_hand(doc):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from seqr import LoraLibrary
+from seqr.eval.evaluate import EvalConfig
 from seqr.store import files
 from test_evaluate import task_examples
 from tiny_chat import save_chat_model, write_task_dir
@@ -142,7 +143,7 @@ def test_eval_commits_only_its_results_file(tmp_path, monkeypatch):
 
 
 def test_report_from_every_stage(setup, monkeypatch, tmp_path):
-    """All four stages on the tiny library (snapshots at steps 1 and 2), then scripts/paper_report.py's report."""
+    """Every stage on the tiny library (snapshots at steps 1 and 2), then scripts/paper_report.py's report."""
     if not (setup / "art" / files.MANIFEST).exists():
         monkeypatch.setattr(pl, "OLD_SWEEPS", setup / "none.json")
         pl.main(_args(setup))
@@ -157,23 +158,28 @@ def test_report_from_every_stage(setup, monkeypatch, tmp_path):
     monkeypatch.setattr(pr, "final_steps", lambda: 4)
     text = pr.write(setup / "ev").read_text()
     summary = json.loads((setup / "ev" / "summary.json").read_text())
-    assert set(summary) == {"learned", "seqr_vs", "exactness", "noise", "routability"}
+    assert set(summary) == {"learned", "seqr_vs", "exactness", "noise", "routability", "variants"}
+    assert set(summary["variants"]) == {EvalConfig(tasks=["_"], **v).variant() for v in pe.VARIANTS}
+    for v in summary["variants"].values():  # each variant tested against every main method on the same examples
+        assert set(v["vs"]) == {"base", "oracle", "seqr", "mu", "arrow", "lag@2", "centroid", "centroid-seqr@2"}
     assert set(summary["routability"]) == {"step-1", "step-2", "final"}
     assert set(summary["seqr_vs"]) == {"base", "mu", "arrow", "lag@2", "centroid", "centroid-seqr@2"}
     assert set(summary["exactness"]) == {"spectr", "naive"} and set(summary["noise"]) == {"0", "0.5", "1"}
-    for section in ("Did each adapter learn", "Does SEQR beat", "Exactness", "under noise", "Routability vs"):
+    for section in ("Did each adapter learn", "Does SEQR beat", "Exactness", "under noise", "Routability vs",
+                    "Routing variants"):
         assert section in text
     assert "Not yet evaluated" not in text
-    for png in ("main/accuracy_shared.png", "noise/noise.png", "routability_vs_training.png"):
+    for png in ("main/accuracy_shared.png", "noise/noise.png", "routability_vs_training.png", "variants.png"):
         assert (setup / "ev" / png).stat().st_size > 1000
     steps = json.loads((setup / "ev" / "steps" / files.EVAL_RESULTS).read_text())  # SEQR's step passes pending
     for e in steps["libraries"].values():
         e["methods"].pop("seqr")
+        e["noise"] = {}
     (tmp_path / "steps").mkdir()
     (tmp_path / "steps" / files.EVAL_RESULTS).write_text(json.dumps(steps))
     text = pr.write(tmp_path).read_text()
     assert "own adapters so far" in text and "| step-1 |" in text and "| final |" in text
-    assert "Not yet evaluated: main, exact, noise" in text
+    assert "Not yet evaluated: main, exact, variants, noise" in text
 
 
 def test_finished_passes_name_base_methods_and_noise(tmp_path):

@@ -71,17 +71,27 @@ def test_routability_per_library_by_its_own_oracle():
     assert res["norm"] == pytest.approx((0.5 + 0.75) / 2) and res["own"] == pytest.approx(0.5)
 
 
-def test_lend_pass_only_between_documents_of_the_same_examples_and_library():
-    oracle = {"a": (GOLD["a"],), "b": (GOLD["b"],)}
-    donor = _doc({"oracle": oracle, "seqr": oracle})
-    doc = _doc({"seqr": oracle})
-    lent = study.lend_pass(doc, donor, "oracle", "lib", "lib")
-    assert lent["libraries"]["lib"]["methods"]["oracle"] == donor["libraries"]["lib"]["methods"]["oracle"]
-    assert "oracle" not in doc["libraries"]["lib"]["methods"]  # a copy: the input is left as it was
-    other = _doc({"seqr": oracle}, ids={"b": [f"b-{i}" for i in range(1, 7)]})
-    with pytest.raises(ValueError, match="task 'b'.*different examples"):
-        study.lend_pass(other, donor, "oracle", "lib", "lib")
-    with pytest.raises(ValueError, match="differ in fingerprint"):
-        study.lend_pass(_doc({"seqr": oracle}, fingerprint="f1"), donor, "oracle", "lib", "lib")
-    with pytest.raises(ValueError, match="no 'mu' pass"):
-        study.lend_pass(doc, donor, "mu", "lib", "lib")
+def test_variants_against_every_main_method_by_hand():
+    """A variant pass of another document on the same examples: normalised accuracy by the main oracle, the same
+    over the learned tasks only, own share, and a paired sign test against each main method (and the base)."""
+    oracle = {"a": (GOLD["a"],), "b": ([1, 1, 1, 0, 1, 0],)}  # a: 12/12; b: 4/6
+    seqr = {"a": (GOLD["a"][:6] + [9] * 6,), "b": ([1, 1, 0, 0, 0, 1],)}  # a: 6/12; b: 3/6
+    main = _doc({"oracle": oracle, "seqr": seqr}, base={"a": [0] * 12, "b": [1, 1, 1, 1, 1, 1]})  # base b: 4/6
+    var = {"a": (GOLD["a"][:10] + [9] * 2, {"a": 30, "b": 10}, 40), "b": ([1, 1, 1, 0, 0, 0], {"b": 5, "a": 15}, 20)}
+    other = _doc({"seqr": var})
+    other["libraries"]["lib"]["variant"] = "granularity=layers"
+    res = study.variants(main, other, "lib")["granularity=layers"]
+    assert res["per_task"] == {"a": pytest.approx(10 / 12), "b": pytest.approx((5 / 6) / (4 / 6))}
+    assert res["norm"] == pytest.approx((10 / 12 + 1.25) / 2)
+    assert res["learned_tasks"] == ["a"] and res["norm_learned"] == pytest.approx(10 / 12)  # b's oracle ties base
+    assert res["own"] == pytest.approx((30 / 40 + 5 / 20) / 2)
+    assert res["ci"][0] <= res["norm"] <= res["ci"][1]
+    # by hand: a: variant right on 0-9, seqr on 0-5 -> +4/-0; b: against gold [1,1,1,1,0,0] the variant is right
+    # on 0,1,2,4,5, seqr on 0,1,4, the oracle on 0,1,2,5 -> vs seqr +2/-0, vs oracle +1/-0 (a: +0/-2)
+    assert res["vs"]["seqr"] == {"only_variant": 6, "only_other": 0, "p": pytest.approx(_binom_two_sided(6, 0))}
+    assert (res["vs"]["oracle"]["only_variant"], res["vs"]["oracle"]["only_other"]) == (1, 2)
+    assert set(res["vs"]) == {"base", "oracle", "seqr"}
+    moved = _doc({"seqr": var}, ids={"b": [f"b-{i}" for i in range(1, 7)]})
+    moved["libraries"]["lib"]["variant"] = "granularity=layers"
+    with pytest.raises(ValueError, match="task 'b'.*other examples"):
+        study.variants(main, moved, "lib")

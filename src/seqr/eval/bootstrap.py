@@ -52,7 +52,8 @@ def norm_draws(doc: dict, entry: dict, results: list[dict], idx: dict[str, np.nd
     return out
 
 
-def _interval(draws: np.ndarray, level: float) -> tuple[float, float] | None:
+def interval(draws: np.ndarray, level: float) -> tuple[float, float] | None:
+    """The central `level` interval of bootstrap draws (NaN draws ignored); None when too many are NaN."""
     if np.isnan(draws).mean() > 1 - level:  # too many draws undefined to bound anything
         return None
     lo, hi = np.nanpercentile(draws, [50 * (1 - level), 50 * (1 + level)])
@@ -62,7 +63,7 @@ def _interval(draws: np.ndarray, level: float) -> tuple[float, float] | None:
 def _over_libraries(per_lib: list[dict | None], keys, level: float) -> dict | None:
     if not per_lib or any(p is None for p in per_lib):
         return None
-    return {c: _interval(np.mean([p[c] for p in per_lib], axis=0), level) for c in keys}
+    return {c: interval(np.mean([p[c] for p in per_lib], axis=0), level) for c in keys}
 
 
 def accuracy_intervals(doc: dict, kind: str = "shared", draws: int = DRAWS, seed: int = 0,

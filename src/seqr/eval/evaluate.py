@@ -28,6 +28,7 @@ from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.hf.dtypes import say_choice
 from seqr.hf.dtypes import name as dtype_name
 from seqr.silo.calibrate import add_noise, parse_calibration, recalibrated
+from seqr.hf.granularity import PROBED
 from seqr.hf.layers import GRANULARITIES, attach, detach, routing
 from seqr.hf.models import add_device_arg, parse_device
 from seqr.store.library import LoraLibrary
@@ -63,6 +64,7 @@ class EvalConfig:
     granularity: str = "token"  # layers.GRANULARITIES: per token (paper), per prompt, or shared across layers
     mix: int | None = None  # top-k softmax mixture per token instead of one adapter
     temperature: float = 1.0
+    probe_depth: float = 1.0  # granularities layers / request: the share of the routed layers the probe sums
     calibration: str | None = None  # "TOKENS[@N]": recalibrate every adapter on its own task first (None: as built)
     dtype: str = "float32"  # the base model's dtype (evaluate() reads it off the model; keys the cache)
 
@@ -95,6 +97,11 @@ class EvalConfig:
             raise ValueError(f"mix is per token; it cannot be combined with granularity {self.granularity!r}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
+        if isinstance(self.probe_depth, bool) or not isinstance(self.probe_depth, (int, float)) \
+                or not 0 < self.probe_depth <= 1:
+            raise ValueError(f"probe_depth must be a share of the routed layers in (0, 1], got {self.probe_depth!r}")
+        if self.probe_depth != 1 and self.granularity not in PROBED:
+            raise ValueError(f"probe_depth applies to the granularities {PROBED}, not {self.granularity!r}")
         if self.calibration is not None:
             parse_calibration(self.calibration)
         if not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
@@ -102,12 +109,13 @@ class EvalConfig:
 
     def routing_options(self) -> dict:
         """routing(...) keyword arguments of the norm routers' passes."""
-        return {"granularity": self.granularity, "mix": self.mix, "temperature": self.temperature}
+        opts = {"granularity": self.granularity, "mix": self.mix, "temperature": self.temperature}
+        return opts if self.probe_depth == 1 else {**opts, "probe_depth": self.probe_depth}  # results kept before stay valid
 
     def variant(self) -> str:
         """'' for the paper's routing, else a tag like 'normalise=ratio granularity=prompt' (labels results)."""
         default = EvalConfig(tasks=["_"])
-        keys = ("calibration", "normalise", "pooled", "granularity", "mix", "temperature")
+        keys = ("calibration", "normalise", "pooled", "granularity", "probe_depth", "mix", "temperature")
         return " ".join(f"{k}={getattr(self, k)}" for k in keys if getattr(self, k) != getattr(default, k))
 
     def data_key(self) -> dict:
@@ -439,7 +447,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="per token (paper); prompt: mean score over the prompt, kept for later tokens; prompt-vote: "
                         "the majority of the prompt tokens' picks; layers: one adapter per token for all layers, by "
                         "the score summed over layers (two forwards); depth: per token and layer, by the score "
-                        "summed over that layer and the ones before it (one forward)")
+                        "summed over that layer and the ones before it (one forward); request: one adapter per prompt for "
+                        "all layers and later tokens, by the prompt's score summed over its tokens and the layers "
+                        "(one extra prefill)")
+    g.add_argument("--probe-depth", type=float, default=1.0,
+                   help="with --granularity layers / request: the share of the routed layers (in forward order) "
+                        "whose summed scores decide; the probe forward stops after them (default 1: all)")
     g.add_argument("--mix", type=int, help="top-K softmax(score / temperature) mixture per token")
     g.add_argument("--temperature", type=float, default=1.0, help="with --mix: softmax temperature")
     g.add_argument("--calibration", metavar="TOKENS[@N]",
@@ -479,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
                              seed=a.seed, noise=noise, noise_seed=a.noise_seed, batch_size=a.batch_size,
                              scoring=a.scoring, model=a.model, normalise=a.normalise, pooled=a.pooled_stats,
                              granularity=a.granularity, mix=a.mix, temperature=a.temperature,
+                             probe_depth=a.probe_depth,
                              calibration=a.calibration)
         except ValueError as e:
             p.error(str(e))

@@ -214,6 +214,39 @@ def routability(study: dict, steps: dict[str, int], n_adapters: int, out: Path, 
     return _save(fig, out, "routability_vs_training.png")
 
 
+def variants(main: dict, study: dict, out: Path, label: str = "shared-0") -> str | None:
+    """Routing variants beside the main methods: average normalised accuracy with its bootstrap CI (left) and
+    own-adapter share (right), one horizontal bar each (`study`: seqr.eval.study.variants)."""
+    if not study:
+        return None
+    summ, ci = er.accuracy_summary(main), eb.accuracy_intervals(main)
+    entry = main["libraries"][label]
+    rows = [(k, summ[k]["norm"]["avg"][0], ci.get(k, {}).get("avg"),
+             er.pass_own_share(entry["methods"][k], er.tasks(main)) if k in entry["methods"] else None)
+            for k in summ if k != "oracle" and summ[k]["norm"]["avg"]]
+    rows += [(f"seqr [{v}]", r["norm"], r["ci"], r["own"]) for v, r in study.items()]
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.38 * len(rows) + 1.4), sharey=True)
+    ys = range(len(rows))
+    colors = ["C1" if name.startswith("seqr [") else "C0" for name, *_ in rows]
+    means = [r[1] for r in rows]
+    axes[0].barh(ys, [100 * m for m in means], color=colors, xerr=_yerr(means, [r[2] for r in rows]), capsize=2)
+    axes[0].axvline(100, color="k", lw=0.8, ls="--")
+    axes[0].set_xlabel(f"accuracy / oracle accuracy (%), {eb.LEVEL:.0%} bootstrap CI")
+    axes[1].barh(ys, [100 * (r[3] or 0) for r in rows], color=colors)
+    n = len(entry["adapters"])
+    axes[1].axvline(100 / n, color="gray", ls=":", label=f"chance (1/{n})")
+    axes[1].set_xlabel("(token, layer) decisions routed to the own adapter (%)")
+    axes[1].legend(fontsize=8)
+    axes[0].set_yticks(list(ys), [r[0] for r in rows])
+    axes[0].invert_yaxis()
+    for ax in axes:
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("routing variants (orange) against the main methods (blue), full dev splits")
+    fig.tight_layout()
+    return _save(fig, out, "variants.png")
+
+
 def all_figures(doc: dict, out: str | Path, intervals: dict | None = None) -> list[str]:
     """Every figure the document has data for; returns their file names (relative to `out`). `intervals`:
     bootstrap.intervals(doc), computed here when not given."""

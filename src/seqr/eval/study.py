@@ -1,12 +1,11 @@
 """Studies over `seqr eval` results documents (pure: no model, no I/O): did each adapter learn its task, do the
-exact routers make the same decisions, how routable are adapters as they train, and the passes of one document
-lent to another that evaluated the same examples.
+exact routers make the same decisions, how routable are adapters as they train, and routing variants of one
+document against every method of another that evaluated the same examples.
 
 Every test here is paired, example by example: the two-sided exact sign test on the discordant pairs.
 """
 from __future__ import annotations
 
-import copy
 import statistics
 
 from seqr.core.stats import sign_test_p
@@ -79,19 +78,45 @@ def routability(doc: dict, key: str = "seqr") -> dict:
     return out
 
 
-def lend_pass(doc: dict, donor: dict, key: str, label: str, donor_label: str) -> dict:
-    """A copy of `doc` with `key`'s pass of the donor's library `donor_label` added to its library `label`, when
-    both documents evaluated the very same examples (ids per task, in order) with the same adapters; else
-    ValueError naming what differs. (E.g. the oracle beside noise passes, for Figure 6's normalisation.)"""
-    mine, theirs = doc["libraries"][label], donor["libraries"][donor_label]
-    for t in er.tasks(doc):
-        if doc["examples"].get(t, {}).get("ids") != donor["examples"].get(t, {}).get("ids"):
-            raise ValueError(f"task {t!r}: the two documents evaluated different examples")
-    for what in ("adapters", "fingerprint"):
-        if mine.get(what) != theirs.get(what):
-            raise ValueError(f"library {label!r} and the donor's {donor_label!r} differ in {what}")
-    if key not in theirs["methods"]:
-        raise ValueError(f"the donor's library {donor_label!r} has no {key!r} pass")
-    out = copy.deepcopy(doc)
-    out["libraries"][label]["methods"][key] = copy.deepcopy(theirs["methods"][key])
+def variants(main: dict, other: dict, label: str, key: str = "seqr") -> dict:
+    """Each routing variant of `other` (a document of `seqr eval` variant passes, e.g. --granularity layers, on the
+    very same examples as `main`) against `main`'s library `label`: {variant: {"norm": average accuracy over the
+    oracle's, "norm_learned": the same over the tasks whose oracle beats the untouched model, "ci": 95% bootstrap
+    interval of "norm", "own": own-adapter share, "vs": {main method: {only_variant, only_other, p}}}}."""
+    from seqr.eval import bootstrap
+
+    entry = main["libraries"][label]
+    for t in er.tasks(main):
+        if main["examples"].get(t, {}).get("ids") != other["examples"].get(t, {}).get("ids"):
+            raise ValueError(f"task {t!r}: the variant passes evaluated other examples than the main document")
+    ts, gold, idx = er.tasks(main), main["examples"], bootstrap.resample(main)
+    base = main.get("base")
+    learned_ts = [t for t in ts if base is None or
+                  entry["methods"]["oracle"]["tasks"][t]["acc"] > base["tasks"][t]["acc"]]
+    out = {}
+    for var_label, e in other["libraries"].items():
+        if not e.get("variant") or key not in e["methods"] or e["adapters"] != entry["adapters"]:
+            continue
+        res = e["methods"][key]
+        merged = {**entry, "methods": {**entry["methods"], "_variant": res}}
+        norm = {t: er.normalised(main, merged, "_variant", t) for t in ts}
+        draws = bootstrap.norm_draws(main, entry, [res], idx)
+        vs = {}
+        for other_key in [*er.method_keys(main, "shared")]:
+            r = er.pass_result(main, entry, other_key)
+            a, b = _only_all(res, r, gold, ts)
+            vs[other_key] = {"only_variant": a, "only_other": b, "p": sign_test_p(a, b)}
+        out[e["variant"]] = {
+            "norm": statistics.fmean(norm.values()) if None not in norm.values() else None,
+            "norm_learned": statistics.fmean(norm[t] for t in learned_ts) if learned_ts else None,
+            "learned_tasks": learned_ts, "per_task": norm,
+            "acc": statistics.fmean(res["tasks"][t]["acc"] for t in ts),
+            "ci": None if draws is None else bootstrap.interval(draws["avg"], bootstrap.LEVEL),
+            "own": er.pass_own_share(res, ts), "vs": vs}
     return out
+
+
+def _only_all(ra: dict, rb: dict, gold: dict, ts: list[str]) -> tuple[int, int]:
+    """(examples only pass a answers right, only pass b does) over every task."""
+    pairs = [_only(ra["tasks"][t]["pred"], rb["tasks"][t]["pred"], gold[t]["gold"]) for t in ts]
+    return sum(p[0] for p in pairs), sum(p[1] for p in pairs)

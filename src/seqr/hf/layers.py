@@ -18,10 +18,11 @@ from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
 from seqr.core.memory import trim_heap
 from seqr.core.trace import Trace
+from seqr.hf import granularity as gr
 from seqr.hf.compat import passed_cache
+from seqr.hf.granularity import GRANULARITIES
 from seqr.store.library import LoraLibrary
 
-GRANULARITIES = ("token", "prompt", "prompt-vote", "layers", "depth")
 STATE_ATTR = "_seqr_state"
 
 
@@ -54,6 +55,7 @@ class _Config:
     mix: int | None = None  # top-`mix` adapters per token, weighted by softmax(score / temperature)
     temperature: float = 1.0
     adapter: str | tuple | None = None  # the fixed adapter(s) as given (kind "fixed")
+    probe_depth: float = 1.0  # granularities layers / request: the share of routed layers the probe sums
 
 
 class RoutingState:
@@ -69,20 +71,26 @@ class RoutingState:
         self.device = torch.device("cpu")  # the model's, where per-token masks are built
         self.hook = None
         self.prefill = True  # the current forward starts new sequences (no KV cache yet)
-        self.sticky: dict[str, torch.Tensor] = {}  # layer -> (B,) per-row choices made at prefill (granularity prompt)
-        self.probing = False  # granularity "layers": inside the first (score-summing) forward
-        self.layer_sum: torch.Tensor | None = None  # (B*T, N) scores summed over layers by the probe
+        self.sticky: dict[str, torch.Tensor] = {}  # layer (or gr.REQUEST) -> (B,) per-row choices made at prefill
+        self.probing = False  # granularities "layers" / "request": inside the first (score-summing) forward
+        self.layer_sum: torch.Tensor | None = None  # (B*T, N) or (B, N): scores summed over layers by the probe
         self.shared: torch.Tensor | None = None  # (B*T,) the probe's per-token choice, used by every layer
         self.probe_rows = (0, 0)  # (B, T) the probe saw
+        self.probe_calls, self.probe_limit = 0, len(library.layers)  # routed layers the probe scored / will score
+        self.n_layers = len(library.layers)  # routed layers per forward
         self.depth_sum: torch.Tensor | None = None  # (B*T, N) granularity "depth": scores of the layers so far
 
     # ------------------------------------------------------------------------------------------ config
     def configure(self, method=None, k=None, allowed=None, granularity="token", mix=None, temperature=1.0,
-                  adapter=None) -> _Config:
+                  adapter=None, probe_depth=1.0) -> _Config:
         """Validate a method (or fixed adapters) / k / allowed / granularity / mixture combination; return a config."""
         N, index = len(self.names), {n: i for i, n in enumerate(self.names)}
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if isinstance(probe_depth, bool) or not isinstance(probe_depth, (int, float)) or not 0 < probe_depth <= 1:
+            raise ValueError(f"probe_depth must be a share of the routed layers in (0, 1], got {probe_depth!r}")
+        if probe_depth != 1 and granularity not in gr.PROBED:
+            raise ValueError(f"probe_depth applies to the probing granularities {gr.PROBED}, not {granularity!r}")
         if mix is not None and (isinstance(mix, bool) or not isinstance(mix, int) or not 1 <= mix <= N):
             raise ValueError(f"mix must be an integer in [1, {N}] (adapters mixed per token), got {mix!r}")
         if not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -107,7 +115,7 @@ class RoutingState:
         if router.takes_k and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N):
             raise ValueError(f"method {method!r} needs an integer k in [1, {N}], got k={k!r}")
         return _Config(method, router.kind, k if router.takes_k else None, mask, None, granularity, mix,
-                       float(temperature))
+                       float(temperature), probe_depth=float(probe_depth))
 
     def _router(self, method, index) -> registry.Router:
         try:
@@ -207,30 +215,10 @@ class RoutingState:
             self.sticky = {}
         if self.trace is not None:
             self.trace.next_step()
-        if self.cfg.granularity == "layers":
-            self._probe(module, args, kwargs, past)
-
-    def _probe(self, model, args, kwargs, past) -> None:
-        """Granularity "layers": run the forward once routed per token (the paper's way) summing each token's
-        scores over every routed layer, crop the KV cache back, and let the real forward route all layers of a
-        token to the argmax of that sum."""
-        before = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else None
-        saved, self.trace, self.probing, self.layer_sum, self.shared = self.trace, None, True, None, None
-        try:
-            with torch.no_grad():
-                model(*args, **kwargs)
-        finally:
-            self.probing, self.trace = False, saved
-        added = 0 if before is None else past.get_seq_length() - before
-        if added:
-            if not hasattr(past, "layers"):
-                raise ValueError(f"granularity 'layers' needs a cache it can crop back, got {type(past).__name__}")
-            for layer in past.layers:
-                layer.crop(-added)
-        if self.layer_sum is not None:
-            B, T = self.probe_rows
-            mask = self.token_mask(B, T)  # None, (1, N) or (B*T, N)
-            self.shared = rt.masked_argmax_(self.layer_sum, mask)  # (B*T,)
+        g = self.cfg.granularity
+        if g == "layers" or (g == "request" and (self.prefill or gr.REQUEST not in self.sticky)):
+            self.probe_limit = gr.probed_layers(self.n_layers, self.cfg.probe_depth)
+            gr.probe(self, module, args, kwargs, past)
 
 
 class RoutedLinear(nn.Module):
@@ -273,66 +261,22 @@ def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: st
         if cfg.mix is not None:
             upd, idx = _mixture(bank, xf, z, cfg, mask)  # (B*T, m), (B*T,) each token's top adapter
         else:
-            if cfg.granularity in ("prompt", "prompt-vote"):
-                idx = _prompt_choice(bank, xf, z, st, name, B, T)  # (B*T,)
+            if st.probing:
+                idx = gr.probe_choice(bank, xf, z, st, mask, B, T)  # (B*T,)
+            elif cfg.granularity in ("prompt", "prompt-vote"):
+                idx = gr.prompt_choice(bank, xf, z, st, name, B, T)  # (B*T,)
             elif cfg.granularity == "layers":
-                idx = _layers_choice(bank, xf, z, st, mask, B, T)  # (B*T,)
+                idx = gr.layers_choice(st, B, T)  # (B*T,)
+            elif cfg.granularity == "request":
+                idx = gr.request_choice(st, B, T)  # (B*T,)
             elif cfg.granularity == "depth":
-                idx = _depth_choice(bank, xf, z, st, mask)  # (B*T,)
+                idx = gr.depth_choice(bank, xf, z, st, mask)  # (B*T,)
             else:
                 idx = bank.choose(xf, cfg.method, mask, k=cfg.k, z=z)  # (B*T,)
             upd = bank.apply(xf, idx, z=z)  # (B*T, m)
     if st.trace is not None:
         _record(st, bank, name, xf, z, idx, mask, B, T)
     return upd
-
-
-def _prompt_choice(bank: AdapterBank, xf, z, st: RoutingState, name: str, B: int, T: int) -> torch.Tensor:
-    """Granularity "prompt": at prefill, per row, the adapter with the best mean score over the row's real
-    tokens (an exact argmax of that mean); "prompt-vote": the adapter most of those tokens pick (ties go to the
-    better mean). Later forwards of the same rows (generated or answer tokens) keep the choice."""
-    if st.prefill or name not in st.sticky:
-        s = bank.scores(xf, st.cfg.method, z=z).view(B, T, -1)  # (B, T, N)
-        real = st.real_tokens(B, T).view(B, T, 1).to(s.dtype)  # (B, T, 1)
-        pooled = registry.get(st.cfg.method).prompt_score
-        mean = ((s * real).sum(1) / real.sum(1).clamp(min=1) if pooled is None  # (B, N) mean score over the prompt
-                else pooled(bank, xf.view(B, T, -1), real[..., 0].bool()))  # (B, N) the router's own prompt score
-        m = st.cfg.allowed
-        m = None if m is None else m.to(mean.device).expand(B, -1)  # (B, N)
-        if st.cfg.granularity == "prompt-vote":
-            mt = None if m is None else m.repeat_interleave(T, dim=0)  # (B*T, N)
-            top = rt.masked_argmax_(s.reshape(B * T, -1).clone(), mt).view(B, T)  # (B, T) each token's pick
-            votes = torch.zeros_like(mean).scatter_add_(1, top, real[..., 0])  # (B, N) real tokens per adapter
-            mean = votes + 0.5 * torch.sigmoid(mean)  # (B, N) the tie-break never outweighs one vote
-        st.sticky[name] = rt.masked_argmax_(mean, m)  # (B,)
-    rows = st.sticky[name]
-    if rows.shape[0] != B:
-        raise ValueError(f"granularity 'prompt': {B} rows continue {rows.shape[0]} prefilled ones; after a "
-                         f"KV cache's batch_select_indices call seqr.hf.layers.select_rows(model, index) too")
-    return rows.repeat_interleave(T)  # (B*T,)
-
-
-def _layers_choice(bank: AdapterBank, xf, z, st: RoutingState, mask, B: int, T: int) -> torch.Tensor:
-    """Granularity "layers": in the probe, route per token and add this layer's scores to the running sum;
-    in the real forward, every layer uses the probe's argmax of the summed scores."""
-    if st.probing:
-        s = bank.scores(xf, st.cfg.method, z=z)  # (B*T, N)
-        st.layer_sum = s.clone() if st.layer_sum is None else st.layer_sum.add_(s)  # (B*T, N)
-        st.probe_rows = (B, T)
-        return rt.masked_argmax_(s, mask)  # (B*T,)
-    if st.shared is None or st.shared.shape[0] != B * T:
-        raise ValueError(f"granularity 'layers': the probe chose for {None if st.shared is None else st.shared.shape[0]}"
-                         f" tokens but this layer sees {B * T}")
-    return st.shared
-
-
-def _depth_choice(bank: AdapterBank, xf, z, st: RoutingState, mask) -> torch.Tensor:
-    """Granularity "depth": per token, the argmax of its scores summed over this and every routed layer called
-    before it in the same forward (one pass: the decision firms up with depth)."""
-    s = bank.scores(xf, st.cfg.method, z=z)  # (B*T, N)
-    prev = st.depth_sum
-    st.depth_sum = s if prev is None or prev.shape != s.shape else prev + s  # (B*T, N)
-    return rt.masked_argmax_(st.depth_sum.clone(), mask)  # (B*T,)
 
 
 def _mixture(bank: AdapterBank, xf, z, cfg: _Config, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,7 +380,8 @@ def detach(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def routing(model: nn.Module, method: str | None = None, *, adapter=None, allowed=None, k: int | None = None,
-            trace: bool | str = False, granularity: str = "token", mix: int | None = None, temperature: float = 1.0):
+            trace: bool | str = False, granularity: str = "token", mix: int | None = None, temperature: float = 1.0,
+            probe_depth: float = 1.0):
     """Route the calls inside the block with `method` (default: the attached one), or apply fixed `adapter`s (a
     name, or one name per batch row: no routing, e.g. an oracle), only among `allowed`
     adapters (a set of names, or one set per batch row), recording a `Trace` when `trace=True` (every
@@ -444,7 +389,10 @@ def routing(model: nn.Module, method: str | None = None, *, adapter=None, allowe
     `granularity="prompt"`: one adapter per row and layer, chosen at prefill by the mean score over the prompt
     and kept for the tokens that follow ("prompt-vote": by the majority of the prompt tokens' picks);
     `granularity="layers"`: one adapter per token for all layers, the argmax of its scores summed over layers
-    (a first forward measures them: twice the compute); `granularity="depth"`: per token and layer, the argmax of
+    (a first forward measures them: twice the compute); `granularity="request"`: one adapter per row for all
+    layers and every later token, the argmax of the prompt's scores summed over its real tokens and the layers (one
+    extra prefill, nothing extra per decoded token); `probe_depth` < 1 (layers, request): only the first share of
+    the routed layers, in forward order, decides, and the probe forward stops after them; `granularity="depth"`: per token and layer, the argmax of
     the scores summed over that layer and the routed layers before it (one forward); `mix=K`: the top K adapters per token,
     softmax(score/temperature)-weighted."""
     state = _state(model)
@@ -453,7 +401,8 @@ def routing(model: nn.Module, method: str | None = None, *, adapter=None, allowe
         method, adapter = state.cfg.method, state.cfg.adapter
     if adapter is None:
         k = (state.cfg.k if method == state.cfg.method else None) if k is None else k
-    state.cfg = state.configure(method, k, allowed, granularity, mix, temperature, adapter=adapter)
+    state.cfg = state.configure(method, k, allowed, granularity, mix, temperature, adapter=adapter,
+                                probe_depth=probe_depth)
     if trace not in (False, True, "choices"):
         raise ValueError(f"trace must be False, True or 'choices' (adapters used only), got {trace!r}")
     shown = method if adapter is None else (adapter if isinstance(adapter, str) else tuple(adapter))

@@ -1,0 +1,144 @@
+"""How far one routing decision reaches: the granularities of the score routers inside a transformers model.
+
+  token        per token and layer (the paper): `AdapterBank.choose` on each layer's input
+  prompt       per row and layer, the best mean score over the prompt at prefill, kept for later tokens
+  prompt-vote  per row and layer, the adapter most prompt tokens pick (ties: the better mean)
+  depth        per token and layer, the argmax of the scores summed over this and the earlier routed layers
+  layers       per token for all layers: a probe forward routed per token sums each token's scores over the
+               routed layers; the real forward gives every layer of the token the argmax of that sum
+  request      per row for all layers and all later tokens: at prefill a probe forward sums the scores of every
+               real prompt token over the routed layers; the row's argmax applies everywhere after (one extra
+               prefill, no decode cost, the fixed-adapter path from then on)
+
+`probe_depth` < 1 (layers, request) sums only the first share of the routed layers, in forward order, and stops
+the probe forward there: a cheaper probe. Each function reads and writes the model's `RoutingState` (`st`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from seqr.core import registry
+from seqr.core import routers as rt
+
+GRANULARITIES = ("token", "prompt", "prompt-vote", "layers", "depth", "request")
+PROBED = ("layers", "request")  # the granularities that run a probe forward first
+REQUEST = "__request__"  # the sticky key of a request-level choice (one per row for every layer)
+
+
+class _ProbeDone(Exception):
+    """Raised inside the probe forward once it has scored the layers it needs (probe_depth < 1)."""
+
+
+def probed_layers(n_layers: int, probe_depth: float) -> int:
+    """How many routed layers (in forward order) the probe scores: at least one."""
+    return max(1, math.ceil(probe_depth * n_layers - 1e-9))
+
+
+def probe(st, model, args, kwargs, past) -> None:
+    """Granularities "layers" and "request": run the forward once routed per token (the paper's way) summing the
+    scores of the first `probed_layers` routed layers, stop there, crop the KV cache back to what it held, and
+    leave the decision for the real forward: per token (st.shared) or per row (st.sticky[REQUEST])."""
+    before = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else None
+    saved, st.trace, st.probing, st.layer_sum, st.shared, st.probe_calls = st.trace, None, True, None, None, 0
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except _ProbeDone:
+        pass
+    finally:
+        st.probing, st.trace = False, saved
+    if before is not None:
+        _crop(past, before)
+    if st.layer_sum is None:
+        return
+    if st.cfg.granularity == "layers":
+        B, T = st.probe_rows
+        st.shared = rt.masked_argmax_(st.layer_sum, st.token_mask(B, T))  # (B*T,)
+    else:
+        B = st.layer_sum.shape[0]
+        m = st.cfg.allowed
+        m = None if m is None else m.to(st.layer_sum.device).expand(B, -1)  # (B, N)
+        st.sticky[REQUEST] = rt.masked_argmax_(st.layer_sum, m)  # (B,)
+
+
+def _crop(past, before: int) -> None:
+    """Every cache layer back to `before` positions (a stopped probe filled only the first ones)."""
+    if not hasattr(past, "layers"):
+        if past.get_seq_length() == before:
+            return
+        raise ValueError(f"a probing granularity needs a cache it can crop back, got {type(past).__name__}")
+    for i, layer in enumerate(past.layers):
+        added = past.get_seq_length(i) - before
+        if added > 0:
+            layer.crop(-added)
+
+
+def probe_choice(bank, xf, z, st, mask, B: int, T: int) -> torch.Tensor:
+    """Inside the probe: route per token, add this layer's scores to the sum (per token for "layers", per row
+    over its real tokens for "request"), and stop the probe after its last layer."""
+    s = bank.scores(xf, st.cfg.method, z=z)  # (B*T, N)
+    if st.cfg.granularity == "request":
+        real = st.real_tokens(B, T).view(B, T, 1).to(s.dtype)  # (B, T, 1)
+        s_add = torch.where(real > 0, s.view(B, T, -1), 0.0).sum(1)  # (B, N) this layer's scores over the prompt
+    else:
+        s_add = s
+    st.layer_sum = s_add.clone() if st.layer_sum is None else st.layer_sum.add_(s_add)  # (B*T or B, N)
+    st.probe_rows = (B, T)
+    st.probe_calls += 1
+    if st.probe_calls >= st.probe_limit:
+        raise _ProbeDone
+    return rt.masked_argmax_(s, mask)  # (B*T,)
+
+
+def layers_choice(st, B: int, T: int) -> torch.Tensor:
+    """Granularity "layers" in the real forward: every layer uses the probe's argmax of the summed scores."""
+    if st.shared is None or st.shared.shape[0] != B * T:
+        raise ValueError(f"granularity 'layers': the probe chose for {None if st.shared is None else st.shared.shape[0]}"
+                         f" tokens but this layer sees {B * T}")
+    return st.shared  # (B*T,)
+
+
+def request_choice(st, B: int, T: int) -> torch.Tensor:
+    """Granularity "request" in the real forward and every later one of the same rows: the row's choice."""
+    rows = st.sticky.get(REQUEST)
+    if rows is None or rows.shape[0] != B:
+        raise ValueError(f"granularity 'request': {B} rows continue {None if rows is None else rows.shape[0]} "
+                         f"prefilled ones; after a KV cache's batch_select_indices call "
+                         f"seqr.hf.layers.select_rows(model, index) too")
+    return rows.repeat_interleave(T)  # (B*T,)
+
+
+def prompt_choice(bank, xf, z, st, name: str, B: int, T: int) -> torch.Tensor:
+    """Granularity "prompt": at prefill, per row, the adapter with the best mean score over the row's real
+    tokens (an exact argmax of that mean); "prompt-vote": the adapter most of those tokens pick (ties go to the
+    better mean). Later forwards of the same rows (generated or answer tokens) keep the choice."""
+    if st.prefill or name not in st.sticky:
+        s = bank.scores(xf, st.cfg.method, z=z).view(B, T, -1)  # (B, T, N)
+        real = st.real_tokens(B, T).view(B, T, 1).to(s.dtype)  # (B, T, 1)
+        pooled = registry.get(st.cfg.method).prompt_score
+        mean = ((s * real).sum(1) / real.sum(1).clamp(min=1) if pooled is None  # (B, N) mean score over the prompt
+                else pooled(bank, xf.view(B, T, -1), real[..., 0].bool()))  # (B, N) the router's own prompt score
+        m = st.cfg.allowed
+        m = None if m is None else m.to(mean.device).expand(B, -1)  # (B, N)
+        if st.cfg.granularity == "prompt-vote":
+            mt = None if m is None else m.repeat_interleave(T, dim=0)  # (B*T, N)
+            top = rt.masked_argmax_(s.reshape(B * T, -1).clone(), mt).view(B, T)  # (B, T) each token's pick
+            votes = torch.zeros_like(mean).scatter_add_(1, top, real[..., 0])  # (B, N) real tokens per adapter
+            mean = votes + 0.5 * torch.sigmoid(mean)  # (B, N) the tie-break never outweighs one vote
+        st.sticky[name] = rt.masked_argmax_(mean, m)  # (B,)
+    rows = st.sticky[name]
+    if rows.shape[0] != B:
+        raise ValueError(f"granularity 'prompt': {B} rows continue {rows.shape[0]} prefilled ones; after a "
+                         f"KV cache's batch_select_indices call seqr.hf.layers.select_rows(model, index) too")
+    return rows.repeat_interleave(T)  # (B*T,)
+
+
+def depth_choice(bank, xf, z, st, mask) -> torch.Tensor:
+    """Granularity "depth": per token, the argmax of its scores summed over this and every routed layer called
+    before it in the same forward (one pass: the decision firms up with depth)."""
+    s = bank.scores(xf, st.cfg.method, z=z)  # (B*T, N)
+    prev = st.depth_sum
+    st.depth_sum = s if prev is None or prev.shape != s.shape else prev + s  # (B*T, N)
+    return rt.masked_argmax_(st.depth_sum.clone(), mask)  # (B*T,)

@@ -1,0 +1,180 @@
+"""Request-level routing (granularity "request") and the shortened probe (`probe_depth`): one adapter per row for
+every layer and every later token, chosen by the prompt's calibrated scores summed over its real tokens and the
+routed layers; checked against a float64 two-pass brute force on a plain tiny Llama, against the fixed-adapter
+path it must reduce to, and for what it costs (routed-layer calls counted)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+import seqr
+from seqr.hf.choices import choice_logprobs
+from seqr.hf.compat import cache_arg, returned_cache
+from seqr.hf.granularity import probed_layers
+from peft_factory import random_stats, adapter_library, tiny_llama
+from test_routing_variants import ATOL, CHOICE_EXAMPLES, NAMES, _dense_z, _ids, chat_library
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    return random_stats(adapter_library(tmp_path_factory.mktemp("request"), NAMES), seed=5)
+
+
+def _probe_reference(lib, mode: str, depth: float = 1.0, allowed_idx=None):
+    """A plain tiny Llama run twice. Pass 1 routes each token per layer by its float64 argmax z (within the allowed
+    adapters) and sums z over the first `depth` share of the routed layers in call order: per token ("layers") or
+    per row over its real tokens ("request"). Pass 2 gives every layer the argmax of that sum."""
+    model, st = tiny_llama(), {"sum": None, "choice": None, "calls": 0}
+    limit = probed_layers(len(lib.layers), depth)
+    for layer in lib.layers:
+        bank = lib.bank(layer)
+
+        def hook(mod, inp, out, bank=bank):
+            x = inp[0]  # (B, T, n)
+            B, T = x.shape[0], x.shape[1]
+            upd, z = _dense_z(bank, x, bank.mu, bank.sigma)  # (B*T, N, m), (B*T, N)
+            if allowed_idx is not None:
+                z = z.clone()
+                z[:, [i for i in range(z.shape[1]) if i not in allowed_idx]] = float("-inf")
+            if st["choice"] is None:
+                st["calls"] += 1
+                if st["calls"] <= limit:
+                    real = st["mask"].reshape(-1, 1).bool()  # (B*T, 1)
+                    add = z if mode == "layers" else torch.where(real, z, 0.0).view(B, T, -1).sum(1)  # (B*T | B, N)
+                    st["sum"] = add if st["sum"] is None else st["sum"] + add
+                i = z.argmax(-1)  # (B*T,)
+            else:
+                i = st["choice"] if mode == "layers" else st["choice"].repeat_interleave(T)  # (B*T,)
+            return out + upd[torch.arange(upd.shape[0]), i].view(*out.shape).to(out.dtype)
+
+        model.get_submodule(layer).register_forward_hook(hook)
+
+    def run(ids, mask=None):
+        mask = torch.ones_like(ids) if mask is None else mask
+        st.update(sum=None, choice=None, calls=0, mask=mask)
+        model(ids, attention_mask=mask)
+        st["choice"] = st["sum"].argmax(-1)  # (B*T,) or (B,)
+        return model(ids, attention_mask=mask).logits, st["choice"]
+    return run
+
+
+def _count_calls(model) -> dict:
+    """Forward hooks on every routed layer's base module: how many layer calls a forward made."""
+    n = {"calls": 0}
+    for m in model.modules():
+        if isinstance(m, seqr.hf.layers.RoutedLinear):
+            m.base.register_forward_hook(lambda *_: n.__setitem__("calls", n["calls"] + 1))
+    return n
+
+
+@pytest.mark.parametrize("depth", [1.0, 0.5, 0.1])
+@pytest.mark.parametrize("allowed", [None, [{"alpha", "gamma"}, {"beta"}, {"beta", "gamma"}]])
+@torch.no_grad()
+def test_request_granularity_equals_the_two_pass_brute_force(lib, depth, allowed):
+    ids = _ids(B=3, T=6, seed=31)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, :2] = 0  # a left-padded row: its padding never counts
+    model = seqr.attach(tiny_llama(), lib)
+    calls = _count_calls(model)
+    with seqr.routing(model, "seqr", granularity="request", probe_depth=depth, allowed=allowed, trace=True) as tr:
+        got = model(ids, attention_mask=mask).logits
+    n_layers = len(lib.layers)
+    assert calls["calls"] == n_layers + probed_layers(n_layers, depth)  # the probe stopped after its layers
+    if allowed is None:
+        want, choice = _probe_reference(lib, "request", depth)(ids, mask)
+    else:  # each row alone under its own set: the reference takes one allowed set at a time
+        rows = [_probe_reference(lib, "request", depth, [lib.names.index(a) for a in allowed[b]])(ids[b:b + 1],
+                                                                                                  mask[b:b + 1])
+                for b in range(3)]
+        want, choice = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=1e-4)
+    for layer in lib.layers:  # every real token of a row, in every layer, used the row's one adapter
+        chosen = tr.layer(layer)["chosen"]
+        assert torch.equal(chosen, choice.repeat_interleave(real.sum(1)))
+    if allowed is not None:
+        assert all(lib.names[int(c)] in allowed[b] for b, c in enumerate(choice))
+
+
+@torch.no_grad()
+def test_request_granularity_is_the_fixed_adapter_path_after_the_probe(lib):
+    """Prefill and decode equal `routing(adapter=<each row's choice>)`; decode steps run no probe."""
+    ids = _ids(B=2, T=5, seed=37)
+    model = seqr.attach(tiny_llama(), lib)
+    calls = _count_calls(model)
+    with seqr.routing(model, "seqr", granularity="request", trace=True) as tr:
+        out = model(ids, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        calls["calls"] = 0
+        step = model(nxt, **cache_arg(model, returned_cache(out)), use_cache=True).logits[:, -1]
+        assert calls["calls"] == len(lib.layers)  # a decode step costs what the fixed-adapter path costs
+        assert returned_cache(out).get_seq_length() == 6  # the probe's keys never stay
+    chosen = [lib.names[int(i)] for i in tr.layer(lib.layers[0])["chosen"].view(2, -1)[:, 0]]
+    with seqr.routing(model, adapter=chosen):
+        fixed = model(ids, use_cache=True)
+        fstep = model(nxt, **cache_arg(model, returned_cache(fixed)), use_cache=True).logits[:, -1]
+    torch.testing.assert_close(out.logits, fixed.logits, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(step, fstep, atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_request_granularity_through_generate_equals_a_cached_greedy_loop(lib):
+    ids = _ids(B=2, T=4, seed=41)
+    model = seqr.attach(tiny_llama(), lib)
+    with seqr.routing(model, "seqr", granularity="request", probe_depth=0.5):
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             pad_token_id=0)
+        seq, cache, step = ids, DynamicCache(config=model.config), ids
+        for _ in range(4):
+            logits = model(step, **cache_arg(model, cache), use_cache=True).logits[:, -1]
+            step = logits.argmax(-1, keepdim=True)  # (B, 1)
+            seq = torch.cat([seq, step], 1)
+        assert cache.get_seq_length() == 4 + 3
+    assert torch.equal(gen, seq)
+
+
+@pytest.mark.parametrize("depth", [0.5, 0.25])
+@torch.no_grad()
+def test_layers_granularity_with_a_shortened_probe_equals_its_brute_force(lib, depth):
+    ids = _ids(B=2, T=6, seed=43)
+    model = seqr.attach(tiny_llama(), lib)
+    calls = _count_calls(model)
+    with seqr.routing(model, "seqr", granularity="layers", probe_depth=depth):
+        got = model(ids).logits
+    assert calls["calls"] == len(lib.layers) + probed_layers(len(lib.layers), depth)
+    want, _ = _probe_reference(lib, "layers", depth)(ids)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_request_granularity_through_choice_scores_equals_one_example_at_a_time(tok, model, tmp_path):
+    """choice_logprobs regroups the prompt's cache per choice: the answers keep their own prompt's adapter."""
+    clib, exs = chat_library(tok, tmp_path, seed=3), CHOICE_EXAMPLES
+    seqr.attach(model, clib)
+    try:
+        with seqr.routing(model, "seqr", granularity="request"):
+            batched = choice_logprobs(model, tok, exs, batch_size=5, progress=False)
+            alone = [choice_logprobs(model, tok, [e], batch_size=1, progress=False)[0] for e in exs]
+    finally:
+        seqr.detach(model)
+    for b, a in zip(batched, alone):
+        np.testing.assert_allclose(b, a, atol=1e-3)
+
+
+@pytest.mark.parametrize("kw,match", [({"granularity": "request", "probe_depth": 0}, "probe_depth must be"),
+                                      ({"granularity": "request", "probe_depth": 1.5}, "probe_depth must be"),
+                                      ({"granularity": "layers", "probe_depth": True}, "probe_depth must be"),
+                                      ({"granularity": "prompt", "probe_depth": 0.5}, "probe_depth applies to"),
+                                      ({"granularity": "request", "mix": 2}, "cannot be combined")])
+def test_bad_request_settings_are_refused_naming_the_value(lib, kw, match):
+    model = seqr.attach(tiny_llama(), lib)
+    with pytest.raises(ValueError, match=match):
+        with seqr.routing(model, "seqr", **kw):
+            pass
+
+
+def test_probed_layers_rounds_up_and_keeps_at_least_one():
+    assert [probed_layers(8, d) for d in (1.0, 0.5, 0.3, 0.01)] == [8, 4, 3, 1]
+    assert probed_layers(120, 0.25) == 30
