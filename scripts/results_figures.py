@@ -10,12 +10,12 @@ import json
 import sys
 from pathlib import Path
 
-from seqr.eval.plots import _plt, _save
+from seqr.eval.plots import pyplot, save_png
 
 
 def forward(doc: dict, out: Path) -> str:
     """`seqr bench forward`: median ms of one batched forward per method, at each N (bars), peft-static dashed."""
-    plt = _plt()
+    plt = pyplot()
     points = doc["points"]
     methods = list(points[0]["results"])
     fig, ax = plt.subplots(figsize=(8, 3.8), layout="constrained")
@@ -29,12 +29,12 @@ def forward(doc: dict, out: Path) -> str:
     c = doc["config"]
     ax.set_title(f"{c['model_label']}: a forward of {c['batch']} x {c['seq']} tokens with N rank-{c['rank']} adapters")
     ax.legend(fontsize=8)
-    return _save(fig, out, "forward.png")
+    return save_png(fig, out, "forward.png")
 
 
 def serving(runs: dict[str, dict], keys: list[str], out: Path, name: str, title: str) -> str:
     """Requests/s and p50 / p95 latency of each engine (bars), one group per run."""
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     width = 0.8 / len(runs)
     for j, (label, doc) in enumerate(runs.items()):
@@ -49,12 +49,12 @@ def serving(runs: dict[str, dict], keys: list[str], out: Path, name: str, title:
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    return _save(fig, out, name)
+    return save_png(fig, out, name)
 
 
 def fast_path(doc: dict, out: Path) -> str:
     """sst2 retrained per training path and seed: dev accuracy and training seconds."""
-    plt = _plt()
+    plt = pyplot()
     runs = list(doc)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
     a1.bar(runs, [100 * doc[r]["acc"] for r in runs], color="tab:blue")
@@ -65,7 +65,7 @@ def fast_path(doc: dict, out: Path) -> str:
     for ax in (a1, a2):
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.suptitle("the fast training path against the reference, per seed (300 dev examples)")
-    return _save(fig, out, "fast_path_sst2_seeds.png")
+    return save_png(fig, out, "fast_path_sst2_seeds.png")
 
 
 def main(argv: list[str] | None = None) -> int:

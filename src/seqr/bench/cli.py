@@ -6,10 +6,11 @@ generate  per-token greedy decoding with N routed adapters beside the untouched 
 serve     N concurrent clients against the HTTP service
 train     the fp32 training path against the fast path, interleaved
 scale     memory, load, add/remove and decode cost as the library grows to thousands of adapters
+granularity  prefill and decode cost of each routing granularity beside the untouched model and per-token seqr
 """
 from __future__ import annotations
 
-from seqr.bench import forward, generate, routing, scale, serve, train
+from seqr.bench import forward, generate, granularity, routing, scale, serve, train
 from seqr.core.argfmt import Parser, unknown
 
 # name -> (help, add its options, run(args, parser)).
@@ -26,6 +27,9 @@ SUBCOMMANDS = {
               "routed-eval throughput and agreement", train.add_train_args, train.cmd_train),
     "scale": ("memory, load, add/remove and decode cost as N grows (fresh process per N): JSON, Markdown, PNG",
               scale.add_scale_args, scale.cmd_scale),
+    "granularity": ("prefill and decode cost of each routing granularity (token, depth, prompt, layers, request) "
+                    "beside the untouched model and the fixed-adapter path: JSON, Markdown, PNG",
+                    granularity.add_granularity_args, granularity.cmd_granularity),
 }
 
 

@@ -10,7 +10,7 @@ from seqr.eval import report as er
 from seqr.store import files
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,12 +19,12 @@ def _plt():
     return plt
 
 
-def _save(fig, out: Path, name: str) -> str:
+def save_png(fig, out: Path, name: str) -> str:
     import io
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     files.atomic_write_bytes(out / name, buf.getvalue())
     return name
 
@@ -36,7 +36,7 @@ def accuracy(doc: dict, out: Path, kind: str = "shared", ci: dict | None = None)
     keys = [k for k in summ if k != "oracle"]
     if not keys:
         return None
-    plt = _plt()
+    plt = pyplot()
     cols = er.tasks(doc) + ["avg"]
     fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(cols)), 4))
     width, ci = 0.8 / len(keys), eb.accuracy_intervals(doc, kind) if ci is None else ci
@@ -53,7 +53,7 @@ def accuracy(doc: dict, out: Path, kind: str = "shared", ci: dict | None = None)
     ax.set_title(f"{kind}-A library: normalised accuracy per task (error bars: {eb.LEVEL:.0%} bootstrap CI "
                  "over examples)", fontsize=10)
     ax.legend(ncol=min(len(keys) + 1, 6), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22))  # off the bars
-    return _save(fig, out, f"accuracy_{kind}.png")
+    return save_png(fig, out, f"accuracy_{kind}.png")
 
 
 def _yerr(means: list, intervals: list) -> list[list[float]] | None:
@@ -68,7 +68,7 @@ def routing_accuracy(doc: dict, out: Path, kind: str = "shared") -> str | None:
     r = er.routing_summary(doc, kind)
     if not r["own"] and not r["would"]:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained")
     keys = list(r["own"])
     err = [100 * (r["own"][k][1] or 0) for k in keys]
@@ -89,7 +89,7 @@ def routing_accuracy(doc: dict, out: Path, kind: str = "shared") -> str | None:
         a2.legend(fontsize=8)
         a2.set_title("on the reference pass's hidden states")
     fig.suptitle(f"{kind}-A library: routing accuracy")
-    return _save(fig, out, f"routing_accuracy_{kind}.png")
+    return save_png(fig, out, f"routing_accuracy_{kind}.png")
 
 
 def confusion(doc: dict, out: Path, kind: str = "shared") -> str | None:
@@ -101,7 +101,7 @@ def confusion(doc: dict, out: Path, kind: str = "shared") -> str | None:
     keys = registry.report_order(k for k in entry["methods"] if registry.routes(k))
     if not keys:
         return None
-    plt = _plt()
+    plt = pyplot()
     mats = {key: er.confusion(doc, label, key) for key in keys}
     top = max(v for _, _, mat in mats.values() for row in mat for v in row) or 1.0  # one colour scale for all
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys) + 1.5, 4.4), squeeze=False, layout="constrained")
@@ -116,7 +116,7 @@ def confusion(doc: dict, out: Path, kind: str = "shared") -> str | None:
     axes[0][0].set_ylabel("input task", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of decisions")
     fig.suptitle(f"routing confusion ({label}): share of each task's decisions per adapter", y=1.05)
-    return _save(fig, out, f"confusion_{kind}.png")
+    return save_png(fig, out, f"confusion_{kind}.png")
 
 
 def _cell_numbers(ax, mat, top: float, fmt: str) -> None:
@@ -140,7 +140,7 @@ def norms(doc: dict, out: Path) -> str | None:
                     panels.append((f"{label}: {'raw' if which == 'raw' else 'z-scored'} norm", nm))
     if not panels:
         return None
-    plt = _plt()
+    plt = pyplot()
     rows = (len(panels) + 1) // 2
     fig, axes = plt.subplots(rows, 2, figsize=(11, 4.4 * rows), squeeze=False, layout="constrained")
     for ax, (title, (ts, names, mat)) in zip(axes.flat, panels):
@@ -157,7 +157,7 @@ def norms(doc: dict, out: Path) -> str | None:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle("mean activation norm per task (rows) and adapter (columns); * = row max")
-    return _save(fig, out, "norms.png")
+    return save_png(fig, out, "norms.png")
 
 
 def noise(doc: dict, out: Path) -> str | None:
@@ -165,7 +165,7 @@ def noise(doc: dict, out: Path) -> str | None:
     curve = er.noise_summary(doc)
     if len(curve) < 2:
         return None
-    plt = _plt()
+    plt = pyplot()
     summ = er.accuracy_summary(doc, "shared")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     xs, ci = sorted(curve), eb.noise_intervals(doc)
@@ -181,7 +181,7 @@ def noise(doc: dict, out: Path) -> str | None:
     ax.set_ylim(0, top)  # the whole scale (a few examples' difference is not drawn as a cliff), bars unclipped
     ax.legend(fontsize=8)
     ax.set_title("robustness to noisy calibration")
-    return _save(fig, out, "noise.png")
+    return save_png(fig, out, "noise.png")
 
 
 def routability(study: dict, steps: dict[str, int], n_adapters: int, out: Path, key: str = "seqr") -> str | None:
@@ -190,7 +190,7 @@ def routability(study: dict, steps: dict[str, int], n_adapters: int, out: Path, 
     labels = sorted((lb for lb in study if lb in steps), key=steps.__getitem__)
     if len(labels) < 2:
         return None
-    plt = _plt()
+    plt = pyplot()
     xs = [steps[lb] for lb in labels]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, what, title in ((axes[0], "norm", f"{key}'s accuracy / oracle's (%)"),
@@ -211,7 +211,7 @@ def routability(study: dict, steps: dict[str, int], n_adapters: int, out: Path, 
         ax.legend(fontsize=8)
     fig.suptitle("routability vs training (thin: one task each)")
     fig.tight_layout()
-    return _save(fig, out, "routability_vs_training.png")
+    return save_png(fig, out, "routability_vs_training.png")
 
 
 def variants(main: dict, study: dict, out: Path, label: str = "shared-0") -> str | None:
@@ -225,7 +225,7 @@ def variants(main: dict, study: dict, out: Path, label: str = "shared-0") -> str
              er.pass_own_share(entry["methods"][k], er.tasks(main)) if k in entry["methods"] else None)
             for k in summ if k != "oracle" and summ[k]["norm"]["avg"]]
     rows += [(f"seqr [{v}]", r["norm"], r["ci"], r["own"]) for v, r in study.items()]
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.38 * len(rows) + 1.4), sharey=True)
     ys = range(len(rows))
     colors = ["C1" if name.startswith("seqr [") else "C0" for name, *_ in rows]
@@ -244,7 +244,7 @@ def variants(main: dict, study: dict, out: Path, label: str = "shared-0") -> str
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("routing variants (orange) against the main methods (blue), full dev splits")
     fig.tight_layout()
-    return _save(fig, out, "variants.png")
+    return save_png(fig, out, "variants.png")
 
 
 def all_figures(doc: dict, out: str | Path, intervals: dict | None = None) -> list[str]:
