@@ -34,7 +34,7 @@ import torch
 from seqr.store import files
 from seqr.store.library import LoraLibrary
 from seqr.silo.calibrate import calibrate
-from seqr.hf.dtypes import name as dtype_name
+from seqr.hf.dtypes import key_cpu_flags, name as dtype_name
 from seqr.hf.models import device_of, load_model
 from seqr.hf.choices import choice_logprobs
 from seqr.silo.tasks import load_task
@@ -63,12 +63,8 @@ def recipe(task: str, out: Path, lr: float, data: str, rank: int = 32, **kw) -> 
 
 def machine() -> dict:
     """Where a piece was made: device, GPU name or the CPU's model and bf16 flags, torch version."""
-    flags = set()
-    if Path("/proc/cpuinfo").exists():
-        line = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-        flags = set(line.partition(":")[2].split())
     out = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-           "cpu_flags": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))}
+           "cpu_flags": key_cpu_flags()}
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
     return out

@@ -30,7 +30,10 @@ def machine_info() -> dict:
         cpu = names[0] if names else ""
     here = Path(__file__).parents[1] / "core"  # which version of the routers was timed
     sources = {f: hashlib.sha256((here / f).read_bytes()).hexdigest()[:12] for f in ("routers.py", "bank.py")}
+    from seqr.hf.dtypes import key_cpu_flags
+
     return {"processor": cpu or platform.machine(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "cpu_flags": key_cpu_flags(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
             "load_avg_1min": load_avg(), "sources_sha256": sources}
 
@@ -60,7 +63,8 @@ def other_cpu_share(start: dict | None, end: dict | None) -> float | None:
 def machine_line(info: dict) -> str:
     share = info.get("other_cpu_share")
     busy = "" if share is None else f", other processes used {share:.0%} of the CPUs during the run"
-    return (f"machine: {info['processor']} ({info['machine']}), {info['cpu_count']} CPUs, torch {info['torch']}, "
+    flags = f" [{' '.join(info['cpu_flags']) or 'none of avx2/avx512f/avx512_bf16/amx_bf16'}]" if "cpu_flags" in info else ""
+    return (f"machine: {info['processor']} ({info['machine']}){flags}, {info['cpu_count']} CPUs, torch {info['torch']}, "
             f"{info['threads']} threads{busy}")
 
 

@@ -20,6 +20,7 @@ import torch
 CHOICES = ("auto", "float32", "bfloat16")  # what --dtype takes
 BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 dot products
+KEY_CPU_FLAGS = ("avx2", "avx512f", *CPU_BF16_FLAGS)  # what every result records of the CPU it ran on
 
 
 @functools.lru_cache(maxsize=1)
@@ -35,6 +36,11 @@ def native_bf16() -> tuple[bool, str]:
     if have:
         return True, f"the CPU has {'/'.join(have)}"
     return False, f"the CPU lacks {' and '.join(CPU_BF16_FLAGS)} (torch CPU capability {cap}): bf16 would be emulated"
+
+
+def key_cpu_flags() -> list[str]:
+    """The CPU's flags among KEY_CPU_FLAGS (what decides the fast paths), sorted."""
+    return sorted(set(KEY_CPU_FLAGS) & _cpu_flags())
 
 
 def _cpu_flags() -> set[str]:
