@@ -194,3 +194,15 @@ def test_help_lists_every_bench_subcommand_and_the_demo_time_of_the_readme():
 
     assert all(name in VERBS["bench"][1] for name in SUBCOMMANDS)
     assert "8-14 min on 2 cores" in usage()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--probe-depth", "0.5"], "--probe-depth must be in (0, 1] and needs --granularity layers or request; got 0.5 "
+                               "with --granularity token"),
+    (["--granularity", "request", "--probe-depth", "0"], "got 0.0 with --granularity request"),
+    (["--granularity", "sentence"], "invalid choice: 'sentence'"),
+])
+def test_a_bad_routing_mode_of_seqr_serve_is_one_line_before_the_model_loads(extra, needle, files, no_model, capsys):
+    code, lines = run(["serve", files["lib"], "--model", files["model"], "--auth", files["auth"], "--port", "0",
+                       *extra], capsys)
+    assert_one_line(code, lines, "serve", needle)

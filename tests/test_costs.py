@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import seqr
 import seqr.cli
 import seqr.core.routers as rt
 from seqr import AdapterBank, Cost
-from seqr.core.costs import METHODS, costs, costs_table, format_table, human, human_bytes, main
+from seqr.core.costs import (GRANULARITY_RULES, METHODS, costs, costs_table, format_table, granularity_costs, human,
+                             human_bytes, main)
 
 TABLE1 = dict(N=1000, n=4096, m=4096, r=8, k=20)
 
@@ -170,3 +172,50 @@ def test_lag_dense_path_runs_spectr_macs(make_lora, make_tokens, monkeypatch):
     chosen = bank.route(x, "lag", k=k)
     monkeypatch.setattr(rt, "LAG_DENSE_PER_K", 0)
     assert bank.route(x, "lag", k=k).tolist() == chosen.tolist()
+
+
+@pytest.mark.parametrize("depth", [1.0, 0.5])
+@torch.no_grad()
+def test_granularity_costs_equal_the_positions_a_routed_model_runs(depth, tmp_path):
+    """The extra model positions of each granularity, counted in a real routed forward: decoder-layer calls (a
+    stopped probe runs only the first layers) times their positions, over the layers, beyond the request's own."""
+    from peft_factory import adapter_library, random_stats, tiny_llama
+    from seqr.hf.compat import cache_arg, returned_cache
+    from seqr.hf.granularity import GRANULARITIES, PROBED
+
+    assert set(GRANULARITY_RULES) == set(GRANULARITIES)
+    lib = random_stats(adapter_library(tmp_path, ["a", "b", "c"]))
+    P, G = 7, 3
+    rows = {r["granularity"]: r for r in granularity_costs(P, G, depth)}
+    ids = torch.randint(0, 97, (1, P), generator=torch.Generator().manual_seed(0))
+    for g in GRANULARITIES:
+        model = seqr.attach(tiny_llama(), lib, granularity=g, probe_depth=depth if g in PROBED else 1.0)
+        seen = []
+        blocks = model.model.layers
+        for blk in blocks:
+            blk.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw.get("hidden_states", args[0] if args
+                                                                                      else None).shape[1]),
+                                          with_kwargs=True)
+        out = model(ids, use_cache=True)
+        prefill = sum(seen) / len(blocks)
+        seen.clear()
+        tok = out.logits[:, -1:].argmax(-1)
+        for _ in range(G):
+            out = model(tok, **cache_arg(model, returned_cache(out)), use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+        decode = sum(seen) / len(blocks)
+        r = rows[g]
+        assert (prefill - P, decode - G) == (r["extra_positions_prefill"], r["extra_positions_decode"]), g
+        assert r["extra_compute"] == pytest.approx((prefill + decode - P - G) / (P + G))
+
+
+def test_cli_granularities_table_and_json(capsys):
+    assert main(["--granularities", "--prompt", "10", "--new-tokens", "5", "--probe-depth", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "| request | 5 | 0 | 33% | 5 | 0 |" in out and "| token | 0 | 0 | 0% | 10 | 5 |" in out
+    assert main(["--granularities", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["granularity"] for r in rows] == list(GRANULARITY_RULES)
+    with pytest.raises(SystemExit) as e:
+        main(["--granularities", "--probe-depth", "1.5"])
+    assert e.value.code == 2 and "probe_depth must be in (0, 1], got 1.5" in capsys.readouterr().err

@@ -178,3 +178,72 @@ def test_bad_request_settings_are_refused_naming_the_value(lib, kw, match):
 def test_probed_layers_rounds_up_and_keeps_at_least_one():
     assert [probed_layers(8, d) for d in (1.0, 0.5, 0.3, 0.01)] == [8, 4, 3, 1]
     assert probed_layers(120, 0.25) == 30
+
+
+# ---------------------------------------------------------------------------------------------- every path
+@torch.no_grad()
+def test_attached_granularity_is_the_models_default_and_routing_blocks_inherit_or_override(lib):
+    ids = _ids(B=2, T=5, seed=47)
+    model = seqr.attach(tiny_llama(), lib, granularity="request", probe_depth=0.5)
+    plain = model(ids).logits
+    with seqr.routing(model, "seqr", granularity="request", probe_depth=0.5):
+        explicit = model(ids).logits
+    with seqr.routing(model):  # inherits the attached mode
+        inherited = model(ids).logits
+    with seqr.routing(model, "seqr", granularity="token"):
+        token = model(ids).logits
+    with seqr.routing(model, "seqr", mix=2):  # a mixture is per token: the attached mode does not apply
+        mixed = model(ids).logits
+    with seqr.routing(model, adapter="beta"):  # fixed adapters: no granularity
+        fixed = model(ids).logits
+    torch.testing.assert_close(plain, explicit)
+    torch.testing.assert_close(inherited, explicit)
+    assert not torch.allclose(token, explicit, atol=1e-4) and not torch.allclose(mixed, explicit, atol=1e-4)
+    assert not torch.allclose(fixed, token, atol=1e-4)
+    seqr.detach(model)
+    with pytest.raises(ValueError, match="probe_depth applies to"):
+        seqr.attach(model, lib, granularity="prompt", probe_depth=0.5)
+
+
+def _request_rows(lib, allowed, prompts):
+    """Each row alone through routing(granularity='request'): (its adapter, its greedy continuation)."""
+    from seqr.hf.generation import Request, generate
+
+    model = seqr.attach(tiny_llama(), lib)
+    out = []
+    for p, a in zip(prompts, allowed):
+        with seqr.routing(model, "seqr", granularity="request", allowed=a, trace="choices") as tr:
+            model(torch.tensor([p]))
+        (name,) = tr.counts()
+        with seqr.routing(model, adapter=name):
+            toks = generate(model, [Request(p, {name}, max_tokens=4)], eos_id=None, pad_id=0)[0].tokens
+        out.append((name, toks))
+    return out
+
+
+def test_generate_and_the_embedded_engine_serve_one_adapter_per_request(lib):
+    """Batched rows of different users (left padding) each get the adapter their prompt alone chooses, within their
+    set, and then the tokens of the fixed-adapter path with it; generate() and the serving Engine alike."""
+    from seqr.hf.generation import Request, generate
+    from seqr.serve.engine import Engine
+
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (6, 3, 9)]
+    allowed = [{"alpha", "gamma"}, {"beta"}, set(NAMES)]
+    want = _request_rows(lib, allowed, prompts)
+    model = seqr.attach(tiny_llama(), lib, granularity="request")
+    got = generate(model, [Request(p, a, max_tokens=4) for p, a in zip(prompts, allowed)], eos_id=None, pad_id=0)
+    for (name, toks), r, a in zip(want, got, allowed):
+        assert r.routing == {name: 1.0} and name in a and r.tokens == toks and r.outside == 0
+
+    class Tok:  # the engine reads only these two ids
+        pad_token_id, eos_token_id = 0, None
+
+    engine = Engine(tiny_llama(), Tok(), lib, granularity="request")
+    try:
+        futures = [engine.submit(Request(p, a, max_tokens=4, seed=1)) for p, a in zip(prompts, allowed)]
+        served = [f.result(timeout=120) for f in futures]
+    finally:
+        engine.close()
+    for (name, toks), r in zip(want, served):
+        assert r.routing == {name: 1.0} and r.tokens == toks

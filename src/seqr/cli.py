@@ -18,8 +18,8 @@ VERBS = {
     "eval": ("seqr.eval.evaluate", "evaluate every routing method on held-out task data: JSON, Markdown, PNG figures"),
     "serve": ("seqr.serve.cli", "OpenAI-compatible HTTP service; each user routed only among their authorised adapters"),
     "costs": ("seqr.core.costs", "print routing MACs and storage per method (the paper's Table 1)"),
-    "bench": ("seqr.bench.cli", "benchmarks: `seqr bench routing|forward|generate|serve|train|scale` (routing "
-                                "--sweep: Figure 5)"),
+    "bench": ("seqr.bench.cli", "benchmarks: `seqr bench routing|forward|generate|serve|train|scale|granularity` "
+                                "(routing --sweep: Figure 5)"),
 }
 
 

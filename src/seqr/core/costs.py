@@ -136,6 +136,46 @@ def format_table(rows: list[Cost]) -> str:
     return "\n".join(lines)
 
 
+# granularity -> (extra model positions, routing-scored positions per routed layer) per request of P prompt and
+# G generated tokens, with a probe over the first `d` share of the routed layers (seqr.hf.granularity)
+GRANULARITY_RULES = {
+    "token": lambda P, G, d: ((0, 0), (P, G)),  # every position scored in every layer
+    "depth": lambda P, G, d: ((0, 0), (P, G)),  # the same scores, summed over the layers so far
+    "prompt": lambda P, G, d: ((0, 0), (P, 0)),  # decided at prefill, kept while decoding
+    "prompt-vote": lambda P, G, d: ((0, 0), (P, 0)),
+    "layers": lambda P, G, d: ((d * P, d * G), (d * P, d * G)),  # every forward probed first
+    "request": lambda P, G, d: ((d * P, 0), (d * P, 0)),  # one probe prefill, then the fixed-adapter path
+}
+
+
+def granularity_costs(prompt: int, new_tokens: int, probe_depth: float = 1.0) -> list[dict]:
+    """Per granularity, for one request of `prompt` + `new_tokens` tokens: the extra model forward positions (a
+    probe's share of a whole forward) and the positions whose routing scores each routed layer computes (each
+    costs a router's MACs/token), at prefill and while decoding."""
+    _check_count("prompt", prompt)
+    _check_count("new_tokens", new_tokens)
+    if isinstance(probe_depth, bool) or not isinstance(probe_depth, (int, float)) or not 0 < probe_depth <= 1:
+        raise ValueError(f"probe_depth must be in (0, 1], got {probe_depth!r}")
+    rows = []
+    for g, rule in GRANULARITY_RULES.items():
+        (xp, xd), (sp, sd) = rule(prompt, new_tokens, probe_depth)
+        rows.append({"granularity": g, "extra_positions_prefill": xp, "extra_positions_decode": xd,
+                     "scored_prefill": sp, "scored_decode": sd,
+                     "extra_compute": (xp + xd) / (prompt + new_tokens)})  # share of the request's own forwards
+    return rows
+
+
+def format_granularity(rows: list[dict], prompt: int, new_tokens: int, probe_depth: float) -> str:
+    lines = [f"one request of {prompt} prompt + {new_tokens} generated tokens, probes over {probe_depth:g} of the "
+             "routed layers:", "",
+             "| granularity | extra model positions: prefill | decode | extra compute | positions scored per routed "
+             "layer (mean): prefill | decode |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['granularity']} | {r['extra_positions_prefill']:g} | {r['extra_positions_decode']:g} | "
+                     f"{r['extra_compute']:.0%} | {r['scored_prefill']:g} | {r['scored_decode']:g} |")
+    return "\n".join(lines)
+
+
 DEFAULT_SHAPE = {"N": 1000, "n": 4096, "m": 4096, "r": 8, "k": 20}  # Table 1's setting
 _SHAPE_HELP = {"N": "number of adapters", "n": "layer input size", "m": "layer output size", "r": "LoRA rank",
                "k": "LAG's number of candidates"}
@@ -155,15 +195,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unique-a", action="store_true", help="one A_i per adapter instead of a shared A")
     p.add_argument("--bytes-per-param", type=float, default=4, help="bytes per stored number (default 4, fp32)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    g = p.add_argument_group("routing granularities (seqr.routing(granularity=...)): what each adds per request")
+    g.add_argument("--granularities", action="store_true",
+                   help="print what each granularity adds per request instead of the methods' table")
+    g.add_argument("--prompt", type=int, default=64, help="prompt tokens per request (default 64)")
+    g.add_argument("--new-tokens", type=int, default=16, help="generated tokens per request (default 16)")
+    g.add_argument("--probe-depth", type=float, default=1.0, help="share of routed layers a probe sums (default 1)")
     args = p.parse_args(argv)
     if args.k is None:
         args.k = min(DEFAULT_SHAPE["k"], args.N)  # the default k=20 shrinks to the library when it is smaller
     bpp = int(args.bytes_per_param) if float(args.bytes_per_param).is_integer() else args.bytes_per_param
     try:
         rows = costs_table(args.N, args.n, args.m, args.r, args.k, shared_a=not args.unique_a, bytes_per_param=bpp)
+        grains = granularity_costs(args.prompt, args.new_tokens, args.probe_depth)
     except ValueError as e:
         p.error(str(e))
-    if args.json:
+    if args.granularities:
+        print(json.dumps(grains, indent=2) if args.json else
+              format_granularity(grains, args.prompt, args.new_tokens, args.probe_depth))
+    elif args.json:
         print(json.dumps([c.as_dict() for c in rows], indent=2))
     else:
         A = "one A_i per adapter" if args.unique_a else "shared A"

@@ -63,9 +63,9 @@ class Result:
 
 @torch.no_grad()
 def generate(model, requests: list[Request], *, eos_id: int | None, pad_id: int, method: str | None = None,
-             k: int | None = None) -> list[Result]:
-    """Generate for every request in one left-padded batch (the model must have a library attached; `method`:
-    the attached one unless given)."""
+             k: int | None = None, granularity: str | None = None, probe_depth: float | None = None) -> list[Result]:
+    """Generate for every request in one left-padded batch (the model must have a library attached; `method`,
+    `granularity` and `probe_depth`: the attached ones unless given, see `seqr.routing`)."""
     if not requests:
         return []
     dev, cache_kw = next(model.parameters()).device, cache_kw_of(forward_params(model))
@@ -80,7 +80,8 @@ def generate(model, requests: list[Request], *, eos_id: int | None, pad_id: int,
     out: list[list[int]] = [[] for _ in requests]
     done = [False] * B
     reasons = ["length"] * B
-    with routing(model, method, k=k, allowed=[set(r.allowed) for r in requests], trace="choices") as tr:
+    with routing(model, method, k=k, allowed=[set(r.allowed) for r in requests], trace="choices",
+                 granularity=granularity, probe_depth=probe_depth) as tr:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         cache = returned_cache(res)

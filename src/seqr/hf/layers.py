@@ -330,10 +330,11 @@ def _margin(used: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- public API
 def attach(model: nn.Module, library: LoraLibrary, *, method: str | None = None, adapter=None,
-           k: int | None = None) -> nn.Module:
+           k: int | None = None, granularity: str = "token", probe_depth: float = 1.0) -> nn.Module:
     """Replace each linear layer named in the library by a routed layer; returns the model. It routes with
-    `method`, by default the library's (`LoraLibrary.default_method`: seqr for a shared A, spectr otherwise), or
-    applies fixed `adapter`(s) (a name, or one per batch row) until a `routing` block says otherwise."""
+    `method`, by default the library's (`LoraLibrary.default_method`: seqr for a shared A, spectr otherwise), at
+    `granularity` (see `routing`), or applies fixed `adapter`(s) (a name, or one per batch row) until a `routing`
+    block says otherwise."""
     method = library.default_method if method is None and adapter is None else method
     if hasattr(model, STATE_ATTR):
         raise ValueError("a seqr library is already attached to this model; call seqr.detach(model) first")
@@ -351,7 +352,7 @@ def attach(model: nn.Module, library: LoraLibrary, *, method: str | None = None,
         raise ValueError(f"the library ({library.meta.base_model or 'unknown base model'}) does not match this "
                          f"model ({len(problems)} layer(s)):\n  " + "\n  ".join(problems[:20]))
     state = RoutingState(library)
-    state.cfg = state.configure(method, k, adapter=adapter)
+    state.cfg = state.configure(method, k, granularity=granularity, adapter=adapter, probe_depth=probe_depth)
     state.device = next(model.parameters()).device
     for layer in library.layers:
         bank = library.bank(layer, device=state.device)  # the routing math runs where the model does
@@ -380,8 +381,8 @@ def detach(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def routing(model: nn.Module, method: str | None = None, *, adapter=None, allowed=None, k: int | None = None,
-            trace: bool | str = False, granularity: str = "token", mix: int | None = None, temperature: float = 1.0,
-            probe_depth: float = 1.0):
+            trace: bool | str = False, granularity: str | None = None, mix: int | None = None,
+            temperature: float = 1.0, probe_depth: float | None = None):
     """Route the calls inside the block with `method` (default: the attached one), or apply fixed `adapter`s (a
     name, or one name per batch row: no routing, e.g. an oracle), only among `allowed`
     adapters (a set of names, or one set per batch row), recording a `Trace` when `trace=True` (every
@@ -394,13 +395,15 @@ def routing(model: nn.Module, method: str | None = None, *, adapter=None, allowe
     extra prefill, nothing extra per decoded token); `probe_depth` < 1 (layers, request): only the first share of
     the routed layers, in forward order, decides, and the probe forward stops after them; `granularity="depth"`: per token and layer, the argmax of
     the scores summed over that layer and the routed layers before it (one forward); `mix=K`: the top K adapters per token,
-    softmax(score/temperature)-weighted."""
+    softmax(score/temperature)-weighted. Without `granularity` (and `probe_depth`), a score router keeps the
+    attached ones (`attach(..., granularity=...)`)."""
     state = _state(model)
     saved, saved_trace = state.cfg, state.trace
     if method is None and adapter is None:  # keep the current choice: its method, or its fixed adapters
         method, adapter = state.cfg.method, state.cfg.adapter
     if adapter is None:
         k = (state.cfg.k if method == state.cfg.method else None) if k is None else k
+    granularity, probe_depth = _inherited(state, method, adapter, mix, granularity, probe_depth)
     state.cfg = state.configure(method, k, allowed, granularity, mix, temperature, adapter=adapter,
                                 probe_depth=probe_depth)
     if trace not in (False, True, "choices"):
@@ -412,6 +415,17 @@ def routing(model: nn.Module, method: str | None = None, *, adapter=None, allowe
         yield state.trace
     finally:
         state.cfg, state.trace = saved, saved_trace
+
+
+def _inherited(state: RoutingState, method, adapter, mix, granularity, probe_depth) -> tuple[str, float]:
+    """(granularity, probe_depth) of a routing block: as given, else the attached ones where they apply (a score
+    router without a mixture), else per token."""
+    if granularity is not None:
+        return granularity, 1.0 if probe_depth is None else probe_depth
+    applies = adapter is None and mix is None and method in registry.names("score")
+    if not applies:
+        return "token", 1.0 if probe_depth is None else probe_depth
+    return state.cfg.granularity, state.cfg.probe_depth if probe_depth is None else probe_depth
 
 
 def select_rows(model: nn.Module, index: torch.Tensor) -> None:

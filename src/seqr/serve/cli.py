@@ -6,6 +6,7 @@ import socket
 import sys
 
 from seqr.hf.dtypes import add_arg as add_dtype_arg
+from seqr.hf.granularity import GRANULARITIES, PROBED
 from seqr.serve.server import ENGINES, build_app, load_checked
 from seqr.core.argfmt import Parser, existing_dir
 
@@ -36,6 +37,11 @@ def parser() -> Parser:
     p.add_argument("--lock-timeout", type=float, default=10.0,
                    help="seconds an admin change waits for the library's or auth file's lock (held by another "
                         "writer) before it is refused with 503; generation never waits for it")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="token",
+                   help="how far one routing decision reaches: per token and layer (token, the paper), or request: "
+                        "one adapter per request for every layer and token, chosen by a probe of its prompt")
+    p.add_argument("--probe-depth", type=float, default=1.0,
+                   help="with --granularity layers / request: the share of the routed layers the probe sums")
     add_dtype_arg(p)
     return p
 
@@ -47,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--lock-timeout must be >= 0 seconds, got {a.lock_timeout}")
     if not 0 <= a.port <= 65535:
         p.error(f"--port must be in [0, 65535], got {a.port}")
+    if not 0 < a.probe_depth <= 1 or (a.probe_depth != 1 and a.granularity not in PROBED):
+        p.error(f"--probe-depth must be in (0, 1] and needs --granularity {' or '.join(PROBED)}; got "
+                f"{a.probe_depth} with --granularity {a.granularity}")
     bind_or_exit(p, a.host, a.port).close()  # a taken port fails now, not after the model has loaded
     from seqr.store import files
 
@@ -59,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         app, engine = build_app(a.library, a.model, a.auth, adapters_root=a.adapters_root,
                                 model_name=a.served_model_name, max_prompt_tokens=a.max_prompt_tokens,
                                 max_tokens_limit=a.max_tokens_limit, max_batch=a.max_batch, dtype=a.dtype,
-                                engine=a.engine)
+                                engine=a.engine, granularity=a.granularity, probe_depth=a.probe_depth)
     except (ValueError, FileNotFoundError) as e:
         print(f"seqr serve: {e}", file=sys.stderr)
         return 2
@@ -135,7 +144,8 @@ def _serve_ray(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         ray_serve.deploy(library_dir=a.library, model=a.model, auth_file=a.auth, replicas=a.replicas, host=a.host,
                          port=a.port, ray_address=a.ray_address, adapters_root=a.adapters_root,
                          model_name=a.served_model_name, max_prompt_tokens=a.max_prompt_tokens,
-                         max_tokens_limit=a.max_tokens_limit, max_batch=a.max_batch, dtype=a.dtype)
+                         max_tokens_limit=a.max_tokens_limit, max_batch=a.max_batch, dtype=a.dtype,
+                         granularity=a.granularity, probe_depth=a.probe_depth)
         print(f"seqr serve: {a.replicas} Ray Serve replicas, listening on http://{a.host}:{a.port}",
               file=sys.stderr, flush=True)
         stop.wait()

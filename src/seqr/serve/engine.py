@@ -65,13 +65,14 @@ class _Stream:
 
 class Engine:
     def __init__(self, model, tokenizer, library: LoraLibrary, *, method: str | None = None, max_batch: int = 8,
-                 batch_wait_s: float = 0.005):
+                 batch_wait_s: float = 0.005, granularity: str = "token", probe_depth: float = 1.0):
         if max_batch < 1:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         self.model, self.tokenizer, self.library = model, tokenizer, library
         method = library.default_method if method is None else method  # seqr for a shared A, spectr otherwise
         self.method, self.max_batch, self.batch_wait_s = method, max_batch, batch_wait_s
-        attach(model, library, method=method)
+        self.mode = {"granularity": granularity, "probe_depth": probe_depth}  # how far one decision reaches
+        attach(model, library, method=method, **self.mode)
         self._q: queue.PriorityQueue[_Job] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._names = frozenset(library.names)
@@ -113,7 +114,7 @@ class Engine:
         try:
             return fn(self.library)
         finally:
-            attach(self.model, self.library, method=self.method)
+            attach(self.model, self.library, method=self.method, **self.mode)
             self._names = frozenset(self.library.names)
 
     def reload(self, library: LoraLibrary) -> None:

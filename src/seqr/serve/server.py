@@ -70,28 +70,38 @@ def load_checked(library_dir: str, auth_file: str, method: str | None = None):
 def build_app(library_dir: str, model: str, auth_file: str, *, adapters_root: str | None = None,
               model_name: str | None = None, max_prompt_tokens: int = 2048, max_tokens_limit: int = 1024,
               max_batch: int = 8, method: str | None = None, control=None, replica: str | None = None,
-              dtype: str = "auto", engine: str = "embedded"):
+              dtype: str = "auto", engine: str = "embedded", granularity: str = "token", probe_depth: float = 1.0):
     """Load the model, library and auth file and return (app, engine). With a `control` (a replica of
     seqr serve --ray) changes are applied elsewhere, so this process's library copy is not bound to disk.
-    `engine`: "embedded" (transformers' generate in this process) or "vllm" (seqr's routed model in vLLM)."""
+    `engine`: "embedded" (transformers' generate in this process) or "vllm" (seqr's routed model in vLLM);
+    `granularity` / `probe_depth`: how far one routing decision reaches (seqr.routing)."""
     lib, auth = load_checked(library_dir, auth_file, method)
     if control is not None:
         lib.path = None
     engine = make_engine(engine, model, lib, method=method or lib.default_method, max_batch=max_batch, dtype=dtype,
-                         max_model_len=max_prompt_tokens + max_tokens_limit)
+                         max_model_len=max_prompt_tokens + max_tokens_limit, granularity=granularity,
+                         probe_depth=probe_depth)
     settings = ServeSettings(model_name=model_name or model, max_prompt_tokens=max_prompt_tokens,
                              max_tokens_limit=max_tokens_limit, adapters_root=adapters_root, replica=replica,
                              audit_log=f"{auth_file}.audit.jsonl")  # beside the auth file it records changes to
     return create_app(engine, auth, settings, control=control), engine
 
 
-def make_engine(kind: str, model: str, lib, *, method: str, max_batch: int, dtype: str, max_model_len: int):
+def make_engine(kind: str, model: str, lib, *, method: str, max_batch: int, dtype: str, max_model_len: int,
+                granularity: str = "token", probe_depth: float = 1.0):
     """The serving engine `kind` over the model (anything seqr.load_model takes) and library."""
+    from seqr.hf.granularity import GRANULARITIES
+
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     from seqr.hf.dtypes import name, say_choice
     from seqr.hf.models import load_model, resolve_source
 
     dtype = say_choice(dtype, "seqr serve")  # auto: bfloat16 where the machine multiplies it natively
     if kind == "vllm":
+        if granularity != "token":
+            raise ValueError(f"--engine vllm routes per token; granularity {granularity!r} is served by the "
+                             f"embedded engine")
         try:
             import importlib
 
@@ -107,4 +117,4 @@ def make_engine(kind: str, model: str, lib, *, method: str, max_batch: int, dtyp
     from seqr.serve.engine import Engine
 
     m, tok = load_model(model, dtype=dtype)
-    return Engine(m, tok, lib, method=method, max_batch=max_batch)
+    return Engine(m, tok, lib, method=method, max_batch=max_batch, granularity=granularity, probe_depth=probe_depth)
