@@ -18,15 +18,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from seqr.eval.evaluate import EvalConfig, evaluate, load_data
 from seqr.hf.models import device_of, load_model
 from seqr.store import files
 from seqr.store.library import LoraLibrary
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gitstore import commit_only  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 LIBRARY = Path("artifacts/paper-library")
@@ -86,19 +87,6 @@ def finished_passes(path: Path) -> set[str]:
     doc = files.read_json(path, "eval results")
     return ({"base"} if doc.get("base") else set()) | {f"{label} {key}" for label, e in doc["libraries"].items()
                                                       for key in [*e["methods"], *e["noise"]]}
-
-
-def commit_only(path: Path, message: str, tries: int = 5) -> None:
-    """Commit this one file and nothing else staged beside it; retried while another git command holds the index."""
-    for attempt in range(tries):
-        added = subprocess.run(["git", "add", "--", str(path)])
-        if added.returncode == 0:
-            if not subprocess.run(["git", "diff", "--cached", "--quiet", "--", str(path)]).returncode:
-                return  # unchanged since the last commit
-            if subprocess.run(["git", "commit", "-q", "--only", "-m", message, "--", str(path)]).returncode == 0:
-                return
-        time.sleep(2 + 3 * attempt)
-    raise RuntimeError(f"could not commit {str(path)!r} after {tries} tries")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,9 @@ from seqr.hf.models import device_of, load_model
 from seqr.hf.choices import choice_logprobs
 from seqr.silo.tasks import load_task
 from seqr.silo.train import Session, TrainConfig, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gitstore import commit_only  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 TASKS = ("agnews", "cola", "dbpedia", "hellaswag", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2")
@@ -269,11 +271,8 @@ def done_tasks(art: Path) -> list[str]:
 
 def git_committer(enabled: bool):
     def commit(message: str, paths: list[Path]) -> None:
-        if not enabled:
-            return
-        subprocess.run(["git", "add", "--", *map(str, paths)], check=True)
-        if subprocess.run(["git", "diff", "--cached", "--quiet"]).returncode:
-            subprocess.run(["git", "commit", "-q", "-m", f"Issue 28: {message}"], check=True)
+        if enabled:
+            commit_only(paths, f"Issue 28: {message}")
     return commit
 
 
