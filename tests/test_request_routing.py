@@ -247,3 +247,26 @@ def test_generate_and_the_embedded_engine_serve_one_adapter_per_request(lib):
         engine.close()
     for (name, toks), r in zip(want, served):
         assert r.routing == {name: 1.0} and r.tokens == toks
+
+
+@torch.no_grad()
+def test_request_choices_runs_only_the_probe_and_picks_what_generation_uses(lib):
+    from seqr.hf.layers import request_choices
+
+    ids = _ids(B=3, T=6, seed=53)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    allowed = [{"alpha", "gamma"}, {"beta"}, set(NAMES)]
+    model = seqr.attach(tiny_llama(), lib)
+    before = model(ids, attention_mask=mask).logits
+    calls = _count_calls(model)
+    for depth in (1.0, 0.5):
+        calls["calls"] = 0
+        names = request_choices(model, ids, mask, allowed=allowed, probe_depth=depth)
+        assert calls["calls"] == probed_layers(len(lib.layers), depth)  # the probe only, no real forward
+        with seqr.routing(model, "seqr", granularity="request", probe_depth=depth, allowed=allowed,
+                          trace="choices") as tr:
+            model(ids, attention_mask=mask)
+        assert names == [next(iter(tr.counts(row=b))) for b in range(3)]
+        assert all(n in a for n, a in zip(names, allowed))
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits, before)  # the attached routing unchanged

@@ -161,6 +161,44 @@ def test_adapters_added_and_removed_while_serving(engine, files):
     assert engine.adapters == frozenset(NAMES)
 
 
+def test_request_granularity_serves_each_request_through_vllms_own_lora(files, reference, tmp_path):
+    """--granularity request: each request's adapter is the one the transformers path's probe picks among its set
+    (the boosted 'evil' only where allowed), vLLM's own LoRA then gives the fixed-adapter path's greedy tokens and
+    log-probabilities, the response names the adapter, and library changes apply to the next request."""
+    import shutil
+
+    from seqr.hf.layers import request_choices
+
+    root, model_dir, lib_dir = files
+    shutil.copytree(lib_dir, tmp_path / "lib")
+    eng = VllmEngine(model_dir, LoraLibrary.load(tmp_path / "lib"), method="seqr", dtype="float32", max_batch=8,
+                     max_model_len=256, work_dir=tmp_path / "work", granularity="request")
+    try:
+        futs = [eng.submit(Request(p, s, max_tokens=6, ignore_eos=True)) for p, s in zip(PROMPTS, SETS)]
+        results = [f.result(timeout=300) for f in futs]
+        for r, p, s in zip(results, PROMPTS, SETS):
+            (name,) = request_choices(reference, torch.tensor([p]), allowed=[s])
+            assert r.routing == {name: 1.0} and name in s
+            with routing(reference, adapter=name):
+                logits = reference(input_ids=torch.tensor([p + r.tokens[:-1]])).logits[0].float()  # (L, V)
+            assert r.tokens == logits[len(p) - 1:].argmax(-1).tolist(), (name, r.tokens)
+        assert results[3].routing == {"evil": 1.0} and all("evil" not in r.routing for r in results[:3])
+        p, toks = PROMPTS[3], results[3].tokens
+        with routing(reference, "base"):  # the LoRA did apply: without it the greedy tokens differ
+            base = reference(input_ids=torch.tensor([p + toks[:-1]])).logits[0, len(p) - 1:].argmax(-1).tolist()
+        assert base != toks
+        with pytest.raises(ValueError, match="routes before vLLM"):
+            eng.trace()
+        eng.call(lambda e: e.change(lambda lib: lib.remove("evil"))).result(timeout=120)
+        assert eng.submit(Request(PROMPTS[3], {"alpha"}, max_tokens=3)).result(timeout=120).routing == {"alpha": 1.0}
+        with pytest.raises(PermissionError):
+            eng.submit(Request(PROMPTS[3], {"evil"}, max_tokens=2)).result(timeout=60)
+        eng.call(lambda e: e.change(lambda lib: lib.add_peft("evil", root / "a" / "evil"))).result(timeout=120)
+        assert eng.submit(Request(PROMPTS[3], SETS[3], max_tokens=3)).result(timeout=120).routing == {"evil": 1.0}
+    finally:
+        eng.close()
+
+
 def test_bfloat16_within_stated_tolerance(files, reference):
     eng = _engine(files, "bfloat16")
     try:

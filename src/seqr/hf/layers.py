@@ -428,6 +428,25 @@ def _inherited(state: RoutingState, method, adapter, mix, granularity, probe_dep
     return state.cfg.granularity, state.cfg.probe_depth if probe_depth is None else probe_depth
 
 
+@torch.no_grad()
+def request_choices(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                    method: str | None = None, allowed=None, probe_depth: float | None = None) -> list[str]:
+    """The adapter granularity "request" gives each row of a prompt batch (input_ids (B, T), left-padded with
+    `attention_mask`), found by its probe alone: the forward routed per token that sums each row's scores over its
+    real tokens and the routed layers (the first `probe_depth` share), stopped there. For engines that then serve
+    each request with that one adapter (e.g. vLLM's own per-request LoRA)."""
+    state = _state(model)
+    with routing(model, method, allowed=allowed, granularity="request", probe_depth=probe_depth):
+        state.prefill, state.sticky = True, {}
+        state.attention_mask = attention_mask
+        state.probe_limit = gr.probed_layers(state.n_layers, state.cfg.probe_depth)
+        kwargs = {"input_ids": input_ids} if attention_mask is None else {"input_ids": input_ids,
+                                                                          "attention_mask": attention_mask}
+        gr.probe(state, model, (), kwargs, None)
+        rows = state.sticky.pop(gr.REQUEST)  # (B,)
+    return [state.names[int(i)] for i in rows]
+
+
 def select_rows(model: nn.Module, index: torch.Tensor) -> None:
     """Tell a routed model that its next forwards continue rows `index` of the last prefill (call it with a
     KV cache's batch_select_indices); a model without a seqr library attached is left alone."""

@@ -39,7 +39,8 @@ def parser() -> Parser:
                         "writer) before it is refused with 503; generation never waits for it")
     p.add_argument("--granularity", choices=GRANULARITIES, default="token",
                    help="how far one routing decision reaches: per token and layer (token, the paper), or request: "
-                        "one adapter per request for every layer and token, chosen by a probe of its prompt")
+                        "one adapter per request for every layer and token, chosen by a probe of its prompt (with "
+                        "--engine vllm served by vLLM's own per-request LoRA); the others: embedded engine only")
     p.add_argument("--probe-depth", type=float, default=1.0,
                    help="with --granularity layers / request: the share of the routed layers the probe sums")
     add_dtype_arg(p)

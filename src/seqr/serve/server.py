@@ -99,9 +99,9 @@ def make_engine(kind: str, model: str, lib, *, method: str, max_batch: int, dtyp
 
     dtype = say_choice(dtype, "seqr serve")  # auto: bfloat16 where the machine multiplies it natively
     if kind == "vllm":
-        if granularity != "token":
-            raise ValueError(f"--engine vllm routes per token; granularity {granularity!r} is served by the "
-                             f"embedded engine")
+        if granularity not in ("token", "request"):
+            raise ValueError(f"--engine vllm routes per token or per request; granularity {granularity!r} is "
+                             f"served by the embedded engine")
         try:
             import importlib
 
@@ -111,7 +111,7 @@ def make_engine(kind: str, model: str, lib, *, method: str, max_batch: int, dtyp
             raise ValueError(f"--engine vllm needs vLLM ({e}); install it in its own venv: pip install "
                              f"'seqr[vllm]' (README: Serving on vLLM)") from None
         return VllmEngine(resolve_source(model).ref, lib, method=method, dtype=name(dtype), max_batch=max_batch,
-                          max_model_len=max_model_len)
+                          max_model_len=max_model_len, granularity=granularity, probe_depth=probe_depth)
     if kind != "embedded":
         raise ValueError(f"engine must be one of {ENGINES}, got {kind!r}")
     from seqr.serve.engine import Engine

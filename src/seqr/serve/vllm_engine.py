@@ -20,6 +20,7 @@ from pathlib import Path
 from seqr.hf.generation import Request, Result
 from seqr.serve.engine import Engine, still_allowed
 from seqr.serve.vllm_plugin import ROUTED_ARCHITECTURES
+from seqr.serve.vllm_request import RequestRouter, request_engine_kwargs
 from seqr.serve.vllm_sets import PROBE, Columns, SetAdapters
 from seqr.store.library import LoraLibrary
 
@@ -47,27 +48,40 @@ def engine_kwargs(model_dir: str | Path, library_dir: str | Path, columns: list,
 
 
 class VllmEngine:
+    """granularity "token" (default): seqr's routed model inside vLLM, every token routed per layer among its
+    request's adapters; "request": one adapter per request chosen by a probe of its prompt (vllm_request.py),
+    served by vLLM's own per-request LoRA on the plain model."""
+
     def __init__(self, model_dir: str | Path, library: LoraLibrary, *, method: str | None = None, k: int | None = None,
                  dtype: str = "auto", max_batch: int = 8, max_model_len: int = 2048, max_sets: int | None = None,
-                 work_dir: str | Path | None = None, set_capacity: int = SET_CAPACITY, **llm_kwargs):
+                 work_dir: str | Path | None = None, set_capacity: int = SET_CAPACITY, granularity: str = "token",
+                 probe_depth: float = 1.0, **llm_kwargs):
         from vllm import LLM
 
         if library.path is None:
             raise ValueError("the vLLM engine serves a library saved on disk (its workers load it); save it first")
         if max_batch < 1:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
+        if granularity not in ("token", "request"):
+            raise ValueError(f"the vLLM engine routes per token or per request, got granularity {granularity!r}")
         self.library, self.method, self.k = library, method or library.default_method, k
         self.columns = Columns(library.names, max(set_capacity, len(library)))
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="seqr-vllm-"))
         self.sets = SetAdapters(self.work_dir, self.columns)
-        kw = engine_kwargs(model_dir, library.path, self.columns.order, method=self.method, k=k, dtype=dtype,
-                           max_batch=max_batch, max_model_len=max_model_len, max_sets=max_sets or max_batch)
+        self.router = None
+        if granularity == "request":
+            self.router = RequestRouter(model_dir, library, self.work_dir, method=self.method, probe_depth=probe_depth)
+            kw = request_engine_kwargs(model_dir, library.rank, dtype=dtype, max_batch=max_batch,
+                                       max_model_len=max_model_len, max_loras=max_sets or max_batch)
+        else:
+            kw = engine_kwargs(model_dir, library.path, self.columns.order, method=self.method, k=k, dtype=dtype,
+                               max_batch=max_batch, max_model_len=max_model_len, max_sets=max_sets or max_batch)
         self.llm = LLM(**{**kw, **llm_kwargs})
         self.tokenizer = self.llm.get_tokenizer()
         self._names = frozenset(library.names)
         self._q: queue.Queue = queue.Queue()
         self._ids = itertools.count()
-        self._live: dict[str, tuple[Request, Future, list[int]]] = {}
+        self._live: dict[str, tuple[Request, Future, list[int], dict]] = {}  # id -> (request, future, tokens, shares)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="seqr-vllm-engine", daemon=True)
         self._thread.start()
@@ -94,14 +108,19 @@ class VllmEngine:
             return fn(self.library)
         finally:
             self._names = frozenset(self.library.names)
-            cols = self.columns.sync(self.library.names)
-            self.llm.collective_rpc("seqr_reload", args=(str(self.library.path), cols))
+            if self.router is not None:
+                self.router.sync(self.library)
+            else:
+                cols = self.columns.sync(self.library.names)
+                self.llm.collective_rpc("seqr_reload", args=(str(self.library.path), cols))
 
     def reload(self, library: LoraLibrary) -> None:
         self.change(lambda _: setattr(self, "library", library))
 
     def trace(self, on: bool | None = None, reset: bool = True) -> dict:
         """The workers' traced routing decisions (call on the loop thread: `engine.call(lambda e: e.trace())`)."""
+        if self.router is not None:
+            raise ValueError("granularity 'request' routes before vLLM: each Result's routing names its adapter")
         return self.llm.collective_rpc("seqr_trace", args=(on, reset))[0]
 
     def close(self) -> None:
@@ -137,7 +156,7 @@ class VllmEngine:
                 try:
                     outputs = engine.step()
                 except Exception as e:  # the engine failed: every live request gets the error
-                    for rid, (_, fut, _) in list(self._live.items()):
+                    for rid, (_, fut, *_) in list(self._live.items()):
                         fut.set_exception(e)
                     self._live.clear()
                     continue
@@ -150,7 +169,11 @@ class VllmEngine:
 
         if not still_allowed(request, self._names, fut):
             return
-        name, lora_id, path = self.sets.get(request.allowed)
+        try:
+            routed, (name, lora_id, path) = self._lora_of(request)
+        except Exception as e:
+            fut.set_exception(e)
+            return
         eos = self.tokenizer.eos_token_id
         params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, seed=request.seed,
                                 stop_token_ids=[] if eos is None or request.ignore_eos else [eos],
@@ -163,12 +186,19 @@ class VllmEngine:
         except Exception as e:
             fut.set_exception(e)
             return
-        self._live[rid] = (request, fut, [])
+        self._live[rid] = (request, fut, [], routed)
+
+    def _lora_of(self, request: Request) -> tuple[dict, tuple[str, int, str]]:
+        """(the request's routing shares as far as known here, the LoRA vLLM serves it with)."""
+        if self.router is None:
+            return {}, self.sets.get(request.allowed)
+        name = self.router.choose(list(request.prompt), request.allowed)  # one of its allowed adapters
+        return {name: 1.0}, self.router.lora(name)
 
     def _deliver(self, out) -> None:
         if out.request_id not in self._live:
             return
-        request, fut, toks = self._live[out.request_id]
+        request, fut, toks, _ = self._live[out.request_id]
         eos = self.tokenizer.eos_token_id
         for t in out.outputs[0].token_ids[len(toks):]:
             if t == eos and not request.ignore_eos:
@@ -185,18 +215,18 @@ class VllmEngine:
             self._finish(out.request_id, "length" if reason == "length" else "stop")
 
     def _cancel_gone(self) -> None:
-        for rid, (request, _, _) in list(self._live.items()):
+        for rid, (request, *_) in list(self._live.items()):
             if request.cancel is not None and request.cancel.is_set():
                 self._finish(rid, "cancelled", abort=True)
 
     def _finish(self, rid: str, reason: str, *, abort: bool = False) -> None:
-        request, fut, toks = self._live.pop(rid)
+        request, fut, toks, routed = self._live.pop(rid)
         if abort:
             self.llm.llm_engine.abort_request([rid])
-        fut.set_result(Result(toks, reason, {}, len(request.prompt), 0))
+        fut.set_result(Result(toks, reason, routed, len(request.prompt), 0))
 
     def _abort_all(self) -> None:
         for rid in list(self._live):
-            _, fut, _ = self._live.pop(rid)
+            fut = self._live.pop(rid)[1]
             self.llm.llm_engine.abort_request([rid])
             fut.set_exception(RuntimeError("the engine was closed"))
