@@ -10,7 +10,8 @@ import torch
 
 from seqr.bench.common import timed
 from seqr.core.packed import PackedBank
-from seqr.serve.vllm_routing import SetRouting, routing_threads
+from seqr.core.threads import one_thread
+from seqr.vllm.routing import SetRouting
 from seqr.store.library import LoraLibrary
 
 
@@ -39,7 +40,7 @@ def main() -> None:
 
     def step():
         for b in banks:
-            with routing_threads(xs[b.At.shape[0]]):
+            with one_thread():  # as the routed layer runs it
                 routing.update(b, xs[b.At.shape[0]].float())  # [(T, m_p)]
     times, _ = timed(step, repeats=20, warmup=3)
     med = statistics.median(times)

@@ -16,7 +16,8 @@ ALLOWED = {
     "hf": {"core", "store", "hf"},
     "silo": {"core", "store", "hf", "silo"},
     "eval": {"core", "store", "hf", "silo", "eval"},
-    "serve": {"core", "store", "hf", "serve"},  # knows nothing of training or evaluation
+    "vllm": {"core", "store", "hf", "vllm"},  # seqr inside vLLM: knows nothing of HTTP, training or evaluation
+    "serve": {"core", "store", "hf", "vllm", "serve"},  # knows nothing of training or evaluation
     "bench": {"core", "store", "hf", "silo", "eval", "serve", "bench"},
 }
 

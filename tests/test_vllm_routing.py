@@ -14,8 +14,8 @@ from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
 from seqr.core.packed import PackedBank
 from seqr.serve.vllm_engine import engine_kwargs
-from seqr.serve.vllm_routing import RoutedPacked, SetRouting, install, packed_parts
-from seqr.serve.vllm_sets import PROBE, Columns, SetAdapters
+from seqr.vllm.routing import RoutedPacked, SetRouting, install, packed_parts
+from seqr.vllm.sets import PROBE, Columns, SetAdapters
 
 NAMES = ["a", "b", "c", "d"]
 

@@ -2,8 +2,8 @@
 
 vLLM's engine runs on one loop thread here: requests are added to it as they arrive and every `step()` runs
 one continuously batched forward over all live requests (paged KV cache), each token routed per layer among its
-own request's adapters (vllm_model.py). A request's allowed set travels as its LoRA request: the set adapter
-of vllm_sets.py. Library changes run on the loop thread between steps: the library is changed on disk, then
+own request's adapters (seqr/vllm/model.py). A request's allowed set travels as its LoRA request: the set adapter
+of seqr/vllm/sets.py. Library changes run on the loop thread between steps: the library is changed on disk, then
 every vLLM worker reloads it (`collective_rpc("seqr_reload")`) before the next step; requests in flight go on
 with the changed library (a removed adapter is out of every token's choices from that step on).
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 
 from seqr.hf.generation import Request, Result
 from seqr.serve.engine import Engine, still_allowed
-from seqr.serve.vllm_plugin import ROUTED_ARCHITECTURES
-from seqr.serve.vllm_request import RequestRouter, request_engine_kwargs
-from seqr.serve.vllm_sets import PROBE, Columns, SetAdapters
+from seqr.vllm.plugin import ROUTED_ARCHITECTURES
+from seqr.vllm.request import RequestRouter, request_engine_kwargs
+from seqr.vllm.sets import PROBE, Columns, SetAdapters
 from seqr.store.library import LoraLibrary
 
 SET_CAPACITY = 256  # set-mask columns: adapters that may be added over one server's life
@@ -44,12 +44,12 @@ def engine_kwargs(model_dir: str | Path, library_dir: str | Path, columns: list,
                 hf_overrides={"architectures": routed[:1], "seqr_library": str(library_dir), "seqr_columns": columns,
                               "seqr_method": method, "seqr_k": k},
                 enable_lora=True, max_loras=max_sets, max_lora_rank=1, lora_target_modules=[PROBE],
-                worker_extension_cls="seqr.serve.vllm_model.SeqrWorkerExtension")
+                worker_extension_cls="seqr.vllm.model.SeqrWorkerExtension")
 
 
 class VllmEngine:
     """granularity "token" (default): seqr's routed model inside vLLM, every token routed per layer among its
-    request's adapters; "request": one adapter per request chosen by a probe of its prompt (vllm_request.py),
+    request's adapters; "request": one adapter per request chosen by a probe of its prompt (seqr/vllm/request.py),
     served by vLLM's own per-request LoRA on the plain model."""
 
     def __init__(self, model_dir: str | Path, library: LoraLibrary, *, method: str | None = None, k: int | None = None,

@@ -13,4 +13,4 @@ def register() -> None:
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "seqr.serve.vllm_model:SeqrLlamaForCausalLM")
+        ModelRegistry.register_model(ARCHITECTURE, "seqr.vllm.model:SeqrLlamaForCausalLM")

@@ -1,7 +1,7 @@
 """Per-token routing inside vLLM's layers, in plain torch (no vLLM import: unit-testable without it).
 
 vLLM gives every request at most one LoRA, and maps each token of a batch to its request's LoRA slot. seqr uses
-that mapping to carry each request's *allowed set*: the request's LoRA is a set adapter (vllm_sets.py) on one
+that mapping to carry each request's *allowed set*: the request's LoRA is a set adapter (sets.py) on one
 probe layer whose update, applied to a 1 at every token, is the request's allowed mask over the library's
 columns. `SetRouting` reads that mask once per forward; every adapted layer then routes each token among its
 own request's adapters only, with the same bank functions as the transformers path (hf/layers.py):

