@@ -179,6 +179,8 @@ def test_request_granularity_serves_each_request_through_vllms_own_lora(files, r
         for r, p, s in zip(results, PROMPTS, SETS):
             (name,) = request_choices(reference, torch.tensor([p]), allowed=[s])
             assert r.routing == {name: 1.0} and name in s
+            assert (r.manifest["router"], r.manifest["granularity"], r.manifest["allowed"]) == ("seqr", "request",
+                                                                                                 len(s))
             with routing(reference, adapter=name):
                 logits = reference(input_ids=torch.tensor([p + r.tokens[:-1]])).logits[0].float()  # (L, V)
             assert r.tokens == logits[len(p) - 1:].argmax(-1).tolist(), (name, r.tokens)

@@ -59,6 +59,7 @@ class Result:
     routing: dict[str, float] = field(default_factory=dict)  # adapter -> share of this row's decisions
     prompt_tokens: int = 0
     outside: int = 0  # decisions routed outside the row's allowed set, from the server-side trace (must be 0)
+    manifest: dict = field(default_factory=dict)  # what routed it (a serving engine's routing_manifest)
 
 
 @torch.no_grad()

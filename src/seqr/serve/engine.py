@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from seqr.hf.generation import SEED_RANGE, Request, Result, generate
 from seqr.hf.layers import attach, detach
+from seqr.store.digest import calibration_digest
 from seqr.store.library import LoraLibrary
 
 
@@ -63,6 +64,25 @@ class _Stream:
         self.skip = self.delivered
 
 
+class Manifests:
+    """Per allowed set, what routes its requests: the router, its granularity, the library generation, the
+    calibration digest of the set and its size (cached per set; `clear()` after every library change)."""
+
+    def __init__(self, method: str, mode: dict):
+        self.method, self.mode, self._cache = method, mode, {}
+
+    def clear(self) -> None:
+        self._cache = {}
+
+    def of(self, library: LoraLibrary, allowed) -> dict:
+        key = frozenset(allowed)
+        if key not in self._cache:
+            self._cache[key] = {"router": self.method, "granularity": self.mode.get("granularity", "token"),
+                                "library_generation": library.generation,
+                                "calibration": calibration_digest(library, key), "allowed": len(key)}
+        return dict(self._cache[key])
+
+
 class Engine:
     def __init__(self, model, tokenizer, library: LoraLibrary, *, method: str | None = None, max_batch: int = 8,
                  batch_wait_s: float = 0.005, granularity: str = "token", probe_depth: float = 1.0):
@@ -72,6 +92,7 @@ class Engine:
         method = library.default_method if method is None else method  # seqr for a shared A, spectr otherwise
         self.method, self.max_batch, self.batch_wait_s = method, max_batch, batch_wait_s
         self.mode = {"granularity": granularity, "probe_depth": probe_depth}  # how far one decision reaches
+        self.manifests = Manifests(method, self.mode)
         attach(model, library, method=method, **self.mode)
         self._q: queue.PriorityQueue[_Job] = queue.PriorityQueue()
         self._seq = itertools.count()
@@ -115,6 +136,7 @@ class Engine:
             return fn(self.library)
         finally:
             attach(self.model, self.library, method=self.method, **self.mode)
+            self.manifests.clear()
             self._names = frozenset(self.library.names)
 
     def reload(self, library: LoraLibrary) -> None:
@@ -175,7 +197,10 @@ class Engine:
     def _run_rows(self, requests: list[Request]):
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return generate(self.model, requests, eos_id=tok.eos_token_id, pad_id=pad, method=self.method)
+        results = generate(self.model, requests, eos_id=tok.eos_token_id, pad_id=pad, method=self.method)
+        for req, res in zip(requests, results):  # the library cannot change during a batch: the worker runs both
+            res.manifest = self.manifests.of(self.library, req.allowed)
+        return results
 
     @staticmethod
     def _resolve(fut: Future, fn, *args) -> None:

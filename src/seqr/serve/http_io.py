@@ -20,7 +20,7 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413 before they are read to the end
     max_prompt_chars: int = 64 * 1024  # longer prompts get 400 before they are tokenised
     adapters_root: str | None = None  # admins may add adapter dirs found under it, nowhere else
-    audit_log: str | None = None  # append-only JSON lines of admin actions (who, what, when, result); None: off
+    audit_log: str | None = None  # append-only JSON lines: admin actions, and each reply's routing manifest; None: off
     replica: str | None = None  # this process's id when it is one of several replicas (seqr serve --ray)
 
 

@@ -48,6 +48,7 @@ class Job:
     tokens: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     rid: str = ""
+    user: str = ""  # who asked (the audit log's name for them)
 
     def decode(self, toks: list[int]) -> str:
         return self.svc.engine.tokenizer.decode(toks, skip_special_tokens=True)
@@ -58,7 +59,10 @@ class Job:
                               len(result.tokens), result.routing, result.outside)
         replica = self.svc.settings.replica
         rep = {"replica": replica} if replica else {}
-        return {"seqr": {"routing": result.routing, "adapters": sorted(self.allowed), **rep}} if self.summary else {}
+        self.svc.audit.record(f"user:{self.user}", "generate", self.rid, "ok", routing=result.routing,
+                              tokens=len(result.tokens), **result.manifest, **rep)
+        return ({"seqr": {"routing": result.routing, "adapters": sorted(self.allowed), **result.manifest, **rep}}
+                if self.summary else {})
 
 
 def allowed_for(svc: Service, who: Principal, body: dict) -> set[str]:
@@ -174,7 +178,7 @@ async def run(request: HTTPRequest, chat: bool):
     allowed = allowed_for(svc, who, body)
     ids = await encode(svc, await prompt_text(svc, body, chat))
     job = Job(svc, request, chat, ids, allowed, bool(body.get("seqr", True)), t0,
-              rid=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}")
+              rid=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", user=who.user.name)
     loop = asyncio.get_running_loop()
     on_token = (lambda t: loop.call_soon_threadsafe(job.tokens.put_nowait, t)) if sampling.stream else None
     try:

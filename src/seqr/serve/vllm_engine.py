@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from seqr.hf.generation import Request, Result
-from seqr.serve.engine import Engine, still_allowed
+from seqr.serve.engine import Engine, Manifests, still_allowed
 from seqr.vllm.plugin import ROUTED_ARCHITECTURES
 from seqr.vllm.request import RequestRouter, request_engine_kwargs
 from seqr.vllm.sets import PROBE, Columns, SetAdapters
@@ -69,6 +69,7 @@ class VllmEngine:
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="seqr-vllm-"))
         self.sets = SetAdapters(self.work_dir, self.columns)
         self.router = None
+        self.manifests = Manifests(self.method, {"granularity": granularity})
         if granularity == "request":
             self.router = RequestRouter(model_dir, library, self.work_dir, method=self.method, probe_depth=probe_depth)
             kw = request_engine_kwargs(model_dir, library.rank, dtype=dtype, max_batch=max_batch,
@@ -81,7 +82,7 @@ class VllmEngine:
         self._names = frozenset(library.names)
         self._q: queue.Queue = queue.Queue()
         self._ids = itertools.count()
-        self._live: dict[str, tuple[Request, Future, list[int], dict]] = {}  # id -> (request, future, tokens, shares)
+        self._live: dict[str, tuple] = {}  # id -> (request, future, tokens, (shares, manifest at its start))
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="seqr-vllm-engine", daemon=True)
         self._thread.start()
@@ -108,6 +109,7 @@ class VllmEngine:
             return fn(self.library)
         finally:
             self._names = frozenset(self.library.names)
+            self.manifests.clear()
             if self.router is not None:
                 self.router.sync(self.library)
             else:
@@ -186,7 +188,7 @@ class VllmEngine:
         except Exception as e:
             fut.set_exception(e)
             return
-        self._live[rid] = (request, fut, [], routed)
+        self._live[rid] = (request, fut, [], (routed, self.manifests.of(self.library, request.allowed)))
 
     def _lora_of(self, request: Request) -> tuple[dict, tuple[str, int, str]]:
         """(the request's routing shares as far as known here, the LoRA vLLM serves it with)."""
@@ -220,10 +222,10 @@ class VllmEngine:
                 self._finish(rid, "cancelled", abort=True)
 
     def _finish(self, rid: str, reason: str, *, abort: bool = False) -> None:
-        request, fut, toks, routed = self._live.pop(rid)
+        request, fut, toks, (routed, manifest) = self._live.pop(rid)
         if abort:
             self.llm.llm_engine.abort_request([rid])
-        fut.set_result(Result(toks, reason, routed, len(request.prompt), 0))
+        fut.set_result(Result(toks, reason, routed, len(request.prompt), 0, manifest))
 
     def _abort_all(self) -> None:
         for rid in list(self._live):

@@ -101,6 +101,11 @@ class LoraLibrary:
     def rank(self) -> int:
         return self.meta.rank
 
+    @property
+    def generation(self) -> int:
+        """The manifest generation this copy was loaded from or last wrote (0: never saved)."""
+        return self._generation
+
     def __len__(self) -> int:
         return len(self._adapters)
 

@@ -11,13 +11,13 @@ name and id, so vLLM never serves stale weights under an old id.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import threading
 from pathlib import Path
 
 import torch
 
+from seqr.store.digest import weights_digest
 from seqr.store.library import LoraLibrary
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
@@ -38,16 +38,6 @@ def request_engine_kwargs(model_dir: str | Path, rank: int, *, dtype: str, max_b
         raise FileNotFoundError(f"the vLLM engine needs a local model dir with a config.json, got {model_dir}")
     return dict(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_batch,
                 enforce_eager=True, enable_lora=True, max_loras=max_loras, max_lora_rank=lora_rank_bound(rank))
-
-
-def _digest(library: LoraLibrary, name: str) -> str:
-    h = hashlib.sha256()
-    A, B = library.adapter_weights(name)
-    for layer in library.layers:
-        h.update(layer.encode())
-        h.update(A[layer].detach().float().contiguous().numpy().tobytes())
-        h.update(B[layer].detach().float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class RequestRouter:
@@ -77,7 +67,7 @@ class RequestRouter:
             attach(self.model, library, method=self.method, granularity="request", probe_depth=self.probe_depth)
             loras = {}
             for name in library.names:
-                d = _digest(library, name)
+                d = weights_digest(library, name)
                 key = f"{name}-{d}"
                 if key not in self._by_digest:
                     path = library.to_peft(name, self.root / key)
