@@ -1,0 +1,216 @@
+"""Issue 33's price of privacy on the paper-budget library: SEQR's accuracy and own-adapter share when every silo
+releases its calibration (epsilon, DELTA)-differentially private, for EPSILONS (and no DP), SIZES calibration
+examples, SEEDS repeats of the noise; every pass committed as it finishes, so a fresh clone resumes.
+
+Usage: SEQR_TASK_DATA=../shared/data/tasks python scripts/dp_price.py [run|report] [--commit] [--device cuda]
+
+Per silo and calibration size n (each on its own training examples, the first n of a seeded order):
+- the clip bound C by the public rule (seqr.silo.private.public_clip): the largest per-example row norm on
+  PUBLIC_N training examples of another task (PUBLIC[task]), data the silo may publish;
+- the clipped per-example sums (dp_sums), once: they do not depend on epsilon or the seed; each (epsilon, seed)
+  then only draws the Gaussian noise (dp_release, seeded here so the study repeats; a real release draws from OS
+  entropy), centroids withheld so the whole budget goes to mu and sigma;
+- epsilon = inf: the ordinary calibration (no DP) on the same n examples.
+Each library is evaluated with SEQR on the steps stage's EVAL_N dev examples per task, whose oracle pass
+(docs/results/paper_library/steps) normalises the accuracy; the report adds bootstrap intervals, the spread over
+seeds, and the figure beside the noise-on-mu curve of the same examples.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from seqr.eval.evaluate import EvalConfig, evaluate, load_data
+from seqr.hf.models import device_of, load_model
+from seqr.silo.calibrate import calibrate
+from seqr.silo.private import dp_release, dp_sums, public_clip
+from seqr.silo.tasks import load_task
+from seqr.store import files
+from seqr.store.library import LoraLibrary
+from seqr.core.privacy import DPConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gitstore import commit_only  # noqa: E402
+from paper_eval import finished_passes  # noqa: E402
+
+LIBRARY = Path("artifacts/paper-library")
+OUT = Path("docs/results/dp_price")
+EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0)
+DELTA = 1e-5
+SIZES = (200, 1000)
+SEEDS = (0, 1, 2)
+EVAL_N = 100  # the steps stage's examples (seed 0): its oracle pass normalises
+PUBLIC_N = 16
+SEED = 0
+
+
+def public_task(task: str, tasks: list[str]) -> str:
+    """Another silo's task whose training examples stand for public data (never the silo's own)."""
+    return next(t for t in ("sst2", "cola", *tasks) if t != task)
+
+
+def label(n: int, eps: float, seed: int) -> str:
+    return f"n={n} eps={'inf' if math.isinf(eps) else f'{eps:g}'} seed={seed}"
+
+
+def plan() -> list[tuple[int, float, int]]:
+    """Every (calibration examples, epsilon, seed) pass, no-DP first per size, in the order they run."""
+    return [(n, eps, seed) for n in SIZES for eps in (math.inf, *EPSILONS)
+            for seed in ((SEED,) if math.isinf(eps) else SEEDS)]
+
+
+class Silos:
+    """Each silo's exported adapter dir, clip bound and clipped sums per n (computed once, kept in WORK)."""
+
+    def __init__(self, ctx: dict, lib: LoraLibrary):
+        self.ctx, self.lib, self.work = ctx, lib, Path(ctx["work"])
+        self.dirs = {t: lib.to_peft(t, self.work / "adapters" / t) for t in lib.names}
+
+    def examples(self, task: str, n: int):
+        return load_task(task, "train", data_dir=self.ctx["data"], max_examples=n, seed=SEED)
+
+    def clip(self, task: str) -> float:
+        f = self.work / "clip" / f"{task}.pt"
+        if not f.exists():
+            public = load_task(public_task(task, self.lib.names), "train", data_dir=self.ctx["data"],
+                               max_examples=PUBLIC_N, seed=SEED)
+            c, _ = public_clip(self.ctx["model"], self.ctx["tok"], self.dirs[task], public, progress=False)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(c, f)
+        return float(torch.load(f))
+
+    def sums(self, task: str, n: int):
+        f = self.work / f"sums-{n}" / f"{task}.pt"
+        if not f.exists():
+            s = dp_sums(self.ctx["model"], self.ctx["tok"], self.dirs[task], self.examples(task, n), self.clip(task),
+                        progress=False)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(s, f)
+        return torch.load(f, weights_only=False)
+
+    def stats(self, n: int, eps: float, seed: int) -> dict:
+        """{task: per-layer NormStats} every silo releases for this pass."""
+        out = {}
+        for i, task in enumerate(self.lib.names):
+            if math.isinf(eps):  # the ordinary release on the same n examples
+                out[task] = calibrate(self.ctx["model"], self.ctx["tok"], self.dirs[task], self.examples(task, n),
+                                      seed=SEED, progress=False, centroids=False)
+                continue
+            g = DPConfig(eps, DELTA, self.clip(task), clip_rule=f"largest row norm on {PUBLIC_N} public examples "
+                         f"of {public_task(task, self.lib.names)}").guarantee(n)
+            gen = torch.Generator().manual_seed(1000 * seed + i)  # the study's repeats (a real release: OS entropy)
+            out[task] = dp_release(self.sums(task, n), g, gen)[0]
+        return out
+
+
+def run(ctx: dict, commit: bool) -> None:
+    lib = LoraLibrary.load(ctx["library"])
+    silos = Silos(ctx, lib)
+    cfg = EvalConfig(tasks=lib.names, max_eval=EVAL_N, noise=(), model=ctx["name"], methods=("seqr",))
+    data = load_data(cfg.tasks, cfg.split, data_dir=ctx["data"], max_eval=EVAL_N, seed=cfg.seed)
+    out = Path(ctx["out"])
+    for n, eps, seed in plan():
+        name = label(n, eps, seed)
+        if f"{name} seqr" in finished_passes(out / files.EVAL_RESULTS):
+            continue
+        print(f"[dp-price] {name}", file=sys.stderr, flush=True)
+        evaluate(ctx["model"], ctx["tok"], {name: lib.with_stats(silos.stats(n, eps, seed))}, data, cfg,
+                 out_dir=out)
+        if commit:
+            commit_only(out / files.EVAL_RESULTS, f"Issue 33: price of privacy, {name} seqr pass")
+
+
+# ---------------------------------------------------------------------------------------------- report
+STEPS = Path("docs/results/paper_library/steps")
+
+
+def summarise(doc: dict, steps: dict) -> dict:
+    """{n: {eps: {"norm", "ci", "seeds": [norm per seed], "own"}}}: SEQR's accuracy over the steps stage's final
+    oracle (same examples, checked), averaged over the tasks and the seeds; the 95% bootstrap interval resamples
+    the examples (the seeds averaged within each draw)."""
+    from seqr.eval import bootstrap, report as er
+
+    for t in er.tasks(doc):
+        if doc["examples"][t]["ids"] != steps["examples"][t]["ids"]:
+            raise ValueError(f"task {t!r}: the DP passes and the steps stage evaluated different examples")
+    oracle_entry, idx, out = steps["libraries"]["final"], bootstrap.resample(steps), {}
+    groups: dict = {}
+    for lb, e in doc["libraries"].items():
+        kv = dict(part.split("=") for part in lb.split())
+        groups.setdefault((int(kv["n"]), float(kv["eps"])), []).append(e["methods"]["seqr"])
+    ts = er.tasks(doc)
+    for (n, eps), passes in sorted(groups.items()):
+        norms = []
+        for res in passes:
+            entry = {**oracle_entry, "methods": {**oracle_entry["methods"], "_dp": res}}
+            norms.append(sum(er.normalised(steps, entry, "_dp", t) for t in ts) / len(ts))
+        draws = bootstrap.norm_draws(steps, oracle_entry, passes, idx)
+        own = [er.pass_own_share(r, ts) for r in passes]
+        out.setdefault(n, {})[eps] = {"norm": sum(norms) / len(norms), "seeds": norms,
+                                      "ci": bootstrap.interval(draws["avg"], bootstrap.LEVEL),
+                                      "own": sum(own) / len(own)}
+    return out
+
+
+def report(out: Path) -> Path:
+    from seqr.eval import plots, report as er
+
+    doc = files.read_json(out / files.EVAL_RESULTS, "price-of-privacy results")
+    steps = files.read_json(STEPS / files.EVAL_RESULTS, "steps results")
+    res = summarise(doc, steps)
+    files.atomic_write_json(out / "summary.json", {str(n): {("inf" if math.isinf(e) else f"{e:g}"): v
+                                                            for e, v in r.items()} for n, r in res.items()})
+    final = steps["libraries"]["final"]
+    noise = er.noise_summary({**steps, "libraries": {"shared-0": final}}) if final.get("noise") else {}
+    fig = plots.privacy(res, noise, out)
+    rows = ["| calibration examples | epsilon | SEQR / oracle % | 95% CI | per seed | own share % |",
+            "|---:|---:|---:|---|---|---:|"]
+    for n, r in res.items():
+        for e, v in r.items():
+            ci = f"{100 * v['ci'][0]:.1f}-{100 * v['ci'][1]:.1f}" if v["ci"] else "-"
+            rows.append(f"| {n} | {'no DP' if math.isinf(e) else f'{e:g}'} | {100 * v['norm']:.1f} | {ci} | "
+                        f"{', '.join(f'{100 * x:.1f}' for x in v['seeds'])} | {100 * v['own']:.1f} |")
+    lines = ["# The price of privacy: SEQR with differentially private calibration", "",
+             f"Paper-budget library, {EVAL_N} dev examples per task (the steps stage's, whose oracle normalises), "
+             f"delta = {DELTA:g}, clip bound from {PUBLIC_N} public examples of another task, centroids withheld. "
+             "Made by `python scripts/dp_price.py`.", "", *rows, "", f"![price of privacy]({fig})", ""]
+    path = out / "report.md"
+    files.atomic_write_bytes(path, "\n".join(lines).encode())
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("stage", nargs="?", choices=("run", "report"), default="run")
+    p.add_argument("--data", default=os.environ.get("SEQR_TASK_DATA"), help="task dir (default $SEQR_TASK_DATA)")
+    p.add_argument("--library", default=str(LIBRARY), help=f"the library (default {LIBRARY})")
+    p.add_argument("--out", default=str(OUT), help=f"results (default {OUT})")
+    p.add_argument("--work", default="runs/dp-price", help="per-silo sums and clip bounds, kept out of git")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="base model")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is available")
+    p.add_argument("--commit", action="store_true", help="git commit every finished pass at once")
+    a = p.parse_args(argv)
+    if a.stage == "report":
+        print(report(Path(a.out)))
+        return 0
+    if not a.data or not Path(a.data).is_dir():
+        p.error(f"--data / $SEQR_TASK_DATA must name the task directory, got {a.data!r}")
+    if not (Path(a.library) / files.MANIFEST).exists():
+        p.error(f"--library {a.library}: no library there")
+    try:
+        device = device_of(a.device)
+    except ValueError as e:
+        p.error(str(e))
+    model, tok = load_model(a.model, dtype="float32", device=device)
+    run({"model": model, "tok": tok, "data": a.data, "name": a.model, "library": a.library, "out": a.out,
+         "work": a.work}, a.commit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

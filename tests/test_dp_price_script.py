@@ -1,0 +1,60 @@
+"""scripts/dp_price.py on the tiny paper library: each (examples, epsilon, seed) pass runs once and resumes, the
+released stats carry their guarantee and differ by seed, and the report normalises by the steps stage's oracle."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from seqr.store import files
+from test_paper_scripts import _args, _script, pe, pl, setup  # noqa: F401 (module fixture)
+
+dp = _script("dp_price")
+
+
+def test_price_of_privacy_passes_stats_and_report(setup, tmp_path, monkeypatch):  # noqa: F811
+    if not (setup / "art" / files.MANIFEST).exists():
+        monkeypatch.setattr(pl, "OLD_SWEEPS", setup / "none.json")
+        pl.main(_args(setup))
+    monkeypatch.setattr(pe, "STEPS", (1, 2))
+    monkeypatch.setattr(pe, "NOISE_N", 4)
+    steps_out = tmp_path / "ev"
+    base = ["--data", str(setup / "data"), "--model", str(setup / "model"), "--library", str(setup / "art")]
+    assert pe.main(base + ["--out", str(steps_out), "--stage", "steps"]) == 0
+    for name, value in (("SIZES", (12,)), ("EPSILONS", (1.0,)), ("SEEDS", (0, 1)), ("EVAL_N", 4), ("PUBLIC_N", 4),
+                        ("STEPS", steps_out / "steps")):
+        monkeypatch.setattr(dp, name, value)
+    args = base + ["--out", str(tmp_path / "dp"), "--work", str(tmp_path / "work")]
+    assert dp.main(args) == 0
+    doc = json.loads((tmp_path / "dp" / files.EVAL_RESULTS).read_text())
+    assert set(doc["libraries"]) == {"n=12 eps=inf seed=0", "n=12 eps=1 seed=0", "n=12 eps=1 seed=1"}
+    assert all(list(e["methods"]) == ["seqr"] for e in doc["libraries"].values())
+
+    from seqr import LoraLibrary
+    from seqr.hf.models import load_model
+
+    model, tok = load_model(str(setup / "model"), dtype="float32")
+    silos = dp.Silos({"model": model, "tok": tok, "data": str(setup / "data"), "work": tmp_path / "work"},
+                     LoraLibrary.load(setup / "art"))
+    s0, s1, plain = silos.stats(12, 1.0, 0), silos.stats(12, 1.0, 1), silos.stats(12, math.inf, 0)
+    layer = next(iter(s0["sst2"]))
+    g = s0["sst2"][layer].privacy
+    assert (g.epsilon, g.delta, g.examples, g.centroid_clip) == (1.0, 1e-5, 12, None) and "public" in g.clip_rule
+    assert s0["sst2"][layer].mean != s1["sst2"][layer].mean  # another seed, other noise
+    assert silos.stats(12, 1.0, 0)["sst2"][layer].mean == s0["sst2"][layer].mean  # seeded: the pass repeats
+    assert plain["sst2"][layer].privacy is None and plain["sst2"][layer].count > 12  # per token, no DP
+
+    import seqr.eval.evaluate
+
+    boom = lambda *a, **k: (_ for _ in ()).throw(AssertionError("should have been reused"))  # noqa: E731
+    monkeypatch.setattr(seqr.eval.evaluate, "run_pass", boom)
+    assert dp.main(args) == 0  # every pass stored: nothing evaluated again
+    assert dp.main(["report", "--out", str(tmp_path / "dp")]) == 0
+    summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    assert set(summary["12"]) == {"inf", "1"} and len(summary["12"]["1"]["seeds"]) == 2
+    assert summary["12"]["1"]["norm"] == pytest.approx(sum(summary["12"]["1"]["seeds"]) / 2)
+    assert (tmp_path / "dp" / "privacy.png").stat().st_size > 1000
+    with pytest.raises(SystemExit) as e:
+        dp.main(["--data", str(tmp_path / "nowhere")])
+    assert e.value.code == 2
