@@ -201,6 +201,40 @@ def test_request_granularity_serves_each_request_through_vllms_own_lora(files, r
         eng.close()
 
 
+def test_prefix_cache_never_reuses_keys_across_a_library_change(files, tmp_path):
+    """vLLM's prefix caching is on: a long prompt asked again after a recalibration that changes its routing must
+    give the tokens of the new library (the transformers path with the new stats), not reuse the old keys."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from seqr import NormStats
+
+    root, model_dir, lib_dir = files
+    shutil.copytree(lib_dir, tmp_path / "lib")
+    eng = VllmEngine(model_dir, LoraLibrary.load(tmp_path / "lib"), method="seqr", dtype="float32", max_batch=4,
+                     max_model_len=512, work_dir=tmp_path / "work", set_capacity=16)
+    assert eng.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching  # vLLM's default
+    block = eng.llm.llm_engine.vllm_config.cache_config.block_size  # 128 on CPU
+    prompt = [(7 * i + 3) % 250 for i in range(block + 40)]  # a full KV block: cacheable
+    allowed = {"alpha", "beta", "gamma"}
+    ask = lambda: eng.submit(Request(prompt, allowed, max_tokens=6, ignore_eos=True)).result(timeout=120)  # noqa: E731
+    try:
+        first = ask()
+
+        def recalibrate(lib):  # beta's mu far below its norms: its z-scores win wherever it is allowed
+            lib.set_stats("beta", {layer: NormStats(count=30, mean=-1e4, m2=30.0) for layer in lib.layers})
+        eng.call(lambda e: e.change(recalibrate)).result(timeout=120)
+        second = ask()
+    finally:
+        eng.close()
+    ref = attach(AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval(),
+                 LoraLibrary.load(tmp_path / "lib"), method="seqr")
+    _, greedy, counts = _reference_row(ref, prompt, allowed, second.tokens)
+    assert second.tokens == greedy and set(counts) == {"beta"}  # the new routing, all the way through
+    assert second.tokens != first.tokens
+
+
 def test_bfloat16_within_stated_tolerance(files, reference):
     eng = _engine(files, "bfloat16")
     try:

@@ -9,6 +9,7 @@ with the changed library (a removed adapter is out of every token's choices from
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import queue
@@ -84,6 +85,7 @@ class VllmEngine:
         self._ids = itertools.count()
         self._live: dict[str, tuple] = {}  # id -> (request, future, tokens, (shares, manifest at its start))
         self._closed = False
+        self._state = 0  # library changes applied by this engine (part of every request's cache salt)
         self._thread = threading.Thread(target=self._run, name="seqr-vllm-engine", daemon=True)
         self._thread.start()
 
@@ -110,6 +112,7 @@ class VllmEngine:
         finally:
             self._names = frozenset(self.library.names)
             self.manifests.clear()
+            self._state += 1  # a new cache salt: no prefix computed before the change is reused after it
             if self.router is not None:
                 self.router.sync(self.library)
             else:
@@ -183,12 +186,19 @@ class VllmEngine:
                                 detokenize=False)
         rid = f"seqr-{next(self._ids)}"
         try:
-            self.llm.llm_engine.add_request(rid, {"prompt_token_ids": list(request.prompt)}, params,
-                                            lora_request=LoRARequest(name, lora_id, path))
+            prompt = {"prompt_token_ids": list(request.prompt), "cache_salt": self._salt(request.allowed)}
+            self.llm.llm_engine.add_request(rid, prompt, params, lora_request=LoRARequest(name, lora_id, path))
         except Exception as e:
             fut.set_exception(e)
             return
         self._live[rid] = (request, fut, [], (routed, self.manifests.of(self.library, request.allowed)))
+
+    def _salt(self, allowed) -> str:
+        """vLLM's prefix-cache salt of a request: its allowed set and the library state (generation and this
+        engine's change count), so cached keys are reused only by requests routed among the same adapters of the
+        same library (per-token routing makes the keys depend on both; the LoRA name carries the set too)."""
+        sets = hashlib.sha256(json.dumps(sorted(allowed)).encode()).hexdigest()[:16]
+        return f"seqr-{sets}-g{self.library.generation}-c{self._state}"
 
     def _lora_of(self, request: Request) -> tuple[dict, tuple[str, int, str]]:
         """(the request's routing shares as far as known here, the LoRA vLLM serves it with)."""
