@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from seqr.eval.evaluate import EvalConfig, evaluate, load_data
-from seqr.hf.models import device_of, load_model
+from seqr.hf.models import load_model
 from seqr.silo.calibrate import calibrate
 from seqr.silo.private import dp_release, dp_sums, public_clip
 from seqr.silo.tasks import load_task
@@ -35,7 +35,7 @@ from seqr.store.library import LoraLibrary
 from seqr.core.privacy import DPConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gitstore import commit_only  # noqa: E402
+from longrun import commit_only, data_and_device  # noqa: E402
 from paper_eval import finished_passes  # noqa: E402
 
 LIBRARY = Path("artifacts/paper-library")
@@ -198,14 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.stage == "report":
         print(report(Path(a.out)))
         return 0
-    if not a.data or not Path(a.data).is_dir():
-        p.error(f"--data / $SEQR_TASK_DATA must name the task directory, got {a.data!r}")
+    device = data_and_device(p, a)
     if not (Path(a.library) / files.MANIFEST).exists():
         p.error(f"--library {a.library}: no library there")
-    try:
-        device = device_of(a.device)
-    except ValueError as e:
-        p.error(str(e))
     model, tok = load_model(a.model, dtype="float32", device=device)
     run({"model": model, "tok": tok, "data": a.data, "name": a.model, "library": a.library, "out": a.out,
          "work": a.work}, a.commit)

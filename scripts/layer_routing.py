@@ -20,14 +20,14 @@ from pathlib import Path
 
 from seqr.eval import plots, study
 from seqr.eval.evaluate import EvalConfig, evaluate, load_data
-from seqr.hf.models import device_of, load_model
+from seqr.hf.models import load_model
 from seqr.silo.tasks import load_task
 from seqr.silo.train import train
 from seqr.store import files
 from seqr.store.library import LoraLibrary
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gitstore import commit_only  # noqa: E402
+from longrun import commit_only, data_and_device  # noqa: E402
 from paper_eval import finished_passes  # noqa: E402
 from paper_library import MODEL, SEED, add_to_library, calibrated, recipe  # noqa: E402
 
@@ -127,12 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.stage == "report":
         print(report())
         return 0
-    if not a.data or not Path(a.data).is_dir():
-        p.error(f"--data / $SEQR_TASK_DATA must name the task directory, got {a.data!r}")
-    try:
-        device = device_of(a.device)
-    except ValueError as e:
-        p.error(str(e))
+    device = data_and_device(p, a)
     ctx = {"data": a.data, "name": a.model, "art": ARTIFACTS, "work": Path(a.work)}
 
     def commit(message: str, paths: list[Path]) -> None:

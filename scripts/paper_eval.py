@@ -22,12 +22,12 @@ import sys
 from pathlib import Path
 
 from seqr.eval.evaluate import EvalConfig, evaluate, load_data
-from seqr.hf.models import device_of, load_model
+from seqr.hf.models import load_model
 from seqr.store import files
 from seqr.store.library import LoraLibrary
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gitstore import commit_only  # noqa: E402
+from longrun import commit_only, data_and_device  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 LIBRARY = Path("artifacts/paper-library")
@@ -101,18 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", action="store_true", help="git commit every finished pass at once")
     p.add_argument("--allow-partial", action="store_true", help="evaluate the default library before all ten are in")
     a = p.parse_args(argv)
-    if not a.data or not Path(a.data).is_dir():
-        p.error(f"--data / $SEQR_TASK_DATA must name the task directory, got {a.data!r}")
+    device = data_and_device(p, a)
     if not (Path(a.library) / files.MANIFEST).exists():
         p.error(f"--library {a.library}: no library there yet (scripts/paper_library.py builds it)")
     held = LoraLibrary.load(a.library).names
     if a.library == str(LIBRARY) and set(held) != set(TASKS) and not a.allow_partial:
         p.error(f"--library {a.library} holds {len(held)} of the {len(TASKS)} tasks ({sorted(held)}); finish "
                 f"scripts/paper_library.py first (every pass's fingerprint changes with each added adapter)")
-    try:
-        device = device_of(a.device)
-    except ValueError as e:
-        p.error(str(e))
     model, tok = load_model(a.model, dtype="float32", device=device)
     for stage in STAGES if a.stage == "all" else (a.stage,):
         run_stage(stage, a, model, tok)

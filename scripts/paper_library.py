@@ -34,13 +34,13 @@ from seqr.store import files
 from seqr.store.library import LoraLibrary
 from seqr.silo.calibrate import calibrate
 from seqr.hf.dtypes import key_cpu_flags, name as dtype_name
-from seqr.hf.models import device_of, load_model
+from seqr.hf.models import load_model
 from seqr.hf.choices import choice_logprobs
 from seqr.silo.tasks import load_task
 from seqr.silo.train import Session, TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gitstore import commit_only  # noqa: E402
+from longrun import commit_only, data_and_device  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 TASKS = ("agnews", "cola", "dbpedia", "hellaswag", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2")
@@ -291,12 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoints", default=",".join(map(str, CHECKPOINTS)),
                    help="steps whose snapshots are kept, comma-separated")
     a = p.parse_args(argv)
-    if not a.data or not Path(a.data).is_dir():
-        p.error(f"--data / $SEQR_TASK_DATA must name the task directory, got {a.data!r}")
-    try:
-        device = device_of(a.device)
-    except ValueError as e:
-        p.error(str(e))
+    device = data_and_device(p, a)
     art = Path(a.artifacts)
     done = done_tasks(art)
     steps = tuple(int(x) for x in a.checkpoints.split(",") if x)

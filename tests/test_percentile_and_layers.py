@@ -211,14 +211,15 @@ def _fixed_step(model, nxt, cache, name, b):
         return model(nxt[b:b + 1], **cache_arg(model, _row(cache, b)), use_cache=True).logits[0, -1]
 
 
+@pytest.mark.parametrize("granularity", ["layers", "request"])
 @torch.no_grad()
-def test_layers_granularity_through_score_choices_equals_one_example_at_a_time(tok, model, tmp_path):
-    """choice_logprobs batches examples and regroups the prompt's cache per choice; each example alone (batch 1)
-    must give the same log-likelihoods."""
+def test_probing_granularities_through_score_choices_equal_one_example_at_a_time(tok, model, tmp_path, granularity):
+    """choice_logprobs batches examples and regroups the prompt's cache per choice (a request-level choice follows
+    its rows); each example alone (batch 1) must give the same log-likelihoods."""
     clib, exs = chat_library(tok, tmp_path, seed=2), CHOICE_EXAMPLES
     seqr.attach(model, clib)
     try:
-        with seqr.routing(model, "seqr", granularity="layers"):
+        with seqr.routing(model, "seqr", granularity=granularity):
             batched = choice_logprobs(model, tok, exs, batch_size=5, progress=False)
             alone = [choice_logprobs(model, tok, [e], batch_size=1, progress=False)[0] for e in exs]
         token = choice_logprobs(model, tok, exs, batch_size=5, progress=False)

@@ -4,17 +4,15 @@ routed layers; checked against a float64 two-pass brute force on a plain tiny Ll
 path it must reduce to, and for what it costs (routed-layer calls counted)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache
 
 import seqr
-from seqr.hf.choices import choice_logprobs
 from seqr.hf.compat import cache_arg, returned_cache
 from seqr.hf.granularity import probed_layers
 from peft_factory import random_stats, adapter_library, tiny_llama
-from test_routing_variants import ATOL, CHOICE_EXAMPLES, NAMES, _dense_z, _ids, chat_library
+from test_routing_variants import ATOL, NAMES, _dense_z, _ids
 
 
 @pytest.fixture(scope="module")
@@ -146,21 +144,6 @@ def test_layers_granularity_with_a_shortened_probe_equals_its_brute_force(lib, d
     assert calls["calls"] == len(lib.layers) + probed_layers(len(lib.layers), depth)
     want, _ = _probe_reference(lib, "layers", depth)(ids)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-4)
-
-
-@torch.no_grad()
-def test_request_granularity_through_choice_scores_equals_one_example_at_a_time(tok, model, tmp_path):
-    """choice_logprobs regroups the prompt's cache per choice: the answers keep their own prompt's adapter."""
-    clib, exs = chat_library(tok, tmp_path, seed=3), CHOICE_EXAMPLES
-    seqr.attach(model, clib)
-    try:
-        with seqr.routing(model, "seqr", granularity="request"):
-            batched = choice_logprobs(model, tok, exs, batch_size=5, progress=False)
-            alone = [choice_logprobs(model, tok, [e], batch_size=1, progress=False)[0] for e in exs]
-    finally:
-        seqr.detach(model)
-    for b, a in zip(batched, alone):
-        np.testing.assert_allclose(b, a, atol=1e-3)
 
 
 @pytest.mark.parametrize("kw,match", [({"granularity": "request", "probe_depth": 0}, "probe_depth must be"),

@@ -21,6 +21,7 @@ from vllm.lora.request import LoRARequest  # noqa: E402
 from seqr import LoraLibrary  # noqa: E402
 from seqr.hf.generation import Request  # noqa: E402
 from seqr.hf.layers import attach, routing  # noqa: E402
+from seqr.hf.layers import detach as seqr_detach  # noqa: E402
 from seqr.serve.vllm_engine import VllmEngine  # noqa: E402
 from vllm_tiny import model_and_library  # noqa: E402
 
@@ -201,9 +202,11 @@ def test_request_granularity_serves_each_request_through_vllms_own_lora(files, r
         eng.close()
 
 
-def test_prefix_cache_never_reuses_keys_across_a_library_change(files, tmp_path):
-    """vLLM's prefix caching is on: a long prompt asked again after a recalibration that changes its routing must
-    give the tokens of the new library (the transformers path with the new stats), not reuse the old keys."""
+def test_prefix_cache_and_requests_in_flight_see_one_library_whole(files, tmp_path):
+    """vLLM's prefix caching is on. A long request in flight when a recalibration arrives finishes with the old
+    library all the way (the change waits for it); the same long prompt asked after the change gives the tokens of
+    the new library (the transformers path with the new stats), not the keys cached under the old one; and another
+    user's set gets its own routing of the same prompt."""
     import shutil
 
     from transformers import AutoModelForCausalLM
@@ -218,21 +221,28 @@ def test_prefix_cache_never_reuses_keys_across_a_library_change(files, tmp_path)
     block = eng.llm.llm_engine.vllm_config.cache_config.block_size  # 128 on CPU
     prompt = [(7 * i + 3) % 250 for i in range(block + 40)]  # a full KV block: cacheable
     allowed = {"alpha", "beta", "gamma"}
-    ask = lambda: eng.submit(Request(prompt, allowed, max_tokens=6, ignore_eos=True)).result(timeout=120)  # noqa: E731
+    ask = lambda s, n=6: eng.submit(Request(prompt, s, max_tokens=n, ignore_eos=True))  # noqa: E731
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
     try:
-        first = ask()
+        first = ask(allowed).result(timeout=120)
+        old = attach(model, LoraLibrary.load(tmp_path / "lib"), method="seqr")
+        assert first.tokens == _reference_row(old, prompt, allowed, first.tokens)[1]
+        long = ask(allowed, 40)
+        time.sleep(0.5)  # in flight when the change arrives
 
         def recalibrate(lib):  # beta's mu far below its norms: its z-scores win wherever it is allowed
             lib.set_stats("beta", {layer: NormStats(count=30, mean=-1e4, m2=30.0) for layer in lib.layers})
-        eng.call(lambda e: e.change(recalibrate)).result(timeout=120)
-        second = ask()
+        eng.call(lambda e: e.change(recalibrate)).result(timeout=300)
+        in_flight = long.result(timeout=10)
+        assert in_flight.tokens == _reference_row(old, prompt, allowed, in_flight.tokens)[1]  # the old library, whole
+        second, other = ask(allowed).result(timeout=120), ask({"alpha", "gamma"}).result(timeout=120)
     finally:
         eng.close()
-    ref = attach(AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval(),
-                 LoraLibrary.load(tmp_path / "lib"), method="seqr")
-    _, greedy, counts = _reference_row(ref, prompt, allowed, second.tokens)
+    new = attach(seqr_detach(model), LoraLibrary.load(tmp_path / "lib"), method="seqr")
+    _, greedy, counts = _reference_row(new, prompt, allowed, second.tokens)
     assert second.tokens == greedy and set(counts) == {"beta"}  # the new routing, all the way through
     assert second.tokens != first.tokens
+    assert other.tokens == _reference_row(new, prompt, {"alpha", "gamma"}, other.tokens)[1]
 
 
 def test_bfloat16_within_stated_tolerance(files, reference):

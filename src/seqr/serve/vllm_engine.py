@@ -3,9 +3,9 @@
 vLLM's engine runs on one loop thread here: requests are added to it as they arrive and every `step()` runs
 one continuously batched forward over all live requests (paged KV cache), each token routed per layer among its
 own request's adapters (seqr/vllm/model.py). A request's allowed set travels as its LoRA request: the set adapter
-of seqr/vllm/sets.py. Library changes run on the loop thread between steps: the library is changed on disk, then
-every vLLM worker reloads it (`collective_rpc("seqr_reload")`) before the next step; requests in flight go on
-with the changed library (a removed adapter is out of every token's choices from that step on).
+of seqr/vllm/sets.py. Library changes run on the loop thread once the requests in flight have finished (new ones
+wait behind the change): the library is changed on disk, then every vLLM worker reloads it
+(`collective_rpc("seqr_reload")`); every request is generated with one library, whole.
 """
 from __future__ import annotations
 
@@ -139,11 +139,14 @@ class VllmEngine:
 
     # ------------------------------------------------------------------------------------------ loop
     def _run(self) -> None:
-        engine = self.llm.llm_engine
+        """Add requests as they come and step vLLM. A call (a library change) waits until the requests in flight
+        have finished, new requests wait behind it: each request is generated with one library, the old or the
+        new, whole, as in the embedded engine, whose changes run between batches."""
+        engine, calls, held = self.llm.llm_engine, [], []
         while True:
             busy = engine.has_unfinished_requests()
             try:
-                jobs = [self._q.get(block=not busy)] if not busy else []
+                jobs = [self._q.get(block=not busy and not calls)] if not busy and not calls else []
                 while True:
                     jobs.append(self._q.get_nowait())
             except queue.Empty:
@@ -153,20 +156,31 @@ class VllmEngine:
                     self._abort_all()
                     return
                 if kind == "call":
-                    Engine._resolve(fut, item, self)
+                    calls.append((item, fut))
+                elif calls:
+                    held.append((item, fut))  # after the pending change
                 else:
                     self._add(item, fut)
             self._cancel_gone()
+            if calls and not engine.has_unfinished_requests():
+                for fn, fut in calls:
+                    Engine._resolve(fut, fn, self)
+                for item, fut in held:
+                    self._add(item, fut)
+                calls, held = [], []
             if engine.has_unfinished_requests():
-                try:
-                    outputs = engine.step()
-                except Exception as e:  # the engine failed: every live request gets the error
-                    for rid, (_, fut, *_) in list(self._live.items()):
-                        fut.set_exception(e)
-                    self._live.clear()
-                    continue
-                for out in outputs:
-                    self._deliver(out)
+                self._step(engine)
+
+    def _step(self, engine) -> None:
+        try:
+            outputs = engine.step()
+        except Exception as e:  # the engine failed: every live request gets the error
+            for rid, (_, fut, *_) in list(self._live.items()):
+                fut.set_exception(e)
+            self._live.clear()
+            return
+        for out in outputs:
+            self._deliver(out)
 
     def _add(self, request: Request, fut: Future) -> None:
         from vllm import SamplingParams
