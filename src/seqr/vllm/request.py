@@ -59,10 +59,10 @@ class RequestRouter:
 
     def sync(self, library: LoraLibrary) -> None:
         """Route over `library` from now on: re-attach the probe model, export new or changed adapters."""
-        from seqr.hf.layers import attach, detach
+        from seqr.hf.layers import STATE_ATTR, attach, detach
 
         with self._lock:
-            if hasattr(self.model, "_seqr_state"):
+            if hasattr(self.model, STATE_ATTR):
                 detach(self.model)
             attach(self.model, library, method=self.method, granularity="request", probe_depth=self.probe_depth)
             loras = {}
