@@ -242,7 +242,7 @@ def variants(main: dict, study: dict, out: Path, label: str = "shared-0") -> str
     axes[0].invert_yaxis()
     for ax in axes:
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("routing variants (orange) against the main methods (blue), full dev splits")
+    fig.suptitle("routing variants (orange) against the main methods (blue), on the same examples")
     fig.tight_layout()
     return save_png(fig, out, "variants.png")
 
