@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from seqr.eval import plots, study
+from seqr.eval import report as er
 from seqr.eval.evaluate import EvalConfig, evaluate, load_data
 from seqr.hf.models import load_model
 from seqr.silo.tasks import load_task
@@ -101,18 +102,9 @@ def study_table(res: dict) -> list[str]:
     """One row per variant: normalised accuracy (CI), on the learned tasks only, own share, sign tests."""
     if not res:
         return ["No variant pass yet."]
-    vs = next(iter(res.values()))["vs"]
-    others = ["seqr"] + [k for k in vs if k not in ("seqr", "base", "oracle")] + ["oracle"]
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    head = ["variant", "normalised %", "95% CI", "learned tasks only %", "own share %", *[f"vs {k}" for k in others]]
-    rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for v, r in res.items():
-        ci = f"{100 * r['ci'][0]:.1f}-{100 * r['ci'][1]:.1f}" if r["ci"] else "-"
-        tests = [f"+{r['vs'][k]['only_variant']}/-{r['vs'][k]['only_other']} (p={r['vs'][k]['p']:.2g})"
-                 for k in others]
-        rows.append("| " + " | ".join([v, pct(r["norm"]), ci, pct(r["norm_learned"]), pct(r["own"]), *tests]) + " |")
     n = len(next(iter(res.values()))["learned_tasks"])
-    return rows + ["", f"'learned tasks only': the {n} tasks whose own adapter beats the untouched model.", ""]
+    return er.variants_table(res) + ["", f"'learned tasks only': the {n} tasks whose own adapter beats the untouched "
+                                         "model.", ""]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,10 +27,6 @@ def load(out: Path, stage: str) -> dict | None:
     return files.read_json(f, f"{stage} results") if f.exists() else None
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
 def _table(header: list[str], rows: list[list]) -> list[str]:
     return er._table(header, [[str(c) for c in r] for r in rows]) + [""]
 
@@ -93,22 +89,12 @@ def variants_lines(main: dict, variants: dict, out: Path) -> tuple[list[str], di
     if not res:
         return [], {}
     fig = plots.variants(main, res, out, LABEL)
-    vs = next(iter(res.values()))["vs"]
-    others = ["seqr"] + [k for k in vs if k not in ("seqr", "base", "oracle")] + ["oracle"]
-    rows = []
-    for v, r in res.items():
-        ci = f"{100 * r['ci'][0]:.1f}-{100 * r['ci'][1]:.1f}" if r["ci"] else "-"
-        rows.append([v, _pct(r["norm"]), ci, _pct(r["norm_learned"]), _pct(r["own"])]
-                    + [f"+{c['only_variant']}/-{c['only_other']} (p={c['p']:.2g})"
-                       for c in (r["vs"][k] for k in others)])
     n_learned = len(next(iter(res.values()))["learned_tasks"])
     return (["## Routing variants on the full dev splits (item 7)", "",
              "SEQR with one routing setting changed, against every method of the main stage on the same examples: "
              "+a/-b counts the examples only the variant / only the other method answers right, with the exact "
              f"sign-test p. 'learned tasks': the {n_learned} tasks whose own adapter beats the untouched model.", ""]
-            + _table(["variant", "normalised %", "95% CI", "on learned tasks %", "own share %",
-                      *[f"vs {k}" for k in others]], rows)
-            + ([f"![variants]({fig})", ""] if fig else []), res)
+            + er.variants_table(res) + [""] + ([f"![variants]({fig})", ""] if fig else []), res)
 
 
 def steps_lines(doc: dict, final_steps: int, out: Path) -> tuple[list[str], dict]:

@@ -28,7 +28,7 @@ from seqr.hf.dtypes import add_arg as add_dtype_arg
 from seqr.hf.dtypes import say_choice
 from seqr.hf.dtypes import name as dtype_name
 from seqr.silo.calibrate import add_noise, parse_calibration, recalibrated
-from seqr.hf.granularity import PROBED
+from seqr.hf.granularity import check_probe_depth
 from seqr.hf.layers import GRANULARITIES, attach, detach, routing
 from seqr.hf.models import add_device_arg, parse_device
 from seqr.store.library import LoraLibrary
@@ -97,11 +97,7 @@ class EvalConfig:
             raise ValueError(f"mix is per token; it cannot be combined with granularity {self.granularity!r}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
-        if isinstance(self.probe_depth, bool) or not isinstance(self.probe_depth, (int, float)) \
-                or not 0 < self.probe_depth <= 1:
-            raise ValueError(f"probe_depth must be a share of the routed layers in (0, 1], got {self.probe_depth!r}")
-        if self.probe_depth != 1 and self.granularity not in PROBED:
-            raise ValueError(f"probe_depth applies to the granularities {PROBED}, not {self.granularity!r}")
+        check_probe_depth(self.probe_depth, self.granularity)
         if self.calibration is not None:
             parse_calibration(self.calibration)
         if not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):

@@ -226,6 +226,20 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def variants_table(res: dict) -> list[str]:
+    """`seqr.eval.study.variants`' result as a Markdown table: per variant its normalised accuracy, 95% bootstrap
+    interval, the same over the learned tasks only, own-adapter share, and its paired sign test against each main
+    method (+examples only the variant answers right / -only the other, p)."""
+    vs = next(iter(res.values()))["vs"]
+    others = ["seqr"] + [k for k in vs if k not in ("seqr", "base", "oracle")] + ["oracle"]
+    one = lambda v: _pct(None if v is None else (v, None))  # noqa: E731
+    rows = [[v, one(r["norm"]), _interval(r["ci"]), one(r["norm_learned"]), one(r["own"]),
+             *(f"+{r['vs'][k]['only_variant']}/-{r['vs'][k]['only_other']} (p={r['vs'][k]['p']:.2g})" for k in others)]
+            for v, r in res.items()]
+    return _table(["variant", "normalised %", "95% CI", "learned tasks only %", "own share %",
+                   *[f"vs {k}" for k in others]], rows)
+
+
 def markdown(doc: dict, figures: list[str] | None = None, intervals: dict | None = None) -> str:
     """The report; `intervals` ({kind: bootstrap.accuracy_intervals}) adds the average's confidence interval."""
     cfg, ts = doc["config"], tasks(doc)

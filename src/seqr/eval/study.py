@@ -102,7 +102,7 @@ def variants(main: dict, other: dict, label: str, key: str = "seqr") -> dict:
         norm = {t: er.normalised(main, merged, "_variant", t) for t in ts}
         draws = bootstrap.norm_draws(main, entry, [res], idx)
         vs = {}
-        for other_key in [*er.method_keys(main, "shared")]:
+        for other_key in er.method_keys(main, "shared"):
             r = er.pass_result(main, entry, other_key)
             a, b = _only_all(res, r, gold, ts)
             vs[other_key] = {"only_variant": a, "only_other": b, "p": sign_test_p(a, b)}

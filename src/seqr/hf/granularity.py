@@ -31,6 +31,15 @@ class _ProbeDone(Exception):
     """Raised inside the probe forward once it has scored the layers it needs (probe_depth < 1)."""
 
 
+def check_probe_depth(probe_depth, granularity: str) -> None:
+    """ValueError naming the value unless `probe_depth` is a share of the routed layers in (0, 1], and below 1 only
+    for a probing granularity."""
+    if isinstance(probe_depth, bool) or not isinstance(probe_depth, (int, float)) or not 0 < probe_depth <= 1:
+        raise ValueError(f"probe_depth must be a share of the routed layers in (0, 1], got {probe_depth!r}")
+    if probe_depth != 1 and granularity not in PROBED:
+        raise ValueError(f"probe_depth applies to the probing granularities {PROBED}, not {granularity!r}")
+
+
 def probed_layers(n_layers: int, probe_depth: float) -> int:
     """How many routed layers (in forward order) the probe scores: at least one."""
     return max(1, math.ceil(probe_depth * n_layers - 1e-9))
@@ -41,6 +50,7 @@ def probe(st, model, args, kwargs, past) -> None:
     scores of the first `probed_layers` routed layers, stop there, crop the KV cache back to what it held, and
     leave the decision for the real forward: per token (st.shared) or per row (st.sticky[REQUEST])."""
     before = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else None
+    st.probe_limit = probed_layers(st.n_layers, st.cfg.probe_depth)
     saved, st.trace, st.probing, st.layer_sum, st.shared, st.probe_calls = st.trace, None, True, None, None, 0
     try:
         with torch.no_grad():

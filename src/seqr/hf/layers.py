@@ -76,7 +76,7 @@ class RoutingState:
         self.layer_sum: torch.Tensor | None = None  # (B*T, N) or (B, N): scores summed over layers by the probe
         self.shared: torch.Tensor | None = None  # (B*T,) the probe's per-token choice, used by every layer
         self.probe_rows = (0, 0)  # (B, T) the probe saw
-        self.probe_calls, self.probe_limit = 0, len(library.layers)  # routed layers the probe scored / will score
+        self.probe_calls, self.probe_limit = 0, len(library.layers)  # routed layers the probe scored / will (gr.probe)
         self.n_layers = len(library.layers)  # routed layers per forward
         self.depth_sum: torch.Tensor | None = None  # (B*T, N) granularity "depth": scores of the layers so far
 
@@ -87,10 +87,7 @@ class RoutingState:
         N, index = len(self.names), {n: i for i, n in enumerate(self.names)}
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if isinstance(probe_depth, bool) or not isinstance(probe_depth, (int, float)) or not 0 < probe_depth <= 1:
-            raise ValueError(f"probe_depth must be a share of the routed layers in (0, 1], got {probe_depth!r}")
-        if probe_depth != 1 and granularity not in gr.PROBED:
-            raise ValueError(f"probe_depth applies to the probing granularities {gr.PROBED}, not {granularity!r}")
+        gr.check_probe_depth(probe_depth, granularity)
         if mix is not None and (isinstance(mix, bool) or not isinstance(mix, int) or not 1 <= mix <= N):
             raise ValueError(f"mix must be an integer in [1, {N}] (adapters mixed per token), got {mix!r}")
         if not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -217,7 +214,6 @@ class RoutingState:
             self.trace.next_step()
         g = self.cfg.granularity
         if g == "layers" or (g == "request" and (self.prefill or gr.REQUEST not in self.sticky)):
-            self.probe_limit = gr.probed_layers(self.n_layers, self.cfg.probe_depth)
             gr.probe(self, module, args, kwargs, past)
 
 
@@ -439,7 +435,6 @@ def request_choices(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     with routing(model, method, allowed=allowed, granularity="request", probe_depth=probe_depth):
         state.prefill, state.sticky = True, {}
         state.attention_mask = attention_mask
-        state.probe_limit = gr.probed_layers(state.n_layers, state.cfg.probe_depth)
         kwargs = {"input_ids": input_ids} if attention_mask is None else {"input_ids": input_ids,
                                                                           "attention_mask": attention_mask}
         gr.probe(state, model, (), kwargs, None)

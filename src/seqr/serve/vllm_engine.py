@@ -146,7 +146,7 @@ class VllmEngine:
         while True:
             busy = engine.has_unfinished_requests()
             try:
-                jobs = [self._q.get(block=not busy and not calls)] if not busy and not calls else []
+                jobs = [self._q.get()] if not busy and not calls else []  # idle: wait for work
                 while True:
                     jobs.append(self._q.get_nowait())
             except queue.Empty:
