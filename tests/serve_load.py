@@ -7,6 +7,14 @@ import time
 import httpx
 
 
+def adapter_in_use(url: str, key: str) -> str:
+    """The adapter `key`'s load requests are served with (seqr's default routes a request to one adapter)."""
+    r = httpx.post(url + "/v1/completions", json={"prompt": "busy", "max_tokens": 3},
+                   headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    (name,) = r.json()["seqr"]["routing"]
+    return name
+
+
 def remove_under_load(url: str, key: str, adapter: str, admin_key: str, *, clients: int = 3, warm_s: float = 1.0):
     """Clients of `key` send completions back to back; after warm_s an admin DELETEs `adapter`; they go on for
     warm_s more. Returns (results [(sent, status, body)], t_sent, removed_at, delete response)."""

@@ -197,8 +197,8 @@ def test_help_lists_every_bench_subcommand_and_the_demo_time_of_the_readme():
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--probe-depth", "0.5"], "--probe-depth must be in (0, 1] and needs --granularity layers or request; got 0.5 "
-                               "with --granularity token"),
+    (["--granularity", "token", "--probe-depth", "0.5"], "--probe-depth must be in (0, 1] and needs --granularity "
+                                                         "layers or request; got 0.5 with --granularity token"),
     (["--granularity", "request", "--probe-depth", "0"], "got 0.0 with --granularity request"),
     (["--granularity", "sentence"], "invalid choice: 'sentence'"),
 ])
@@ -206,3 +206,15 @@ def test_a_bad_routing_mode_of_seqr_serve_is_one_line_before_the_model_loads(ext
     code, lines = run(["serve", files["lib"], "--model", files["model"], "--auth", files["auth"], "--port", "0",
                        *extra], capsys)
     assert_one_line(code, lines, "serve", needle)
+
+
+def test_a_probe_depth_for_a_router_whose_default_is_per_token_is_refused_before_the_model_loads(files, no_model):
+    """Without --granularity the engine takes the router's default: request-level for seqr, per token for the
+    others, where a probe depth means nothing."""
+    from seqr.serve.server import make_engine
+    from seqr.store.library import LoraLibrary
+
+    lib = LoraLibrary.load(files["lib"])
+    with pytest.raises(ValueError, match="probe_depth applies to the probing granularities .* not 'token'"):
+        make_engine("embedded", files["model"], lib, method="arrow", max_batch=1, dtype="float32", max_model_len=64,
+                    probe_depth=0.5)

@@ -37,6 +37,10 @@ def test_demo_runs_end_to_end_then_reuses_every_cached_step(setup, capsys, monke
     lib = doc["libraries"]["shared-0"]
     assert set(lib["methods"]) == {"oracle", "mu", "arrow", "lag@2", "spectr", "seqr"} and doc["base"]
     assert all(r["n"] == 4 for r in lib["methods"]["seqr"]["tasks"].values())
+    default = doc["libraries"]["shared-0 [granularity=request]"]  # the default router's pass, on the same examples
+    assert set(default["methods"]) == {"seqr"} and default["routing"]["granularity"] == "request"
+    assert default["fingerprint"] == lib["fingerprint"] and doc["config"]["granularity"] == "token"
+    assert "## The default router" in cap.out and "SEQR deciding once per request" in cap.out
     assert doc["demo"]["profile"]["tasks"] == ["sst2", "cola"]
     for t in ("sst2", "cola"):
         meta = json.loads((out / "adapters" / t / files.ADAPTER_META).read_text())

@@ -73,7 +73,7 @@ def reference_acc(model, tok, library, examples, route, k=None):
     every example in one call."""
     seqr.attach(model, library, method="base")
     try:
-        with seqr.routing(model, **route, k=k):
+        with seqr.routing(model, **route, k=k, granularity="token"):
             scores = choice_logprobs(model, tok, examples, batch_size=len(examples), progress=False)
     finally:
         seqr.detach(model)
@@ -119,7 +119,7 @@ def test_traced_passes_count_every_real_token_and_layer(doc, tok, library, data)
 
 def test_trace_tally_matches_brute_force_over_the_same_trace(model, tok, library, data):
     """Mean raw norms = ||B_i A x|| recomputed densely from the traced layer inputs; LAG(k) choices by loops."""
-    seqr.attach(model, library, method="seqr")
+    seqr.attach(model, library, method="seqr", granularity="token")
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a, name=name: inputs.setdefault(name, []).append(a[0].detach()))
              for name, m in model.named_modules() if isinstance(m, seqr.hf.layers.RoutedLinear)]
@@ -380,6 +380,19 @@ def test_conclusion_states_what_the_sign_tests_and_shares_say():
              "oracle": res(12), "seqr": res(10, own=7), "mu": res(2), "arrow": res(10, own=5)}}}}
     text = er.markdown(d)
     assert "## Conclusion" in text and "SEQR reaches 83.3% of the oracle's accuracy" in text
-    assert "significantly better than base (p = 0.0039), mu (p = 0.0078)" in text
-    assert "not significantly different from arrow (p = 1)" in text
+    assert "significantly better than base (+9/-0, p = 0.0039), mu (+8/-0, p = 0.0078)" in text
+    assert "not significantly different from arrow (+0/-0, p = 1)" in text
     assert "70.0% of its decisions, against 50.0% by chance (1/2)" in text
+    assert "## The default router" not in text  # no request-level pass in this document
+    d["libraries"]["shared-0 [granularity=request]"] = {  # the demo's default-router pass: right on 0-10
+        "shared_a": True, "adapters": ["a", "b"], "noise": {}, "variant": "granularity=request",
+        "methods": {"seqr": res(11, own=9)}}
+    text = er.markdown(d)
+    head = text[text.index("## The default router"):text.index("## Conclusion")]
+    assert "SEQR deciding once per request" in head and "reaches 91.7% of the oracle's accuracy" in head
+    assert "routes 90.0% of its decisions to the input's own adapter" in head
+    assert "significantly better than base (+10/-0, p = 0.002), mu (+9/-0, p = 0.0039)" in head
+    assert "not significantly different from per-token SEQR (+1/-0, p = 1), arrow (+1/-0, p = 1)" in head
+    lo, hi = (float(x) for x in head.split("95% bootstrap interval ")[1].split(")")[0].split(" – "))
+    assert lo <= 91.7 <= hi and hi <= 100.0  # resampled 12 examples: never above the oracle's every-one-right
+    assert "SEQR per token (the paper) reaches 83.3%" in text

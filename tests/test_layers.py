@@ -85,7 +85,7 @@ def test_base_equals_untouched_and_detach_restores_bit_identical(lib):
 @torch.no_grad()
 def test_seqr_and_naive_make_identical_choices_and_logits(lib):
     ids = _ids(B=4, T=9, seed=1)
-    model = seqr.attach(tiny_llama(), lib)
+    model = seqr.attach(tiny_llama(), lib, granularity="token")
     with seqr.routing(model, "seqr", trace=True) as t_seqr:
         a = _logits(model, ids)
     with seqr.routing(model, "naive", trace=True) as t_naive:
@@ -100,7 +100,7 @@ def test_seqr_and_naive_make_identical_choices_and_logits(lib):
 def test_routed_logits_equal_manual_per_token_reference(lib):
     """Re-run the model layer by layer by hand: each token gets W x + B_i A x with i = brute-force argmax."""
     ids = _ids(B=2, T=5, seed=2)
-    model = seqr.attach(tiny_llama(), lib)
+    model = seqr.attach(tiny_llama(), lib, granularity="token")
     with seqr.routing(model, "seqr"):
         got = _logits(model, ids)
     ref_model = tiny_llama()

@@ -67,7 +67,7 @@ def _percentile_ref(norm: np.ndarray, q: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def test_percentile_score_routes_by_each_adapters_empirical_cdf(qlib):
     ids = _ids(B=3, T=8, seed=7)
-    model = seqr.attach(tiny_llama(), qlib.normalised("percentile"))
+    model = seqr.attach(tiny_llama(), qlib.normalised("percentile"), granularity="token")
     ref = tiny_llama()
     for layer in qlib.layers:
         bank = qlib.bank(layer)
@@ -165,7 +165,7 @@ def _two_pass_reference(lib, allowed_idx=None):
 @torch.no_grad()
 def test_layers_granularity_shares_the_argmax_of_summed_scores_across_layers(qlib, allowed):
     ids = _ids(B=3, T=6, seed=13)
-    model = seqr.attach(tiny_llama(), qlib)
+    model = seqr.attach(tiny_llama(), qlib, granularity="token")
     with seqr.routing(model, "seqr", granularity="layers", allowed=allowed, trace=True) as tr:
         got = model(ids).logits
     idx = None if allowed is None else [qlib.names.index(a) for a in allowed]
@@ -182,7 +182,7 @@ def test_layers_granularity_leaves_the_kv_cache_as_one_forward_would(qlib):
     """With a cache, the probe's keys are cropped off again, and a decode step routes its token by the sum of the
     scores a per-token forward of that token would see (checked through the public API on cache copies)."""
     ids = _ids(B=2, T=5, seed=17)
-    model = seqr.attach(tiny_llama(), qlib)
+    model = seqr.attach(tiny_llama(), qlib, granularity="token")
     with seqr.routing(model, "seqr", granularity="layers"):
         out = model(ids, use_cache=True)
         assert returned_cache(out).get_seq_length() == 5
@@ -217,7 +217,7 @@ def test_probing_granularities_through_score_choices_equal_one_example_at_a_time
     """choice_logprobs batches examples and regroups the prompt's cache per choice (a request-level choice follows
     its rows); each example alone (batch 1) must give the same log-likelihoods."""
     clib, exs = chat_library(tok, tmp_path, seed=2), CHOICE_EXAMPLES
-    seqr.attach(model, clib)
+    seqr.attach(model, clib, granularity="token")
     try:
         with seqr.routing(model, "seqr", granularity=granularity):
             batched = choice_logprobs(model, tok, exs, batch_size=5, progress=False)

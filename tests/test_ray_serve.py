@@ -15,7 +15,7 @@ openai = pytest.importorskip("openai")
 from seqr import LoraLibrary  # noqa: E402
 from seqr.bench.serve import launch, stop  # noqa: E402
 from seqr.serve.ray_serve import Coordinator  # noqa: E402
-from serve_load import remove_under_load  # noqa: E402
+from serve_load import adapter_in_use, remove_under_load  # noqa: E402
 from tiny_chat import saved_model_and_library  # noqa: E402
 
 NAMES = ["alpha", "beta", "gamma"]
@@ -180,15 +180,16 @@ def test_admin_changes_reach_every_replica_before_they_return(ray_server):
 
 def test_removal_under_load_is_final_on_every_replica(ray_server):
     url, tmp = ray_server
-    results, t_sent, removed_at, r = remove_under_load(url, "sk-frank-0001", "beta", "sk-admin-0001", warm_s=2.0)
-    assert r.status_code == 200 and "beta" not in r.json()["adapters"]
+    used = adapter_in_use(url, "sk-frank-0001")  # the one adapter frank's requests are routed to
+    results, t_sent, removed_at, r = remove_under_load(url, "sk-frank-0001", used, "sk-admin-0001", warm_s=2.0)
+    assert r.status_code == 200 and used not in r.json()["adapters"]
     assert results and all(code == 200 for _, code, _ in results)  # no request failed
     before = [b for sent, _, b in results if sent < t_sent]
     after = [b for sent, _, b in results if sent > removed_at]
-    assert any("beta" in b["seqr"]["routing"] for b in before)  # it was in use until then
-    assert after and all("beta" not in b["seqr"]["routing"] for b in after)
+    assert any(used in b["seqr"]["routing"] for b in before)  # it was in use until then
+    assert after and all(used not in b["seqr"]["routing"] for b in after)
     assert {b["seqr"]["replica"] for b in after} == {b["seqr"]["replica"] for b in before} and len(after) > 1
     health = [httpx.get(url + "/health").json() for _ in range(20)]
     assert {h["adapters"] for h in health} == {len(LoraLibrary.load(tmp / "lib").names)}
-    assert not any(p.name.startswith("beta-") for p in (tmp / "lib" / "adapters").iterdir())  # its file is gone
-    assert all("beta" not in u["adapters"] for u in json.loads((tmp / "auth.json").read_text())["users"].values())
+    assert not any(p.name.startswith(f"{used}-") for p in (tmp / "lib" / "adapters").iterdir())  # its file is gone
+    assert all(used not in u["adapters"] for u in json.loads((tmp / "auth.json").read_text())["users"].values())

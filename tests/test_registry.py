@@ -59,7 +59,7 @@ def test_every_router_stays_inside_each_tokens_allowed_set(lib, method):
 @pytest.mark.parametrize("method", ROUTERS)
 def test_every_router_traces_what_it_applied(lib, method):
     router = registry.get(method)
-    model = seqr.attach(tiny_llama(), lib)
+    model = seqr.attach(tiny_llama(), lib, granularity="token")
     rows = [{"alpha", "beta"}, {"gamma"}, {"alpha", "delta", "gamma"}]
     with torch.no_grad(), seqr.routing(model, method, k=_k(router), allowed=rows, trace=True) as tr:
         model(_ids())

@@ -106,7 +106,7 @@ def test_scored_library_routes_by_the_argmax_of_that_score(lib, score, pool):
             mu, sd = {"z": (mu, sd), "raw": (0.0, 1.0), "ratio": (0.0, mu)}[score]
             per[layer] = NormStats(count=1, mean=mu, m2=sd * sd)
         stats.append(per)
-    model = seqr.attach(tiny_llama(), view)
+    model = seqr.attach(tiny_llama(), view, granularity="token")
     want = _reference(lib, _argmax_rule, stats)(ids).logits
     torch.testing.assert_close(model(ids).logits, want, atol=ATOL, rtol=1e-4)
 

@@ -19,7 +19,7 @@ from seqr.bench.serve import free_port, launch, stop  # noqa: E402
 from seqr.serve.engine import Engine  # noqa: E402
 from seqr.serve.server import ServeSettings, create_app  # noqa: E402
 from peft_factory import make_adapter  # noqa: E402
-from serve_load import remove_under_load  # noqa: E402
+from serve_load import adapter_in_use, remove_under_load  # noqa: E402
 from tiny_chat import chat_tokenizer, saved_model_and_library, tiny_chat_llama  # noqa: E402
 
 NAMES = ["alpha", "beta", "gamma"]
@@ -253,11 +253,12 @@ def test_removal_under_concurrent_load_fails_nothing_and_is_final(server):
     adm = {"Authorization": "Bearer sk-admin-0001"}
     assert httpx.put(url + "/admin/users/frank", json={"keys": ["sk-frank-0001"], "adapters": ["alpha", "beta"]},
                      headers=adm).status_code == 200
-    results, t_sent, removed_at, r = remove_under_load(url, "sk-frank-0001", "beta", "sk-admin-0001")
+    used = adapter_in_use(url, "sk-frank-0001")  # the one adapter frank's requests are routed to
+    results, t_sent, removed_at, r = remove_under_load(url, "sk-frank-0001", used, "sk-admin-0001")
     assert r.status_code == 200
     assert results and all(code == 200 for _, code, _ in results)  # no request failed
     after = [body for sent, _, body in results if sent > removed_at]  # sent once the DELETE had returned
     before = [body for sent, _, body in results if sent < t_sent]
-    assert after and all("beta" not in b["seqr"]["routing"] for b in after)
-    assert any("beta" in b["seqr"]["routing"] for b in before)  # it was in use until then
-    assert "beta" not in engine.adapters and t_sent < removed_at
+    assert after and all(used not in b["seqr"]["routing"] for b in after)
+    assert any(used in b["seqr"]["routing"] for b in before)  # it was in use until then
+    assert used not in engine.adapters and t_sent < removed_at

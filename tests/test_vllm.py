@@ -43,7 +43,7 @@ def files(tmp_path_factory):
 def _engine(files, dtype):
     root, model_dir, lib_dir = files
     return VllmEngine(model_dir, LoraLibrary.load(lib_dir), method="seqr", dtype=dtype, max_batch=8,
-                      max_model_len=256, work_dir=root / f"work-{dtype}", set_capacity=16)
+                      max_model_len=256, work_dir=root / f"work-{dtype}", set_capacity=16, granularity="token")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def reference(files):
 
     _, model_dir, lib_dir = files
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    return attach(model, LoraLibrary.load(lib_dir), method="seqr")
+    return attach(model, LoraLibrary.load(lib_dir), method="seqr", granularity="token")
 
 
 @torch.no_grad()
@@ -173,7 +173,7 @@ def test_request_granularity_serves_each_request_through_vllms_own_lora(files, r
     root, model_dir, lib_dir = files
     shutil.copytree(lib_dir, tmp_path / "lib")
     eng = VllmEngine(model_dir, LoraLibrary.load(tmp_path / "lib"), method="seqr", dtype="float32", max_batch=8,
-                     max_model_len=256, work_dir=tmp_path / "work", granularity="request")
+                     max_model_len=256, work_dir=tmp_path / "work")  # request-level: seqr's default
     try:
         futs = [eng.submit(Request(p, s, max_tokens=6, ignore_eos=True)) for p, s in zip(PROMPTS, SETS)]
         results = [f.result(timeout=300) for f in futs]
@@ -216,7 +216,7 @@ def test_prefix_cache_and_requests_in_flight_see_one_library_whole(files, tmp_pa
     root, model_dir, lib_dir = files
     shutil.copytree(lib_dir, tmp_path / "lib")
     eng = VllmEngine(model_dir, LoraLibrary.load(tmp_path / "lib"), method="seqr", dtype="float32", max_batch=4,
-                     max_model_len=512, work_dir=tmp_path / "work", set_capacity=16)
+                     max_model_len=512, work_dir=tmp_path / "work", set_capacity=16, granularity="token")
     assert eng.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching  # vLLM's default
     block = eng.llm.llm_engine.vllm_config.cache_config.block_size  # 128 on CPU
     prompt = [(7 * i + 3) % 250 for i in range(block + 40)]  # a full KV block: cacheable
@@ -225,7 +225,7 @@ def test_prefix_cache_and_requests_in_flight_see_one_library_whole(files, tmp_pa
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
     try:
         first = ask(allowed).result(timeout=120)
-        old = attach(model, LoraLibrary.load(tmp_path / "lib"), method="seqr")
+        old = attach(model, LoraLibrary.load(tmp_path / "lib"), method="seqr", granularity="token")
         assert first.tokens == _reference_row(old, prompt, allowed, first.tokens)[1]
         long = ask(allowed, 40)
         time.sleep(0.5)  # in flight when the change arrives
@@ -238,7 +238,7 @@ def test_prefix_cache_and_requests_in_flight_see_one_library_whole(files, tmp_pa
         second, other = ask(allowed).result(timeout=120), ask({"alpha", "gamma"}).result(timeout=120)
     finally:
         eng.close()
-    new = attach(seqr_detach(model), LoraLibrary.load(tmp_path / "lib"), method="seqr")
+    new = attach(seqr_detach(model), LoraLibrary.load(tmp_path / "lib"), method="seqr", granularity="token")
     _, greedy, counts = _reference_row(new, prompt, allowed, second.tokens)
     assert second.tokens == greedy and set(counts) == {"beta"}  # the new routing, all the way through
     assert second.tokens != first.tokens

@@ -35,7 +35,7 @@ from seqr.store.files import atomic_write_bytes
 MODES = {
     "untouched": None,
     "fixed": {"adapter": None},
-    "token": {"method": "seqr"},
+    "token": {"method": "seqr", "granularity": "token"},
     "depth": {"method": "seqr", "granularity": "depth"},
     "prompt": {"method": "seqr", "granularity": "prompt"},
     "layers": {"method": "seqr", "granularity": "layers"},
@@ -234,7 +234,7 @@ def cmd_granularity(a, parser) -> int:
             lib = seqr_library(write_adapters(base, Path(tmp), run["adapters"], a.rank, a.seed), a.seed)
         run["adapters"] = len(lib)
         try:
-            model = attach(copy.deepcopy(base), lib, method="seqr")
+            model = attach(copy.deepcopy(base), lib, method="seqr", granularity="token")
         except ValueError as e:
             parser.error(f"--library {a.library}: {str(e).splitlines()[0]}")
         points = measure(model, base, lib, run, {"repeats": a.repeats, "warmup": a.warmup}, a.seed)

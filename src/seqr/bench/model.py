@@ -127,7 +127,8 @@ def build_variants(base, dirs: list[Path], seed: int, setup: dict, bar):
     static = build_one(setup, "peft-static", bar,
                        lambda: PeftModel.from_pretrained(copy.deepcopy(base), str(dirs[0])).eval())
     lib = build_one(setup, "seqr-library", bar, lambda: seqr_library(dirs, seed))
-    return static, lib, build_one(setup, "seqr-attach", bar, lambda: attach(copy.deepcopy(base), lib, method="seqr"))
+    routed = lambda: attach(copy.deepcopy(base), lib, method="seqr", granularity="token")  # noqa: E731 (the paper's)
+    return static, lib, build_one(setup, "seqr-attach", bar, routed)
 
 
 # --- measuring ----------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def _timed_decode(model, lib, ids, steps: int, repeats: int) -> dict:
     for _ in range(repeats):
         detach(model)
         times["untouched"].append(_decode_ms(model, ids, steps))
-        attach(model, lib)
+        attach(model, lib, granularity="token")  # the paper's per-token routing: the scale it must hold
         times["seqr"].append(_decode_ms(model, ids, steps))
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -124,7 +124,7 @@ def _changes(model, lib, layers: dict, rank: int, rounds: int = 3) -> dict:
             t[f"{op}_write"].append(took())
             t0 = time.perf_counter()
             detach(model)
-            attach(model, lib)
+            attach(model, lib, granularity="token")
             t[f"reattach_{op}"].append(time.perf_counter() - t0)
     return {"add_first_s": t["add"][0], **{f"{k}_s": statistics.median(v) for k, v in t.items()}}
 
@@ -191,7 +191,7 @@ def child(a) -> dict:
         if a.resident != "float32":
             lib.set_resident_dtype(a.resident)
         out["rss_load_mib"] = _settle() - base
-        attach(model, lib)
+        attach(model, lib, granularity="token")
         out["rss_attach_mib"] = _settle() - base
         with torch.no_grad():
             model(input_ids=ids[8])

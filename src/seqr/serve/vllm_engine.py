@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from seqr.hf.generation import Request, Result
+from seqr.hf.granularity import default_for
 from seqr.serve.engine import Engine, Manifests, still_allowed
 from seqr.vllm.plugin import ROUTED_ARCHITECTURES
 from seqr.vllm.request import RequestRouter, request_engine_kwargs
@@ -49,13 +50,14 @@ def engine_kwargs(model_dir: str | Path, library_dir: str | Path, columns: list,
 
 
 class VllmEngine:
-    """granularity "token" (default): seqr's routed model inside vLLM, every token routed per layer among its
-    request's adapters; "request": one adapter per request chosen by a probe of its prompt (seqr/vllm/request.py),
-    served by vLLM's own per-request LoRA on the plain model."""
+    """granularity "request" (seqr's default): one adapter per request chosen by a probe of its prompt
+    (seqr/vllm/request.py), served by vLLM's own per-request LoRA on the plain model; "token" (the paper's, the
+    other routers' default): seqr's routed model inside vLLM, every token routed per layer among its request's
+    adapters."""
 
     def __init__(self, model_dir: str | Path, library: LoraLibrary, *, method: str | None = None, k: int | None = None,
                  dtype: str = "auto", max_batch: int = 8, max_model_len: int = 2048, max_sets: int | None = None,
-                 work_dir: str | Path | None = None, set_capacity: int = SET_CAPACITY, granularity: str = "token",
+                 work_dir: str | Path | None = None, set_capacity: int = SET_CAPACITY, granularity: str | None = None,
                  probe_depth: float = 1.0, **llm_kwargs):
         from vllm import LLM
 
@@ -63,9 +65,10 @@ class VllmEngine:
             raise ValueError("the vLLM engine serves a library saved on disk (its workers load it); save it first")
         if max_batch < 1:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
+        self.library, self.method, self.k = library, method or library.default_method, k
+        granularity = default_for(self.method) if granularity is None else granularity
         if granularity not in ("token", "request"):
             raise ValueError(f"the vLLM engine routes per token or per request, got granularity {granularity!r}")
-        self.library, self.method, self.k = library, method or library.default_method, k
         self.columns = Columns(library.names, max(set_capacity, len(library)))
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="seqr-vllm-"))
         self.sets = SetAdapters(self.work_dir, self.columns)
