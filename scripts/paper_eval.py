@@ -39,7 +39,8 @@ NOISE_LEVELS = (0.1, 0.2, 0.5, 1.0)
 STEPS = (12, 50)
 STAGES = ("main", "exact", "steps", "noise", "variants")
 # EvalConfig overrides of the seqr passes in the variants stage, most telling first
-VARIANTS = ({"granularity": "request"}, {"granularity": "layers"}, {"granularity": "request", "probe_depth": 0.5},
+VARIANTS = ({"granularity": "request"}, {"granularity": "layers"}, {"granularity": "request-reuse"},
+            {"granularity": "request", "probe_depth": 0.5},
             {"granularity": "depth"}, {"granularity": "prompt"}, {"normalise": "ratio"}, {"normalise": "raw"},
             {"pooled": True})
 FOLDER = {"noise": "steps"}  # a stage that adds passes to another stage's document

@@ -33,7 +33,8 @@ def test_build_eval_and_report_resume_from_what_is_stored(setup, tmp_path, monke
                                                            "centroid-seqr@2"}
     tags = {e["variant"] for label, e in doc["libraries"].items() if label != "shared-0"}
     assert tags == {"granularity=layers", "granularity=request", "granularity=prompt", "granularity=depth",
-                    "granularity=request probe_depth=0.5", "granularity=layers probe_depth=0.5"}
+                    "granularity=request probe_depth=0.5", "granularity=layers probe_depth=0.5",
+                    "granularity=request-reuse"}
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(summary) == tags and all({"seqr", "mu", "arrow", "oracle"} <= set(v["vs"]) for v in summary.values())
     text = (tmp_path / "out" / "variants.md").read_text()

@@ -133,6 +133,60 @@ def test_request_granularity_through_generate_equals_a_cached_greedy_loop(lib):
     assert torch.equal(gen, seq)
 
 
+@pytest.mark.parametrize("allowed", [None, [{"alpha", "gamma"}, {"beta", "gamma"}]])
+@torch.no_grad()
+def test_request_reuse_prefills_per_token_once_then_decodes_with_the_brute_force_choice(lib, allowed):
+    """granularity "request-reuse": one prefill forward (no probe) whose logits and KV cache are the per-token
+    path's, a row choice equal to the float64 brute force's, and decode steps on the fixed-adapter path with it."""
+    ids = _ids(B=2, T=6, seed=59)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0  # left padding: never summed
+    model = seqr.attach(tiny_llama(), lib)
+    calls = _count_calls(model)
+    with seqr.routing(model, "seqr", granularity="request-reuse", allowed=allowed, trace=True) as tr:
+        out = model(ids, attention_mask=mask, use_cache=True)
+        assert calls["calls"] == len(lib.layers)  # the prefill is its own probe: one forward
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        calls["calls"] = 0
+        step = model(nxt, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                     **cache_arg(model, returned_cache(out)), use_cache=True).logits[:, -1]
+        assert calls["calls"] == len(lib.layers)
+    if allowed is None:
+        _, want = _probe_reference(lib, "request")(ids, mask)
+    else:
+        want = torch.cat([_probe_reference(lib, "request", 1.0, [lib.names.index(a) for a in allowed[b]])(
+            ids[b:b + 1], mask[b:b + 1])[1] for b in range(2)])
+    chosen = [lib.names[int(i)] for i in want]  # (B,) the brute force's row choices
+    assert [set(tr.counts(row=b)) for b in range(2)][0]  # the prompt's tokens were routed and traced
+    with seqr.routing(model, "seqr", granularity="token", allowed=allowed):
+        token = model(ids, attention_mask=mask, use_cache=True)
+    real = mask.bool()
+    torch.testing.assert_close(out.logits[real], token.logits[real], atol=1e-6, rtol=1e-5)
+    with seqr.routing(model, adapter=chosen):  # on the per-token prompt cache, the brute force's adapters
+        fstep = model(nxt, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                      **cache_arg(model, returned_cache(token)), use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, fstep, atol=ATOL, rtol=1e-4)
+    if allowed is not None:
+        assert all(c in a for c, a in zip(chosen, allowed))
+
+
+@torch.no_grad()
+def test_request_reuse_through_generate_equals_a_cached_greedy_loop(lib):
+    ids = _ids(B=2, T=4, seed=61)
+    model = seqr.attach(tiny_llama(), lib, granularity="request-reuse")
+    gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with seqr.routing(model, "seqr", granularity="token"):
+        cache = DynamicCache(config=model.config)
+        step = model(ids, **cache_arg(model, cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    _, want = _probe_reference(lib, "request")(ids)
+    seq = torch.cat([ids, step], 1)
+    with seqr.routing(model, adapter=[lib.names[int(i)] for i in want]):
+        for _ in range(3):
+            step = model(step, **cache_arg(model, cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, step], 1)
+    assert torch.equal(gen, seq)
+
+
 @pytest.mark.parametrize("depth", [0.5, 0.25])
 @torch.no_grad()
 def test_layers_granularity_with_a_shortened_probe_equals_its_brute_force(lib, depth):

@@ -42,12 +42,14 @@ MODES = {
     "layers@0.5": {"method": "seqr", "granularity": "layers", "probe_depth": 0.5},
     "request": {"method": "seqr", "granularity": "request"},
     "request@0.5": {"method": "seqr", "granularity": "request", "probe_depth": 0.5},
+    "request-reuse": {"method": "seqr", "granularity": "request-reuse"},
 }
 ABOUT = {"untouched": "the model without adapters", "fixed": "every token through the library's first adapter",
          "token": "seqr per token and layer (the paper)", "depth": "per token and layer, scores summed over the "
          "layers so far", "prompt": "per row and layer, chosen at prefill", "layers": "per token for all layers, "
          "a probe forward first (every forward)", "request": "per row for all layers and tokens, a probe prefill "
-         "first", "@0.5": "the probe sums the first half of the routed layers and stops there"}
+         "first", "request-reuse": "per row for the generated tokens, chosen inside the one prefill (routed per "
+         "token)", "@0.5": "the probe sums the first half of the routed layers and stops there"}
 DEFAULTS = {"full": {"batch": [1, 8], "prompt": 64, "new_tokens": 16, "adapters": 10},
             "quick": {"batch": [1, 2], "prompt": 8, "new_tokens": 4, "adapters": 4}}
 

@@ -10,6 +10,9 @@
                real prompt token over the routed layers; the row's argmax applies everywhere after (one extra
                prefill, no decode cost, the fixed-adapter path from then on). SEQR's DEFAULT: on the
                paper-budget library it beat per-token SEQR (sign test p = 0.0025, 2925 dev examples)
+  request-reuse  "request" with its probe reused as the prefill: the one prefill forward routes the prompt per
+               token (the paper) and keeps its KV cache while it sums the same scores; the row's argmax serves
+               every later token (no extra prefill, no decode cost; the prompt itself is not re-run)
 
 `probe_depth` < 1 (layers, request) sums only the first share of the routed layers, in forward order, and stops
 the probe forward there: a cheaper probe. Each function reads and writes the model's `RoutingState` (`st`).
@@ -23,11 +26,12 @@ import torch
 from seqr.core import registry
 from seqr.core import routers as rt
 
-GRANULARITIES = ("token", "prompt", "prompt-vote", "layers", "depth", "request")
+GRANULARITIES = ("token", "prompt", "prompt-vote", "layers", "depth", "request", "request-reuse")
 PROBED = ("layers", "request")  # the granularities that run a probe forward first
 DEFAULT = "request"  # SEQR's granularity unless one is given: it beat per-token SEQR (docs/results/layer-routing.md)
 DEFAULT_METHOD = "seqr"  # the router DEFAULT applies to; every other method routes per token unless told otherwise
 REQUEST = "__request__"  # the sticky key of a request-level choice (one per row for every layer)
+REUSE = "request-reuse"  # the request-level granularity whose prefill is its own probe
 
 
 class _ProbeDone(Exception):
@@ -77,10 +81,15 @@ def probe(st, model, args, kwargs, past) -> None:
         B, T = st.probe_rows
         st.shared = rt.masked_argmax_(st.layer_sum, st.token_mask(B, T))  # (B*T,)
     else:
-        B = st.layer_sum.shape[0]
-        m = st.cfg.allowed
-        m = None if m is None else m.to(st.layer_sum.device).expand(B, -1)  # (B, N)
-        st.sticky[REQUEST] = rt.masked_argmax_(st.layer_sum, m)  # (B,)
+        _decide_rows(st)
+
+
+def _decide_rows(st) -> None:
+    """Each row's request-level choice: the argmax of its summed scores among its allowed adapters."""
+    B = st.layer_sum.shape[0]
+    m = st.cfg.allowed
+    m = None if m is None else m.to(st.layer_sum.device).expand(B, -1)  # (B, N)
+    st.sticky[REQUEST] = rt.masked_argmax_(st.layer_sum, m)  # (B,)
 
 
 def _crop(past, before: int) -> None:
@@ -100,15 +109,34 @@ def probe_choice(bank, xf, z, st, mask, B: int, T: int) -> torch.Tensor:
     over its real tokens for "request"), and stop the probe after its last layer."""
     s = bank.scores(xf, st.cfg.method, z=z)  # (B*T, N)
     if st.cfg.granularity == "request":
-        real = st.real_tokens(B, T).view(B, T, 1).to(s.dtype)  # (B, T, 1)
-        s_add = torch.where(real > 0, s.view(B, T, -1), 0.0).sum(1)  # (B, N) this layer's scores over the prompt
+        _add_row_sums(st, s, B, T)
     else:
-        s_add = s
-    st.layer_sum = s_add.clone() if st.layer_sum is None else st.layer_sum.add_(s_add)  # (B*T or B, N)
+        st.layer_sum = s.clone() if st.layer_sum is None else st.layer_sum.add_(s)  # (B*T, N)
     st.probe_rows = (B, T)
     st.probe_calls += 1
     if st.probe_calls >= st.probe_limit:
         raise _ProbeDone
+    return rt.masked_argmax_(s, mask)  # (B*T,)
+
+
+def _add_row_sums(st, s: torch.Tensor, B: int, T: int) -> None:
+    """Add one layer's scores s (B*T, N) over each row's real tokens to the rows' sums st.layer_sum (B, N)."""
+    real = st.real_tokens(B, T).view(B, T, 1).to(s.dtype)  # (B, T, 1)
+    s_add = torch.where(real > 0, s.view(B, T, -1), 0.0).sum(1)  # (B, N) this layer's scores over the prompt
+    st.layer_sum = s_add if st.layer_sum is None else st.layer_sum.add_(s_add)  # (B, N)
+
+
+def reuse_choice(bank, xf, z, st, mask, B: int, T: int) -> torch.Tensor:
+    """Granularity "request-reuse". At prefill: route per token (the paper) and add this layer's scores over each
+    row's real tokens to the row's sum; after the forward's last routed layer, each row's argmax becomes its
+    choice. Later forwards of the same rows: that choice, in every layer (the fixed-adapter path)."""
+    if not st.prefill:
+        return request_choice(st, B, T)  # (B*T,)
+    s = bank.scores(xf, st.cfg.method, z=z)  # (B*T, N)
+    _add_row_sums(st, s, B, T)
+    st.probe_calls += 1
+    if st.probe_calls == st.n_layers:
+        _decide_rows(st)
     return rt.masked_argmax_(s, mask)  # (B*T,)
 
 

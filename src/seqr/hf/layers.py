@@ -211,6 +211,7 @@ class RoutingState:
             return
         if self.prefill:
             self.sticky = {}
+            self.layer_sum, self.probe_calls = None, 0  # granularity "request-reuse" sums during this forward
         if self.trace is not None:
             self.trace.next_step()
         g = self.cfg.granularity
@@ -266,6 +267,8 @@ def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: st
                 idx = gr.layers_choice(st, B, T)  # (B*T,)
             elif cfg.granularity == "request":
                 idx = gr.request_choice(st, B, T)  # (B*T,)
+            elif cfg.granularity == gr.REUSE:
+                idx = gr.reuse_choice(bank, xf, z, st, mask, B, T)  # (B*T,)
             elif cfg.granularity == "depth":
                 idx = gr.depth_choice(bank, xf, z, st, mask)  # (B*T,)
             else:
@@ -392,7 +395,9 @@ def routing(model: nn.Module, method: str | None = None, *, adapter=None, allowe
     `granularity="layers"`: one adapter per token for all layers, the argmax of its scores summed over layers
     (a first forward measures them: twice the compute); `granularity="request"`: one adapter per row for all
     layers and every later token, the argmax of the prompt's scores summed over its real tokens and the layers (one
-    extra prefill, nothing extra per decoded token); `probe_depth` < 1 (layers, request): only the first share of
+    extra prefill, nothing extra per decoded token); `granularity="request-reuse"`: the same choice made inside the
+    one prefill, which routes the prompt per token and keeps its KV cache (no extra prefill); `probe_depth` < 1
+    (layers, request): only the first share of
     the routed layers, in forward order, decides, and the probe forward stops after them; `granularity="depth"`: per token and layer, the argmax of
     the scores summed over that layer and the routed layers before it (one forward); `mix=K`: the top K adapters per token,
     softmax(score/temperature)-weighted. Without `granularity` (and `probe_depth`), a score router keeps the
