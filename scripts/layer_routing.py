@@ -40,8 +40,8 @@ OUT = Path("docs/results/layer_routing")
 LABEL = "shared-0"
 MAIN = ("base", "oracle", "seqr", "mu", "arrow", "centroid", "centroid-seqr")
 VARIANTS = ({"granularity": "layers"}, {"granularity": "request"}, {"granularity": "prompt"},
-            {"granularity": "depth"}, {"granularity": "request", "probe_depth": 0.5},
-            {"granularity": "layers", "probe_depth": 0.5}, {"granularity": "request-reuse"})
+            {"granularity": "depth"}, {"granularity": "request", "probe_depth": 0.5}, {"granularity": "request-reuse"},
+            {"granularity": "layers", "probe_depth": 0.5})
 
 
 def build(ctx: dict, commit) -> None:
