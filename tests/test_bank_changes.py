@@ -109,6 +109,29 @@ def test_append_and_remove_refuse_what_the_bank_cannot_hold():
     _assert_same(bank, _fresh(A, {"a1": ads["a1"]}), torch.randn(5, n))  # the refused calls changed nothing
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-A", "unique-A"])
+def test_rows_built_for_many_banks_at_once_append_as_if_built_from_scratch(shared):
+    """`append_row`: one new adapter's rows for three layers' banks from one bank built over them (what a
+    library's `add` does per kind of layer), equal to a bank built from scratch on each layer's adapters."""
+    m, n, r = 12, 10, 3
+    A = None if not shared else torch.randn(r, n, generator=torch.Generator().manual_seed(7)) / r
+    layers = [{f"a{i}": _adapter(10 * j + i, m, n, r, shared) for i in range(3)} for j in range(3)]
+    new = [_adapter(50 + j, m, n, r, shared) for j in range(3)]  # the added adapter at each of the 3 layers
+    banks = [_fresh(A, ads) for ads in layers]
+    src = _fresh(A, {f"layer{j}": new[j] for j in range(3)})  # row j: the new adapter's rows at layer j
+    x = torch.randn(20, n, generator=torch.Generator().manual_seed(8))
+    for j, bank in enumerate(banks):
+        if not shared:
+            bank.prepare("arrow")  # a unique A's SVD rows follow the appended row too
+        bank.append_row("z", src, j)
+        _assert_same(bank, _fresh(A, {**layers[j], "z": new[j]}), x)
+    with pytest.raises(ValueError, match="already in this bank"):
+        banks[0].append_row("z", src, 0)
+    plain = AdapterBank(src.A, src.B, names=src.names)  # no stats: another kind of bank
+    with pytest.raises(ValueError, match="built for another kind of bank"):
+        banks[0].append_row("y", plain, 0)
+
+
 def test_rows_grow_by_an_eighth_and_swap_remove():
     rw = rows.Rows(torch.arange(3.0)[:, None])
     assert [rw.append(torch.tensor([v])) for v in (3.0, 4.0)] == [True, False]  # 3 full -> 3 + GROWTH

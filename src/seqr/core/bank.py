@@ -397,25 +397,44 @@ class AdapterBank:
         (n,) when the bank has them. Its rows are written into spare capacity (O(m r), amortised) and only the
         small per-adapter state (stats, Grams, R blocks: O(N r^2)) is rebuilt; checked like the constructor.
         True when a store was reallocated (views of the old rows are stale)."""
-        one = self._single(name, B, A, mu, sigma, quantiles, centroid)
-        grew = self._Bt.append(one._Bt.view[0])  # (r, m)
+        return self.append_row(name, self._single(name, B, A, mu, sigma, quantiles, centroid), 0)
+
+    @property
+    def row_kind(self) -> tuple:
+        """What one adapter's row of this bank is made of: banks of equal `row_kind` can take the rows of one bank
+        built for all of them at once (`append_row`; a shared A's SVD rows need this bank's own A)."""
+        N, m, n, r = self.shape
+        own_a = self.shared_a and self._svd_rows is not None
+        return (self.B.device, self.B.dtype, m, n, r, self.shared_a, self.mu is not None, self._cdf is not None,
+                self.centroids is not None, id(self) if own_a else None)
+
+    def append_row(self, name: str, src: "AdapterBank", i: int) -> bool:
+        """Add adapter `name` as row `i` of `src`, a bank of the same `row_kind` whose constructor built and checked
+        the row (its Gram, R block, z-score terms, unit centroid): O(m r) here, amortised. True when a store was
+        reallocated (views of the old rows are stale)."""
+        if name in self.index:
+            raise ValueError(f"adapter {name!r} is already in this bank")
+        if src.row_kind[:-1] != self.row_kind[:-1] or (self.row_kind[-1] is not None and src.A is not self.A):
+            raise ValueError(f"adapter {name!r}: its rows were built for another kind of bank ({src!r}, not {self!r})")
+        grew = self._Bt.append(src._Bt.view[i])  # (r, m)
         self.B = self._Bt.view.transpose(1, 2)  # (N+1, m, r)
         if self._A is not None:
-            grew |= self._A.append(one.A[0])  # (r, n)
+            grew |= self._A.append(src.A[i])  # (r, n)
             self.A = self._A.view
         if self._C is not None:
-            self._C.append(one.centroids[0])  # (n,)
+            self._C.append(src.centroids[i])  # (n,)
             self.centroids = self._C.view
         if self._svd_rows is not None:
-            for rows, t in zip(self._svd_rows, (*one.svd, one.prototypes)):
-                rows.append(t[0])
-        cat = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
-        self.mu, self.sigma = cat(self.mu, one.mu), cat(self.sigma, one.sigma)  # (N+1,)
-        self._cdf = None if self._cdf is None else (cat(self._cdf[0], one._cdf[0]), self._cdf[1])
+            for rows, t in zip(self._svd_rows, (*src.svd, src.prototypes)):
+                rows.append(t[i])
+        cat = lambda a, b: None if a is None else torch.cat([a, b[i:i + 1]])  # noqa: E731 (N+1, ...)
+        self.mu, self.sigma = cat(self.mu, src.mu), cat(self.sigma, src.sigma)  # (N+1,)
+        self._cdf = None if self._cdf is None else (cat(self._cdf[0], src._cdf[0]), self._cdf[1])
         if self.shared_a:
-            self.G_packed, self._G_scored = cat(self.G_packed, one.G_packed), cat(self._G_scored, one._G_scored)
-            self._offset = cat(self._offset, one._offset)  # (N+1,) or None
-            self._R_stacked = torch.cat([self._R_stacked, one._R_stacked], dim=1)  # (r, (N+1)*r)
+            self.G_packed, self._G_scored = cat(self.G_packed, src.G_packed), cat(self._G_scored, src._G_scored)
+            self._offset = cat(self._offset, src._offset)  # (N+1,) or None
+            r = self.shape[3]
+            self._R_stacked = torch.cat([self._R_stacked, src._R_stacked[:, i * r:(i + 1) * r]], dim=1)  # (r, (N+1)r)
         self.names.append(name)
         self.index[name] = len(self.names) - 1
         self._casts.clear()
@@ -457,7 +476,9 @@ class AdapterBank:
                 rows.swap_remove(i)
         self.A = self.A if self._A is None else self._A.view
         self.centroids = None if self._C is None else self._C.view
-        order = torch.tensor([last if j == i else j for j in range(last)], device=self.B.device)  # (N-1,)
+        order = torch.arange(last, device=self.B.device)  # (N-1,): every row stays, but the last moves into i
+        if i < last:
+            order[i] = last
         pick = lambda t: None if t is None else t.index_select(0, order)  # noqa: E731
         self.mu, self.sigma = pick(self.mu), pick(self.sigma)  # (N-1,)
         self._cdf = None if self._cdf is None else (pick(self._cdf[0]), self._cdf[1])

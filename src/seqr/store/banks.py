@@ -61,14 +61,28 @@ def added(lib, name: str, flags: tuple) -> None:
 
 
 def _append_all(lib, name: str, ad) -> None:
+    """The new adapter's rows for every cached bank of one kind (e.g. all q_proj layers) from one bank built over
+    them at once: one batched QR, Gram and check instead of one small bank per layer."""
+    groups: dict[tuple, list] = {}
     for layer, bank in _cached(lib):
-        dev = bank.B.device
-        mu, sigma, q = _stats(lib, [ad], layer, bank.mu is not None)
-        grew = bank.append(name, ad.B[layer].to(dev), A=None if lib.shared_a else ad.A[layer].to(dev),
-                           mu=None if mu is None else mu[0], sigma=None if sigma is None else sigma[0],
-                           quantiles=None if q is None else q[0],
-                           centroid=None if bank.centroids is None else ad.centroids[layer].to(dev))
-        bind(lib, layer, bank, None if grew else [bank.num_adapters - 1])
+        groups.setdefault(bank.row_kind, []).append((layer, bank))
+    for group in groups.values():
+        src = _rows(lib, ad, group)
+        for j, (layer, bank) in enumerate(group):
+            grew = bank.append_row(name, src, j)
+            bind(lib, layer, bank, None if grew else [bank.num_adapters - 1])
+
+
+def _rows(lib, ad, group: list) -> AdapterBank:
+    """One bank whose row j is adapter `ad` at the layer of group[j] (banks of one `row_kind`), named by layer."""
+    layers, first = [layer for layer, _ in group], group[0][1]
+    dev = first.B.device
+    B = torch.stack([ad.B[layer] for layer in layers]).to(device=dev, dtype=first.B.dtype)  # (L, m, r)
+    A = first.A if lib.shared_a else torch.stack([ad.A[layer] for layer in layers]).to(dev, first.B.dtype)
+    stats = [_stats(lib, [ad], layer, first.mu is not None) for layer in layers]
+    mu, sigma, q = (None if stats[0][k] is None else torch.cat([s[k] for s in stats]) for k in range(3))  # (L,) ...
+    c = torch.stack([ad.centroids[layer] for layer in layers]).to(dev) if first.centroids is not None else None
+    return AdapterBank(A, B, mu=mu, sigma=sigma, quantiles=q, centroids=c, names=layers)
 
 
 def removed(lib, name: str, ad, index: int, flags: tuple) -> None:
