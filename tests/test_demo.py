@@ -41,6 +41,7 @@ def test_demo_runs_end_to_end_then_reuses_every_cached_step(setup, capsys, monke
     assert set(default["methods"]) == {"seqr"} and default["routing"]["granularity"] == "request"
     assert default["fingerprint"] == lib["fingerprint"] and doc["config"]["granularity"] == "token"
     assert "## The default router" in cap.out and "SEQR deciding once per request" in cap.out
+    assert (out / "eval" / "variants.png").stat().st_size > 1000  # the default router beside every method
     assert doc["demo"]["profile"]["tasks"] == ["sst2", "cola"]
     for t in ("sst2", "cola"):
         meta = json.loads((out / "adapters" / t / files.ADAPTER_META).read_text())

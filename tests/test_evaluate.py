@@ -396,3 +396,25 @@ def test_conclusion_states_what_the_sign_tests_and_shares_say():
     lo, hi = (float(x) for x in head.split("95% bootstrap interval ")[1].split(")")[0].split(" – "))
     assert lo <= 91.7 <= hi and hi <= 100.0  # resampled 12 examples: never above the oracle's every-one-right
     assert "SEQR per token (the paper) reaches 83.3%" in text
+    assert "to one adapter" not in head  # one task: its own adapter taking 90% is no warning
+
+
+def test_the_default_router_section_warns_when_one_adapter_takes_every_request():
+    """Two tasks whose every request-level decision went to adapter "a": the report says the choice ignored the
+    input (the demo's tiny adapters did this); spread over both adapters, it says nothing of the kind."""
+    ts, gold = ["a", "b"], [0] * 4
+
+    def res(right: int, counts: dict):
+        return {"tasks": {t: {"n": 4, "acc": right / 4, "correct": right, "pred": [0] * right + [1] * (4 - right),
+                              "decisions": 10, "agree": 10, "counts": counts[t]} for t in ts}}
+
+    spread = {"a": {"a": 6, "b": 4}, "b": {"a": 3, "b": 7}}
+    d = {"config": {"tasks": ts, "split": "dev", "max_eval": 4, "seed": 0, "scoring": "choices", "k": 2, "model": "m"},
+         "base": res(1, spread), "examples": {t: {"ids": ["0", "1", "2", "3"], "gold": gold} for t in ts},
+         "libraries": {"shared-0": {"shared_a": True, "adapters": ["a", "b"], "noise": {}, "methods": {
+             "oracle": res(4, spread), "seqr": res(3, spread)}},
+             "shared-0 [granularity=request]": {"shared_a": True, "adapters": ["a", "b"], "noise": {},
+                                                "variant": "granularity=request", "methods": {"seqr": res(3, spread)}}}}
+    assert "to one adapter" not in er.markdown(d) and "(chance 50.0%)" in er.markdown(d)
+    d["libraries"]["shared-0 [granularity=request]"]["methods"]["seqr"] = res(3, {t: {"a": 10} for t in ts})
+    assert "every request of every task to one adapter, a:" in er.markdown(d)

@@ -295,6 +295,10 @@ def all_figures(doc: dict, out: str | Path, intervals: dict | None = None) -> li
     intervals = eb.intervals(doc) if intervals is None else intervals
     made = [accuracy(doc, out, k, intervals[k]) for k in er.KINDS] + [routing_accuracy(doc, out, k) for k in er.KINDS]
     made += [confusion(doc, out, k) for k in er.KINDS] + [norms(doc, out), noise(doc, out)]
+    libs = er.libraries(doc, "shared")
+    if libs and "oracle" in libs[0][1]["methods"] and doc.get("examples"):  # routing variants, e.g. the default's
+        from seqr.eval import study
+        made.append(variants(doc, study.variants(doc, doc, libs[0][0]), out, libs[0][0]))
     return [m for m in made if m]
 
 

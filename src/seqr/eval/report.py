@@ -321,9 +321,25 @@ def _default_lines(doc: dict) -> list[str]:
            f"scores summed over its tokens and the routed layers, one adapter for the whole request), reaches "
            f"{100 * res['norm']:.1f}% of the oracle's accuracy"
            + (f" (95% bootstrap interval {_interval(res['ci'])})" if res["ci"] else "")
-           + (f" and routes {100 * res['own']:.1f}% of its decisions to the input's own adapter" if res["own"] else "")
-           + ".", _sign_sentence(tests, "it")]
+           + (f" and routes {100 * res['own']:.1f}% of its decisions to the input's own adapter (chance "
+              f"{100 / len(entry['adapters']):.1f}%)" if res["own"] is not None else "")
+           + ".", _one_adapter_sentence(doc, f"{label} [granularity={DEFAULT}]"), _sign_sentence(tests, "it")]
     return ["## The default router", "", " ".join(filter(None, out)), ""]
+
+
+def _one_adapter_sentence(doc: dict, label: str, key: str = "seqr", share: float = 0.9) -> str:
+    """A warning when one adapter took at least `share` of a pass's decisions on every task ('' otherwise): the
+    router then ignores its input, e.g. one adapter's calibrated scores sit above the others' everywhere."""
+    res = doc["libraries"].get(label, {}).get("methods", {}).get(key)
+    if not res or len(tasks(doc)) < 2 or not all(res["tasks"][t].get("decisions") for t in tasks(doc)):
+        return ""
+    tops = {max(res["tasks"][t]["counts"].items(), key=lambda kv: kv[1]) + (res["tasks"][t]["decisions"],)
+            for t in tasks(doc)}
+    names = {name for name, _, _ in tops}
+    if len(names) != 1 or any(c < share * n for _, c, n in tops):
+        return ""
+    return (f"It sent (nearly) every request of every task to one adapter, {names.pop()}: with these adapters one "
+            f"silo's calibrated scores outweigh the others' on every prompt, and the choice ignores the input.")
 
 
 def _conclusion_lines(doc: dict, ci: dict) -> list[str]:
