@@ -487,9 +487,11 @@ class AdapterBank:
             r = self.shape[3]
             blocks = self._R_stacked.view(r, N, r).index_select(1, order)  # (r, N-1, r)
             self._R_stacked = blocks.reshape(r, (N - 1) * r).contiguous()  # (r, (N-1)*r)
-        self.names[i] = self.names[last]
+        del self.index[name]
+        if i < last:  # the last adapter's name moves into the slot: O(1), not a new index of N names
+            self.names[i] = self.names[last]
+            self.index[self.names[i]] = i
         self.names.pop()
-        self.index = {nm: j for j, nm in enumerate(self.names)}
         self._casts.clear()
         return last
 
