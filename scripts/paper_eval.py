@@ -40,9 +40,8 @@ STEPS = (12, 50)
 STAGES = ("main", "exact", "steps", "noise", "variants")
 # EvalConfig overrides of the seqr passes in the variants stage, most telling first
 VARIANTS = ({"granularity": "request"}, {"granularity": "layers"}, {"granularity": "request-reuse"},
-            {"granularity": "request", "probe_depth": 0.5},
-            {"granularity": "depth"}, {"granularity": "prompt"}, {"normalise": "ratio"}, {"normalise": "raw"},
-            {"pooled": True})
+            {"granularity": "depth"}, {"granularity": "request", "probe_depth": 0.5},
+            {"granularity": "prompt"}, {"normalise": "ratio"}, {"normalise": "raw"}, {"pooled": True})
 FOLDER = {"noise": "steps"}  # a stage that adds passes to another stage's document
 
 
