@@ -333,8 +333,8 @@ def attach(model: nn.Module, library: LoraLibrary, *, method: str | None = None,
            k: int | None = None, granularity: str | None = None, probe_depth: float = 1.0) -> nn.Module:
     """Replace each linear layer named in the library by a routed layer; returns the model. It routes with
     `method`, by default the library's (`LoraLibrary.default_method`: seqr for a shared A, spectr otherwise), at
-    `granularity` (see `routing`; by default a score router decides once per request, "request", and every other
-    method per token: `granularity="token"` is the paper's per-token routing), or applies fixed `adapter`(s) (a
+    `granularity` (see `routing`; by default SEQR decides once per request, "request", and every other method
+    per token: `granularity="token"` is the paper's per-token routing), or applies fixed `adapter`(s) (a
     name, or one per batch row) until a `routing` block says otherwise."""
     method = library.default_method if method is None and adapter is None else method
     given, granularity = granularity is not None, gr.default_for(method, adapter) if granularity is None else granularity

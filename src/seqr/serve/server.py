@@ -94,11 +94,10 @@ def make_engine(kind: str, model: str, lib, *, method: str, max_batch: int, dtyp
     from seqr.hf.granularity import GRANULARITIES, check_probe_depth, default_for
 
     granularity = default_for(method) if granularity is None else granularity
-    if granularity in GRANULARITIES:
-        check_probe_depth(probe_depth, granularity)  # before the model loads
-
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    check_probe_depth(probe_depth, granularity)  # before the model loads
+
     from seqr.hf.dtypes import name, say_choice
     from seqr.hf.models import load_model, resolve_source
 
