@@ -27,7 +27,7 @@ def _centroids(lib, seed=0):
     for name in lib.names:
         ad = lib._adapters[name]
         ad.centroids = {layer: torch.randn(lib.meta.layers[layer][1], generator=g) for layer in lib.layers}
-    lib._banks.clear()
+    lib.drop_banks()
     return lib
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from seqr.core.privacy import Guarantee
@@ -159,6 +160,8 @@ def sign_test_p(only_a: int, only_b: int) -> float:
 def z_scorable(mu: float, sigma: float) -> bool:
     """True when (norm - mu) / sigma is safe in float32: mu, sigma finite there, sigma > 0, and mu / sigma and
     1 / sigma^2 (what SEQR folds into its Grams) finite too."""
-    m, s = torch.tensor([mu, sigma], dtype=torch.float64).to(torch.float32)
-    return bool(torch.isfinite(m) and torch.isfinite(s) and s > 0 and torch.isfinite(m / s) and torch.isfinite(1 / (s * s)))
+    with np.errstate(all="ignore"):  # numpy float32 scalars: the same float32 arithmetic, ~50x faster per call
+        m, s = np.float32(mu), np.float32(sigma)
+        return bool(np.isfinite(m) and np.isfinite(s) and s > 0 and np.isfinite(m / s)
+                    and np.isfinite(np.float32(1) / (s * s)))
 

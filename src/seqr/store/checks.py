@@ -2,6 +2,7 @@
 the form the library stores (float32, contiguous; NormStats)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -19,8 +20,8 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
 
 
-def tensors(meta, d: dict, where: str, kind: str) -> dict[str, torch.Tensor]:
-    if not isinstance(d, dict):
+def tensors(meta, d: Mapping, where: str, kind: str) -> dict[str, torch.Tensor]:
+    if not isinstance(d, Mapping):
         raise ValueError(f"{where}: {kind} must be a dict layer -> tensor, got {type(d).__name__}")
     missing, extra = sorted(set(meta.layers) - set(d)), sorted(set(d) - set(meta.layers))
     if missing or extra:
@@ -34,9 +35,10 @@ def tensors(meta, d: dict, where: str, kind: str) -> dict[str, torch.Tensor]:
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         if not t.is_floating_point():
             raise ValueError(f"{where}, layer {layer}: {kind} must be floating point, got {t.dtype}")
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{where}, layer {layer}: {kind} contains NaN or inf")
         out[layer] = t.detach().float().contiguous()
+    if out and not torch.isfinite(torch.cat([t.reshape(-1) for t in out.values()])).all():  # one check, not L
+        bad = next(layer for layer, t in out.items() if not torch.isfinite(t).all())
+        raise ValueError(f"{where}, layer {bad}: {kind} contains NaN or inf")
     return out
 
 def same_A(meta, shared_A: dict[str, torch.Tensor], A: dict[str, torch.Tensor], where: str) -> None:

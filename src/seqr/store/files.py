@@ -228,3 +228,15 @@ def manifest_generation(path: Path) -> int:
     with open(f, "rb") as fh:
         head = _GENERATION.match(fh.read(256))
     return int(head.group(1)) if head else int(read_json(f, "library manifest").get("generation", 0))
+
+
+def write_hashed(path: Path, stem: str, tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """Write tensors to `<stem>-<hash>.safetensors` (skipped when that exact content, checked by its sha256, is
+    already there)."""
+    data = tensors_to_bytes(tensors)
+    digest = sha256(data)
+    rel = f"{stem}-{digest[:16]}.safetensors"
+    target = path / rel
+    if not (target.is_file() and target.stat().st_size == len(data) and sha256(target.read_bytes()) == digest):
+        atomic_write_bytes(target, data)  # absent, or a damaged leftover under the same name: rewritten
+    return rel, digest

@@ -139,10 +139,21 @@ class LoraLibrary:
                            f"{self.layers[:3]}")
         if not self._adapters:
             raise ValueError("the library is empty: add an adapter before routing")
+        if device is not None and torch.device(device) == self._device(layer):
+            device = None  # where its tensors are: the library's own bank, which holds them
         key = layer if device is None else (layer, str(torch.device(device)))
         if key not in self._banks:
             self._banks[key] = banks.build(self, layer, device)
+            banks.bind(self, layer, self._banks[key])
         return self._banks[key]
+
+    def _device(self, layer: str) -> torch.device:
+        """Where the library's tensors of `layer` are."""
+        return (self.shared_A if self.shared_a else next(iter(self._adapters.values())).B)[layer].device
+
+    def drop_banks(self) -> None:
+        """Forget the cached banks (each is rebuilt on next use), e.g. after changing adapters' tensors in place."""
+        banks.drop(self)
 
     def adapter_weights(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(A, B) per layer of one adapter, B with its scaling folded in."""
@@ -179,7 +190,8 @@ class LoraLibrary:
             stats = checks.stats(self.meta, stats, where)
         if centroids is not None:
             centroids = checks.centroids(self.meta, centroids, where)
-        ad = _Adapter(B=self._stored(B), A=self._stored(A), stats=stats, centroids=self._stored(centroids))
+        ad = _Adapter(B=banks.views(self, name, self._stored(B), "B"), A=banks.views(self, name, self._stored(A), "A"),
+                      stats=stats, centroids=self._stored(centroids))
         flags = self.bank_flags()
         self._adapters[name] = ad
         self._persist(undo=lambda: self._adapters.pop(name), before=lambda: self._write_adapter(self.path, name, ad))
@@ -205,7 +217,7 @@ class LoraLibrary:
             if ad.file and not self._referenced(ad.file):
                 files.confined(self.path, ad.file, f"adapter {name!r}").unlink(missing_ok=True)
         self._persist(undo=lambda: self._restore(order, name, ad), after=delete_file)
-        banks.removed(self, name, ad, order.index(name), flags)  # in place: the last adapter takes its slot
+        banks.removed(self, name, ad, flags)  # in place: the last adapter takes its slot
 
     def _restore(self, order: list[str], name: str, ad: _Adapter) -> None:
         self._adapters[name] = ad
@@ -214,7 +226,7 @@ class LoraLibrary:
     def set_stats(self, name: str, stats: dict[str, NormStats]) -> None:
         ad = self._get(name)
         old, ad.stats = ad.stats, checks.stats(self.meta, stats, f"adapter {name!r}")
-        self._banks.clear()
+        self.drop_banks()
         self._persist(undo=lambda: setattr(ad, "stats", old))
 
     def with_stats(self, stats: dict[str, dict[str, NormStats]]) -> "LoraLibrary":
@@ -225,7 +237,8 @@ class LoraLibrary:
             raise KeyError(f"stats given for unknown adapter(s) {unknown}; the library holds {self.names}")
         new = LoraLibrary(self.meta)
         new.shared_A, new.storage_dtype, new.resident_dtype = self.shared_A, self.storage_dtype, self.resident_dtype
-        new._adapters = {n: replace(a, file=None, sha256=None, stats=checks.stats(self.meta, stats[n], f"adapter {n!r}")
+        new._adapters = {n: replace(a, B=banks.derived(new, n, a.B, "B"), A=banks.derived(new, n, a.A, "A"), file=None,
+                                    sha256=None, stats=checks.stats(self.meta, stats[n], f"adapter {n!r}")
                                     if n in stats else a.stats) for n, a in self._adapters.items()}
         return new
 
@@ -267,12 +280,17 @@ class LoraLibrary:
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"resident dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
         self.resident_dtype, rd = dtype, STORAGE_DTYPES[dtype]
-        cast = (lambda d: None if d is None else {k: t.to(rd) for k, t in d.items()})
-        self.shared_A = cast(self.shared_A)
-        for ad in self._adapters.values():
-            ad.B, ad.A, ad.centroids = cast(ad.B), cast(ad.A), cast(ad.centroids)
-        self._banks.clear()
+        self._cast_all(lambda d: None if d is None else {k: t.to(rd) for k, t in d.items()})
         return self
+
+    def _cast_all(self, cast) -> None:
+        """Replace every tensor held (shared A, B, A, centroids) by `cast` of it (a dict layer -> tensor each);
+        the banks are rebuilt on next use."""
+        self.drop_banks()
+        self.shared_A = cast(self.shared_A)
+        for name, ad in self._adapters.items():
+            ad.B, ad.A = banks.views(self, name, cast(ad.B), "B"), banks.views(self, name, cast(ad.A), "A")
+            ad.centroids = cast(ad.centroids)
 
     def _round_to_storage(self, dtype: str) -> None:
         """Switch the storage dtype, rounding every tensor held (shared A, B, A, centroids) to it."""
@@ -285,10 +303,7 @@ class LoraLibrary:
             raise ValueError(f"library is stored in {self.storage_dtype}; it cannot be re-stored in {dtype} "
                              f"(its float32 values are gone)")
         self.storage_dtype = dtype
-        self.shared_A = self._stored(self.shared_A)
-        for ad in self._adapters.values():
-            ad.B, ad.A, ad.centroids = self._stored(ad.B), self._stored(ad.A), self._stored(ad.centroids)
-        self._banks.clear()
+        self._cast_all(self._stored)
 
     def _persist(self, undo, before=None, after=None) -> None:
         """Commit an in-memory change of a bound library under the directory's writer lock: check no other writer
@@ -316,7 +331,7 @@ class LoraLibrary:
             if not committed:
                 self._generation = gen
                 undo()
-                self._banks.clear()
+                self.drop_banks()
             raise
 
     # ---------------------------------------------------------------------------------------------- disk
@@ -335,7 +350,7 @@ class LoraLibrary:
     def _save_locked(self, path: Path) -> None:
         self._generation = files.manifest_generation(path) + 1
         if self.shared_a:
-            self._shared_file = _write_hashed(path, files.SHARED_A_PREFIX,
+            self._shared_file = files.write_hashed(path, files.SHARED_A_PREFIX,
                                              self._on_disk({f"{layer}.A": t for layer, t in self.shared_A.items()}))
         for name, ad in self._adapters.items():
             self._write_adapter(path, name, ad)
@@ -353,7 +368,7 @@ class LoraLibrary:
             tensors.update({f"{layer}.A": t for layer, t in ad.A.items()})
         if ad.centroids is not None:
             tensors.update({f"{layer}.centroid": t for layer, t in ad.centroids.items()})
-        ad.file, ad.sha256 = _write_hashed(path, f"{files.ADAPTERS_DIR}/{name}", self._on_disk(tensors))
+        ad.file, ad.sha256 = files.write_hashed(path, f"{files.ADAPTERS_DIR}/{name}", self._on_disk(tensors))
 
     def _on_disk(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dt = STORAGE_DTYPES[self.storage_dtype]
@@ -498,14 +513,3 @@ def natural_key(layer: str) -> list:
     """Sort key that orders `layers.10` after `layers.9`."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", layer)]
 
-
-def _write_hashed(path: Path, stem: str, tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
-    """Write tensors to `<stem>-<hash>.safetensors` (skipped when that exact content, checked by its sha256, is
-    already there)."""
-    data = files.tensors_to_bytes(tensors)
-    digest = files.sha256(data)
-    rel = f"{stem}-{digest[:16]}.safetensors"
-    target = path / rel
-    if not (target.is_file() and target.stat().st_size == len(data) and files.sha256(target.read_bytes()) == digest):
-        files.atomic_write_bytes(target, data)  # absent, or a damaged leftover under the same name: rewritten
-    return rel, digest
