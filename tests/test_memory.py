@@ -154,3 +154,27 @@ def test_a_half_resident_library_attached_to_a_model(tmp_path):
         ref_t, half_t = out["fp32"][1][layer], out["fp16"][1][layer]
         clear = ref_t["margin"].abs() > 0.05
         assert clear.float().mean() > 0.7 and torch.equal(half_t["chosen"][clear], ref_t["chosen"][clear]), layer
+
+
+@pytest.mark.parametrize("resident", ["float32", "float16"])
+def test_a_loaded_library_holds_its_rows_stacked_and_its_banks_take_them_over(tmp_path, resident):
+    src = random_stats(adapter_library(tmp_path / "s", [f"a{i}" for i in range(12)]))
+    given = {n: {l: t.clone() for l, t in src.adapter_weights(n)[1].items()} for n in src.names}
+    src.save(tmp_path / "lib", dtype="float16")
+    before = _live_tensors()
+    lib = type(src).load(tmp_path / "lib", resident_dtype=resident)
+    N, L = len(lib), len(lib.layers)
+    assert _live_tensors() - before < N * L // 2  # a few stacked tensors per layer, not one per adapter and layer
+    layer, dt = lib.layers[3], getattr(torch, resident)
+    B = lib.adapter_weights("a5")[1][layer]
+    assert B.dtype == dt and torch.equal(B.float(), given["a5"][layer].half().float())  # the stored values
+    loaded = _storage(B)
+    assert _storage(lib.bank(layer).B) == loaded  # the bank took the loaded rows over, no copy
+    lib.remove("a2")  # a9 moves into a2's place: later banks are built from the adapters, not the loaded rows
+    other = lib.layers[4]
+    for i, n in enumerate(lib.names):
+        for ly in (layer, other):
+            assert torch.equal(lib.bank(ly).B[i].float(), given[n][ly].half().float()), (n, ly)
+    assert _storage(lib.bank(other).B) != _storage(lib.adapter_weights("a0")[1][lib.layers[5]])
+    with pytest.raises(ValueError, match="'int8'"):
+        type(src).load(tmp_path / "lib", resident_dtype="int8")

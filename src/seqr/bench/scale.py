@@ -186,10 +186,8 @@ def child(a) -> dict:
         out["build_save_s"] = time.perf_counter() - t0
         _settle()
         t0 = time.perf_counter()
-        lib = LoraLibrary.load(Path(tmp) / "lib")
+        lib = LoraLibrary.load(Path(tmp) / "lib", resident_dtype=a.resident)
         out["load_s"] = time.perf_counter() - t0
-        if a.resident != "float32":
-            lib.set_resident_dtype(a.resident)
         out["rss_load_mib"] = _settle() - base
         attach(model, lib, granularity="token")
         out["rss_attach_mib"] = _settle() - base
@@ -249,7 +247,7 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="base model (float32)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--resident", choices=("float32", "float16", "bfloat16"), default="float32",
-                   help="dtype A and B are held in (LoraLibrary.set_resident_dtype)")
+                   help="dtype A and B are held in (LoraLibrary.load(resident_dtype=))")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
     p.add_argument("--new-tokens", type=int, default=16, help="decode steps timed")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians)")

@@ -15,16 +15,18 @@ from seqr.core.threads import one_thread
 class Views(Mapping):
     """One adapter's B (or its own A) per layer, as one library holds it: its own tensors for some layers; for the
     layers of the library's cached banks, its row there, a view taken when read; for the rest, what the library
-    it was derived from holds (`parent`, a `with_stats` view's source). No view object is kept per adapter and
-    layer: at N = 1000 on SmolLM2 (120 layers) those 120 000 small tensors alone cost 0.1x the formula (measured)."""
+    it was derived from holds (`parent`, a `with_stats` view's source), or its row of the rows the library was
+    loaded into (`Loaded`). No view object is kept per adapter and layer: at N = 1000 on SmolLM2 (120 layers) those
+    120 000 small tensors alone cost 0.1x the formula (measured)."""
 
-    __slots__ = ("_own", "_banks", "_name", "_attr", "_layers", "_parent")
+    __slots__ = ("_own", "_banks", "_name", "_attr", "_layers", "_parent", "_row")
 
     def __init__(self, tensors: dict | None, banks: dict | None, name: str, attr: str, layers: dict,
                  parent: "Views | None" = None):
         self._own = dict(tensors or {})  # layer -> tensor, for the layers read neither from a bank nor the parent
         self._banks, self._name, self._attr = banks, name, attr  # the library's bank cache (None: not in one)
         self._layers, self._parent = layers, parent  # the library's layers (its meta's dict, shared): their order
+        self._row: tuple[Loaded, int] | None = None  # (the rows loaded, this adapter's index there)
 
     def __getitem__(self, layer: str) -> torch.Tensor:
         t = self._own.get(layer)
@@ -33,12 +35,15 @@ class Views(Mapping):
         if self._banks is not None and layer in self._banks:
             bank = self._banks[layer]
             return getattr(bank, self._attr)[bank.index[self._name]]  # (m, r) B or (r, n) A: a view of its row
+        if self._row is not None and layer in self._row[0].rows(self._attr):
+            return self._row[0].row(self._attr, layer, self._row[1])
         if self._parent is not None:
             return self._parent[layer]
         raise KeyError(layer)
 
     def __iter__(self):
         return (layer for layer in self._layers if layer in self._own or (self._banks and layer in self._banks)
+                or (self._row is not None and layer in self._row[0].rows(self._attr))
                 or (self._parent is not None and layer in self._parent))
 
     def __len__(self) -> int:
@@ -49,19 +54,67 @@ class Views(Mapping):
 
     def banked(self, layer: str) -> None:
         """Read `layer` from the library's bank from now on (the bank holds this adapter's row)."""
-        self._own.pop(layer, None)
+        if self._own.pop(layer, None) is not None and not self._own:
+            self._own = {}  # an emptied dict keeps its table (1.6 KiB at 120 layers)
+
+    def stacked(self, loaded: "Loaded", i: int) -> None:
+        """Move every own tensor into row `i` of the rows the library is being loaded into, and read them there."""
+        for layer, t in self._own.items():
+            loaded.rows(self._attr)[layer][i] = t.T if self._attr == "B" else t  # (r, m) B^T, or (r, n) A
+        self._own, self._row = {}, (loaded, i)
 
     def keep(self, copy: bool = False) -> None:
         """Read no cached bank any more: hold views of this adapter's rows (the banks are about to be dropped, their rows
         never written again), or with `copy` a copy of every layer, the parent's too (the adapter leaves the
         library: its rows are about to be overwritten)."""
         if copy:
-            self._own, self._parent, self._banks = {layer: self[layer].clone() for layer in self}, None, None
+            self._own = {layer: self[layer].clone() for layer in self}
+            self._parent = self._banks = self._row = None
         else:  # still the library's: read from the banks it builds next
             self._own.update({layer: self[layer] for layer in (self._banks or ()) if isinstance(layer, str)})
 
     def __repr__(self) -> str:
         return f"Views({self._attr} of {self._name!r}, {len(self)} layers, {len(self._own)} held apart from a bank)"
+
+
+class Loaded:
+    """The rows of the adapters a library was loaded with, stacked per layer in its banks' layout (B^T (N, r, m), a
+    unique A (N, r, n)) as each adapter's file is read: no small tensor per adapter and layer, so no heap they
+    fragment. A layer's rows are read by the adapters' Views until its bank is built, which takes them over
+    (no copy) while the library holds exactly the adapters loaded, in their order."""
+
+    def __init__(self, lib, names: list[str], dtype: torch.dtype):
+        N, r = len(names), lib.rank
+        self.names = list(names)
+        self.B = {layer: torch.empty(N, r, m, dtype=dtype) for layer, (m, n) in lib.meta.layers.items()}
+        self.A = {} if lib.shared_a else {layer: torch.empty(N, r, n, dtype=dtype)
+                                          for layer, (m, n) in lib.meta.layers.items()}
+
+    def rows(self, attr: str) -> dict[str, torch.Tensor]:
+        return self.B if attr == "B" else self.A
+
+    def row(self, attr: str, layer: str, i: int) -> torch.Tensor:
+        return self.B[layer][i].T if attr == "B" else self.A[layer][i]  # (m, r) B, or (r, n) A
+
+    def take(self, lib, layer: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(B^T (N, r, m), A (N, r, n) or None) of `layer` for its bank, when the library still holds exactly the
+        adapters loaded, in order; else (None, None)."""
+        if layer not in self.B or self.names != lib.names:
+            return None, None
+        return self.B[layer], self.A.get(layer)
+
+    def release(self, layer: str) -> None:
+        """`layer`'s bank is built: its rows are read there from now on."""
+        self.B.pop(layer, None)
+        self.A.pop(layer, None)
+
+
+def stack(lib, name: str, i: int) -> None:
+    """Move adapter `name`'s tensors, just read from its file, into row `i` of the rows the library is loaded into."""
+    ad = lib._adapters[name]
+    for v in (ad.B, ad.A):
+        if isinstance(v, Views):
+            v.stacked(lib._loaded, i)
 
 
 def views(lib, name: str, tensors: dict | None, attr: str) -> Views | None:
@@ -87,8 +140,11 @@ def drop(lib) -> None:
 def build(lib, layer: str, device) -> AdapterBank:
     """The AdapterBank of one layer on `device` (None: where the library's tensors are), from every adapter."""
     ads = list(lib._adapters.values())
-    Bt = torch.stack([a.B[layer].T for a in ads]).to(device)  # (N, r, m): the bank's own layout
-    A = (lib.shared_A[layer] if lib.shared_a else torch.stack([a.A[layer] for a in ads])).to(device)
+    Bt, A = (None, None) if device is not None or lib._loaded is None else lib._loaded.take(lib, layer)
+    if Bt is None:
+        Bt = torch.stack([a.B[layer].T for a in ads]).to(device)  # (N, r, m): the bank's own layout
+        A = None if lib.shared_a else torch.stack([a.A[layer] for a in ads]).to(device)  # (N, r, n)
+    A = lib.shared_A[layer].to(device) if lib.shared_a else A
     mu, sigma, q = _stats(lib, ads, layer, not lib.uncalibrated)
     c = torch.stack([a.centroids[layer] for a in ads]) if lib.has_centroids else None  # (N, n)
     return AdapterBank(A, Bt.transpose(1, 2), mu=mu, sigma=sigma, quantiles=q, centroids=c, names=lib.names)
@@ -110,6 +166,8 @@ def bind(lib, layer: str, bank: AdapterBank, only: list[str] | None = None) -> N
     when it is the library's own bank of that layer (where its tensors are): one copy of every adapter in memory."""
     if lib._banks.get(layer) is not bank:
         return
+    if lib._loaded is not None:
+        lib._loaded.release(layer)
     for name in lib._adapters if only is None else only:
         ad = lib._adapters[name]
         for v in (ad.B, ad.A):

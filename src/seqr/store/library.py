@@ -77,6 +77,7 @@ class LoraLibrary:
         self.storage_dtype = "float32"  # STORAGE_DTYPES: what its files hold; memory holds those values in float32
         self.lock_owner = None  # set by a holder of the directory's writer lock (files.file_lock) to hand it over
         self.resident_dtype = "float32"  # STORAGE_DTYPES: the dtype A, B and centroids are held in (routing: fp32)
+        self._loaded: banks.Loaded | None = None  # the rows it was loaded into, until its banks take them over
 
     # ---------------------------------------------------------------------------------------------- access
     @property
@@ -287,6 +288,7 @@ class LoraLibrary:
         """Replace every tensor held (shared A, B, A, centroids) by `cast` of it (a dict layer -> tensor each);
         the banks are rebuilt on next use."""
         self.drop_banks()
+        self._loaded = None  # every adapter holds its own cast tensors now
         self.shared_A = cast(self.shared_A)
         for name, ad in self._adapters.items():
             ad.B, ad.A = banks.views(self, name, cast(ad.B), "B"), banks.views(self, name, cast(ad.A), "A")
@@ -398,16 +400,20 @@ class LoraLibrary:
         })
 
     @classmethod
-    def load(cls, path: str | Path) -> "LoraLibrary":
-        """Load a library directory, verifying the format version and every file's checksum."""
+    def load(cls, path: str | Path, resident_dtype: str = "float32") -> "LoraLibrary":
+        """Load a library directory, verifying the format version and every file's checksum. `resident_dtype`
+        (STORAGE_DTYPES): what A, B and the centroids are held in (as `set_resident_dtype`, without a float32 copy
+        first)."""
+        if resident_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"resident dtype must be one of {list(STORAGE_DTYPES)}, got {resident_dtype!r}")
         path = Path(path)
         if not (path / files.MANIFEST).is_file():
             raise PathNotFound(f"{path} holds no seqr library ({files.MANIFEST} missing)")
         with files.dir_lock(path, shared=True):  # never half of another process's change
-            return cls._load_locked(path)
+            return cls._load_locked(path, resident_dtype)
 
     @classmethod
-    def _load_locked(cls, path: Path) -> "LoraLibrary":
+    def _load_locked(cls, path: Path, resident_dtype: str) -> "LoraLibrary":
         man = files.read_json(path / files.MANIFEST, "library manifest")
         if man.get("format") != files.LIBRARY_FORMAT:
             raise ValueError(f"{path / files.MANIFEST} is not a seqr library manifest (format={man.get('format')!r})")
@@ -431,10 +437,13 @@ class LoraLibrary:
                 t = files.read_tensors(files.confined(path, sa["file"], what), what, sa["sha256"])
                 shared = {layer: t[f"{layer}.A"] for layer in meta.layers if f"{layer}.A" in t}
             lib = cls(meta, shared)
-            lib.storage_dtype = storage
+            lib.storage_dtype, lib.resident_dtype = storage, resident_dtype
+            lib.shared_A = lib._stored(lib.shared_A)
             lib._shared_file = None if sa is None else (sa["file"], sa["sha256"])
-            for e in entries:
+            lib._loaded = banks.Loaded(lib, [e["name"] for e in entries], STORAGE_DTYPES[resident_dtype])
+            for i, e in enumerate(entries):
                 lib._load_entry(path, e)
+                banks.stack(lib, e["name"], i)
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"library manifest {path / files.MANIFEST} is missing or malforms field {e}") from None
         lib.path, lib._generation = path, generation
