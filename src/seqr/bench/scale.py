@@ -11,8 +11,8 @@ random shared-A rank-r adapters on q/k/v/o (seeded; calibrated with stand-in sta
                  medians of 3 (add_first_s: the first add, which may grow the banks' stores);
                  (add_write_s / remove_write_s: of which in the atomic file writes, the adapter's file and the
                  manifest); reattach_s: detach + attach afterwards, what a serving engine does before its next batch
-  decode ms/token    greedy decoding (prompt P tokens, G steps timed) at batch 1 and 8, untouched vs routed by SEQR,
-                 interleaved, medians of --repeats
+  decode ms/token    greedy decoding (prompt P tokens, G steps timed) at batch 1 and 8: untouched, SEQR per token
+                 (the paper) and SEQR at its default granularity (once per request), interleaved, medians of --repeats
   routing_share  1 - (a prefill forward with every token on one fixed adapter) / (the same forward routed by SEQR)
 
 Writes scale.json, scale.md and scale.png to --out. --resident float16 holds A and B in half precision.
@@ -82,13 +82,17 @@ def _decode_ms(model, ids, steps: int) -> float:
 
 
 def _timed_decode(model, lib, ids, steps: int, repeats: int) -> dict:
-    """ms per generated token, untouched vs routed, interleaved rounds; the model leaves attached."""
+    """ms per generated token, interleaved rounds: the untouched model, SEQR at its default granularity (one adapter
+    per request, chosen by a probe prefill) and per token (the paper); the model leaves attached per token."""
     from seqr import attach, detach
 
-    times = {"untouched": [], "seqr": []}
+    times = {"untouched": [], "seqr_request": [], "seqr": []}
     for _ in range(repeats):
         detach(model)
         times["untouched"].append(_decode_ms(model, ids, steps))
+        attach(model, lib)  # the default: once per request
+        times["seqr_request"].append(_decode_ms(model, ids, steps))
+        detach(model)
         attach(model, lib, granularity="token")  # the paper's per-token routing: the scale it must hold
         times["seqr"].append(_decode_ms(model, ids, steps))
     return {k: statistics.median(v) for k, v in times.items()}
@@ -202,8 +206,8 @@ def child(a) -> dict:
 
 def markdown(rows: list[dict], resident: str) -> str:
     lines = [f"| N | formula MiB | resident after load / attach / forward MiB | × formula | load s | add / remove s "
-             f"(file writes) | "
-             f"reattach s | decode b1 ms (× untouched) | decode b8 ms (× untouched) | routing share |",
+             f"(file writes) | reattach s | decode b1 ms per token / per request (× untouched) | decode b8 ms per "
+             f"token / per request (× untouched) | routing share |",
              "|---:|---:|---|---:|---:|---|---|---|---|---:|"]
     for r in rows:
         d1, d8 = r["decode_ms"]["1"], r["decode_ms"]["8"]
@@ -212,10 +216,17 @@ def markdown(rows: list[dict], resident: str) -> str:
             f"{r['rss_forward_mib']:.0f} | {r['rss_forward_mib'] / r['formula_mib']:.2f}× | {r['load_s']:.2f} | "
             f"{r['add_s']:.3f} / {r['remove_s']:.3f} ({r['add_write_s']:.3f} / {r['remove_write_s']:.3f}; first add "
             f"{r['add_first_s']:.3f}) | "
-            f"{r['reattach_add_s']:.2f} / {r['reattach_remove_s']:.2f} | "
-            f"{d1['seqr']:.1f} ({d1['seqr'] / d1['untouched']:.2f}×) | {d8['seqr']:.1f} "
-            f"({d8['seqr'] / d8['untouched']:.2f}×) | {100 * r['routing_share']:.0f}% |")
+            f"{r['reattach_add_s']:.2f} / {r['reattach_remove_s']:.2f} | {_decode_cell(d1)} | {_decode_cell(d8)} | "
+            f"{100 * r['routing_share']:.0f}% |")
     return "\n".join(lines) + f"\n\nresident dtype: {resident}; files stored float16.\n"
+
+
+def _decode_cell(d: dict) -> str:
+    """'per-token ms (x) / per-request ms (x)' of one batch size (per request: absent in runs before it was timed)."""
+    cell = f"{d['seqr']:.1f} ({d['seqr'] / d['untouched']:.2f}×)"
+    if "seqr_request" in d:
+        cell += f" / {d['seqr_request']:.1f} ({d['seqr_request'] / d['untouched']:.2f}×)"
+    return cell
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -232,7 +243,10 @@ def plot(rows: list[dict], path: Path) -> None:
     ax1.set(xscale="log", yscale="log", xlabel="adapters N", ylabel="resident growth (MiB)", title="Memory")
     ax1.legend(fontsize=8)
     for b, style in (("1", "o-"), ("8", "s-")):
-        ax2.plot(Ns, [r["decode_ms"][b]["seqr"] for r in rows], style, label=f"SEQR, batch {b}")
+        ax2.plot(Ns, [r["decode_ms"][b]["seqr"] for r in rows], style, label=f"SEQR per token, batch {b}")
+        if all("seqr_request" in r["decode_ms"][b] for r in rows):
+            ax2.plot(Ns, [r["decode_ms"][b]["seqr_request"] for r in rows], style.replace("-", "--"),
+                     label=f"SEQR per request, batch {b}")
         ax2.plot(Ns, [r["decode_ms"][b]["untouched"] for r in rows], style.replace("-", ":"), alpha=0.6,
                  label=f"untouched, batch {b}")
     ax2.set(xscale="log", xlabel="adapters N", ylabel="ms per generated token", title="Decode")
