@@ -54,10 +54,12 @@ STATE_EVERY = 10
 SEED, A_SEED = 0, 0
 STORAGE = "float16"
 ARTIFACTS = Path("artifacts/paper-library")
+UNIQUE_ARTIFACTS = Path("artifacts/paper-library-unique")  # --unique-a: ordinary LoRA (A trained, stored per adapter)
 OLD_SWEEPS = Path("docs/results/paper_library/cpu_sweeps_issue14.json")  # sweeps run on CPU before this store existed
 
 
 def recipe(task: str, out: Path, lr: float, data: str, rank: int = 32, **kw) -> TrainConfig:
+    """The Appendix D recipe; `unique_a=True` in kw trains ordinary LoRA (the paper's Table 2 comparison)."""
     base = dict(model=MODEL, task=task, out=str(out), data=data, a_seed=A_SEED, rank=rank, alpha=2 * rank, dropout=0.05,
                 epochs=EPOCHS, lr=lr, batch_size=8, max_train=FULL_TRAIN, seed=SEED, dtype="auto")
     return TrainConfig(**{**base, **kw})
@@ -87,7 +89,7 @@ def sweep_point(ctx: dict, task: str, lr: float, dev) -> dict:
     """Train SWEEP_TRAIN examples for one epoch at `lr`, score on the dev subset, and give the model back."""
     model, tok, data = ctx["model"], ctx["tok"], ctx["data"]
     cfg = recipe(task, Path("unused"), lr, data, epochs=1, max_train=SWEEP_TRAIN, model=ctx["name"],
-                 rank=ctx["rank"])
+                 rank=ctx["rank"], unique_a=ctx["unique_a"])
     session = Session(cfg, model, tok, load_task(task, "train", data_dir=data, max_examples=SWEEP_TRAIN, seed=SEED))
     t0 = time.perf_counter()
     while not session.done:
@@ -138,7 +140,7 @@ def sweep(ctx: dict, task: str) -> dict:
     f = ctx["art"] / "sweeps" / f"{task}.json"
     rec = files.read_json(f, "sweep record") if f.exists() else None
     if rec is None:
-        pts, prior = old_sweep(task)
+        pts, prior = old_sweep(task) if not ctx["unique_a"] else ([], None)  # the old sweeps trained shared A
         rec = {"task": task, "points": pts, "prior_choice": prior, "sweep_train": SWEEP_TRAIN, "sweep_dev": SWEEP_DEV}
     if rec.get("lr") is not None:
         return rec
@@ -156,7 +158,7 @@ def sweep(ctx: dict, task: str) -> dict:
         files.atomic_write_json(f, rec)
     rec["lr"] = best_point(rec["points"], rec["prior_choice"])["lr"]
     files.atomic_write_json(f, rec)
-    ctx["commit"](f"sweep {task}: lr {rec['lr']:g}", [f])
+    ctx["commit"](f"{'unique-A ' if ctx['unique_a'] else ''}sweep {task}: lr {rec['lr']:g}", [f])
     print(f"[paper] {task}: lr {rec['lr']:g} (base {rec['base']['accuracy']:.3f})", file=sys.stderr, flush=True)
     return rec
 
@@ -180,7 +182,7 @@ def calibrated(ctx: dict, adapter: Path, task: str) -> None:
 def full_run(ctx: dict, task: str, lr: float) -> Path:
     """One silo's full training run (resumable within WORK), then the calibration of it and of its snapshots."""
     out = ctx["work"] / "final" / task
-    cfg = recipe(task, out, lr, ctx["data"], model=ctx["name"], rank=ctx["rank"])
+    cfg = recipe(task, out, lr, ctx["data"], model=ctx["name"], rank=ctx["rank"], unique_a=ctx["unique_a"])
     examples = load_task(task, "train", data_dir=ctx["data"], max_examples=FULL_TRAIN, seed=SEED)
     print(f"[paper] {task} lr={lr:g}: {len(examples)} examples x {EPOCHS} epochs", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -207,7 +209,7 @@ def snapshots_run(ctx: dict, task: str, lr: float) -> None:
     steps = missing_snapshots(ctx, task)
     if not steps:
         return
-    cfg = recipe(task, Path("unused"), lr, ctx["data"], model=ctx["name"], rank=ctx["rank"])
+    cfg = recipe(task, Path("unused"), lr, ctx["data"], model=ctx["name"], rank=ctx["rank"], unique_a=ctx["unique_a"])
     examples = load_task(task, "train", data_dir=ctx["data"], max_examples=FULL_TRAIN, seed=SEED)
     print(f"[paper] {task}: snapshots at steps {steps} (lr {lr:g})", file=sys.stderr, flush=True)
     session, on_step = Session(cfg, ctx["model"], ctx["tok"], examples), snapshotter(ctx["work"], task, steps)
@@ -246,7 +248,7 @@ def run_record(ctx: dict, task: str, rec: dict, out: Path) -> dict:
             "n_train": meta["n_train"], "train_seconds": meta["train_seconds"], "wall_seconds": meta.get("wall_seconds"),
             "tokens_per_s": meta["tokens_per_s"], "base_dtype": meta["base_dtype"], "device": str(ctx["device"]),
             "machine": machine(), "final_loss": meta["final_loss"], "loss": loss, "checkpoints": list(ctx["checkpoints"]),
-            "calibration_examples": CALIBRATION, "storage_dtype": STORAGE,
+            "calibration_examples": CALIBRATION, "storage_dtype": STORAGE, "shared_a": not ctx["unique_a"],
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -260,7 +262,8 @@ def publish(ctx: dict, task: str, rec: dict, out: Path) -> None:
     f = art / "runs" / f"{task}.json"
     files.atomic_write_json(f, run_record(ctx, task, rec, out))
     add_to_library(art, task, out)
-    ctx["commit"](f"paper library: {task} (lr {rec['lr']:g})",
+    kind = "unique-A paper library" if ctx["unique_a"] else "paper library"
+    ctx["commit"](f"{kind}: {task} (lr {rec['lr']:g})",
                   [f, art / files.MANIFEST, art / files.ADAPTERS_DIR, *touched,
                    *art.glob(f"{files.SHARED_A_PREFIX}-*")])
 
@@ -280,21 +283,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--data", default=os.environ.get("SEQR_TASK_DATA"), help="task dir (default $SEQR_TASK_DATA)")
-    p.add_argument("--work", default="runs/paper", help="resumable training state, kept out of git")
+    p.add_argument("--work", default=None, help="resumable training state, kept out of git (default runs/paper, "
+                                                 "runs/paper-unique with --unique-a)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is available")
     p.add_argument("--commit", action="store_true", help="git commit every finished piece at once")
-    p.add_argument("--artifacts", default=str(ARTIFACTS), help=f"the committed store (default {ARTIFACTS})")
+    p.add_argument("--artifacts", default=None,
+                   help=f"the committed store (default {ARTIFACTS}; with --unique-a {UNIQUE_ARTIFACTS})")
+    p.add_argument("--unique-a", action="store_true",
+                   help="ordinary LoRA, A trained and stored per adapter (the paper's Table 2; no snapshots by default)")
     p.add_argument("--model", default=MODEL, help=f"base model (default {MODEL}; tests pass a tiny one)")
     p.add_argument("--snapshots-only", action="store_true",
                    help="only rebuild the committed tasks' missing snapshot libraries (the first steps of each run)")
     p.add_argument("--rank", type=int, default=32, help="LoRA rank (alpha = 2 rank; default 32, the paper's)")
-    p.add_argument("--checkpoints", default=",".join(map(str, CHECKPOINTS)),
-                   help="steps whose snapshots are kept, comma-separated")
+    p.add_argument("--checkpoints", default=None,
+                   help=f"steps whose snapshots are kept, comma-separated (default {','.join(map(str, CHECKPOINTS))}; "
+                        "none with --unique-a)")
     a = p.parse_args(argv)
     device = data_and_device(p, a)
-    art = Path(a.artifacts)
+    art = Path(a.artifacts or (UNIQUE_ARTIFACTS if a.unique_a else ARTIFACTS))
     done = done_tasks(art)
-    steps = tuple(int(x) for x in a.checkpoints.split(",") if x)
+    checkpoints = a.checkpoints if a.checkpoints is not None else "" if a.unique_a else ",".join(map(str, CHECKPOINTS))
+    steps = tuple(int(x) for x in checkpoints.split(",") if x)
     if a.snapshots_only:  # committed tasks whose snapshot libraries lack them
         todo = [t for t in a.tasks if t in done and any(t not in done_tasks(art / "checkpoints" / f"step-{s}")
                                                          for s in steps)]
@@ -304,9 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     if not todo:
         return 0
     model, tok = load_model(a.model, dtype="auto", device=device)
-    ctx = {"model": model, "tok": tok, "name": a.model, "data": a.data, "work": Path(a.work), "device": device, "art": art,
+    work = Path(a.work or ("runs/paper-unique" if a.unique_a else "runs/paper"))
+    ctx = {"model": model, "tok": tok, "name": a.model, "data": a.data, "work": work, "device": device, "art": art,
            "dtype": next(model.parameters()).dtype, "commit": git_committer(a.commit),
-           "checkpoints": steps, "rank": a.rank}
+           "checkpoints": steps, "rank": a.rank, "unique_a": a.unique_a}
     for task in todo:
         rec = sweep(ctx, task)
         if a.snapshots_only:

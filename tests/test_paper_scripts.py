@@ -8,14 +8,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from seqr import LoraLibrary
 from seqr.eval.evaluate import EvalConfig
+from seqr.hf import dtypes
 from seqr.store import files
 from test_evaluate import task_examples
 from tiny_chat import save_chat_model, write_task_dir
 
 ROOT = Path(__file__).parents[1]
+AUTO_DTYPE = dtypes.name(dtypes.choose("auto")[0])  # the machine's pick: bfloat16 where native, else float32
 
 
 def _script(name: str):
@@ -69,7 +72,7 @@ def test_build_commits_pieces_resumes_from_the_store_and_rebuilds_snapshots(setu
     for step in (1, 2):
         assert sorted(LoraLibrary.load(art / "checkpoints" / f"step-{step}").names) == ["cola", "sst2"]
     run = json.loads((art / "runs" / "sst2.json").read_text())
-    assert run["steps"] == 4 and run["epochs"] == 2 and len(run["loss"]) == 4 and run["base_dtype"] == "float32"
+    assert run["steps"] == 4 and run["epochs"] == 2 and len(run["loss"]) == 4 and run["base_dtype"] == AUTO_DTYPE
     assert {"lr", "sweep", "tokens_per_s", "wall_seconds", "machine", "device"} <= set(run)
     sweep = json.loads((art / "sweeps" / "sst2.json").read_text())
     assert sweep["lr"] == run["lr"] and len(sweep["points"]) >= 3 and "base" in sweep
@@ -88,6 +91,23 @@ def test_build_commits_pieces_resumes_from_the_store_and_rebuilds_snapshots(setu
     assert next((art / "checkpoints" / "step-1" / "adapters").glob("cola-*")).read_bytes() == snap  # bit for bit
     assert next((art / "adapters").glob("cola-*")).read_bytes() == weights  # the final adapter untouched
     assert json.loads((art / "runs" / "cola.json").read_text())["snapshots"]["1"]["rerun"]
+
+
+def test_unique_a_build_trains_and_stores_each_adapters_own_a(setup):
+    """--unique-a: ordinary LoRA (A trained, stored per adapter) into its own store, swept afresh, no snapshots."""
+    args = _args(setup, "--unique-a")
+    args[args.index("--artifacts") + 1], args[args.index("--work") + 1] = str(setup / "uniq"), str(setup / "uwork")
+    args.remove("--checkpoints"), args.remove("1,2")
+    assert pl.main(args) == 0
+    lib = LoraLibrary.load(setup / "uniq")
+    assert sorted(lib.names) == ["cola", "sst2"] and not lib.shared_a and lib.storage_dtype == "float16"
+    assert not lib.uncalibrated and not (setup / "uniq" / "checkpoints").exists()
+    layer = next(iter(lib.layers))
+    a_sst2, a_cola = lib.adapter_weights("sst2")[0][layer], lib.adapter_weights("cola")[0][layer]  # (r, n), apart
+    assert a_sst2.shape == a_cola.shape and not torch.equal(a_sst2, a_cola)
+    run = json.loads((setup / "uniq" / "runs" / "sst2.json").read_text())
+    assert run["shared_a"] is False and run["checkpoints"] == [] and run["steps"] == 4
+    assert all("source" not in p for p in json.loads((setup / "uniq" / "sweeps" / "sst2.json").read_text())["points"])
 
 
 def test_eval_runs_each_pass_once_in_float32(setup, monkeypatch, capsys):

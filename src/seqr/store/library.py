@@ -471,7 +471,8 @@ class LoraLibrary:
 
         All adapters must share base model, rank, target modules and layer shapes; every mismatch is listed
         in one error. If every layer's A is identical across adapters (to 1e-6 relative) the library is
-        shared-A (SEQR-routable); otherwise it is a unique-A library that only the baselines can route.
+        shared-A (SEQR-routable); otherwise, or if any adapter was trained with its own A (seqr meta
+        `shared_a: false`, e.g. `seqr train --unique-a`), it is a unique-A library (SPECTR and the baselines).
         """
         items = list(paths.items()) if isinstance(paths, dict) else [(None, p) for p in paths]
         if not items:
@@ -479,7 +480,8 @@ class LoraLibrary:
         ads = [read_peft_adapter(p, name) for name, p in items]
         checks.compatible(ads)
         first = ads[0]
-        shared = all(checks.rel_diff(a.A[layer], first.A[layer]) <= checks.A_REL_TOL for a in ads[1:] for layer in first.A)
+        shared = all(a.meta.get("shared_a", True) for a in ads) and all(
+            checks.rel_diff(a.A[layer], first.A[layer]) <= checks.A_REL_TOL for a in ads[1:] for layer in first.A)
         seeds = {a.meta.get("a_seed") for a in ads}
         order = sorted(first.A, key=natural_key)
         meta = LibraryMeta(rank=first.rank, layers={k: (first.B[k].shape[0], first.A[k].shape[1]) for k in order},
