@@ -10,6 +10,8 @@ next one. Stages (each its own `seqr eval` results document under OUT):
   steps  NOISE_N dev examples per task: oracle and seqr on the step-12 / step-50 snapshots and the final library
   variants  full dev splits: seqr under each routing variant of VARIANTS (the routing study's main axes; the
          norm routers' score, stats and granularity), for sign tests against the main stage's passes
+  unique  full dev splits on the unique-A library (ordinary LoRA, scripts/paper_library.py --unique-a): UNIQUE,
+         the routers in their native setting, for the shared-vs-unique comparison (the paper's Table 2)
   noise  the steps stage's examples and document: the final library's seqr with noise on mu at NOISE_LEVELS
          sigmas (Figure 6; its seqr and oracle passes are the steps stage's)
 """
@@ -31,13 +33,15 @@ from longrun import commit_only, data_and_device  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 LIBRARY = Path("artifacts/paper-library")
+UNIQUE_LIBRARY = Path("artifacts/paper-library-unique")
 OUT = Path("docs/results/paper_library")
 TASKS = ("agnews", "cola", "dbpedia", "hellaswag", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2")
 MAIN = ("base", "oracle", "seqr", "mu", "arrow", "centroid", "centroid-seqr", "lag")
 EXACT_N, NOISE_N = 20, 100
 NOISE_LEVELS = (0.1, 0.2, 0.5, 1.0)
 STEPS = (12, 50)
-STAGES = ("main", "exact", "steps", "noise", "variants")
+UNIQUE = ("oracle", "spectr", "mu", "arrow", "lag", "centroid")  # spectr: the exact norm router without shared A
+STAGES = ("main", "exact", "steps", "noise", "variants", "unique")
 # EvalConfig overrides of the seqr passes in the variants stage, most telling first
 VARIANTS = ({"granularity": "request"}, {"granularity": "layers"}, {"granularity": "request-reuse"},
             {"granularity": "depth"}, {"granularity": "request", "probe_depth": 0.5},
@@ -45,9 +49,11 @@ VARIANTS = ({"granularity": "request"}, {"granularity": "layers"}, {"granularity
 FOLDER = {"noise": "steps"}  # a stage that adds passes to another stage's document
 
 
-def plan(stage: str, lib: Path) -> tuple[dict[str, Path], EvalConfig, tuple]:
+def plan(stage: str, lib: Path, unique: Path) -> tuple[dict[str, Path], EvalConfig, tuple]:
     """(libraries by label, the stage's config, its passes in order: a method, or (method, config overrides))."""
     tasks = LoraLibrary.load(lib).names
+    if stage == "unique":
+        return {"unique-0": unique}, EvalConfig(tasks=tasks, max_eval=None, noise=(), model=MODEL), UNIQUE
     if stage == "main":
         return {"shared-0": lib}, EvalConfig(tasks=tasks, max_eval=None, noise=(), model=MODEL), MAIN
     if stage == "variants":
@@ -64,7 +70,7 @@ def plan(stage: str, lib: Path) -> tuple[dict[str, Path], EvalConfig, tuple]:
 
 
 def run_stage(stage: str, a, model, tok) -> None:
-    paths, cfg, passes = plan(stage, Path(a.library))
+    paths, cfg, passes = plan(stage, Path(a.library), Path(a.unique_library))
     cfg.model, cfg.batch_size = a.model, a.batch_size
     libs = {label: LoraLibrary.load(p) for label, p in paths.items() if (p / files.MANIFEST).exists()}
     cfg.tasks = [t for t in cfg.tasks if all(t in lib for lib in libs.values())]
@@ -89,11 +95,25 @@ def finished_passes(path: Path) -> set[str]:
                                                       for key in [*e["methods"], *e["noise"]]}
 
 
+def incomplete(path: str, default: Path, flag: str, partial: bool) -> str | None:
+    """Why `path` cannot be evaluated yet: it holds no library, or, at its default place, not all of TASKS (every
+    pass's fingerprint changes with each added adapter) and `partial` is off; None when it can."""
+    if not (Path(path) / files.MANIFEST).exists():
+        return f"{flag} {path}: no library there yet (scripts/paper_library.py builds it)"
+    held = LoraLibrary.load(path).names
+    if path == str(default) and set(held) != set(TASKS) and not partial:
+        return (f"{flag} {path} holds {len(held)} of the {len(TASKS)} tasks ({sorted(held)}); finish "
+                f"scripts/paper_library.py first (every pass's fingerprint changes with each added adapter)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stage", choices=STAGES + ("all",), default="all")
     p.add_argument("--data", default=os.environ.get("SEQR_TASK_DATA"), help="task dir (default $SEQR_TASK_DATA)")
     p.add_argument("--library", default=str(LIBRARY), help=f"the library (default {LIBRARY})")
+    p.add_argument("--unique-library", default=str(UNIQUE_LIBRARY),
+                   help=f"the unique-A library of the unique stage (default {UNIQUE_LIBRARY})")
     p.add_argument("--out", default=str(OUT), help=f"results root, one folder per stage (default {OUT})")
     p.add_argument("--model", default=MODEL, help=f"base model (default {MODEL})")
     p.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is available")
@@ -102,14 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-partial", action="store_true", help="evaluate the default library before all ten are in")
     a = p.parse_args(argv)
     device = data_and_device(p, a)
-    if not (Path(a.library) / files.MANIFEST).exists():
-        p.error(f"--library {a.library}: no library there yet (scripts/paper_library.py builds it)")
-    held = LoraLibrary.load(a.library).names
-    if a.library == str(LIBRARY) and set(held) != set(TASKS) and not a.allow_partial:
-        p.error(f"--library {a.library} holds {len(held)} of the {len(TASKS)} tasks ({sorted(held)}); finish "
-                f"scripts/paper_library.py first (every pass's fingerprint changes with each added adapter)")
+    if why := incomplete(a.library, LIBRARY, "--library", a.allow_partial):
+        p.error(why)
+    todo = list(STAGES) if a.stage == "all" else [a.stage]
+    if "unique" in todo and (why := incomplete(a.unique_library, UNIQUE_LIBRARY, "--unique-library", a.allow_partial)):
+        if a.stage != "all":
+            p.error(why)
+        todo.remove("unique")  # the unique-A library is built after the shared one: its stage waits for it
+        print(f"[paper-eval] unique stage skipped: {why}", file=sys.stderr)
     model, tok = load_model(a.model, dtype="float32", device=device)
-    for stage in STAGES if a.stage == "all" else (a.stage,):
+    for stage in todo:
         run_stage(stage, a, model, tok)
     return 0
 

@@ -5,7 +5,8 @@ Usage: python scripts/paper_report.py [--out docs/results/paper_library]
 Sections: did each adapter learn (own adapter vs the untouched model per task, exact sign tests); the full-dev
 comparison (Tables 3-4, Figures 3-4, SEQR against every method: main/report.md); exactness (spectr and naive
 decide as seqr does); SEQR under noise on mu (Figure 6: the noise passes of the steps stage's final library);
-routability vs training (step-12, step-50, final); SEQR's routing variants against every main method.
+routability vs training (step-12, step-50, final); SEQR's routing variants against every main method; shared
+against unique A (Table 2) and the routers on ordinary LoRA.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from seqr.store import files
 
 OUT = Path("docs/results/paper_library")
 LABEL = "shared-0"
+UNIQUE_LABEL = "unique-0"
 
 
 def load(out: Path, stage: str) -> dict | None:
@@ -97,6 +99,31 @@ def variants_lines(main: dict, variants: dict, out: Path) -> tuple[list[str], di
             + er.variants_table(res) + [""] + ([f"![variants]({fig})", ""] if fig else []), res)
 
 
+def unique_lines(main: dict, unique: dict) -> tuple[list[str], dict]:
+    """Item 7: the paper's Table 2 (does a shared frozen A cost accuracy?) and the routers in their native setting."""
+    res = study.shared_vs_unique(main, unique, LABEL, UNIQUE_LABEL)
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    own = [[t, pct(r["shared"]), pct(r["unique"]), r["only_shared"], r["only_unique"], f"{r['p']:.2g}"]
+           for t, r in res["oracle"].items()]
+    each = [[("seqr / spectr" if k == "spectr" else k), pct(r["shared"]), pct(r["unique"]), pct(r["own_shared"]),
+             pct(r["own_unique"]), r["only_shared"], r["only_unique"], f"{r['p']:.2g}"] for k, r in res["methods"].items()]
+    native = [[k, pct(r["unique"]), pct(r["own_unique"]), r["only_shared"], r["only_unique"], f"{r['p']:.2g}"]
+              for k, r in res["native"].items()]
+    n = sum(len(v["gold"]) for v in main["examples"].values())
+    return (["## Does a shared frozen A cost accuracy? (the paper's Table 2; item 7)", "",
+             f"The same recipe trained as ordinary LoRA (each adapter's A trained too; "
+             f"`artifacts/paper-library-unique/`), on the same {n} dev "
+             "examples. 'only shared / only unique': examples only that library's pass answers right (exact sign "
+             "test). Own adapter per task:", ""]
+            + _table(["task", "shared A %", "unique A %", "only shared", "only unique", "sign-test p"], own)
+            + ["Each router on its own library (the exact norm router is SEQR with shared A, SPECTR without):", ""]
+            + _table(["router", "shared A %", "unique A %", "own share, shared %", "own share, unique %",
+                      "only shared", "only unique", "sign-test p"], each)
+            + ["The unique-A library's routers in their native setting, against SEQR on the shared-A library:", ""]
+            + _table(["router (unique A)", "accuracy %", "own share %", "only seqr (shared A) right", "only it right",
+                      "sign-test p"], native), res)
+
+
 def steps_lines(doc: dict, final_steps: int, out: Path) -> tuple[list[str], dict]:
     res = study.routability(doc)
     if not res:  # the oracle passes are in, SEQR's not yet: how much each snapshot has learned
@@ -134,7 +161,7 @@ def oracle_steps_lines(doc: dict) -> list[str]:
 
 
 def write(out: Path) -> Path:
-    docs = {st: load(out, st) for st in ("main", "exact", "steps", "variants")}
+    docs = {st: load(out, st) for st in ("main", "exact", "steps", "variants", "unique")}
     first = next((d for d in docs.values() if d), None)
     n = len(next(iter(first["libraries"].values()))["adapters"]) if first else 0
     lines = ["# The paper-budget library: evaluation", "",
@@ -160,6 +187,9 @@ def write(out: Path) -> Path:
         lines += more
     if docs["main"] and docs["variants"]:
         more, summary["variants"] = variants_lines(docs["main"], docs["variants"], out)
+        lines += more
+    if docs["main"] and docs["unique"]:
+        more, summary["shared_vs_unique"] = unique_lines(docs["main"], docs["unique"])
         lines += more
     missing = [st for st, d in docs.items() if d is None] + ([] if noise else ["noise"])
     if missing:

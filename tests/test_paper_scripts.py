@@ -171,14 +171,26 @@ def test_report_from_every_stage(setup, monkeypatch, tmp_path):
     monkeypatch.setattr(pe, "NOISE_LEVELS", (0.5, 1.0))
     monkeypatch.setattr(pe, "EXACT_N", 4)
     monkeypatch.setattr(pe, "NOISE_N", 4)
+    if not (setup / "uniq" / files.MANIFEST).exists():
+        test_unique_a_build_trains_and_stores_each_adapters_own_a(setup)
     base = ["--data", str(setup / "data"), "--model", str(setup / "model"), "--library", str(setup / "art"),
-            "--out", str(setup / "ev")]
+            "--unique-library", str(setup / "uniq"), "--out", str(setup / "ev")]
     assert pe.main(base + ["--stage", "all"]) == 0
     pr = _script("paper_report")
     monkeypatch.setattr(pr, "final_steps", lambda: 4)
     text = pr.write(setup / "ev").read_text()
     summary = json.loads((setup / "ev" / "summary.json").read_text())
-    assert set(summary) == {"learned", "seqr_vs", "exactness", "noise", "routability", "variants"}
+    assert set(summary) == {"learned", "seqr_vs", "exactness", "noise", "routability", "variants", "shared_vs_unique"}
+    uniq = summary["shared_vs_unique"]  # Table 2: own adapters each way, routers each way, the native setting
+    assert set(uniq["oracle"]) == {"sst2", "cola"} and set(uniq["methods"]) == set(pe.UNIQUE) - {"lag"} | {"lag@2"}
+    assert set(uniq["native"]) == set(uniq["methods"]) - {"oracle"}
+    main_doc, uniq_doc = (json.loads((setup / "ev" / st / files.EVAL_RESULTS).read_text()) for st in ("main", "unique"))
+    for t, r in uniq["oracle"].items():  # each side is its own document's own-adapter pass, example for example
+        ps, pu = (d["libraries"][lb]["methods"]["oracle"]["tasks"][t] for d, lb in ((main_doc, "shared-0"),
+                                                                                   (uniq_doc, "unique-0")))
+        gold = main_doc["examples"][t]["gold"]
+        assert (r["shared"], r["unique"]) == (ps["acc"], pu["acc"])
+        assert r["only_shared"] == sum(a == g != b for a, b, g in zip(ps["pred"], pu["pred"], gold))
     assert set(summary["variants"]) == {EvalConfig(tasks=["_"], **v).variant() for v in pe.VARIANTS}
     for v in summary["variants"].values():  # each variant tested against every main method on the same examples
         assert set(v["vs"]) == {"base", "oracle", "seqr", "mu", "arrow", "lag@2", "centroid", "centroid-seqr@2"}
@@ -186,7 +198,7 @@ def test_report_from_every_stage(setup, monkeypatch, tmp_path):
     assert set(summary["seqr_vs"]) == {"base", "mu", "arrow", "lag@2", "centroid", "centroid-seqr@2"}
     assert set(summary["exactness"]) == {"spectr", "naive"} and set(summary["noise"]) == {"0", "0.5", "1"}
     for section in ("Did each adapter learn", "Does SEQR beat", "Exactness", "under noise", "Routability vs",
-                    "Routing variants"):
+                    "Routing variants", "shared frozen A cost"):
         assert section in text
     assert "Not yet evaluated" not in text
     for png in ("main/accuracy_shared.png", "noise/noise.png", "routability_vs_training.png", "variants.png"):
@@ -199,7 +211,7 @@ def test_report_from_every_stage(setup, monkeypatch, tmp_path):
     (tmp_path / "steps" / files.EVAL_RESULTS).write_text(json.dumps(steps))
     text = pr.write(tmp_path).read_text()
     assert "own adapters so far" in text and "| step-1 |" in text and "| final |" in text
-    assert "Not yet evaluated: main, exact, variants, noise" in text
+    assert "Not yet evaluated: main, exact, variants, unique, noise" in text
 
 
 def test_finished_passes_name_base_methods_and_noise(tmp_path):

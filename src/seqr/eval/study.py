@@ -86,9 +86,7 @@ def variants(main: dict, other: dict, label: str, key: str = "seqr") -> dict:
     from seqr.eval import bootstrap
 
     entry = main["libraries"][label]
-    for t in er.tasks(main):
-        if main["examples"].get(t, {}).get("ids") != other["examples"].get(t, {}).get("ids"):
-            raise ValueError(f"task {t!r}: the variant passes evaluated other examples than the main document")
+    same_examples(main, other, "the variant passes")
     ts, gold, idx = er.tasks(main), main["examples"], bootstrap.resample(main)
     base = main.get("base")
     learned_ts = [t for t in ts if base is None or
@@ -120,3 +118,38 @@ def _only_all(ra: dict, rb: dict, gold: dict, ts: list[str]) -> tuple[int, int]:
     """(examples only pass a answers right, only pass b does) over every task."""
     pairs = [_only(ra["tasks"][t]["pred"], rb["tasks"][t]["pred"], gold[t]["gold"]) for t in ts]
     return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+
+def same_examples(main: dict, other: dict, what: str) -> None:
+    """Raise unless `other` evaluated exactly `main`'s examples (same ids, task by task)."""
+    for t in er.tasks(main):
+        if main["examples"].get(t, {}).get("ids") != other["examples"].get(t, {}).get("ids"):
+            raise ValueError(f"task {t!r}: {what} evaluated other examples than the main document")
+
+
+def _pair(shared: dict, ra: dict, rb: dict, ts: list[str]) -> dict:
+    """Two passes on the same examples: mean accuracy over the tasks, own-adapter share, the sign test."""
+    a, b = _only_all(ra, rb, shared["examples"], ts)
+    return {"shared": statistics.fmean(ra["tasks"][t]["acc"] for t in ts),
+            "unique": statistics.fmean(rb["tasks"][t]["acc"] for t in ts), "own_shared": er.pass_own_share(ra, ts),
+            "own_unique": er.pass_own_share(rb, ts), "only_shared": a, "only_unique": b, "p": sign_test_p(a, b)}
+
+
+def shared_vs_unique(shared: dict, unique: dict, s_label: str, u_label: str) -> dict:
+    """Does a shared frozen A cost accuracy (the paper's Table 2)? Two documents on the same examples: a shared-A
+    library (`s_label` of `shared`) and ordinary LoRA with each adapter's A trained (`u_label` of `unique`).
+    {"oracle": {task: own adapter's accuracy each way, sign test}, "methods": {router: each way, sign test; the
+    exact norm router is seqr on shared A, spectr on unique A}, "native": {unique-A router: against shared-A seqr}}."""
+    same_examples(shared, unique, "the unique-A passes")
+    es, eu, ts = shared["libraries"][s_label]["methods"], unique["libraries"][u_label]["methods"], er.tasks(shared)
+    gold = shared["examples"]
+    oracle = {}
+    if "oracle" in es and "oracle" in eu:
+        for t in ts:
+            a, b = _only(es["oracle"]["tasks"][t]["pred"], eu["oracle"]["tasks"][t]["pred"], gold[t]["gold"])
+            oracle[t] = {"shared": es["oracle"]["tasks"][t]["acc"], "unique": eu["oracle"]["tasks"][t]["acc"],
+                         "only_shared": a, "only_unique": b, "p": sign_test_p(a, b)}
+    methods = {ku: _pair(shared, es["seqr" if ku == "spectr" else ku], eu[ku], ts)
+               for ku in eu if ("seqr" if ku == "spectr" else ku) in es}
+    native = {ku: _pair(shared, es["seqr"], eu[ku], ts) for ku in eu if ku != "oracle" and "seqr" in es}
+    return {"oracle": oracle, "methods": methods, "native": native}
