@@ -4,7 +4,9 @@
 # 1. scripts/paper_library.py trains, calibrates and adds each task not yet in artifacts/paper-library/ and
 #    commits it at once (then the snapshot libraries any task still lacks);
 # 2. once all ten are in, scripts/paper_eval.py runs every evaluation pass not yet in docs/results/paper_library/
-#    (float32, one commit per pass).
+#    (float32, one commit per pass);
+# 3. then the unique-A library (ordinary LoRA, same recipe) into artifacts/paper-library-unique/, one commit per
+#    task, and its evaluation stage (the paper's Table 2).
 # On a fresh clone it continues from what main holds; an interruption loses at most the piece in progress.
 # Logs: runs/paper-logs/ (kept out of git). PYTHON overrides the interpreter (default .venv/bin/python).
 set -euo pipefail
@@ -19,4 +21,7 @@ say "snapshots"
 "$PY" scripts/paper_library.py --commit --snapshots-only "$@" 2>&1 | tee -a "$LOGS/train.log"
 say "eval"
 "$PY" scripts/paper_eval.py --commit "$@" 2>&1 | tee -a "$LOGS/eval.log"
+say "unique-A library"
+"$PY" scripts/paper_library.py --unique-a --commit "$@" 2>&1 | tee -a "$LOGS/train.log"
+"$PY" scripts/paper_eval.py --stage unique --commit "$@" 2>&1 | tee -a "$LOGS/eval.log"
 "$PY" -m seqr.cli info artifacts/paper-library | tee -a "$LOGS/build.log"
