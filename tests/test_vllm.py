@@ -124,14 +124,20 @@ def test_routing_is_the_same_alone_and_batched(engine):
         assert max(abs(a - b) for a, b in zip(alone[0][1], batched[i][1])) < FP32_LOGPROB_TOL
 
 
-def test_serving_requests_through_the_engine_loop(engine):
+def test_serving_requests_through_the_engine_loop(engine, reference):
     futs = [engine.submit(Request(p, s, max_tokens=6)) for p, s in zip(PROMPTS, SETS)]
     results = [f.result(timeout=120) for f in futs]
     rows, _ = _generate(engine, PROMPTS, SETS, n=6)
-    for r, (tokens, _) in zip(results, rows):
+    for r, (tokens, _), prompt, allowed in zip(results, rows, PROMPTS, SETS):
         eos = engine.tokenizer.eos_token_id
         want = tokens[:tokens.index(eos)] if eos in tokens else tokens
         assert r.tokens == want and r.finish_reason in ("stop", "length")
+        # its routing shares: the transformers path's decisions over every token vLLM fed (not the last sampled)
+        fed = r.tokens + [0] if r.finish_reason == "stop" else r.tokens
+        counts = _reference_row(reference, prompt, allowed, fed)[2]
+        total = sum(counts.values())
+        assert r.routing == pytest.approx({n: c / total for n, c in counts.items()}) and r.outside == 0, (
+            allowed, r.routing, counts)
     streamed = []
     r = engine.submit(Request(PROMPTS[0], SETS[0], max_tokens=5, on_token=streamed.append)).result(timeout=60)
     assert streamed == r.tokens

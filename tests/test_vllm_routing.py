@@ -79,6 +79,37 @@ def test_update_equals_routing_each_token_among_its_own_mask(method, dtype):
     assert tr["outside"] == 0 and sum(tr["decisions"].values()) == 9
 
 
+def test_per_request_counts_equal_each_requests_own_decisions():
+    """The serving engine's routing shares: each token's decisions, over two packed parts and two layers, counted
+    for the request vLLM's input batch says it belongs to; a warm-up forward (other token count) counts nothing."""
+    banks = [_bank(m=12, seed=0), _bank(m=8, seed=1)]
+    x = _tokens(7, n=16, seed=4)  # (T, n): request "r0-abcdefgh" has 3 tokens, "r1-..." 4
+    col_mask = torch.tensor([[1, 1, 0, 0]] * 3 + [[0, 0, 1, 1]] * 3 + [[0, 0, 0, 0]]).float()  # (T, C) last: no set
+    st = SetRouting(NAMES, NAMES, "seqr")
+    st.counting = True
+    st.requests(["r0-abcdefgh", "r1-12345678"], [3, 4])
+    st.begin(col_mask)
+    for _ in range(2):  # two layers
+        st.update(PackedBank(banks), x)
+    st.end()
+    want = {"r0": {}, "r1": {}}
+    for t, req in enumerate(["r0"] * 3 + ["r1"] * 3):
+        allowed = {NAMES[c] for c in range(4) if col_mask[t, c]}
+        for bank in banks:  # brute force: this token alone, per part, once per layer
+            name = NAMES[int(bank.route(x[t:t + 1], "seqr", allowed=allowed))]
+            want[req][name] = want[req].get(name, 0) + 2
+    st.begin(torch.ones(5, 4))  # a dummy run of another size: not this step's requests
+    st.update(PackedBank(banks), _tokens(5, n=16, seed=9))
+    st.end()
+    got = st.take(["r0", "r1", "gone"])
+    assert got == {"r0": {"counts": want["r0"], "outside": 0}, "r1": {"counts": want["r1"], "outside": 0}}
+    assert st.take(["r0"]) == {} and not st.per_request  # taken once, then forgotten
+    st.begin(col_mask)
+    st._chosen = [torch.full((7, 1), 3)]  # (T, 1): a choice of d for every token, as a leaking router would make
+    st.end()
+    assert st.take(["r0", "r1"]) == {"r0": {"counts": {"d": 3}, "outside": 3}, "r1": {"counts": {"d": 3}, "outside": 0}}
+
+
 class _FakePacked(nn.Module):
     """A vLLM-style linear: returns (y, bias), with output_sizes for its packed parts."""
 

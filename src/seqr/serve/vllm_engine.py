@@ -82,6 +82,8 @@ class VllmEngine:
             kw = engine_kwargs(model_dir, library.path, self.columns.order, method=self.method, k=k, dtype=dtype,
                                max_batch=max_batch, max_model_len=max_model_len, max_sets=max_sets or max_batch)
         self.llm = LLM(**{**kw, **llm_kwargs})
+        if self.router is None:  # routing shares per request: the workers count each request's decisions
+            self.llm.collective_rpc("seqr_count", args=(True,))
         self.tokenizer = self.llm.get_tokenizer()
         self._names = frozenset(library.names)
         self._q: queue.Queue = queue.Queue()
@@ -252,7 +254,17 @@ class VllmEngine:
         request, fut, toks, (routed, manifest) = self._live.pop(rid)
         if abort:
             self.llm.llm_engine.abort_request([rid])
-        fut.set_result(Result(toks, reason, routed, len(request.prompt), 0, manifest))
+        outside = 0
+        if self.router is None:  # per token: the shares of the decisions its forwards made, from the workers
+            routed, outside = self._shares(rid, request.allowed)
+        fut.set_result(Result(toks, reason, routed, len(request.prompt), outside, manifest))
+
+    def _shares(self, rid: str, allowed) -> tuple[dict, int]:
+        """(adapter -> share of the request's (token, layer) decisions, decisions outside its set) as the
+        workers counted them: every token vLLM computed for it (a prefix served from the cache is not)."""
+        got = self.llm.collective_rpc("seqr_take", args=([rid],))[0].get(rid, {"counts": {}, "outside": 0})
+        total = sum(got["counts"].values())
+        return ({n: c / total for n, c in got["counts"].items() if n in allowed} if total else {}), got["outside"]
 
     def _abort_all(self) -> None:
         for rid in list(self._live):

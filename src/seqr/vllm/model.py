@@ -40,7 +40,9 @@ class SeqrLlamaForCausalLM(LlamaForCausalLM):
         probe = getattr(self, PROBE)
         ones = torch.ones(T, 1, dtype=probe.weight.dtype, device=positions.device)  # (T, 1)
         self.seqr_routing.begin(probe(ones)[0])  # (T, C): each token's allowed columns, from its request's set
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        self.seqr_routing.end()  # this forward's decisions into its requests' counts (when counting)
+        return out
 
     def load_weights(self, weights) -> set[str]:
         loaded = super().load_weights(weights)
@@ -70,6 +72,25 @@ class SeqrWorkerExtension:
 
     def seqr_reload(self, library_dir: str, columns: list) -> list[str]:
         return sorted(self._seqr_model().seqr_load(library_dir, columns))
+
+    def seqr_count(self, on: bool = True) -> None:
+        """Count each request's routing decisions (its routing shares): every step, the model learns which request
+        each token belongs to from the same input batch that gives vLLM's LoRA token mapping."""
+        runner, routing = self.model_runner, self._seqr_model().seqr_routing
+        if on and not getattr(runner, "_seqr_counting", False):
+            set_active = runner.set_active_loras
+
+            def set_active_loras(input_batch, num_scheduled_tokens, *args, **kwargs):
+                seqr = self._seqr_model().seqr_routing  # the current one: a reload may replace nothing but its banks
+                seqr.requests(input_batch.req_ids[: input_batch.num_reqs], num_scheduled_tokens)
+                return set_active(input_batch, num_scheduled_tokens, *args, **kwargs)
+
+            runner.set_active_loras, runner._seqr_counting = set_active_loras, True
+        routing.counting = bool(on)
+
+    def seqr_take(self, request_ids: list) -> dict:
+        """Each of these requests' decision counts (and decisions outside its set), forgotten here."""
+        return self._seqr_model().seqr_routing.take(request_ids)
 
     def seqr_trace(self, on: bool | None = None, reset: bool = True) -> dict:
         """Traced routing decisions (and reset); `on` switches tracing."""

@@ -32,6 +32,11 @@ class SetRouting:
         self.has: torch.Tensor | None = None  # (T,) bool: tokens with at least one allowed adapter
         self.every, self.choose_mask = True, None  # all tokens have a set; the mask routing chooses under
         self.tracing = False
+        self.counting = False  # per-request decision counts (the serving engine's routing shares)
+        self.token_request: torch.Tensor | None = None  # (T,) each token's row in `req_ids` (this step's batch)
+        self.req_ids: list[str] = []  # this step's requests, in token order (vLLM's input batch)
+        self._chosen: list[torch.Tensor] = []  # [(T, P)] this forward's choices, for the per-request counts
+        self.per_request: dict[str, Counter] = {}  # request id -> adapter -> decisions ("" key: outside its set)
         self.outside = 0  # decisions outside the token's allowed set (traced; must stay 0)
         self.decisions: Counter = Counter()  # adapter -> traced decisions
         self.by_set: Counter = Counter()  # (frozenset allowed, chosen adapter) -> traced decisions
@@ -48,8 +53,15 @@ class SetRouting:
         self.names, self.method, self.k = list(names), method, k
         self.col_index = torch.tensor([col[n] for n in names], dtype=torch.long)  # (N,)
 
+    def requests(self, req_ids: Sequence[str], tokens: Sequence[int]) -> None:
+        """The next forward's requests in token order and each one's scheduled tokens (vLLM's input batch)."""
+        self.req_ids = list(req_ids)
+        self.token_request = torch.repeat_interleave(torch.arange(len(self.req_ids)),
+                                                     torch.as_tensor(tokens, dtype=torch.long))  # (T,)
+
     def begin(self, column_mask: torch.Tensor) -> None:
         """The forward's tokens' allowed masks over the columns, (T, C) (the set probe's output)."""
+        self._chosen = []
         mask = column_mask[:, self.col_index.to(column_mask.device)] > 0.5  # (T, N)
         self.mask, self.has = mask, mask.any(dim=1)  # (T, N), (T,)
         self.every = bool(self.has.all())  # every token has a set: no masking of updates (read once per forward)
@@ -70,7 +82,39 @@ class SetRouting:
         if self.tracing:
             for p in range(idx.shape[1]):
                 self._record(idx[:, p], mask, has)
+        if self.counting:
+            self._chosen.append(idx)  # (T, P): counted per request once the forward is done (end())
         return upds if every else [u * has[:, None].to(u.dtype) for u in upds]  # [(T, m_p)]
+
+    def end(self) -> None:
+        """After a forward: add its decisions to each request's counts (one pass over every layer's choices).
+        A forward whose tokens are not this step's requests' (vLLM's warm-up and dummy runs) counts nothing."""
+        chosen, self._chosen = self._chosen, []
+        tr = self.token_request
+        if not chosen or tr is None or tr.shape[0] != chosen[0].shape[0]:
+            return
+        idx = torch.cat(chosen, dim=1).cpu()  # (T, L): every routed part of every layer
+        mask, has = self.mask.cpu(), self.has.cpu()  # (T, N), (T,)
+        inside = mask.gather(1, idx)  # (T, L) chosen adapter allowed for its token
+        N, R = len(self.names), len(self.req_ids)
+        req = tr[:, None].expand_as(idx)[has]  # (t, L) tokens with a set only: the others got no update
+        counts = torch.bincount((req * N + idx[has]).flatten(), minlength=R * N).view(R, N)  # (R, N)
+        outside = torch.zeros(R, dtype=torch.long).index_add_(0, tr[has], (~inside[has]).sum(1))  # (R,)
+        for r, i in counts.nonzero().tolist():
+            self.per_request.setdefault(self.req_ids[r], Counter())[self.names[i]] += int(counts[r, i])
+        for r in outside.nonzero()[:, 0].tolist():
+            self.per_request.setdefault(self.req_ids[r], Counter())[""] += int(outside[r])
+
+    def take(self, request_ids: Sequence[str]) -> dict[str, dict]:
+        """{id: {"counts": {adapter: decisions}, "outside": decisions outside its set}} of these requests, which
+        are forgotten here. vLLM's internal ids carry a suffix ("<id>-<8 chars>"): `request_ids` are the ids
+        given to vLLM, matched to the internal ones with it."""
+        want, out = set(request_ids), {}
+        for rid in [r for r in self.per_request if r.rsplit("-", 1)[0] in want or r in want]:
+            c = self.per_request.pop(rid)
+            out[rid.rsplit("-", 1)[0] if rid not in want else rid] = {
+                "counts": {n: v for n, v in c.items() if n}, "outside": c.get("", 0)}
+        return out
 
     def _record(self, idx: torch.Tensor, mask: torch.Tensor, has: torch.Tensor) -> None:
         idx, mask, has = idx.cpu(), mask.cpu(), has.cpu()
