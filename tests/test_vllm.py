@@ -97,6 +97,7 @@ def _by_set(trace, allowed) -> dict[str, int]:
 def test_tokens_logprobs_and_decisions_equal_transformers_path(engine, reference):
     rows, trace = _generate(engine, PROMPTS, SETS)
     assert trace["outside"] == 0
+    assert trace["masks"]["batch"] >= 8 and "probe" not in trace["masks"]  # masks from the batch, no probe GEMM
     for prompt, allowed, (tokens, logprobs) in zip(PROMPTS, SETS, rows):
         ref_lp, ref_greedy, ref_counts = _reference_row(reference, prompt, allowed, tokens)
         assert tokens == ref_greedy, (allowed, tokens, ref_greedy)

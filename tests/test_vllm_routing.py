@@ -87,7 +87,7 @@ def test_per_request_counts_equal_each_requests_own_decisions():
     col_mask = torch.tensor([[1, 1, 0, 0]] * 3 + [[0, 0, 1, 1]] * 3 + [[0, 0, 0, 0]]).float()  # (T, C) last: no set
     st = SetRouting(NAMES, NAMES, "seqr")
     st.counting = True
-    st.requests(["r0-abcdefgh", "r1-12345678"], [3, 4])
+    st.requests(["r0-abcdefgh", "r1-12345678"], [3, 4], [None, None])
     st.begin(col_mask)
     for _ in range(2):  # two layers
         st.update(PackedBank(banks), x)
@@ -98,16 +98,38 @@ def test_per_request_counts_equal_each_requests_own_decisions():
         for bank in banks:  # brute force: this token alone, per part, once per layer
             name = NAMES[int(bank.route(x[t:t + 1], "seqr", allowed=allowed))]
             want[req][name] = want[req].get(name, 0) + 2
+    st.requests(["r0-abcdefgh", "r1-12345678"], [3, 4], [None, None])
     st.begin(torch.ones(5, 4))  # a dummy run of another size: not this step's requests
     st.update(PackedBank(banks), _tokens(5, n=16, seed=9))
     st.end()
     got = st.take(["r0", "r1", "gone"])
     assert got == {"r0": {"counts": want["r0"], "outside": 0}, "r1": {"counts": want["r1"], "outside": 0}}
     assert st.take(["r0"]) == {} and not st.per_request  # taken once, then forgotten
+    st.requests(["r0-abcdefgh", "r1-12345678"], [3, 4], [None, None])
     st.begin(col_mask)
     st._chosen = [torch.full((7, 1), 3)]  # (T, 1): a choice of d for every token, as a leaking router would make
     st.end()
     assert st.take(["r0", "r1"]) == {"r0": {"counts": {"d": 3}, "outside": 3}, "r1": {"counts": {"d": 3}, "outside": 0}}
+
+
+def test_masks_from_the_input_batch_equal_the_set_probes(tmp_path):
+    """Each token's allowed columns indexed from its request's set adapter (vLLM's input batch: requests in token
+    order, their token counts and LoRA dirs) equal the set probe's output; a forward of another size, or a second
+    forward of the same step, gets None (the probe is used there)."""
+    cols = Columns(NAMES, 6)
+    sets = SetAdapters(tmp_path, cols)
+    allowed = [{"a", "c"}, None, {"d"}]  # the middle request has no LoRA: no set
+    paths = [None if s is None else sets.get(s)[2] for s in allowed]
+    st = SetRouting(NAMES, cols.order, "seqr")
+    st.requests(["x", "y", "z"], [2, 1, 3], paths)
+    want = torch.stack([cols.mask(s) if s else torch.zeros(6) for s, n in zip(allowed, [2, 1, 3]) for _ in range(n)])
+    assert torch.equal(st.batch_columns(6), want)  # (T, C)
+    assert st.batch_columns(6) is None  # consumed: one forward per step
+    st.requests(["x"], [2], [paths[0]])
+    assert st.batch_columns(5) is None  # a dummy run's token count
+    st.requests(["y"], [4], [None])  # a step without any set: every token maskless
+    st.begin(st.batch_columns(4))
+    assert not st.has.any()
 
 
 class _FakePacked(nn.Module):

@@ -82,8 +82,8 @@ class VllmEngine:
             kw = engine_kwargs(model_dir, library.path, self.columns.order, method=self.method, k=k, dtype=dtype,
                                max_batch=max_batch, max_model_len=max_model_len, max_sets=max_sets or max_batch)
         self.llm = LLM(**{**kw, **llm_kwargs})
-        if self.router is None:  # routing shares per request: the workers count each request's decisions
-            self.llm.collective_rpc("seqr_count", args=(True,))
+        if self.router is None:  # the workers follow vLLM's batch: masks without the probe, shares per request
+            self.llm.collective_rpc("seqr_batch", args=(True,))
         self.tokenizer = self.llm.get_tokenizer()
         self._names = frozenset(library.names)
         self._q: queue.Queue = queue.Queue()

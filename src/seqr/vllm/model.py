@@ -4,7 +4,9 @@
 `seqr.vllm.plugin`) plus two things:
 - a set probe, `seqr_set_probe` (1 -> C), the only module vLLM's LoRA machinery adapts: each request's LoRA is
   a set adapter whose update of a 1 is that request's allowed mask over the library's C columns, so vLLM's own
-  token mapping (punica) tells every token which adapters it may use;
+  token mapping tells every token which adapters it may use. When the engine has the worker follow vLLM's input
+  batch (`seqr_batch`), each token's mask is indexed from its request's set instead, with no probe GEMM; the
+  probe remains for forwards outside a step (warm-up);
 - after the weights load, every linear layer the library adapts wrapped in a `RoutedPacked`
   (routing.py): y = W x + B_i* A x with i* chosen per token and layer among the token's allowed adapters.
 The library, its column order and the method come in the model config (`hf_overrides`, set by the engine);
@@ -37,9 +39,13 @@ class SeqrLlamaForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         T = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-        probe = getattr(self, PROBE)
-        ones = torch.ones(T, 1, dtype=probe.weight.dtype, device=positions.device)  # (T, 1)
-        self.seqr_routing.begin(probe(ones)[0])  # (T, C): each token's allowed columns, from its request's set
+        cols = self.seqr_routing.batch_columns(T)  # (T, C) from this step's input batch (seqr_batch), or None
+        self.seqr_routing.mask_sources["probe" if cols is None else "batch"] += 1
+        if cols is None:  # not followed, or a warm-up run: the set probe's LoRA GEMM gives each token's columns
+            probe = getattr(self, PROBE)
+            ones = torch.ones(T, 1, dtype=probe.weight.dtype, device=positions.device)  # (T, 1)
+            cols = probe(ones)[0]  # (T, C)
+        self.seqr_routing.begin(cols.to(positions.device))  # each token's allowed columns, from its request's set
         out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         self.seqr_routing.end()  # this forward's decisions into its requests' counts (when counting)
         return out
@@ -73,20 +79,22 @@ class SeqrWorkerExtension:
     def seqr_reload(self, library_dir: str, columns: list) -> list[str]:
         return sorted(self._seqr_model().seqr_load(library_dir, columns))
 
-    def seqr_count(self, on: bool = True) -> None:
-        """Count each request's routing decisions (its routing shares): every step, the model learns which request
-        each token belongs to from the same input batch that gives vLLM's LoRA token mapping."""
-        runner, routing = self.model_runner, self._seqr_model().seqr_routing
-        if on and not getattr(runner, "_seqr_counting", False):
+    def seqr_batch(self, count: bool = True) -> None:
+        """Follow vLLM's input batch: every step, the model learns each token's request and that request's set
+        (from the same batch that gives vLLM's LoRA token mapping), so the allowed masks need no probe GEMM;
+        with `count`, each request's routing decisions are counted too (its routing shares)."""
+        runner = self.model_runner
+        if not getattr(runner, "_seqr_following", False):
             set_active = runner.set_active_loras
 
             def set_active_loras(input_batch, num_scheduled_tokens, *args, **kwargs):
-                seqr = self._seqr_model().seqr_routing  # the current one: a reload may replace nothing but its banks
-                seqr.requests(input_batch.req_ids[: input_batch.num_reqs], num_scheduled_tokens)
+                n, loras = input_batch.num_reqs, input_batch.lora_id_to_lora_request
+                sets = [loras[i].lora_path if i in loras else None for i in input_batch.request_lora_mapping[:n].tolist()]
+                self._seqr_model().seqr_routing.requests(input_batch.req_ids[:n], num_scheduled_tokens[:n], sets)
                 return set_active(input_batch, num_scheduled_tokens, *args, **kwargs)
 
-            runner.set_active_loras, runner._seqr_counting = set_active_loras, True
-        routing.counting = bool(on)
+            runner.set_active_loras, runner._seqr_following = set_active_loras, True
+        self._seqr_model().seqr_routing.counting = bool(count)
 
     def seqr_take(self, request_ids: list) -> dict:
         """Each of these requests' decision counts (and decisions outside its set), forgotten here."""

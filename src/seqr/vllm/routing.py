@@ -20,6 +20,7 @@ from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
 from seqr.core.threads import one_thread
 from seqr.core.packed import PackedBank
+from seqr.vllm.sets import read_set_mask
 
 
 class SetRouting:
@@ -34,10 +35,13 @@ class SetRouting:
         self.tracing = False
         self.counting = False  # per-request decision counts (the serving engine's routing shares)
         self.token_request: torch.Tensor | None = None  # (T,) each token's row in `req_ids` (this step's batch)
+        self.token_columns: torch.Tensor | None = None  # (T, C) each token's allowed columns, from its request's set
+        self._set_masks: dict[str, torch.Tensor] = {}  # set adapter dir -> (C,) its mask, read once
         self.req_ids: list[str] = []  # this step's requests, in token order (vLLM's input batch)
         self._chosen: list[torch.Tensor] = []  # [(T, P)] this forward's choices, for the per-request counts
         self.per_request: dict[str, Counter] = {}  # request id -> adapter -> decisions ("" key: outside its set)
         self.outside = 0  # decisions outside the token's allowed set (traced; must stay 0)
+        self.mask_sources: Counter = Counter()  # forwards whose masks came from the "batch" or the "probe"
         self.decisions: Counter = Counter()  # adapter -> traced decisions
         self.by_set: Counter = Counter()  # (frozenset allowed, chosen adapter) -> traced decisions
 
@@ -50,14 +54,25 @@ class SetRouting:
         missing = [n for n in names if n not in col]
         if missing:
             raise ValueError(f"adapter(s) {missing} have no set-mask column; columns: {list(columns)}")
-        self.names, self.method, self.k = list(names), method, k
+        self.names, self.method, self.k, self.n_columns = list(names), method, k, len(columns)
         self.col_index = torch.tensor([col[n] for n in names], dtype=torch.long)  # (N,)
 
-    def requests(self, req_ids: Sequence[str], tokens: Sequence[int]) -> None:
-        """The next forward's requests in token order and each one's scheduled tokens (vLLM's input batch)."""
+    def requests(self, req_ids: Sequence[str], tokens: Sequence[int], sets: Sequence[str | None]) -> None:
+        """The next forward's requests in token order, each one's scheduled tokens and its set adapter dir (None:
+        a request without a LoRA, no set), from vLLM's input batch: each token's request and allowed columns."""
         self.req_ids = list(req_ids)
         self.token_request = torch.repeat_interleave(torch.arange(len(self.req_ids)),
                                                      torch.as_tensor(tokens, dtype=torch.long))  # (T,)
+        for path in {p for p in sets if p is not None} - set(self._set_masks):
+            self._set_masks[path] = read_set_mask(path)  # (C,)
+        masks = [self._set_masks[p] if p is not None else torch.zeros(self.n_columns) for p in sets]  # [(C,)]
+        self.token_columns = torch.stack(masks)[self.token_request] if masks else None  # (T, C)
+
+    def batch_columns(self, T: int) -> torch.Tensor | None:
+        """(T, C) the tokens' allowed columns from this step's input batch, or None when this forward is not that
+        batch's (vLLM's warm-up and dummy runs): the caller then reads them from the set probe."""
+        cols, self.token_columns = self.token_columns, None  # one forward per step: never reused by another
+        return cols if cols is not None and cols.shape[0] == T else None
 
     def begin(self, column_mask: torch.Tensor) -> None:
         """The forward's tokens' allowed masks over the columns, (T, C) (the set probe's output)."""
@@ -90,7 +105,7 @@ class SetRouting:
         """After a forward: add its decisions to each request's counts (one pass over every layer's choices).
         A forward whose tokens are not this step's requests' (vLLM's warm-up and dummy runs) counts nothing."""
         chosen, self._chosen = self._chosen, []
-        tr = self.token_request
+        tr, self.token_request = self.token_request, None  # this step's batch, counted once
         if not chosen or tr is None or tr.shape[0] != chosen[0].shape[0]:
             return
         idx = torch.cat(chosen, dim=1).cpu()  # (T, L): every routed part of every layer
@@ -126,11 +141,13 @@ class SetRouting:
             self.by_set[(frozenset(self.names[i] for i in mask[t].nonzero()[:, 0].tolist()), name)] += 1
 
     def trace(self, reset: bool = True) -> dict:
-        """Traced decisions since the last reset: {"outside", "decisions", "by_set": [[allowed], chosen, count]}."""
+        """Traced decisions since the last reset: {"outside", "decisions", "by_set": [[allowed], chosen, count],
+        "masks": forwards per mask source}."""
         out = {"outside": self.outside, "decisions": dict(self.decisions),
-               "by_set": [[sorted(s), n, c] for (s, n), c in sorted(self.by_set.items(), key=str)]}
+               "by_set": [[sorted(s), n, c] for (s, n), c in sorted(self.by_set.items(), key=str)],
+               "masks": dict(self.mask_sources)}
         if reset:
-            self.outside, self.decisions, self.by_set = 0, Counter(), Counter()
+            self.outside, self.decisions, self.by_set, self.mask_sources = 0, Counter(), Counter(), Counter()
         return out
 
 

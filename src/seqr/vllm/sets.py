@@ -88,6 +88,13 @@ def write_set_adapter(path: Path, mask: torch.Tensor) -> None:
                                            "task_type": "CAUSAL_LM", "fan_in_fan_out": False})
 
 
+def read_set_mask(path: str | Path) -> torch.Tensor:
+    """(C,) the mask a set adapter dir carries (its B), as `write_set_adapter` wrote it."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / PEFT_WEIGHTS))[f"base_model.model.{PROBE}.lora_B.weight"][:, 0]
+
+
 def library_banks(library_dir: str, method: str):
     """(library, {layer: AdapterBank}) loaded from disk and prepared for `method`."""
     from seqr.store.library import LoraLibrary
