@@ -1,4 +1,4 @@
-"""seqr inside vLLM (CPU build), against seqr's transformers path on a tiny random Llama.
+"""seqr inside vLLM (CPU build), against seqr's transformers path on a tiny random Llama (and a Qwen2).
 
 Needs vLLM (its own venv, see README "Serving on vLLM"): skipped where `import vllm` fails, marked `vllm`.
 Run: `.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm.py` (about 4 minutes on 2 cores).
@@ -100,6 +100,28 @@ def test_tokens_logprobs_and_decisions_equal_transformers_path(engine, reference
     assert trace["masks"]["batch"] >= 8 and "probe" not in trace["masks"]  # masks from the batch, no probe GEMM
     for prompt, allowed, (tokens, logprobs) in zip(PROMPTS, SETS, rows):
         ref_lp, ref_greedy, ref_counts = _reference_row(reference, prompt, allowed, tokens)
+        assert tokens == ref_greedy, (allowed, tokens, ref_greedy)
+        assert max(abs(a - b) for a, b in zip(logprobs, ref_lp)) < FP32_LOGPROB_TOL, (logprobs, ref_lp)
+        assert _by_set(trace, allowed) == ref_counts, (allowed, _by_set(trace, allowed), ref_counts)
+
+
+def test_a_second_family_qwen2_routes_like_its_transformers_path(tmp_path):
+    """The routed class comes from one factory for every family: a tiny Qwen2 (biased q/k/v) in vLLM gives the
+    greedy tokens, log-probabilities and per-set decisions of seqr's transformers path, as the Llama does."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir, lib_dir = model_and_library(tmp_path, NAMES, boost={"evil": 8.0}, family="qwen2")
+    ref = attach(AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval(),
+                 LoraLibrary.load(lib_dir), method="seqr", granularity="token")
+    eng = _engine((tmp_path, model_dir, lib_dir), "float32")
+    try:
+        assert type(eng.llm.llm_engine.model_config.hf_config).__name__ == "Qwen2Config"
+        rows, trace = _generate(eng, PROMPTS, SETS)
+    finally:
+        eng.close()
+    assert trace["outside"] == 0 and trace["masks"]["batch"] >= 8
+    for prompt, allowed, (tokens, logprobs) in zip(PROMPTS, SETS, rows):
+        ref_lp, ref_greedy, ref_counts = _reference_row(ref, prompt, allowed, tokens)
         assert tokens == ref_greedy, (allowed, tokens, ref_greedy)
         assert max(abs(a - b) for a, b in zip(logprobs, ref_lp)) < FP32_LOGPROB_TOL, (logprobs, ref_lp)
         assert _by_set(trace, allowed) == ref_counts, (allowed, _by_set(trace, allowed), ref_counts)

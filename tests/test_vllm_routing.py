@@ -178,11 +178,12 @@ def test_routing_errors_name_the_problem():
         st.update(PackedBank([_bank(12)]), _tokens(3, n=16))
 
 
-def test_engine_kwargs_route_llama_only(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    kw = engine_kwargs(tmp_path, "/lib", ["a"], method="seqr", k=None, dtype="float32", max_batch=4,
-                       max_model_len=128, max_sets=4)
-    assert kw["hf_overrides"]["architectures"] == ["SeqrLlamaForCausalLM"]
+def test_engine_kwargs_route_the_registered_families_only(tmp_path):
+    for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
+        (tmp_path / "config.json").write_text(json.dumps({"architectures": [arch]}))
+        kw = engine_kwargs(tmp_path, "/lib", ["a"], method="seqr", k=None, dtype="float32", max_batch=4,
+                           max_model_len=128, max_sets=4)
+        assert kw["hf_overrides"]["architectures"] == [f"Seqr{arch}"]
     assert kw["lora_target_modules"] == [PROBE] and kw["max_lora_rank"] == 1 and kw["enable_lora"]
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):

@@ -1,4 +1,5 @@
-"""A tiny random Llama that vLLM's CPU attention takes (head_dim 64) and a calibrated seqr library on it."""
+"""Tiny random Llama and Qwen2 models that vLLM's CPU attention takes (head_dim 64), and a calibrated seqr library
+on one."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,22 @@ def tiny_vllm_llama(vocab_size: int, seed: int = 0, init: float = 0.2):
     return LlamaForCausalLM(cfg).eval()
 
 
-def model_and_library(root: Path, names, *, b_scale: float = 0.3, boost: dict | None = None):
-    """root/model (tiny Llama + chat tokenizer) and root/lib (a shared-A library of peft adapters `names`,
+def tiny_vllm_qwen2(vocab_size: int, seed: int = 0, init: float = 0.2):
+    """Another family: Qwen2 (biased q/k/v), the same sizes as the tiny Llama."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      initializer_range=init, tie_word_embeddings=False)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+FAMILIES = {"llama": tiny_vllm_llama, "qwen2": tiny_vllm_qwen2}
+
+
+def model_and_library(root: Path, names, *, b_scale: float = 0.3, boost: dict | None = None, family: str = "llama"):
+    """root/model (a tiny `family` model + chat tokenizer) and root/lib (a shared-A library of peft adapters `names`,
     calibrated on random norms; `boost` scales chosen adapters' B so they win routing). Adapter dirs: root/a."""
     from peft_factory import make_adapter
     from tiny_chat import chat_tokenizer
@@ -27,12 +42,13 @@ def model_and_library(root: Path, names, *, b_scale: float = 0.3, boost: dict | 
     from seqr.store.peft_io import stats_json
 
     tok = chat_tokenizer()
-    tiny_vllm_llama(len(tok)).save_pretrained(root / "model")
+    tiny = FAMILIES[family]
+    tiny(len(tok)).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     boost = boost or {}
     dirs = {}
     for i, n in enumerate(names):
-        make_adapter(root / "a" / n, seed=i, base=tiny_vllm_llama(len(tok)), b_scale=b_scale * boost.get(n, 1.0))
+        make_adapter(root / "a" / n, seed=i, base=tiny(len(tok)), b_scale=b_scale * boost.get(n, 1.0))
         dirs[n] = root / "a" / n
     lib = LoraLibrary.from_peft(dirs)
     g = torch.Generator().manual_seed(0)

@@ -57,7 +57,7 @@ def write_adapters(base, root: Path, N: int, r: int, seed: int) -> list[Path]:
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
 
-    from seqr.store.library import natural_key
+    from seqr.store.checks import natural_key
 
     template = root / "template"
     cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGET_MODULES), init_lora_weights=False)

