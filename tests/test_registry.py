@@ -199,3 +199,17 @@ def test_attach_defaults_to_the_librarys_router(tmp_path):
     with torch.no_grad(), seqr.routing(model, trace=True) as tr:
         model(_ids())
     assert tr.method == "spectr" and tr.routing_accuracy("spectr") == 1.0
+
+
+def test_trace_rules_are_code_that_picks_each_routers_choice():
+    """Router.used_scores: the recorded vectors' scores whose argmax is the router's choice, against brute force."""
+    g = torch.Generator().manual_seed(0)
+    v = {key: torch.randn(50, 6, generator=g) for key in ("norm", "arrow", "own")}  # (D, N)
+    assert torch.equal(registry.get("seqr").used_scores(v).argmax(-1), v["norm"].argmax(-1))
+    assert torch.equal(registry.get("arrow").used_scores(v).argmax(-1), v["arrow"].argmax(-1))
+    for k in (1, 3, 6):  # LAG: ARROW's top k, then the largest norm among them, one decision at a time
+        want = [max(v["arrow"][d].topk(k).indices.tolist(), key=lambda i: v["norm"][d, i]) for d in range(50)]
+        assert registry.get("lag").used_scores(v, k).argmax(-1).tolist() == want
+    with pytest.raises(ValueError, match="k in"):
+        registry.get("lag").used_scores(v, 7)
+    assert registry.get("centroid").used_scores({"norm": v["norm"], "arrow": v["arrow"]}) is None  # not recorded

@@ -23,7 +23,21 @@ from seqr.core import routers as rt
 
 KINDS = ("score", "shortlist", "mean", "none", "fixed")
 NEEDS = ("shared_a", "svd", "centroids")  # what a library / bank must hold (stats are optional for every router)
-TRACE_RULES = ("norm", "arrow", "lag", "own")
+
+
+def _lag_scores(v: dict, k: int | None):
+    """LAG's choice as scores: the calibrated norms of ARROW's top-k candidates only (the others -inf)."""
+    N = v["arrow"].shape[-1]
+    if k is None or not 1 <= k <= N:
+        raise ValueError(f"lag needs k in [1, {N}], got {k!r}")
+    keep = v["arrow"].new_zeros(v["arrow"].shape, dtype=bool).scatter_(-1, v["arrow"].topk(k, -1).indices, True)
+    return v["norm"].masked_fill(~keep, float("-inf"))  # (D, N)
+
+
+# Trace rules as code: (recorded score vectors {"norm", "arrow", "own"?: (D, N)}, k) -> the (D, N) scores whose
+# argmax is the router's choice (None: its own scores were not recorded)
+TRACE_RULES = {"norm": lambda v, k: v["norm"], "arrow": lambda v, k: v["arrow"], "lag": _lag_scores,
+               "own": lambda v, k: v.get("own")}
 
 
 @dataclass(frozen=True)
@@ -61,7 +75,7 @@ class Router:
         if bad:
             raise ValueError(f"router {self.name!r}: unknown needs {bad}; expected some of {NEEDS}")
         if self.trace not in TRACE_RULES:
-            raise ValueError(f"router {self.name!r}: trace must be one of {TRACE_RULES}, got {self.trace!r}")
+            raise ValueError(f"router {self.name!r}: trace must be one of {tuple(TRACE_RULES)}, got {self.trace!r}")
         if self.kind == "score" and self.score is None:
             raise ValueError(f"router {self.name!r}: a score router needs a score function")
         if self.kind == "shortlist" and self.route is None:
@@ -72,6 +86,10 @@ class Router:
     def routes(self) -> bool:
         """Chooses an adapter per token (score or shortlist)."""
         return self.kind in ("score", "shortlist")
+
+    def used_scores(self, vectors: dict, k: int | None = None):
+        """The recorded scores (D, N) whose argmax is this router's choice, by its trace rule (see TRACE_RULES)."""
+        return TRACE_RULES[self.trace](vectors, k)
 
     def key(self, k: int | None) -> str:
         """The name results are stored under: lag@3 for a router that takes k."""

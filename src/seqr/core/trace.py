@@ -72,20 +72,11 @@ class Trace:
             raise ValueError("this trace recorded only the adapters used (trace='choices'); other routers' choices "
                              "need routing(..., trace=True)")
         router = registry.get(method)
-        if router.trace == "norm":
-            return d["norm"].argmax(-1)
-        if router.trace == "arrow":
-            return d["arrow"].argmax(-1)
-        if router.trace == "lag":
-            N = len(self.names)
-            if k is None or not 1 <= k <= N:
-                raise ValueError(f"{method} needs k in [1, {N}], got {k!r}")
-            top = d["arrow"].topk(k, dim=-1).indices  # (D, k)
-            return top.gather(1, d["norm"].gather(1, top).argmax(-1, keepdim=True))[:, 0]
-        if method != self.router:
+        if router.trace == "own" and method != self.router:
             raise ValueError(f"router {method!r} keeps its own scores; its choices are traced only when it routes "
                              f"(this trace routed with {self.router!r})")
-        return d["own"].argmax(-1) if "own" in d else d["chosen"]
+        used = router.used_scores(d, k)  # (D, N) by the router's trace rule
+        return d["chosen"] if used is None else used.argmax(-1)
 
     def routing_accuracy(self, method: str | None = None, k: int | None = None) -> float:
         """Share of decisions on which `method` picks the calibrated norm-maximising adapter."""

@@ -16,6 +16,7 @@ from torch import nn
 from seqr.core import registry
 from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
+from seqr.core.step import token_step
 from seqr.core.memory import trim_heap
 from seqr.core.trace import Trace
 from seqr.hf import granularity as gr
@@ -254,6 +255,8 @@ def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: st
     elif cfg.kind == "fixed":
         idx = st.fixed_index(B, T)  # (B*T,)
         upd = bank.apply(xf, idx)  # (B*T, m)
+    elif cfg.mix is None and not st.probing and cfg.granularity == "token":  # the paper's: the shared step
+        idx, upd, z = token_step(bank, xf, cfg.method, mask, cfg.k)  # (B*T,), (B*T, m), (B*T, r) or None
     else:
         z = bank.z(xf) if bank.shared_a else None  # (B*T, r): A x once, for scoring and the update
         if cfg.mix is not None:
@@ -269,10 +272,8 @@ def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: st
                 idx = gr.request_choice(st, B, T)  # (B*T,)
             elif cfg.granularity == gr.REUSE:
                 idx = gr.reuse_choice(bank, xf, z, st, mask, B, T)  # (B*T,)
-            elif cfg.granularity == "depth":
-                idx = gr.depth_choice(bank, xf, z, st, mask)  # (B*T,)
             else:
-                idx = bank.choose(xf, cfg.method, mask, k=cfg.k, z=z)  # (B*T,)
+                idx = gr.depth_choice(bank, xf, z, st, mask)  # (B*T,) granularity "depth"
             upd = bank.apply(xf, idx, z=z)  # (B*T, m)
     if st.trace is not None:
         _record(st, bank, name, xf, z, idx, mask, B, T)
@@ -308,18 +309,9 @@ def _record(st: RoutingState, bank: AdapterBank, name: str, xf, z, idx, mask, B:
     if mr is not None:
         vectors = {key: v.masked_fill(~mr, float("-inf")) for key, v in vectors.items()}
     chosen = torch.full((xr.shape[0],), -1, dtype=torch.long, device=xr.device) if idx is None else idx[real]
-    used = None if router is None else _used_scores(router.trace, vectors, st.cfg.k)
+    used = None if router is None else router.used_scores(vectors, st.cfg.k)
     margin = torch.full((xr.shape[0],), float("nan"), device=xr.device) if used is None else _margin(used, chosen)
     st.trace.record(name, rows=rows, chosen=chosen, margin=margin, **{k: v.float() for k, v in vectors.items()})
-
-
-def _used_scores(rule: str, vectors: dict, k: int | None) -> torch.Tensor | None:
-    """The scores a router's choice maximises, by its trace rule (None: a shortlist router with no own scores)."""
-    if rule == "lag":  # LAG's scores are the norms of its k ARROW candidates
-        keep = torch.zeros_like(vectors["arrow"], dtype=torch.bool).scatter_(1, vectors["arrow"].topk(k, -1).indices,
-                                                                            True)
-        return vectors["norm"].masked_fill(~keep, float("-inf"))
-    return vectors.get(rule)
 
 
 def _margin(used: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
 from seqr.core.threads import one_thread
 from seqr.core.packed import PackedBank
+from seqr.core.step import token_step
 from seqr.vllm.sets import read_set_mask
 
 
@@ -91,9 +92,7 @@ class SetRouting:
         if mask is None or mask.shape[0] != xf.shape[0]:
             raise RuntimeError(f"routing mask for {None if mask is None else mask.shape[0]} tokens, got "
                                f"{xf.shape[0]}: the set probe did not run on this forward")
-        z = packed.z(xf)  # (T, sum r_p): every part's A x at once, for the scores and the update
-        idx = packed.choose(xf, self.method, self.choose_mask, k=self.k, z=z)  # (T, P) no-set tokens: zeroed below
-        upds = packed.apply(xf, idx, z)  # [(T, m_p)]
+        idx, upds, _ = token_step(packed, xf, self.method, self.choose_mask, self.k)  # (T, P), [(T, m_p)]
         if self.tracing:
             for p in range(idx.shape[1]):
                 self._record(idx[:, p], mask, has)
