@@ -1,6 +1,6 @@
 """Evaluate the committed paper-budget library (issue 28, item 5-6), one pass at a time, each committed at once.
 
-Usage: SEQR_TASK_DATA=../shared/data/tasks python scripts/paper_eval.py [--stage main|exact|steps|noise|variants|all]
+Usage: SEQR_TASK_DATA=../shared/data/tasks python scripts/paper_eval.py [--stage main|exact|steps|noise|variants|unique|all]
        [--device cuda] [--commit]
 Every pass runs the base model in float32 (on any machine or device), so passes made on different machines
 combine in one eval.json; a pass already in the stage's eval.json is skipped, so a fresh clone continues with the
