@@ -245,6 +245,10 @@ def test_vllm_lora_reference_serves_in_the_dtype_seqr_serve_chooses(dtype, nativ
     assert modes["vllm"][1][modes["vllm"][1].index("--dtype") + 1] == dtype  # seqr serve resolves auto the same way
     _, base, models = modes["vllm_base_no_adapters"]  # the ceiling: the same server with no adapter at all
     assert base == args[:len(base)] and "--enable-lora" not in base and models == ["base"] * 3
+    assert "--granularity" not in modes["vllm"][1]  # the server's own default unless asked
+    a.granularity = "token"  # the routing inside vLLM's layers: every seqr server routes per token
+    assert all(m[1][m[1].index("--granularity") + 1] == "token" for m in
+               (bs._modes(a, p, ["a", "b"], "auth.json")[k] for k in ("vllm", "one_process")))
 
 
 def test_bench_scale_measures_each_size_in_its_own_process(tmp_path):

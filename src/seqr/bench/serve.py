@@ -119,6 +119,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "adapter i (needs --peft-root), and `vllm serve` of the base model alone (no adapters)")
     p.add_argument("--peft-root", help="with vllm-lora: dir of the library's peft adapter dirs, one per name")
     p.add_argument("--dtype", default="auto", help="the servers' --dtype (auto, float32, bfloat16)")
+    p.add_argument("--granularity", choices=("token", "request"), default=None,
+                   help="seqr servers' --granularity (default: theirs, request for SEQR); token times the routing "
+                        "inside vLLM's layers")
     p.add_argument("--ray-replicas", type=int, default=2,
                    help="also run seqr serve --ray with this many replicas, side by side (0: one process only)")
     p.add_argument("--json", help="write the results here")
@@ -131,7 +134,7 @@ def _modes(a: argparse.Namespace, parser: argparse.ArgumentParser, names: list[s
     if bad or not engines:
         parser.error(f"--engines takes a comma list of {ENGINES}, got {a.engines!r}")
     seqr_args = [a.library, "--model", a.model, "--auth", auth_file, "--max-batch", str(a.max_batch),
-                 "--dtype", a.dtype]
+                 "--dtype", a.dtype, *(["--granularity", a.granularity] if a.granularity else [])]
     modes: dict = {}
     if "embedded" in engines:
         modes["one_process"] = (None, seqr_args, None)
