@@ -165,6 +165,28 @@ def test_no_token_is_routed_outside_its_rows_allowed_set(dirs, tmp_path, method,
         torch.testing.assert_close(mu_alpha, model(ids).logits, atol=1e-6, rtol=0)
 
 
+@torch.no_grad()
+def test_the_token_mask_is_built_once_per_forward_and_never_carried_over(dirs, tmp_path, monkeypatch):
+    """Per-row allowed sets expand to a per-token mask once per forward (not once per routed layer), and the next
+    forward, with other rows or another shape, builds its own: no token ever uses a mask made for another."""
+    from seqr.hf.layers import RoutingState
+
+    lib, model, ids = _adversarial(dirs, tmp_path)
+    built = []
+    per_row = RoutingState._per_row
+    monkeypatch.setattr(RoutingState, "_per_row",
+                        lambda self, t, B, T, what: built.append(what) or per_row(self, t, B, T, what))
+    rows = [{"alpha", "beta"}, {"gamma"}, {"alpha", "secret"}]
+    with seqr.routing(model, "seqr", allowed=rows, trace=True) as t:
+        model(ids)
+    assert built == ["allowed"] and t.outside(rows) == [0, 0, 0] and len(t) == ids.numel() * len(lib.layers)
+    swapped = [rows[2], rows[0], rows[1]]
+    with seqr.routing(model, "seqr", allowed=swapped, trace=True) as t:  # same shape, other sets
+        model(ids)
+        model(ids[:, :5])  # another shape within the same routing
+    assert built == ["allowed"] * 3 and t.outside(swapped) == [0, 0, 0] and set(t.counts(row=1)) <= rows[0]
+
+
 def test_bad_routing_requests(lib):
     model = seqr.attach(tiny_llama(), lib)
     with pytest.raises(ValueError, match="unknown routing method 'nope'"):

@@ -81,6 +81,7 @@ class RoutingState:
         self.probe_calls, self.probe_limit = 0, len(library.layers)  # routed layers the probe scored / will (gr.probe)
         self.n_layers = len(library.layers)  # routed layers per forward
         self.depth_sum: torch.Tensor | None = None  # (B*T, N) granularity "depth": scores of the layers so far
+        self._mask: tuple | None = None  # ((B, T, allowed), (B*T, N) or (1, N)): the forward's token mask, built once
 
     # ------------------------------------------------------------------------------------------ config
     def configure(self, method=None, k=None, allowed=None, granularity="token", mix=None, temperature=1.0,
@@ -184,8 +185,14 @@ class RoutingState:
         return t.to(self.device).expand(B, *t.shape[1:]).repeat_interleave(T, dim=0)
 
     def token_mask(self, B: int, T: int) -> torch.Tensor | None:
+        """The tokens' allowed mask, (1, N) or (B*T, N), None: every adapter; built once per forward and shape."""
         m = self.cfg.allowed
-        return None if m is None else (m.to(self.device) if m.shape[0] == 1 else self._per_row(m, B, T, "allowed"))
+        if m is None:
+            return None
+        if self._mask is None or self._mask[0][0] != (B, T) or self._mask[0][1] is not m:
+            tokens = m.to(self.device) if m.shape[0] == 1 else self._per_row(m, B, T, "allowed")  # (1 or B*T, N)
+            self._mask = (((B, T), m), tokens)
+        return self._mask[1]
 
     def fixed_index(self, B: int, T: int) -> torch.Tensor:
         return self._per_row(self.cfg.fixed, B, T, "the per-row adapter list")
@@ -207,7 +214,7 @@ class RoutingState:
         self.attention_mask = am if isinstance(am, torch.Tensor) else None
         past = passed_cache(kwargs)
         self.prefill = past is None or not hasattr(past, "get_seq_length") or past.get_seq_length() == 0
-        self.depth_sum = None
+        self.depth_sum, self._mask = None, None
         if self.probing:
             return
         if self.prefill:
