@@ -200,3 +200,28 @@ def test_manifest_lines_and_the_generation_read_from_its_head(tmp_path):
     (tmp_path / files.MANIFEST).write_text(json.dumps({"extra": {"generation": 5}, **obj}))  # not our head: parsed
     assert files.manifest_generation(tmp_path) == 7
     assert files.manifest_generation(tmp_path / "none") == 0
+
+
+def test_a_loaded_librarys_first_change_writes_the_other_adapters_lines_back_as_read(lib_dir, monkeypatch):
+    """Loading keeps each adapter's manifest line as read, so the first change after a load encodes only what it
+    changed (not every adapter's stats again), and the lines of the adapters it left alone stay byte for byte; a
+    manifest laid out by another hand is parsed as before and simply re-encoded."""
+    before = (lib_dir / files.MANIFEST).read_text().splitlines()
+    lib = LoraLibrary.load(lib_dir)
+    encoded = []
+    to_dict = NormStats.to_dict
+    monkeypatch.setattr(NormStats, "to_dict", lambda self: encoded.append(1) or to_dict(self))
+    lib.add_peft("delta", lib_dir.parent / "silos" / "delta")
+    assert len(encoded) == len(lib.layers)  # the new adapter's stats only
+    after = (lib_dir / files.MANIFEST).read_text().splitlines()
+    assert [ln for ln in after if ln.startswith('  {"name": ')][:3] == [ln.rstrip(",") + ","
+                                                                        for ln in before if ln.startswith('  {"name": ')]
+    monkeypatch.undo()
+    man = json.loads((lib_dir / files.MANIFEST).read_text())
+    (lib_dir / files.MANIFEST).write_text(json.dumps(man, indent=2))  # another layout: one entry over many lines
+    lib = LoraLibrary.load(lib_dir)
+    lib.remove("beta")
+    back = LoraLibrary.load(lib_dir)
+    assert sorted(back.names) == ["alpha", "delta", "gamma"] and all(
+        back.stats(n)[layer].mean == lib.stats(n)[layer].mean for n in back.names for layer in back.layers)
+    assert json.loads((lib_dir / files.MANIFEST).read_text())["adapters"][0] == man["adapters"][0]

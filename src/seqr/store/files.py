@@ -86,6 +86,26 @@ class Encoded(str):
     def __new__(cls, obj):
         return super().__new__(cls, json.dumps(obj))
 
+    @classmethod
+    def text(cls, text: str) -> "Encoded":
+        """The JSON text of an item as read back from a file this module wrote (not encoded again)."""
+        return super().__new__(cls, text)
+
+
+def seed_manifest_line(name: str, ad, line: str) -> None:
+    """The manifest line `manifest_line` would encode for adapter `ad` as loaded, taken from the manifest read."""
+    ad.line = ((name, ad.file, ad.sha256), ad.stats, Encoded.text(line))
+
+
+def manifest_line(name: str, ad) -> Encoded:
+    """One adapter's (a library's `_Adapter`) manifest entry, JSON-encoded once per content (a change then writes
+    N cached lines)."""
+    key = (name, ad.file, ad.sha256)
+    if ad.line is None or ad.line[0] != key or ad.line[1] is not ad.stats:  # stats: the very object encoded
+        stats = None if ad.stats is None else {k: s.to_dict() for k, s in ad.stats.items()}
+        ad.line = (key, ad.stats, Encoded({"name": name, "file": ad.file, "sha256": ad.sha256, "stats": stats}))
+    return ad.line[2]
+
 
 def json_text(obj, rows: str | None = None) -> str:
     if rows is None or rows not in obj:
@@ -93,6 +113,26 @@ def json_text(obj, rows: str | None = None) -> str:
     head = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in obj.items() if k != rows]
     items = ",\n".join(f"  {item if isinstance(item, Encoded) else json.dumps(item)}" for item in obj[rows])
     return "{\n" + ",\n".join(head + [f" {json.dumps(rows)}: [\n{items}\n ]"]) + "\n}\n"
+
+
+def read_json_rows(path: str | Path, what: str, rows: str) -> tuple[dict, list[str] | None]:
+    """`read_json` of a file `json_text` wrote with `rows`, and each item of obj[rows] as its line of text (None
+    when the file is laid out otherwise, e.g. edited by hand): a writer can then write unchanged items back as
+    read, without encoding them again."""
+    obj = read_json(path, what)
+    text, head = Path(path).read_text(), f" {json.dumps(rows)}: [\n"  # json_text's layout: one item per line
+    start, items = text.find(head), obj.get(rows)
+    if start < 0 or not isinstance(items, list):
+        return obj, None
+    end = text.find("\n ]\n", start)
+    lines = [ln[2:].rstrip(",") for ln in text[start + len(head):end].split("\n")] if items else []
+    if end < 0 or len(lines) != len(items):
+        return obj, None
+    try:  # each line must be exactly its item: a line is only ever written back in place of the very item it encodes
+        same = all(json.loads(ln) == item for ln, item in zip(lines, items))
+    except json.JSONDecodeError:
+        same = False
+    return obj, lines if same else None
 
 
 def read_json(path: str | Path, what: str) -> dict:

@@ -396,7 +396,7 @@ class LoraLibrary:
             "extra": m.extra, "layers": {k: list(v) for k, v in m.layers.items()},
             "shared_a_file": None if self._shared_file is None else
             {"file": self._shared_file[0], "sha256": self._shared_file[1]},
-            "adapters": [_entry(n, a) for n, a in self._adapters.items()],
+            "adapters": [files.manifest_line(n, a) for n, a in self._adapters.items()],
         })
 
     @classmethod
@@ -414,7 +414,7 @@ class LoraLibrary:
 
     @classmethod
     def _load_locked(cls, path: Path, resident_dtype: str) -> "LoraLibrary":
-        man = files.read_json(path / files.MANIFEST, "library manifest")
+        man, lines = files.read_json_rows(path / files.MANIFEST, "library manifest", "adapters")
         if man.get("format") != files.LIBRARY_FORMAT:
             raise ValueError(f"{path / files.MANIFEST} is not a seqr library manifest (format={man.get('format')!r})")
         if man.get("format_version") != files.LIBRARY_FORMAT_VERSION:
@@ -444,6 +444,8 @@ class LoraLibrary:
             for i, e in enumerate(entries):
                 lib._load_entry(path, e)
                 banks.stack(lib, e["name"], i)
+                if lines is not None and len(entries) == len(lines):  # its manifest line, written back as read
+                    files.seed_manifest_line(e["name"], lib._adapters[e["name"]], lines[i])
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"library manifest {path / files.MANIFEST} is missing or malforms field {e}") from None
         lib.path, lib._generation = path, generation
@@ -508,13 +510,3 @@ class LoraLibrary:
 
 class LibraryConflict(RuntimeError):
     """Another writer changed the library directory since this copy was loaded."""
-
-
-def _entry(name: str, ad: _Adapter) -> files.Encoded:
-    """One adapter's manifest entry, JSON-encoded once per content (a change then writes N cached lines)."""
-    key = (name, ad.file, ad.sha256)
-    if ad.line is None or ad.line[0] != key or ad.line[1] is not ad.stats:  # stats: the very object encoded
-        stats = None if ad.stats is None else {k: s.to_dict() for k, s in ad.stats.items()}
-        ad.line = (key, ad.stats, files.Encoded({"name": name, "file": ad.file, "sha256": ad.sha256, "stats": stats}))
-    return ad.line[2]
-
