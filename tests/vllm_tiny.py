@@ -7,28 +7,20 @@ from pathlib import Path
 import torch
 
 
-def tiny_vllm_llama(vocab_size: int, seed: int = 0, init: float = 0.2):
-    from transformers import LlamaConfig, LlamaForCausalLM
+# family -> transformers config and model class (Qwen2: biased q/k/v)
+FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+SIZES = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=False)
 
+
+def tiny_vllm_model(family: str, vocab_size: int, seed: int = 0, init: float = 0.2):
+    """A tiny random model of one of FAMILIES, sized for vLLM's CPU attention."""
+    import transformers
+
+    config_cls, model_cls = FAMILIES[family]
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                      initializer_range=init, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_vllm_qwen2(vocab_size: int, seed: int = 0, init: float = 0.2):
-    """Another family: Qwen2 (biased q/k/v), the same sizes as the tiny Llama."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                      initializer_range=init, tie_word_embeddings=False)
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-FAMILIES = {"llama": tiny_vllm_llama, "qwen2": tiny_vllm_qwen2}
+    cfg = getattr(transformers, config_cls)(vocab_size=vocab_size, initializer_range=init, **SIZES)
+    return getattr(transformers, model_cls)(cfg).eval()
 
 
 def model_and_library(root: Path, names, *, b_scale: float = 0.3, boost: dict | None = None, family: str = "llama"):
@@ -42,13 +34,12 @@ def model_and_library(root: Path, names, *, b_scale: float = 0.3, boost: dict | 
     from seqr.store.peft_io import stats_json
 
     tok = chat_tokenizer()
-    tiny = FAMILIES[family]
-    tiny(len(tok)).save_pretrained(root / "model")
+    tiny_vllm_model(family, len(tok)).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     boost = boost or {}
     dirs = {}
     for i, n in enumerate(names):
-        make_adapter(root / "a" / n, seed=i, base=tiny(len(tok)), b_scale=b_scale * boost.get(n, 1.0))
+        make_adapter(root / "a" / n, seed=i, base=tiny_vllm_model(family, len(tok)), b_scale=b_scale * boost.get(n, 1.0))
         dirs[n] = root / "a" / n
     lib = LoraLibrary.from_peft(dirs)
     g = torch.Generator().manual_seed(0)
