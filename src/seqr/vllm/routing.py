@@ -124,10 +124,11 @@ class SetRouting:
         are forgotten here. vLLM's internal ids carry a suffix ("<id>-<8 chars>"): `request_ids` are the ids
         given to vLLM, matched to the internal ones with it."""
         want, out = set(request_ids), {}
-        for rid in [r for r in self.per_request if r.rsplit("-", 1)[0] in want or r in want]:
-            c = self.per_request.pop(rid)
-            out[rid.rsplit("-", 1)[0] if rid not in want else rid] = {
-                "counts": {n: v for n, v in c.items() if n}, "outside": c.get("", 0)}
+        for rid in list(self.per_request):
+            given = rid if rid in want else rid.rsplit("-", 1)[0]  # the id given to vLLM
+            if given in want:
+                c = self.per_request.pop(rid)
+                out[given] = {"counts": {n: v for n, v in c.items() if n}, "outside": c.get("", 0)}
         return out
 
     def _record(self, idx: torch.Tensor, mask: torch.Tensor, has: torch.Tensor) -> None:
