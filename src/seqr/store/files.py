@@ -119,8 +119,8 @@ def read_json_rows(path: str | Path, what: str, rows: str) -> tuple[dict, list[s
     """`read_json` of a file `json_text` wrote with `rows`, and each item of obj[rows] as its line of text (None
     when the file is laid out otherwise, e.g. edited by hand): a writer can then write unchanged items back as
     read, without encoding them again."""
-    obj = read_json(path, what)
-    text, head = Path(path).read_text(), f" {json.dumps(rows)}: [\n"  # json_text's layout: one item per line
+    obj, text = _read_json_text(path, what)
+    head = f" {json.dumps(rows)}: [\n"  # json_text's layout: one item per line
     start, items = text.find(head), obj.get(rows)
     if start < 0 or not isinstance(items, list):
         return obj, None
@@ -137,16 +137,22 @@ def read_json_rows(path: str | Path, what: str, rows: str) -> tuple[dict, list[s
 
 def read_json(path: str | Path, what: str) -> dict:
     """Read a JSON object with errors that name the file and what it was supposed to be."""
+    return _read_json_text(path, what)[0]
+
+
+def _read_json_text(path: str | Path, what: str) -> tuple[dict, str]:
+    """(the JSON object, the text it was parsed from), read once."""
     path = Path(path)
     if not path.is_file():
         raise PathNotFound(f"{what} not found: {path}")
     try:
-        obj = json.loads(path.read_text())
+        text = path.read_text()
+        obj = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{what} {path} is not valid JSON ({e}); the file is corrupt or truncated") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{what} {path} must hold a JSON object, got {type(obj).__name__}")
-    return obj
+    return obj, text
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
