@@ -166,10 +166,11 @@ def test_a_loaded_library_holds_its_rows_stacked_and_its_banks_take_them_over(tm
     N, L = len(lib), len(lib.layers)
     assert _live_tensors() - before < N * L // 2  # a few stacked tensors per layer, not one per adapter and layer
     layer, dt = lib.layers[3], getattr(torch, resident)
-    B = lib.adapter_weights("a5")[1][layer]
+    B = lib.adapter_weights("a5")[1][layer]  # before first use: read from a5's file alone
     assert B.dtype == dt and torch.equal(B.float(), given["a5"][layer].half().float())  # the stored values
-    loaded = _storage(B)
-    assert _storage(lib.bank(layer).B) == loaded  # the bank took the loaded rows over, no copy
+    bank = lib.bank(layer)  # first use: every file read into the stacked rows, which the bank takes over
+    assert _storage(lib.adapter_weights("a5")[1][layer]) == _storage(bank.B)  # no copy
+    assert _storage(lib.adapter_weights("a5")[1][lib.layers[4]]) == _storage(lib.adapter_weights("a0")[1][lib.layers[4]])
     lib.remove("a2")  # a9 moves into a2's place: later banks are built from the adapters, not the loaded rows
     other = lib.layers[4]
     for i, n in enumerate(lib.names):

@@ -57,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="seqr info", description="Describe a seqr library.")
     p.add_argument("library")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--verify", action="store_true",
+                   help="read every adapter file and verify its checksum and values (default: their headers only)")
     a = p.parse_args(argv)
     try:
-        lib = LoraLibrary.load(a.library)
+        lib = LoraLibrary.load(a.library, lazy=not a.verify)
     except (ValueError, FileNotFoundError) as e:
         print(f"seqr info: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ import torch
 
 from seqr.core.bank import AdapterBank
 from seqr.core.threads import one_thread
+from seqr.store.loaded import Loaded
 
 
 class Views(Mapping):
@@ -35,7 +36,7 @@ class Views(Mapping):
         if self._banks is not None and layer in self._banks:
             bank = self._banks[layer]
             return getattr(bank, self._attr)[bank.index[self._name]]  # (m, r) B or (r, n) A: a view of its row
-        if self._row is not None and layer in self._row[0].rows(self._attr):
+        if self._row is not None and self._row[0].has(self._attr, layer):
             return self._row[0].row(self._attr, layer, self._row[1])
         if self._parent is not None:
             return self._parent[layer]
@@ -43,7 +44,7 @@ class Views(Mapping):
 
     def __iter__(self):
         return (layer for layer in self._layers if layer in self._own or (self._banks and layer in self._banks)
-                or (self._row is not None and layer in self._row[0].rows(self._attr))
+                or (self._row is not None and self._row[0].has(self._attr, layer))
                 or (self._parent is not None and layer in self._parent))
 
     def __len__(self) -> int:
@@ -56,12 +57,6 @@ class Views(Mapping):
         """Read `layer` from the library's bank from now on (the bank holds this adapter's row)."""
         if self._own.pop(layer, None) is not None and not self._own:
             self._own = {}  # an emptied dict keeps its table (1.6 KiB at 120 layers)
-
-    def stacked(self, loaded: "Loaded", i: int) -> None:
-        """Move every own tensor into row `i` of the rows the library is being loaded into, and read them there."""
-        for layer, t in self._own.items():
-            loaded.rows(self._attr)[layer][i] = t.T if self._attr == "B" else t  # (r, m) B^T, or (r, n) A
-        self._own, self._row = {}, (loaded, i)
 
     def keep(self, copy: bool = False) -> None:
         """Read no cached bank any more: hold views of this adapter's rows (the banks are about to be dropped, their rows
@@ -77,49 +72,16 @@ class Views(Mapping):
         return f"Views({self._attr} of {self._name!r}, {len(self)} layers, {len(self._own)} held apart from a bank)"
 
 
-class Loaded:
-    """The rows of the adapters a library was loaded with, stacked per layer in its banks' layout (B^T (N, r, m), a
-    unique A (N, r, n)) as each adapter's file is read: no small tensor per adapter and layer, so no heap they
-    fragment. A layer's rows are read by the adapters' Views until its bank is built, which takes them over
-    (no copy) while the library holds exactly the adapters loaded, in their order."""
-
-    def __init__(self, lib, names: list[str], dtype: torch.dtype):
-        N, r = len(names), lib.rank
-        self.names = list(names)
-        self.B = {layer: torch.empty(N, r, m, dtype=dtype) for layer, (m, n) in lib.meta.layers.items()}
-        self.A = {} if lib.shared_a else {layer: torch.empty(N, r, n, dtype=dtype)
-                                          for layer, (m, n) in lib.meta.layers.items()}
-
-    def rows(self, attr: str) -> dict[str, torch.Tensor]:
-        return self.B if attr == "B" else self.A
-
-    def row(self, attr: str, layer: str, i: int) -> torch.Tensor:
-        return self.B[layer][i].T if attr == "B" else self.A[layer][i]  # (m, r) B, or (r, n) A
-
-    def take(self, lib, layer: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(B^T (N, r, m), A (N, r, n) or None) of `layer` for its bank, when the library still holds exactly the
-        adapters loaded, in order; else (None, None)."""
-        if layer not in self.B or self.names != lib.names:
-            return None, None
-        return self.B[layer], self.A.get(layer)
-
-    def release(self, layer: str) -> None:
-        """`layer`'s bank is built: its rows are read there from now on."""
-        self.B.pop(layer, None)
-        self.A.pop(layer, None)
-
-
-def stack(lib, name: str, i: int) -> None:
-    """Move adapter `name`'s tensors, just read from its file, into row `i` of the rows the library is loaded into."""
-    ad = lib._adapters[name]
-    for v in (ad.B, ad.A):
-        if isinstance(v, Views):
-            v.stacked(lib._loaded, i)
-
-
 def views(lib, name: str, tensors: dict | None, attr: str) -> Views | None:
     """`tensors` (B, or a unique A, per layer) as adapter `name` of `lib` holds them."""
     return None if tensors is None else Views(tensors, lib._banks, name, attr, lib.meta.layers)
+
+
+def loaded_views(lib, name: str, attr: str, i: int) -> Views:
+    """Adapter `name`'s B (or own A) as a library just loaded holds it: row `i` of the rows it was loaded into."""
+    v = Views(None, lib._banks, name, attr, lib.meta.layers)
+    v._row = (lib._loaded, i)
+    return v
 
 
 def derived(lib, name: str, parent: Views | None, attr: str) -> Views | None:

@@ -2,6 +2,7 @@
 the form the library stores (float32, contiguous; NormStats)."""
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,6 +56,19 @@ def tensors(meta, d: Mapping, where: str, kind: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{where}, layer {bad}: {kind} contains NaN or inf")
     return out
 
+def stored(meta, shape_of, where: str, kinds: tuple[str, ...]) -> None:
+    """An adapter file's tensors, from its header alone (`shape_of(key)`: a tensor's shape, None when absent):
+    `<layer>.<kind>` for every layer and kind ("B", "A"), in the library's shapes."""
+    for kind in kinds:
+        missing = sorted(layer for layer in meta.layers if shape_of(f"{layer}.{kind}") is None)
+        if missing:
+            raise ValueError(f"{where}: {kind} layers do not match the library (missing {missing})")
+        for layer, (m, n) in meta.layers.items():
+            want = (m, meta.rank) if kind == "B" else (meta.rank, n)
+            if (got := shape_of(f"{layer}.{kind}")) != want:
+                raise ValueError(f"{where}, layer {layer}: {kind} must have shape {want}, got {got}")
+
+
 def same_A(meta, shared_A: dict[str, torch.Tensor], A: dict[str, torch.Tensor], where: str) -> None:
     bad = [f"{layer} (relative difference {d:.2e})" for layer in A
            if (d := rel_diff(A[layer], shared_A[layer])) > A_REL_TOL]
@@ -81,17 +95,31 @@ def stats(meta, stats: dict, where: str) -> dict[str, NormStats]:
     if not isinstance(stats, dict) or set(stats) != set(meta.layers):
         got = sorted(stats) if isinstance(stats, dict) else type(stats).__name__
         raise ValueError(f"{where}: stats must cover exactly the library's layers; got {got}")
-    out = {}
-    for layer, s in stats.items():
-        s = s if isinstance(s, NormStats) else NormStats.from_dict(s)
+    out = {layer: s if isinstance(s, NormStats) else NormStats.from_dict(s) for layer, s in stats.items()}
+    if min(s.count for s in out.values()) >= 2 and z_scorable([s.mean for s in out.values()],
+                                                              [math.sqrt(s.m2 / s.count) for s in out.values()]):
+        return out  # every layer checked at once; else the loop names the first that fails
+    for layer, s in out.items():
         if s.count < 2 or not s.std > 0:
             raise ValueError(f"{where}, layer {layer}: stats need count >= 2 and std > 0, got "
                              f"count={s.count}, std={s.std if s.count else None}")
         if not z_scorable(s.mean, s.std):
             raise ValueError(f"{where}, layer {layer}: stats overflow float32 when z-scoring (mu / sigma or "
                              f"1 / sigma^2 is not finite): mu={s.mean:.6g}, sigma={s.std:.6g}")
-        out[layer] = s
     return out
+
+
+def manifest_header(path: Path, man: dict, storage_dtypes) -> str:
+    """The manifest's format, version and storage dtype checked; returns the storage dtype."""
+    if man.get("format") != files.LIBRARY_FORMAT:
+        raise ValueError(f"{path / files.MANIFEST} is not a seqr library manifest (format={man.get('format')!r})")
+    if man.get("format_version") != files.LIBRARY_FORMAT_VERSION:
+        raise ValueError(f"library {path} has format_version {man.get('format_version')!r}; this seqr reads "
+                         f"version {files.LIBRARY_FORMAT_VERSION} (upgrade seqr to read newer libraries)")
+    storage = man.get("storage_dtype", "float32")
+    if storage not in storage_dtypes:
+        raise ValueError(f"library {path}: unknown storage_dtype {storage!r}; expected one of {list(storage_dtypes)}")
+    return storage
 
 
 def manifest_entries(path: Path, man: dict) -> tuple[list[dict], dict | None]:

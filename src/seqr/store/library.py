@@ -21,6 +21,7 @@ import torch
 from seqr.core.argfmt import PathNotFound
 from seqr.store import banks, checks, files
 from seqr.core.bank import AdapterBank
+from seqr.store.loaded import Loaded, MappedFile
 from seqr.store.peft_io import read_peft_adapter, stats_record, write_peft_adapter
 from seqr.core.stats import NormStats, as_normalised
 from seqr.core.stats import pooled as pool_stats
@@ -77,7 +78,7 @@ class LoraLibrary:
         self.storage_dtype = "float32"  # STORAGE_DTYPES: what its files hold; memory holds those values in float32
         self.lock_owner = None  # set by a holder of the directory's writer lock (files.file_lock) to hand it over
         self.resident_dtype = "float32"  # STORAGE_DTYPES: the dtype A, B and centroids are held in (routing: fp32)
-        self._loaded: banks.Loaded | None = None  # the rows it was loaded into, until its banks take them over
+        self._loaded: Loaded | None = None  # the rows it was loaded into, until its banks take them over
 
     # ---------------------------------------------------------------------------------------------- access
     @property
@@ -172,10 +173,7 @@ class LoraLibrary:
         """Add one adapter: B (m, r) per layer with scaling folded in; A (r, n) per layer for unique-A
         libraries (for a shared-A library A may be given only to check it equals the shared A); centroids
         (n,) per layer for the centroid routers (optional)."""
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise ValueError(f"adapter name must match {NAME_RE.pattern} (letters, digits, _ . -), got {name!r}")
-        if name in self._adapters:
-            raise ValueError(f"adapter {name!r} is already in the library; remove it first to replace it")
+        self._check_new(name)
         where = f"adapter {name!r}"
         B = checks.tensors(self.meta, B, where, "B")
         if self.shared_a:
@@ -197,6 +195,12 @@ class LoraLibrary:
         self._adapters[name] = ad
         self._persist(undo=lambda: self._adapters.pop(name), before=lambda: self._write_adapter(self.path, name, ad))
         banks.added(self, name, flags)  # in place: cached banks gain one row each
+
+    def _check_new(self, name) -> None:
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ValueError(f"adapter name must match {NAME_RE.pattern} (letters, digits, _ . -), got {name!r}")
+        if name in self._adapters:
+            raise ValueError(f"adapter {name!r} is already in the library; remove it first to replace it")
 
     def add_peft(self, name: str, adapter_dir: str | Path) -> None:
         """Add one calibrated peft adapter dir under `name` (a live service's "add adapter")."""
@@ -400,26 +404,26 @@ class LoraLibrary:
         })
 
     @classmethod
-    def load(cls, path: str | Path, resident_dtype: str = "float32") -> "LoraLibrary":
-        """Load a library directory, verifying the format version and every file's checksum. `resident_dtype`
-        (STORAGE_DTYPES): what A, B and the centroids are held in (as `set_resident_dtype`, without a float32 copy
-        first)."""
+    def load(cls, path: str | Path, resident_dtype: str = "float32", *, lazy: bool = True) -> "LoraLibrary":
+        """Load a library directory: its manifest (format version, stats) and every adapter file's header now;
+        the files are memory-mapped and their tensors read, checksums verified and values checked on first use
+        (`lazy`, store/loaded.py), or before returning with `lazy=False`. `resident_dtype` (STORAGE_DTYPES): what
+        A, B and the centroids are held in (as `set_resident_dtype`, without a float32 copy first)."""
         if resident_dtype not in STORAGE_DTYPES:
             raise ValueError(f"resident dtype must be one of {list(STORAGE_DTYPES)}, got {resident_dtype!r}")
         path = Path(path)
         if not (path / files.MANIFEST).is_file():
             raise PathNotFound(f"{path} holds no seqr library ({files.MANIFEST} missing)")
         with files.dir_lock(path, shared=True):  # never half of another process's change
-            return cls._load_locked(path, resident_dtype)
+            lib = cls._load_locked(path, resident_dtype)
+            if not lazy:
+                lib._loaded.fill()
+        return lib
 
     @classmethod
     def _load_locked(cls, path: Path, resident_dtype: str) -> "LoraLibrary":
         man, lines = files.read_json_rows(path / files.MANIFEST, "library manifest", "adapters")
-        if man.get("format") != files.LIBRARY_FORMAT:
-            raise ValueError(f"{path / files.MANIFEST} is not a seqr library manifest (format={man.get('format')!r})")
-        if man.get("format_version") != files.LIBRARY_FORMAT_VERSION:
-            raise ValueError(f"library {path} has format_version {man.get('format_version')!r}; this seqr reads "
-                             f"version {files.LIBRARY_FORMAT_VERSION} (upgrade seqr to read newer libraries)")
+        storage = checks.manifest_header(path, man, STORAGE_DTYPES)
         try:
             meta = LibraryMeta(rank=man["rank"], layers={k: tuple(v) for k, v in man["layers"].items()},
                                target_modules=man["target_modules"], base_model=man.get("base_model"),
@@ -427,10 +431,6 @@ class LoraLibrary:
                                extra=man.get("extra") or {})
             entries, sa = checks.manifest_entries(path, man)
             generation = int(man.get("generation", 0))
-            storage = man.get("storage_dtype", "float32")
-            if storage not in STORAGE_DTYPES:
-                raise ValueError(f"library {path}: unknown storage_dtype {storage!r}; expected one of "
-                                 f"{list(STORAGE_DTYPES)}")
             shared = None
             if man.get("shared_a"):
                 what = f"library {path}: shared A"
@@ -440,10 +440,10 @@ class LoraLibrary:
             lib.storage_dtype, lib.resident_dtype = storage, resident_dtype
             lib.shared_A = lib._stored(lib.shared_A)
             lib._shared_file = None if sa is None else (sa["file"], sa["sha256"])
-            lib._loaded = banks.Loaded(lib, [e["name"] for e in entries], STORAGE_DTYPES[resident_dtype])
+            lib._loaded = Loaded(lib, [e["name"] for e in entries], STORAGE_DTYPES[resident_dtype],
+                                 STORAGE_DTYPES[storage])
             for i, e in enumerate(entries):
-                lib._load_entry(path, e)
-                banks.stack(lib, e["name"], i)
+                lib._load_entry(path, e, i)
                 if lines is not None and len(entries) == len(lines):  # its manifest line, written back as read
                     files.seed_manifest_line(e["name"], lib._adapters[e["name"]], lines[i])
         except (KeyError, TypeError, AttributeError) as e:
@@ -451,20 +451,24 @@ class LoraLibrary:
         lib.path, lib._generation = path, generation
         return lib
 
-    def _load_entry(self, path: Path, e: dict) -> None:
+    def _load_entry(self, path: Path, e: dict, i: int) -> None:
+        """Adapter i of the manifest: its file mapped and its header checked (B, and A for unique-A libraries, at
+        every layer, in the library's shapes), its stats and centroids read; B and A are read on first use."""
         name = e["name"]
+        self._check_new(name)
         what = f"library {path}: adapter {name!r}"
-        t = files.read_tensors(files.confined(path, e["file"], what), what, e["sha256"])
-        layers = self.meta.layers
-        B = {layer: t[key] for layer in layers if (key := f"{layer}.B") in t}
-        A = None if self.shared_a else {layer: t[k] for layer in layers if (k := f"{layer}.A") in t}
+        src = MappedFile(files.confined(path, e["file"], what), what)
+        checks.stored(self.meta, src.shape, what, kinds=("B",) if self.shared_a else ("B", "A"))
+        self._loaded.sources.append((src, e["sha256"]))
         if e.get("stats") is not None and not isinstance(e["stats"], dict):
             raise ValueError(f"{what}: field 'stats' must be an object layer -> record, got {type(e['stats']).__name__}")
-        stats = None if e.get("stats") is None else {k: stats_record(v, f"{what}, layer {k}")
-                                                     for k, v in e["stats"].items()}
-        cents = {layer: t[k] for layer in layers if (k := f"{layer}.centroid") in t} or None
-        self.add(name, B, A=A, stats=stats, centroids=cents)
-        self._adapters[name].file, self._adapters[name].sha256 = e["file"], e["sha256"]
+        stats = None if e.get("stats") is None else checks.stats(
+            self.meta, {k: stats_record(v, f"{what}, layer {k}") for k, v in e["stats"].items()}, what)
+        cents = {layer: src.tensor(k) for layer in self.meta.layers if src.shape(k := f"{layer}.centroid")} or None
+        cents = None if cents is None else self._stored(checks.centroids(self.meta, cents, what))
+        self._adapters[name] = _Adapter(B=banks.loaded_views(self, name, "B", i), stats=stats, centroids=cents,
+                                        A=None if self.shared_a else banks.loaded_views(self, name, "A", i),
+                                        file=e["file"], sha256=e["sha256"])
 
     # ---------------------------------------------------------------------------------------------- peft
     @classmethod
