@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import threading
 from pathlib import Path
 
@@ -28,20 +29,22 @@ class MappedFile:
 
     def __init__(self, path: Path, what: str):
         self.path, self.what = Path(path), what
+        bad = f"{what}: file {path} is corrupt or truncated"
         try:
-            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:  # the header read, not mapped: a mapping's touched pages stay resident
+                size = os.fstat(f.fileno()).st_size
+                n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+                text = f.read(n) if 8 + n <= size else b""
+                storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size) if size else None
         except FileNotFoundError:
             raise FileNotFoundError(f"{what}: file {path} is missing") from None
-        bad = f"{what}: file {path} is corrupt or truncated"
         if size < 8:
             raise ValueError(f"{bad} ({size} bytes, not a safetensors file)")
-        storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size)
-        self._bytes = torch.empty(0, dtype=torch.uint8).set_(storage)  # (size,) the file, mapped
-        n = int.from_bytes(self._bytes[:8].numpy().tobytes(), "little")
         if 8 + n > size:
             raise ValueError(f"{bad} (its header claims {n} bytes, the file has {size})")
+        self._bytes = torch.empty(0, dtype=torch.uint8).set_(storage)  # (size,) the file, mapped
         try:
-            header = json.loads(self._bytes[8:8 + n].numpy().tobytes())
+            header = json.loads(text)
         except ValueError:
             raise ValueError(f"{bad} (its header is not JSON)") from None
         if not isinstance(header, dict):
