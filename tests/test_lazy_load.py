@@ -199,3 +199,26 @@ def test_seqr_info_verify_reads_every_file(saved, capsys):
     assert main(["info", str(root), "--verify"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("seqr info:") and "'beta'" in err[0] and "checksum mismatch" in err[0]
+
+
+def _mapped_resident_kib(under) -> int:
+    """Resident KiB of this process's mappings of files under `under` (/proc/self/smaps)."""
+    import re
+
+    total, current = 0, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                current = line.split()[-1]
+            elif line.startswith("Rss:") and current and current.startswith(str(under)):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_a_load_leaves_no_page_of_the_mapped_files_resident(saved):
+    lib, root = saved
+    loaded = LoraLibrary.load(root)
+    assert len(loaded._loaded.sources) == len(NAMES) and _mapped_resident_kib(root) == 0
+    loaded.bank(loaded.layers[0])  # first use: read, then unmapped
+    assert loaded._loaded.sources is None and _mapped_resident_kib(root) == 0
