@@ -1,7 +1,9 @@
 """Cost of seqr's routing inside vLLM's layers, alone: `SetRouting.update` over every adapted layer of a library
-(one decode step's worth), T tokens of a bf16 model, median of 20 steps; `--profile` adds torch's op table.
+(one decode step's worth), T tokens of a bf16 model, median of 20 steps; `--profile` adds torch's op table;
+`--compile` also times the same step compiled by torch.compile (inductor) as one graph, as a compiled model runs
+it, side by side with eager (interleaved rounds, medians) and checks both give the same updates.
 
-    .venv/bin/python scripts/vllm_routing_cost.py runs/serve/n10/lib --threads 1 --tokens 8
+    .venv/bin/python scripts/vllm_routing_cost.py runs/serve/n10/lib --threads 1 --tokens 8 [--compile]
 """
 import argparse
 import statistics
@@ -26,6 +28,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--method", default="seqr")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time the step compiled as one graph")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     lib = LoraLibrary.load(a.library)
@@ -35,23 +38,54 @@ def main() -> None:
         groups.setdefault(f"{prefix}.{PACKED.get(leaf, leaf)}", []).append(lib.bank(layer))
     banks = [PackedBank(g) for g in groups.values()]
     routing = SetRouting(lib.names, lib.names, a.method)
-    routing.begin(torch.ones(a.tokens, len(lib.names)))  # (T, C): every token may use every adapter
+    g = torch.Generator().manual_seed(0)  # each token's user allowed 2 adapters, as in `seqr bench serve`
+    allowed = torch.zeros(a.tokens, len(lib.names))  # (T, C)
+    allowed.scatter_(1, torch.stack([torch.randperm(len(lib.names), generator=g)[:2] for _ in range(a.tokens)]), 1.0)
+    routing.begin(allowed)
     xs = {b.At.shape[0]: torch.randn(a.tokens, b.At.shape[0], dtype=torch.bfloat16) for b in banks}  # (T, n)
 
     def step():
         for b in banks:
             with one_thread():  # as the routed layer runs it
                 routing.update(b, xs[b.At.shape[0]].float())  # [(T, m_p)]
-    times, _ = timed(step, repeats=20, warmup=3)
-    med = statistics.median(times)
+
     layers = sum(b.num_parts for b in banks)
-    print(f"{a.method}, {a.threads} thread(s), {a.tokens} tokens: {layers} routed layers in {len(banks)} vLLM modules, "
-          f"median {1e3 * med:.2f} ms per step, {1e6 * med / len(banks):.0f} us per module")
+    head = f"{a.method}, {a.threads} thread(s), {a.tokens} tokens: {layers} routed layers in {len(banks)} vLLM modules"
+    if a.compile:
+        compare(step, banks, routing, xs, head)
+    else:
+        times, _ = timed(step, repeats=20, warmup=3)
+        med = statistics.median(times)
+        print(f"{head}, median {1e3 * med:.2f} ms per step, {1e6 * med / len(banks):.0f} us per module")
     if a.profile:
         from torch.profiler import profile
         with profile() as prof:
             step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+def compare(step, banks, routing, xs, head: str, rounds: int = 20) -> None:
+    """Eager against compiled (one graph over every module's routing, as in a compiled model), interleaved."""
+    import time
+
+    def whole():
+        return [u for b in banks for u in routing.update(b, xs[b.At.shape[0]].float())]
+
+    compiled = torch.compile(whole, fullgraph=True, dynamic=False)
+    t0 = time.perf_counter()
+    got = compiled()
+    print(f"compiled in {time.perf_counter() - t0:.1f} s")
+    assert all(torch.allclose(g, w, rtol=1e-4, atol=1e-5) for g, w in zip(got, whole()))
+    res = {"eager": [], "compiled": []}
+    for _ in range(rounds):
+        for name, f in (("eager", whole), ("compiled", compiled)):
+            with one_thread():
+                t0 = time.perf_counter()
+                f()
+                res[name].append(time.perf_counter() - t0)
+    e, c = (statistics.median(res[k]) for k in ("eager", "compiled"))
+    print(f"{head}: eager {1e3 * e:.2f} ms per step, compiled {1e3 * c:.2f} ms per step (medians of {rounds}, "
+          f"interleaved): compiled takes {c / e:.2f}x the eager time")
 
 
 if __name__ == "__main__":

@@ -220,14 +220,15 @@ def grouped_matmul(z: torch.Tensor, idx: torch.Tensor, Wt: torch.Tensor) -> torc
     """Per-token product with the token's own matrix: out_t = z_t @ Wt[idx_t], (T, a) x (G, a, b) -> (T, b).
 
     Only the matrices some token uses are touched (and cast to z's dtype: half-precision weights stay half in
-    memory). A few tokens (a decode step): gather each token's matrix and
+    memory). A few tokens (a decode step), or any number under torch.compile: gather each token's matrix and
     one bmm. Many tokens: sort them by matrix and run one grouped GEMM over the used matrices only (CPU grouped_mm
     loops over every group, empty ones included); what grouped_mm does not take (fp64, sizes not 16-byte aligned)
     falls back to one product per used matrix.
     """
-    if z.shape[0] == 1 and z.device.type == "cpu":  # one token: its matrix by index (a cheap host read on CPU)
+    compiling = torch.compiler.is_compiling()  # no host read, no data-dependent shape: the gather for any T
+    if z.shape[0] == 1 and z.device.type == "cpu" and not compiling:  # one token: its matrix by a cheap host read
         return z @ Wt[int(idx[0])].to(z.dtype)  # (1, b)
-    if z.shape[0] <= GATHER_TOKENS:
+    if z.shape[0] <= GATHER_TOKENS or compiling:
         return torch.bmm(z[:, None, :], Wt.index_select(0, idx).to(z.dtype))[:, 0]  # (T, b)
     order = torch.argsort(idx, stable=True)  # (T,) tokens grouped by matrix
     counts = torch.bincount(idx, minlength=Wt.shape[0])  # (G,)
@@ -284,10 +285,18 @@ def masked_argmax_(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     allow at least one adapter. Overwrites `scores` in place."""
     sanitize_(scores)  # (T, N)
     if mask is not None:
-        if not bool(mask.any(dim=-1).all()):
-            raise ValueError("masked_argmax_: a token's allowed set is empty, so no adapter can be chosen")
+        check_nonempty(mask)
         scores.masked_fill_(~mask, float("-inf"))  # (T, N)
     return scores.argmax(dim=-1)  # (T,)
+
+
+def check_nonempty(mask: torch.Tensor) -> None:
+    """Every token's allowed set holds an adapter. Compiled (torch.compile, e.g. inside vLLM's graph): an assert
+    op in the graph, no host read that would break it (RuntimeError); eager: a ValueError."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(mask.any(dim=-1).all(), "masked_argmax_: a token's allowed set is empty")
+    elif not bool(mask.any(dim=-1).all()):
+        raise ValueError("masked_argmax_: a token's allowed set is empty, so no adapter can be chosen")
 
 
 def masked_topk_(scores: torch.Tensor, mask: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
