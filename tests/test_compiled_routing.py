@@ -58,3 +58,53 @@ def test_a_compiled_step_refuses_an_empty_allowed_set():
         token_step(bank, x, "seqr", mask)
     with pytest.raises(RuntimeError, match="allowed set is empty"):
         _compiled()(bank, x, "seqr", mask)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_one_graph_serves_every_batch_size_and_mask(packed):
+    """Compiled once (T symbolic), the step never recompiles for another T or another mask (a compiler that
+    compiles once and drops its guards, as vLLM does, then runs the same graph) and equals eager each time."""
+    bank = PackedBank(_parts()) if packed else _bank(12)
+    step = _compiled_dynamic()
+    try:
+        for i, T in enumerate([rt.GATHER_TOKENS + 9, 8, 3, 2 * rt.GATHER_TOKENS + 1]):
+            x = torch.randn(T, n, generator=torch.Generator().manual_seed(T))  # (T, n)
+            mask = _mask(T, seed=T) if i % 2 else torch.ones(T, len(bank.names), dtype=torch.bool)
+            idx, upd, _ = token_step(bank, x, "seqr", mask)
+            cidx, cupd, _ = step(bank, x, "seqr", mask)
+            if i == 0:
+                torch.compiler.set_stance("fail_on_recompile")  # from here on a recompile raises
+            assert torch.equal(cidx, idx), T
+            for got, want in zip(cupd if packed else [cupd], upd if packed else [upd]):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.compiler.set_stance("default")
+
+
+def test_vllm_set_routing_compiles_to_one_graph_for_every_forward():
+    """SetRouting.update (what vLLM's routed modules call) compiled once: forwards whose masks differ (a token
+    without a set, every token allowed everything, mixed) reuse the graph and equal eager."""
+    from seqr.vllm.routing import SetRouting
+    from test_packed import NAMES
+
+    pb, routing = PackedBank(_parts()), SetRouting(NAMES, NAMES, "seqr")
+    upd = torch.compile(routing.update, backend="aot_eager", fullgraph=True, dynamic=True)
+    cols = [_mask(11, seed=1).float(), torch.ones(7, len(NAMES)), _mask(9, seed=2).float()]  # T: no layer width
+    cols[2][4] = 0  # a token of a request without a set: no update
+    try:
+        for i, c in enumerate(cols):
+            x = torch.randn(c.shape[0], n, generator=torch.Generator().manual_seed(i))  # (T, n)
+            routing.begin(c)
+            want = routing.update(pb, x)  # eager
+            got = upd(pb, x)
+            if i == 0:
+                torch.compiler.set_stance("fail_on_recompile")
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.compiler.set_stance("default")
+
+
+def _compiled_dynamic():
+    torch._dynamo.reset()
+    return torch.compile(token_step, backend="aot_eager", fullgraph=True, dynamic=True)

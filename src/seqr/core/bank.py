@@ -243,7 +243,7 @@ class AdapterBank:
     def seqr_scores(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """SEQR's calibrated scores (T, N) from z = A x (computed from x when not given)."""
         z = self.z(x) if z is None else z  # (T, r)
-        if z.shape[0] <= rt.GATHER_TOKENS:
+        if rt.compiling() or z.shape[0] <= rt.GATHER_TOKENS:
             return rt.seqr_scores_few(z, self._R_stacked, self._offset)  # (T, N)
         return rt.seqr_scores(z, self._G_scored, self._offset)  # (T, N)
 
@@ -279,7 +279,7 @@ class AdapterBank:
         router = registry.get(method)
         if router.kind == "shortlist":
             return self._shortlist(xf, router, mask, k, z)
-        if xf.shape[0] * self._width(method) <= rt.BLOCK_ELEMENTS:  # one chunk: no slicing
+        if rt.compiling() or xf.shape[0] * self._width(method) <= rt.BLOCK_ELEMENTS:  # one chunk: no slicing
             xc = _as(xf, rt.compute_dtype(self.B.dtype))  # (T, n) in the scores' dtype
             return rt.masked_argmax_(self._scores_flat(xc, method, self._z_cdt(z)), mask)
         idx = torch.empty(xf.shape[0], dtype=torch.long, device=xf.device)  # (T,)

@@ -65,7 +65,7 @@ class PackedBank:
     def seqr_scores(self, z: torch.Tensor) -> torch.Tensor | None:
         """(T, P, N) SEQR scores of a few tokens in one product, or None where the parts must score one by one
         (many tokens: each part's Gram form costs less)."""
-        if self._few is None or z.shape[0] > rt.GATHER_TOKENS:
+        if self._few is None or (not rt.compiling() and z.shape[0] > rt.GATHER_TOKENS):
             return None
         R_bd, offset, cdf = self._few
         s = rt.seqr_scores_few(z, R_bd, offset, r=self._splits[0])  # (T, P N)

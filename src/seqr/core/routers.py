@@ -38,9 +38,19 @@ def in_compute_dtype(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == cdt else x.to(cdt)
 
 
+def compiling() -> bool:
+    """Under torch.compile: then every size-dependent choice takes one path for every number of tokens T, as a
+    compiler may trace once and reuse the graph for all batch sizes (vLLM compiles once and drops the guards
+    that would otherwise recompile on another branch), and nothing reads a value back to the host."""
+    return torch.compiler.is_compiling()
+
+
 def token_chunks(T: int, per_token: int, block: int | None = None):
     """Yield slices of the token axis so that each chunk's temporary holds at most `block` elements
-    (default: the module's BLOCK_ELEMENTS, read at call time)."""
+    (default: the module's BLOCK_ELEMENTS, read at call time); one slice of all T when `compiling()`."""
+    if compiling():
+        yield slice(0, T)
+        return
     step = max(1, (BLOCK_ELEMENTS if block is None else block) // max(1, per_token))
     for start in range(0, T, step):
         yield slice(start, min(T, start + step))
@@ -190,7 +200,7 @@ def naive_norms(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tens
     N, m, r = B.shape
     T = x.shape[0]
     out = x.new_empty(T, N)
-    a_step = max(1, min(N, BLOCK_ELEMENTS // max(1, T * (m + r))))
+    a_step = N if compiling() else max(1, min(N, BLOCK_ELEMENTS // max(1, T * (m + r))))
     for a0 in range(0, N, a_step):
         a = slice(a0, min(N, a0 + a_step))
         Ab = A if A.dim() == 2 else A[a]  # (r, n) or (b, r, n)
@@ -225,10 +235,10 @@ def grouped_matmul(z: torch.Tensor, idx: torch.Tensor, Wt: torch.Tensor) -> torc
     loops over every group, empty ones included); what grouped_mm does not take (fp64, sizes not 16-byte aligned)
     falls back to one product per used matrix.
     """
-    compiling = torch.compiler.is_compiling()  # no host read, no data-dependent shape: the gather for any T
-    if z.shape[0] == 1 and z.device.type == "cpu" and not compiling:  # one token: its matrix by a cheap host read
+    uniform = compiling()  # no host read, no data-dependent shape: the gather for any T
+    if not uniform and z.shape[0] == 1 and z.device.type == "cpu":  # one token: its matrix by a cheap host read
         return z @ Wt[int(idx[0])].to(z.dtype)  # (1, b)
-    if z.shape[0] <= GATHER_TOKENS or compiling:
+    if uniform or z.shape[0] <= GATHER_TOKENS:
         return torch.bmm(z[:, None, :], Wt.index_select(0, idx).to(z.dtype))[:, 0]  # (T, b)
     order = torch.argsort(idx, stable=True)  # (T,) tokens grouped by matrix
     counts = torch.bincount(idx, minlength=Wt.shape[0])  # (G,)
@@ -293,7 +303,7 @@ def masked_argmax_(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
 def check_nonempty(mask: torch.Tensor) -> None:
     """Every token's allowed set holds an adapter. Compiled (torch.compile, e.g. inside vLLM's graph): an assert
     op in the graph, no host read that would break it (RuntimeError); eager: a ValueError."""
-    if torch.compiler.is_compiling():
+    if compiling():
         torch._assert_async(mask.any(dim=-1).all(), "masked_argmax_: a token's allowed set is empty")
     elif not bool(mask.any(dim=-1).all()):
         raise ValueError("masked_argmax_: a token's allowed set is empty, so no adapter can be chosen")

@@ -13,6 +13,9 @@ def one_thread(device: torch.device | str = "cpu"):
     library change's per-layer bank updates took 0.15 s instead of 0.28 s at N=100 (two contended cores). On CPU
     the block runs on one intra-op thread, then the count is restored. `torch._C.set_num_threads` is the setter
     itself: vLLM's CPU worker makes `torch.set_num_threads` a no-op once it has bound its threads."""
+    if torch.compiler.is_compiling():  # a compiled graph (fused kernels) sets no thread count mid-graph
+        yield
+        return
     threads = torch.get_num_threads()
     if torch.device(device).type != "cpu" or threads == 1:
         yield

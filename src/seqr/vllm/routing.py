@@ -88,11 +88,13 @@ class SetRouting:
         """The routed updates B_i* A x of tokens xf (T, n), in the compute dtype (fp32 under a bf16 model, like
         peft), for each part of `packed`: [(T, m_p)]. A token with no allowed adapter (no set: vLLM's warm-up, a
         request without one) gets no update."""
-        mask, has, every = self.mask, self.has, self.every
+        mask, has, every, choose = self.mask, self.has, self.every, self.choose_mask
         if mask is None or mask.shape[0] != xf.shape[0]:
             raise RuntimeError(f"routing mask for {None if mask is None else mask.shape[0]} tokens, got "
                                f"{xf.shape[0]}: the set probe did not run on this forward")
-        idx, upds, _ = token_step(packed, xf, self.method, self.choose_mask, self.k)  # (T, P), [(T, m_p)]
+        if rt.compiling():  # one graph for every forward: no branch on this forward's masks (rt.compiling)
+            choose, every = mask | ~has[:, None], False  # (T, N): maskless rows may choose any, get no update
+        idx, upds, _ = token_step(packed, xf, self.method, choose, self.k)  # (T, P), [(T, m_p)]
         if self.tracing:
             for p in range(idx.shape[1]):
                 self._record(idx[:, p], mask, has)
