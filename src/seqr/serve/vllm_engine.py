@@ -42,7 +42,8 @@ def engine_kwargs(model_dir: str | Path, library_dir: str | Path, columns: list,
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return dict(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_batch,
-                enforce_eager=True, compilation_config={"mode": 0},  # routing is data-dependent Python: eager
+                enforce_eager=True, compilation_config={"mode": 0},  # vLLM compiles once, guards dropped: N and
+                # the routing state's shapes would be frozen at the profile run (docs/results/serve-vllm.md)
                 hf_overrides={"architectures": routed[:1], "seqr_library": str(library_dir), "seqr_columns": columns,
                               "seqr_method": method, "seqr_k": k},
                 enable_lora=True, max_loras=max_sets, max_lora_rank=1, lora_target_modules=[PROBE],
