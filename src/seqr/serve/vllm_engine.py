@@ -185,8 +185,7 @@ class VllmEngine:
                 fut.set_exception(e)
             self._live.clear()
             return
-        for out in outputs:
-            self._deliver(out)
+        self._finish([f for out in outputs if (f := self._deliver(out)) is not None])
 
     def _add(self, request: Request, fut: Future) -> None:
         from vllm import SamplingParams
@@ -227,9 +226,10 @@ class VllmEngine:
         name = self.router.choose(list(request.prompt), request.allowed)  # one of its allowed adapters
         return {name: 1.0}, self.router.lora(name)
 
-    def _deliver(self, out) -> None:
+    def _deliver(self, out) -> tuple[str, str] | None:
+        """Hand a request its new tokens; (its id, finish reason) once it has finished."""
         if out.request_id not in self._live:
-            return
+            return None
         request, fut, toks, _ = self._live[out.request_id]
         eos = self.tokenizer.eos_token_id
         for t in out.outputs[0].token_ids[len(toks):]:
@@ -240,35 +240,43 @@ class VllmEngine:
                 try:
                     request.on_token(t)
                 except Exception:  # its client is gone: stop this request only
-                    self._finish(out.request_id, "cancelled", abort=True)
-                    return
+                    self._finish([(out.request_id, "cancelled")], abort=True)
+                    return None
         if out.finished:
-            reason = out.outputs[0].finish_reason
-            self._finish(out.request_id, "length" if reason == "length" else "stop")
+            return out.request_id, "length" if out.outputs[0].finish_reason == "length" else "stop"
+        return None
 
     def _cancel_gone(self) -> None:
         for rid, (request, *_) in list(self._live.items()):
             if request.cancel is not None and request.cancel.is_set():
-                self._finish(rid, "cancelled", abort=True)
+                self._finish([(rid, "cancelled")], abort=True)
 
-    def _finish(self, rid: str, reason: str, *, abort: bool = False) -> None:
-        request, fut, toks, (routed, manifest) = self._live.pop(rid)
+    def _finish(self, done: list[tuple[str, str]], *, abort: bool = False) -> None:
+        """Give each (request id, finish reason) its result; per token, the shares of all of them come from the
+        workers in one call (not one per request)."""
+        if not done:
+            return
         if abort:
-            self.llm.llm_engine.abort_request([rid])
-        outside = 0
-        if self.router is None:  # per token: the shares of the decisions its forwards made, from the workers
-            routed, outside = self._shares(rid, request.allowed)
-        fut.set_result(Result(toks, reason, routed, len(request.prompt), outside, manifest))
-
-    def _shares(self, rid: str, allowed) -> tuple[dict, int]:
-        """(adapter -> share of the request's (token, layer) decisions, decisions outside its set) as the
-        workers counted them: every token vLLM computed for it (a prefix served from the cache is not)."""
-        got = self.llm.collective_rpc("seqr_take", args=([rid],))[0].get(rid, {"counts": {}, "outside": 0})
-        total = sum(got["counts"].values())
-        return ({n: c / total for n, c in got["counts"].items() if n in allowed} if total else {}), got["outside"]
+            self.llm.llm_engine.abort_request([rid for rid, _ in done])
+        taken = self.llm.collective_rpc("seqr_take", args=([rid for rid, _ in done],))[0] if self.router is None \
+            else {}
+        for rid, reason in done:
+            request, fut, toks, (routed, manifest) = self._live.pop(rid)
+            outside = 0
+            if self.router is None:  # per token: the shares of the decisions its forwards made
+                routed, outside = _shares(taken.get(rid), request.allowed)
+            fut.set_result(Result(toks, reason, routed, len(request.prompt), outside, manifest))
 
     def _abort_all(self) -> None:
         for rid in list(self._live):
             fut = self._live.pop(rid)[1]
             self.llm.llm_engine.abort_request([rid])
             fut.set_exception(RuntimeError("the engine was closed"))
+
+
+def _shares(got: dict | None, allowed) -> tuple[dict, int]:
+    """(adapter -> share of a request's (token, layer) decisions, decisions outside its set) from the workers'
+    counts (`seqr_take`): every token vLLM computed for it (a prefix served from the cache is not)."""
+    got = got or {"counts": {}, "outside": 0}
+    total = sum(got["counts"].values())
+    return ({n: c / total for n, c in got["counts"].items() if n in allowed} if total else {}), got["outside"]
