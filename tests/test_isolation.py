@@ -127,3 +127,25 @@ def test_stats_that_overflow_the_fp32_zscore_are_refused_everywhere(lib, tmp_pat
 
 def test_ordinary_stats_still_pass_the_joint_check():
     assert z_scorable(12.5, 0.3) and z_scorable(0.0, 1e-3) and z_scorable(-5.0, 1e6)
+
+
+def test_a_trace_knows_each_rows_set_and_groups_decisions_by_set_as_vllms_does(lib):
+    """The transformers path's trace records each row's allowed set: `outside()` needs no sets passed, and
+    `by_set()` (the format the vLLM engine reports) equals each row's counts; it survives pickling and its plain
+    `to_state()` data (how vLLM's workers send theirs to the engine)."""
+    import pickle
+
+    model = seqr.attach(tiny_llama(), lib)
+    rows = ROWS + [{"a2"}]  # rows 0 and 3 share a set: their decisions are one group
+    ids = torch.randint(0, 97, (len(rows), 6), generator=torch.Generator().manual_seed(2))
+    with seqr.routing(model, "seqr", allowed=[sorted(r) for r in rows], granularity="token", trace="choices") as tr:
+        model(input_ids=ids)
+    assert tr.outside() == tr.outside([set(r) for r in rows]) == [0] * len(rows)
+    want: dict = {}
+    for r, allowed in enumerate(rows):
+        for name, c in tr.counts(r).items():
+            want[(tuple(sorted(allowed)), name)] = want.get((tuple(sorted(allowed)), name), 0) + c
+    assert {(tuple(s), n): c for s, n, c in tr.by_set()} == want and sum(want.values()) == len(tr)
+    for back in (pickle.loads(pickle.dumps(tr)), type(tr).from_state(json.loads(json.dumps(tr.to_state())))):
+        assert back.by_set() == tr.by_set() and back.counts() == tr.counts() and back.outside() == tr.outside()
+        assert all(torch.equal(back.layer(ly)[k], v) for ly in tr.layers for k, v in tr.layer(ly).items())

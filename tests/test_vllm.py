@@ -91,13 +91,13 @@ def _reference_row(model, prompt, allowed, tokens):
 
 
 def _by_set(trace, allowed) -> dict[str, int]:
-    return {n: c for s, n, c in trace["by_set"] if set(s) == set(allowed)}
+    return {n: c for s, n, c in trace.by_set() if set(s) == set(allowed)}
 
 
 def test_tokens_logprobs_and_decisions_equal_transformers_path(engine, reference):
     rows, trace = _generate(engine, PROMPTS, SETS)
-    assert trace["outside"] == 0
-    assert trace["masks"]["batch"] >= 8 and "probe" not in trace["masks"]  # masks from the batch, no probe GEMM
+    assert sum(trace.outside()) == 0
+    assert trace.notes["masks"]["batch"] >= 8 and "probe" not in trace.notes["masks"]  # masks from the batch, no probe GEMM
     for prompt, allowed, (tokens, logprobs) in zip(PROMPTS, SETS, rows):
         ref_lp, ref_greedy, ref_counts = _reference_row(reference, prompt, allowed, tokens)
         assert tokens == ref_greedy, (allowed, tokens, ref_greedy)
@@ -119,7 +119,7 @@ def test_a_second_family_qwen2_routes_like_its_transformers_path(tmp_path):
         rows, trace = _generate(eng, PROMPTS, SETS)
     finally:
         eng.close()
-    assert trace["outside"] == 0 and trace["masks"]["batch"] >= 8
+    assert sum(trace.outside()) == 0 and trace.notes["masks"]["batch"] >= 8
     for prompt, allowed, (tokens, logprobs) in zip(PROMPTS, SETS, rows):
         ref_lp, ref_greedy, ref_counts = _reference_row(ref, prompt, allowed, tokens)
         assert tokens == ref_greedy, (allowed, tokens, ref_greedy)
@@ -129,12 +129,12 @@ def test_a_second_family_qwen2_routes_like_its_transformers_path(tmp_path):
 
 def test_adversarial_adapter_gets_no_token_outside_each_set(engine):
     rows, trace = _generate(engine, PROMPTS, SETS)
-    assert trace["outside"] == 0
-    for s, n, c in trace["by_set"]:
+    assert sum(trace.outside()) == 0
+    for s, n, c in trace.by_set():
         assert n in s, (s, n, c)
-    evil = {tuple(s): c for s, n, c in trace["by_set"] if n == "evil"}
+    evil = {tuple(s): c for s, n, c in trace.by_set() if n == "evil"}
     assert set(evil) == {("alpha", "evil")}  # only the set that allows it ...
-    own = sum(c for s, n, c in trace["by_set"] if set(s) == {"alpha", "evil"})
+    own = sum(c for s, n, c in trace.by_set() if set(s) == {"alpha", "evil"})
     assert evil[("alpha", "evil")] > 0.9 * own  # ... and there it wins: the test would see a leak
 
 
@@ -178,14 +178,14 @@ def test_adapters_added_and_removed_while_serving(engine, files):
     assert "beta" not in engine.adapters
     assert long.result(timeout=120).tokens  # the request in flight finished, with the changed library
     trace = engine.call(lambda e: e.trace(on=False)).result(timeout=60)
-    assert trace["outside"] == 0 and "beta" not in trace["decisions"]
+    assert sum(trace.outside()) == 0 and "beta" not in trace.counts()
     with pytest.raises(PermissionError):
         engine.submit(Request(PROMPTS[0], {"beta"}, max_tokens=2)).result(timeout=60)
 
     engine.call(lambda e: e.change(lambda lib: lib.add_peft("delta", root / "a" / "evil"))).result(timeout=120)
     assert "delta" in engine.adapters
     rows, trace = _generate(engine, [PROMPTS[0]], [{"alpha", "delta"}])
-    assert trace["outside"] == 0 and trace["decisions"].get("delta", 0) > 0  # the new adapter routes at once
+    assert sum(trace.outside()) == 0 and trace.counts().get("delta", 0) > 0  # the new adapter routes at once
     engine.call(lambda e: e.change(lambda lib: lib.remove("delta"))).result(timeout=120)
     engine.call(lambda e: e.change(lambda lib: lib.add_peft("beta", root / "a" / "beta"))).result(timeout=120)
     assert engine.adapters == frozenset(NAMES)
@@ -280,7 +280,7 @@ def test_bfloat16_within_stated_tolerance(files, reference):
         rows, trace = _generate(eng, PROMPTS, SETS)
     finally:
         eng.close()
-    assert trace["outside"] == 0
+    assert sum(trace.outside()) == 0
     agree = total = 0
     for prompt, allowed, (tokens, logprobs) in zip(PROMPTS, SETS, rows):
         ref_lp, ref_greedy, _ = _reference_row(reference, prompt, allowed, tokens)

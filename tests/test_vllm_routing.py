@@ -75,8 +75,17 @@ def test_update_equals_routing_each_token_among_its_own_mask(method, dtype):
         i = int(bank.route(x[t:t + 1].float(), method, allowed=allowed))  # brute force: this token alone
         assert NAMES[i] in allowed
         torch.testing.assert_close(got[t], bank.delta(x[t:t + 1].float(), i)[0], rtol=1e-5, atol=1e-5)
-    tr = st.trace()
-    assert tr["outside"] == 0 and sum(tr["decisions"].values()) == 9
+    tr = st.trace()  # the transformers path's format: rows are the allowed sets seen
+    assert sum(tr.outside()) == 0 and len(tr) == 9 and sum(c for _, _, c in tr.by_set()) == 9
+    for s, n, c in tr.by_set():
+        assert n in s
+    want = {}
+    for t in range(10):
+        allowed = tuple(sorted(columns[c] for c in range(5) if col_mask[t, c] and columns[c]))
+        if allowed:
+            key = (allowed, NAMES[int(bank.route(x[t:t + 1].float(), method, allowed=set(allowed)))])
+            want[key] = want.get(key, 0) + 1
+    assert {(tuple(s), n): c for s, n, c in tr.by_set()} == want
 
 
 def test_per_request_counts_equal_each_requests_own_decisions():
@@ -192,3 +201,12 @@ def test_engine_kwargs_route_the_registered_families_only(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         engine_kwargs(tmp_path / "nope", "/lib", ["a"], method="seqr", k=None, dtype="float32", max_batch=4,
                       max_model_len=128, max_sets=4)
+
+
+def test_a_trace_with_no_forward_is_empty_not_an_error():
+    """A trace switched on while nothing ran (e.g. between a library change and the next request) reports no
+    decisions: no outside-set decision, no counts, no sets."""
+    st = SetRouting(NAMES, NAMES, "seqr")
+    st.tracing = True
+    tr = st.trace()
+    assert len(tr) == 0 and sum(tr.outside()) == 0 and tr.counts() == {} and tr.by_set() == []

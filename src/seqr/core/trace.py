@@ -9,7 +9,7 @@ its own scores (rule "own") has them recorded too when it is the one routing.
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -26,18 +26,43 @@ class Trace:
     k: int | None = None
     light: bool = False  # recorded only rows and chosen adapters (routing(..., trace="choices"))
     router: str | None = None  # the registered method that routed (None: fixed adapters)
-    _parts: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)), repr=False)
+    allowed: torch.Tensor | None = None  # (R, N) bool: row r's allowed adapters (R = 1: every row's); None: all
+    notes: dict = field(default_factory=dict)  # an engine's own counters (vLLM: forwards per mask source)
+    _parts: dict = field(default_factory=dict, repr=False)  # layer -> key -> [tensor]: plain dicts, picklable
     _step: int = 0
 
     def record(self, layer: str, **tensors: torch.Tensor) -> None:
         """Append one layer call's records: rows, chosen, margin (t,), norm, arrow and maybe own (t, N)."""
+        parts = self._parts.setdefault(layer, {})
         for key, t in tensors.items():
-            self._parts[layer][key].append(t.detach().cpu())
-        self._parts[layer]["step"].append(torch.full_like(tensors["rows"].cpu(), self._step))
+            parts.setdefault(key, []).append(t.detach().cpu())
+        parts.setdefault("step", []).append(torch.full_like(tensors["rows"].cpu(), self._step))
 
     def next_step(self) -> None:
         """Called once per model forward (prefill, then each generated token)."""
         self._step += 1
+
+    def to_state(self) -> dict:
+        """The trace as plain data (lists, numbers, strings): what crosses vLLM's RPC, whose msgpack sends a
+        dataclass as a map of its fields; `from_state` rebuilds it."""
+        def plain(t: torch.Tensor) -> dict:
+            return {"data": t.flatten().tolist(), "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        return {"names": self.names, "method": self.method if isinstance(self.method, str) else list(self.method),
+                "k": self.k, "light": self.light, "router": self.router, "notes": self.notes, "step": self._step,
+                "allowed": None if self.allowed is None else plain(self.allowed),
+                "parts": {layer: {key: plain(torch.cat(v)) for key, v in parts.items()}
+                          for layer, parts in self._parts.items()}}
+
+    @classmethod
+    def from_state(cls, d: dict) -> "Trace":
+        def tensor(p: dict) -> torch.Tensor:
+            return torch.tensor(p["data"], dtype=getattr(torch, p["dtype"])).reshape(p["shape"])
+        tr = cls(list(d["names"]), d["method"] if isinstance(d["method"], str) else tuple(d["method"]), d["k"],
+                 light=d["light"], router=d["router"], notes=dict(d["notes"]),
+                 allowed=None if d["allowed"] is None else tensor(d["allowed"]))
+        tr._step = d["step"]
+        tr._parts = {layer: {key: [tensor(p)] for key, p in parts.items()} for layer, parts in d["parts"].items()}
+        return tr
 
     # ------------------------------------------------------------------------------------------ access
     @property
@@ -84,21 +109,51 @@ class Trace:
 
     def counts(self, row: int | None = None) -> dict[str, int]:
         """How many (token, layer) decisions actually went to each adapter (optionally one batch row's)."""
+        if not self._parts:  # nothing routed while tracing
+            return {}
         d = self.decisions()
         chosen = d["chosen"] if row is None else d["chosen"][d["rows"] == row]
         chosen = chosen[chosen >= 0]
         hist = torch.bincount(chosen, minlength=len(self.names)).tolist()
         return {name: c for name, c in zip(self.names, hist) if c}
 
-    def outside(self, allowed_rows: list[set[str]]) -> list[int]:
-        """Per batch row, the number of decisions routed to an adapter outside that row's set."""
+    def outside(self, allowed_rows: list[set[str]] | None = None) -> list[int]:
+        """Per batch row, the number of decisions routed to an adapter outside that row's set (default: the sets
+        the trace recorded, `allowed`)."""
+        if not self._parts:  # nothing routed while tracing
+            return [0] * len(allowed_rows if allowed_rows is not None else self.sets())
         d = self.decisions()
+        if allowed_rows is None:  # the recorded sets: one per row, or one for every row
+            sets = self.sets()
+            allowed_rows = sets if len(sets) > 1 else sets * (int(d["rows"].max()) + 1 if d["rows"].numel() else 1)
         out = []
         for row, allowed in enumerate(allowed_rows):
             chosen = d["chosen"][(d["rows"] == row) & (d["chosen"] >= 0)]
             ok = torch.tensor([n in allowed for n in self.names], dtype=torch.bool)
             out.append(int((~ok[chosen]).sum()))
         return out
+
+    def sets(self) -> list[set[str]]:
+        """Each row's allowed adapters as recorded (one set per row of `allowed`; [all] without it)."""
+        if self.allowed is None:
+            return [set(self.names)]
+        return [{n for n, ok in zip(self.names, row.tolist()) if ok} for row in self.allowed]
+
+    def by_set(self) -> list[list]:
+        """[[allowed adapters, sorted], adapter used, decisions] for every pair seen: the decisions grouped by the
+        set their token was routed among (both engines report this; a row's set from `allowed`)."""
+        if not self._parts:  # nothing routed while tracing
+            return []
+        d = self.decisions()
+        used = d["chosen"] >= 0
+        rows = d["rows"][used] if self.allowed is not None and self.allowed.shape[0] > 1 else torch.zeros_like(
+            d["rows"][used])  # (D,) the row whose set applies
+        N, sets = len(self.names), self.sets()
+        pairs = torch.bincount(rows * N + d["chosen"][used], minlength=len(sets) * N).view(len(sets), N)  # (R, N)
+        out: Counter = Counter()
+        for r, i in pairs.nonzero().tolist():
+            out[(tuple(sorted(sets[r])), self.names[i])] += int(pairs[r, i])
+        return [[list(s), n, c] for (s, n), c in sorted(out.items())]
 
     def summary(self) -> dict:
         """Decision count, adapter shares, mean margin, and every router's accuracy against the norm-max."""

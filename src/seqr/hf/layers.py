@@ -415,8 +415,8 @@ def routing(model: nn.Module, method: str | None = None, *, adapter=None, allowe
     if trace not in (False, True, "choices"):
         raise ValueError(f"trace must be False, True or 'choices' (adapters used only), got {trace!r}")
     shown = method if adapter is None else (adapter if isinstance(adapter, str) else tuple(adapter))
-    state.trace = Trace(list(state.names), shown, state.cfg.k, light=trace == "choices",
-                        router=state.cfg.method) if trace else None
+    state.trace = Trace(list(state.names), shown, state.cfg.k, light=trace == "choices", router=state.cfg.method,
+                        allowed=state.cfg.allowed) if trace else None
     try:
         yield state.trace
     finally:

@@ -24,6 +24,7 @@ from seqr.serve.engine import Engine, Manifests, still_allowed
 from seqr.vllm.plugin import ROUTED_ARCHITECTURES
 from seqr.vllm.request import RequestRouter, request_engine_kwargs
 from seqr.vllm.sets import PROBE, Columns, SetAdapters
+from seqr.core.trace import Trace
 from seqr.store.library import LoraLibrary
 
 SET_CAPACITY = 256  # set-mask columns: adapters that may be added over one server's life
@@ -128,11 +129,12 @@ class VllmEngine:
     def reload(self, library: LoraLibrary) -> None:
         self.change(lambda _: setattr(self, "library", library))
 
-    def trace(self, on: bool | None = None, reset: bool = True) -> dict:
-        """The workers' traced routing decisions (call on the loop thread: `engine.call(lambda e: e.trace())`)."""
+    def trace(self, on: bool | None = None, reset: bool = True) -> Trace:
+        """The workers' traced routing decisions, in the transformers path's format (a light `core.trace.Trace`
+        whose rows are the allowed sets seen); call on the loop thread: `engine.call(lambda e: e.trace())`."""
         if self.router is not None:
             raise ValueError("granularity 'request' routes before vLLM: each Result's routing names its adapter")
-        return self.llm.collective_rpc("seqr_trace", args=(on, reset))[0]
+        return Trace.from_state(self.llm.collective_rpc("seqr_trace", args=(on, reset))[0])
 
     def close(self) -> None:
         """Stop the loop (requests still live get an error) and vLLM's engine processes; idempotent."""

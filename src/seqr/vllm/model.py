@@ -117,9 +117,10 @@ class SeqrWorkerExtension:
         return self._seqr_model().seqr_routing.take(request_ids)
 
     def seqr_trace(self, on: bool | None = None, reset: bool = True) -> dict:
-        """Traced routing decisions (and reset); `on` switches tracing."""
+        """Traced routing decisions, a light `core.trace.Trace` as `to_state()` data (and reset); `on` switches
+        tracing."""
         st = self._seqr_model().seqr_routing
-        out = st.trace(reset=reset)
+        out = st.trace(reset=reset).to_state()
         if on is not None:
             st.tracing = bool(on)
         return out

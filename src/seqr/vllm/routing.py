@@ -21,6 +21,7 @@ from seqr.core.bank import AdapterBank
 from seqr.core.threads import one_thread
 from seqr.core.packed import PackedBank
 from seqr.core.step import token_step
+from seqr.core.trace import Trace
 from seqr.vllm.sets import read_set_mask
 
 
@@ -41,10 +42,9 @@ class SetRouting:
         self.req_ids: list[str] = []  # this step's requests, in token order (vLLM's input batch)
         self._chosen: list[torch.Tensor] = []  # [(T, P)] this forward's choices, for the per-request counts
         self.per_request: dict[str, Counter] = {}  # request id -> adapter -> decisions ("" key: outside its set)
-        self.outside = 0  # decisions outside the token's allowed set (traced; must stay 0)
         self.mask_sources: Counter = Counter()  # forwards whose masks came from the "batch" or the "probe"
-        self.decisions: Counter = Counter()  # adapter -> traced decisions
-        self.by_set: Counter = Counter()  # (frozenset allowed, chosen adapter) -> traced decisions
+        self._traced: Trace | None = None  # decisions since the last `trace()`, in core.trace's format
+        self._set_rows: dict[bytes, int] = {}  # an allowed mask (bank order) -> its row in the trace
 
     def configure(self, names: Sequence[str], columns: Sequence[str | None], method: str, k: int | None) -> None:
         """Bank order `names`; `columns[c]` the adapter whose allowed bit is the set mask's column c (None: free)."""
@@ -55,6 +55,8 @@ class SetRouting:
         missing = [n for n in names if n not in col]
         if missing:
             raise ValueError(f"adapter(s) {missing} have no set-mask column; columns: {list(columns)}")
+        if getattr(self, "names", None) not in (None, list(names)):  # a new library: its trace starts afresh
+            self._traced, self._set_rows = None, {}
         self.names, self.method, self.k, self.n_columns = list(names), method, k, len(columns)
         self.col_index = torch.tensor([col[n] for n in names], dtype=torch.long)  # (N,)
 
@@ -84,10 +86,10 @@ class SetRouting:
         choose = mask if self.every else mask | ~self.has[:, None]  # (T, N) maskless rows: any choice
         self.choose_mask = None if bool(choose.all()) else choose  # None: every token may use every adapter
 
-    def update(self, packed: PackedBank, xf: torch.Tensor) -> list[torch.Tensor]:
+    def update(self, packed: PackedBank, xf: torch.Tensor, names: Sequence[str] | None = None) -> list[torch.Tensor]:
         """The routed updates B_i* A x of tokens xf (T, n), in the compute dtype (fp32 under a bf16 model, like
-        peft), for each part of `packed`: [(T, m_p)]. A token with no allowed adapter (no set: vLLM's warm-up, a
-        request without one) gets no update."""
+        peft), for each part of `packed` (HF layer `names`, for the trace): [(T, m_p)]. A token with no allowed
+        adapter (no set: vLLM's warm-up, a request without one) gets no update."""
         mask, has, every, choose = self.mask, self.has, self.every, self.choose_mask
         if mask is None or mask.shape[0] != xf.shape[0]:
             raise RuntimeError(f"routing mask for {None if mask is None else mask.shape[0]} tokens, got "
@@ -96,8 +98,7 @@ class SetRouting:
             choose, every = mask | ~has[:, None], False  # (T, N): maskless rows may choose any, get no update
         idx, upds, _ = token_step(packed, xf, self.method, choose, self.k)  # (T, P), [(T, m_p)]
         if self.tracing:
-            for p in range(idx.shape[1]):
-                self._record(idx[:, p], mask, has)
+            self._record(names or [f"part{p}" for p in range(idx.shape[1])], idx, mask, has)
         if self.counting:
             self._chosen.append(idx)  # (T, P): counted per request once the forward is done (end())
         return upds if every else [u * has[:, None].to(u.dtype) for u in upds]  # [(T, m_p)]
@@ -133,24 +134,27 @@ class SetRouting:
                 out[given] = {"counts": {n: v for n, v in c.items() if n}, "outside": c.get("", 0)}
         return out
 
-    def _record(self, idx: torch.Tensor, mask: torch.Tensor, has: torch.Tensor) -> None:
-        idx, mask, has = idx.cpu(), mask.cpu(), has.cpu()
-        inside = mask.gather(1, idx[:, None])[:, 0]  # (T,) chosen adapter allowed for its token
-        self.outside += int((has & ~inside).sum())
-        for t in has.nonzero()[:, 0].tolist():
-            name = self.names[int(idx[t])]
-            self.decisions[name] += 1
-            self.by_set[(frozenset(self.names[i] for i in mask[t].nonzero()[:, 0].tolist()), name)] += 1
+    def _record(self, names: Sequence[str], idx: torch.Tensor, mask: torch.Tensor, has: torch.Tensor) -> None:
+        """Each token with a set: its choice per part (layer), under the trace row of its allowed set."""
+        if self._traced is None:
+            self._traced = Trace(list(self.names), self.method, self.k, light=True, router=self.method)
+        idx, mask = idx.cpu(), mask.cpu()  # (T, P), (T, N)
+        tokens = has.cpu().nonzero()[:, 0]  # (t,) tokens with a set; the others got no update
+        rows = torch.tensor([self._set_rows.setdefault(mask[t].numpy().tobytes(), len(self._set_rows))
+                             for t in tokens.tolist()], dtype=torch.long)  # (t,)
+        for p, name in enumerate(names):
+            self._traced.record(name, rows=rows, chosen=idx[tokens, p])
 
-    def trace(self, reset: bool = True) -> dict:
-        """Traced decisions since the last reset: {"outside", "decisions", "by_set": [[allowed], chosen, count],
-        "masks": forwards per mask source}."""
-        out = {"outside": self.outside, "decisions": dict(self.decisions),
-               "by_set": [[sorted(s), n, c] for (s, n), c in sorted(self.by_set.items(), key=str)],
-               "masks": dict(self.mask_sources)}
+    def trace(self, reset: bool = True) -> Trace:
+        """The decisions traced since the last reset, as a light `core.trace.Trace` whose rows are the allowed sets
+        seen (`by_set()`, `outside()`, `counts(row)`), with the forwards per mask source in `notes["masks"]`."""
+        tr = self._traced or Trace(list(self.names), self.method, self.k, light=True, router=self.method)
+        keys = sorted(self._set_rows, key=self._set_rows.get)
+        tr.allowed = torch.stack([torch.frombuffer(bytearray(k), dtype=torch.bool) for k in keys]) if keys else None
+        tr.notes = {"masks": dict(self.mask_sources)}
         if reset:
-            self.outside, self.decisions, self.by_set, self.mask_sources = 0, Counter(), Counter(), Counter()
-        return out
+            self._traced, self._set_rows, self.mask_sources = None, {}, Counter()
+        return tr
 
 
 class RoutedPacked(nn.Module):
@@ -166,12 +170,13 @@ class RoutedPacked(nn.Module):
             if bank is not None and bank.shape[1] != size:
                 raise ValueError(f"adapters of {name} have {bank.shape[1]} outputs; vLLM's layer has {size}")
         self.packed = PackedBank([bank for _, bank, _ in self.parts if bank is not None])
+        self.names = [name for name, bank, _ in self.parts if bank is not None]  # the adapted parts' HF layers
 
     def forward(self, x: torch.Tensor):
         y, bias = self.base(x)  # (T, sum of part sizes)
         with one_thread(x.device):  # routing's tiny ops ((T, r) products, T gathered B's) on one thread
             xf = rt.in_compute_dtype(x.reshape(-1, x.shape[-1]))  # (T, n), cast once for every part
-            adapted = iter(self.routing.update(self.packed, xf))  # [(T, m_p)] of the adapted parts
+            adapted = iter(self.routing.update(self.packed, xf, self.names))  # [(T, m_p)] of the adapted parts
             outs = [next(adapted) if bank is not None  # (T, m_p)
                     else xf.new_zeros(xf.shape[0], size, dtype=torch.float32) for _, bank, size in self.parts]
             upd = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (T, m)
