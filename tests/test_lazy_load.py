@@ -222,3 +222,16 @@ def test_a_load_leaves_no_page_of_the_mapped_files_resident(saved):
     assert len(loaded._loaded.sources) == len(NAMES) and _mapped_resident_kib(root) == 0
     loaded.bank(loaded.layers[0])  # first use: read, then unmapped
     assert loaded._loaded.sources is None and _mapped_resident_kib(root) == 0
+
+
+def test_the_adapter_files_of_a_library_share_one_parsed_header(saved):
+    """Every adapter file of a library has one layout: it is parsed and held once, not once per file (120 entries
+    per file at SmolLM2's q/k/v/o), and each file is still checked against its own size."""
+    lib, root = saved
+    loaded = LoraLibrary.load(root)
+    entries = [src.entries for src, _ in loaded._loaded.sources]
+    assert len(loaded._loaded.layouts) == 1 and all(e is entries[0] for e in entries)
+    path = _file(root, "gamma")
+    path.write_bytes(path.read_bytes()[:-2])  # the same header, a body two bytes short
+    with pytest.raises(ValueError, match=r"'gamma'.*corrupt or truncated \(its tensors end at byte"):
+        LoraLibrary.load(root)

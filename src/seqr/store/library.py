@@ -457,7 +457,7 @@ class LoraLibrary:
         name = e["name"]
         self._check_new(name)
         what = f"library {path}: adapter {name!r}"
-        src = MappedFile(files.confined(path, e["file"], what), what)
+        src = MappedFile(files.confined(path, e["file"], what), what, self._loaded.layouts)
         checks.stored(self.meta, src.shape, what, kinds=("B",) if self.shared_a else ("B", "A"))
         self._loaded.sources.append((src, e["sha256"]))
         if e.get("stats") is not None and not isinstance(e["stats"], dict):

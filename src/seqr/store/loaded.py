@@ -27,7 +27,9 @@ class MappedFile:
     JSON: name -> dtype, shape, data_offsets) is parsed here rather than by safetensors' `safe_open`, which does
     not expose the file's bytes that the library's checksum covers; tests check it against safetensors' reader."""
 
-    def __init__(self, path: Path, what: str):
+    def __init__(self, path: Path, what: str, layouts: dict | None = None):
+        """`layouts`: header text -> parsed entries, shared by the files of one load: a library's adapter files
+        have one layout (same tensors, same offsets), parsed and held once instead of once per file."""
         self.path, self.what = Path(path), what
         bad = f"{what}: file {path} is corrupt or truncated"
         try:
@@ -43,6 +45,18 @@ class MappedFile:
         if 8 + n > size:
             raise ValueError(f"{bad} (its header claims {n} bytes, the file has {size})")
         self._bytes = torch.empty(0, dtype=torch.uint8).set_(storage)  # (size,) the file, mapped
+        self._start = 8 + n
+        layout = None if layouts is None else layouts.get(text)
+        if layout is None:
+            layout = self._parse(text, size, bad)
+            if layouts is not None:
+                layouts[text] = layout
+        self.entries, end = layout
+        if end > size:
+            raise ValueError(f"{bad} (its tensors end at byte {end}, the file has {size})")
+
+    def _parse(self, text: bytes, size: int, bad: str) -> tuple[dict, int]:
+        """(key -> (dtype, shape, first byte, end byte), the last tensor's end byte) from the header's JSON."""
         try:
             header = json.loads(text)
         except ValueError:
@@ -50,9 +64,8 @@ class MappedFile:
         if not isinstance(header, dict):
             raise ValueError(f"{bad} (its header is not a JSON object)")
         header.pop("__metadata__", None)
-        self._start, self.entries = 8 + n, {}
-        for key, e in header.items():
-            self.entries[key] = self._entry(key, e, size, bad)
+        entries = {key: self._entry(key, e, size, bad) for key, e in header.items()}
+        return entries, max((e[3] for e in entries.values()), default=self._start)
 
     def _entry(self, key: str, e, size: int, bad: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
         """(dtype, shape, first byte, end byte) of one tensor, checked against the file's size."""
@@ -95,6 +108,7 @@ class Loaded:
         self.shapes = {"B": {layer: (r, m) for layer, (m, n) in lib.meta.layers.items()},
                        "A": {} if lib.shared_a else {layer: (r, n) for layer, (m, n) in lib.meta.layers.items()}}
         self.sources: list[tuple[MappedFile, str]] | None = []  # (mapped file, its sha256) per adapter
+        self.layouts: dict = {}  # header text -> parsed entries, shared by the files that have it
         self._rows: dict[str, dict[str, torch.Tensor]] | None = None  # attr -> layer -> stacked rows, once filled
         self._verified: set[int] = set()
         self._released: set[str] = set()
@@ -129,7 +143,7 @@ class Loaded:
             for rows in (self._rows or {}).values():
                 rows.pop(layer, None)
             if self._released >= set(self.shapes["B"]):
-                self.sources = None
+                self.sources, self.layouts = None, {}
 
     def fill(self) -> None:
         """Read every adapter's file into the stacked rows (its checksum verified, every value finite)."""
@@ -147,7 +161,7 @@ class Loaded:
             for attr, layers in rows.items():
                 for layer, dst in layers.items():
                     self._check_finite(attr, layer, dst)
-            self._rows, self.sources = rows, None
+            self._rows, self.sources, self.layouts = rows, None, {}
 
     def _read(self, i: int, key: str, check: bool = True) -> torch.Tensor:
         """Tensor `key` of adapter i's file, rounded through the storage dtype, its file's checksum verified first
