@@ -7,7 +7,8 @@ Usage: SEQR_TASK_DATA=../shared/data/tasks python scripts/dp_price.py [run|repor
 Per silo and calibration size n (each on its own training examples, the first n of a seeded order):
 - the clip bound C by the public rule (seqr.silo.private.public_clip): the largest per-example row norm on
   PUBLIC_N training examples of another task (PUBLIC[task]), data the silo may publish;
-- the clipped per-example sums (dp_sums), once: they do not depend on epsilon or the seed; each (epsilon, seed)
+- the clipped per-example sums (dp_sums), once, kept with the clip bounds as small JSON under OUT/silos (committed
+  with --commit, so a fresh clone does not recompute them): they do not depend on epsilon or the seed; each (epsilon, seed)
   then only draws the Gaussian noise (dp_release, seeded here so the study repeats; a real release draws from OS
   entropy), centroids withheld so the whole budget goes to mu and sigma;
 - epsilon = inf: the ordinary calibration (no DP) on the same n examples.
@@ -28,7 +29,7 @@ import torch
 from seqr.eval.evaluate import EvalConfig, evaluate, load_data
 from seqr.hf.models import load_model
 from seqr.silo.calibrate import calibrate
-from seqr.silo.private import dp_release, dp_sums, public_clip
+from seqr.silo.private import ClippedSums, dp_release, dp_sums, public_clip
 from seqr.silo.tasks import load_task
 from seqr.store import files
 from seqr.store.library import LoraLibrary
@@ -69,29 +70,40 @@ class Silos:
 
     def __init__(self, ctx: dict, lib: LoraLibrary):
         self.ctx, self.lib, self.work = ctx, lib, Path(ctx["work"])
+        self.kept = Path(ctx["out"]) / "silos"  # clip bounds and clipped sums, small JSON kept with the results
         self.dirs = {t: lib.to_peft(t, self.work / "adapters" / t) for t in lib.names}
 
     def examples(self, task: str, n: int):
         return load_task(task, "train", data_dir=self.ctx["data"], max_examples=n, seed=SEED)
 
     def clip(self, task: str) -> float:
-        f = self.work / "clip" / f"{task}.pt"
+        f = self.kept / "clip" / f"{task}.json"
         if not f.exists():
             public = load_task(public_task(task, self.lib.names), "train", data_dir=self.ctx["data"],
                                max_examples=PUBLIC_N, seed=SEED)
             c, _ = public_clip(self.ctx["model"], self.ctx["tok"], self.dirs[task], public, progress=False)
-            f.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(c, f)
-        return float(torch.load(f))
+            self._keep(f, {"clip": c, "public_task": public_task(task, self.lib.names), "public_examples": PUBLIC_N},
+                       f"clip bound of {task}")
+        return float(files.read_json(f, "clip bound")["clip"])
 
-    def sums(self, task: str, n: int):
-        f = self.work / f"sums-{n}" / f"{task}.pt"
+    def sums(self, task: str, n: int) -> ClippedSums:
+        f = self.kept / f"sums-{n}" / f"{task}.json"
         if not f.exists():
             s = dp_sums(self.ctx["model"], self.ctx["tok"], self.dirs[task], self.examples(task, n), self.clip(task),
                         progress=False)
-            f.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(s, f)
-        return torch.load(f, weights_only=False)
+            self._keep(f, {"examples": s.examples, "layers": {k: v.tolist() for k, v in s.stats.items()}},
+                       f"clipped sums of {task}, n={n}")
+        d = files.read_json(f, "clipped sums")
+        return ClippedSums({k: torch.tensor(v, dtype=torch.float64) for k, v in d["layers"].items()}, None,
+                           d["examples"])
+
+    def _keep(self, f: Path, obj: dict, what: str) -> None:
+        """Write one silo's clip bound or pre-noise sums beside the results (and commit it with --commit): a fresh
+        clone resumes without recomputing them."""
+        f.parent.mkdir(parents=True, exist_ok=True)
+        files.atomic_write_json(f, obj)
+        if self.ctx["commit"]:
+            commit_only(f, f"Issue 33: price of privacy, {what}")
 
     def stats(self, n: int, eps: float, seed: int) -> dict:
         """{task: per-layer NormStats} every silo releases for this pass."""
@@ -190,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=os.environ.get("SEQR_TASK_DATA"), help="task dir (default $SEQR_TASK_DATA)")
     p.add_argument("--library", default=str(LIBRARY), help=f"the library (default {LIBRARY})")
     p.add_argument("--out", default=str(OUT), help=f"results (default {OUT})")
-    p.add_argument("--work", default="runs/dp-price", help="per-silo sums and clip bounds, kept out of git")
+    p.add_argument("--work", default="runs/dp-price", help="the silos' exported adapter dirs, kept out of git")
     p.add_argument("--model", default="smollm2-135m-instruct", help="base model")
     p.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is available")
     p.add_argument("--commit", action="store_true", help="git commit every finished pass at once")
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--library {a.library}: no library there")
     model, tok = load_model(a.model, dtype="float32", device=device)
     run({"model": model, "tok": tok, "data": a.data, "name": a.model, "library": a.library, "out": a.out,
-         "work": a.work}, a.commit)
+         "work": a.work, "commit": a.commit}, a.commit)
     return 0
 
 

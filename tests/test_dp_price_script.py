@@ -35,8 +35,13 @@ def test_price_of_privacy_passes_stats_and_report(setup, tmp_path, monkeypatch):
     from seqr.hf.models import load_model
 
     model, tok = load_model(str(setup / "model"), dtype="float32")
-    silos = dp.Silos({"model": model, "tok": tok, "data": str(setup / "data"), "work": tmp_path / "work"},
-                     LoraLibrary.load(setup / "art"))
+    kept = tmp_path / "dp" / "silos"  # the clip bounds and clipped sums the run kept beside its results
+    tasks = {f"{t}.json" for t in LoraLibrary.load(setup / "art").names}
+    assert {p.name for p in (kept / "sums-12").iterdir()} == {p.name for p in (kept / "clip").iterdir()} == tasks
+    monkeypatch.setattr(dp, "dp_sums", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    monkeypatch.setattr(dp, "public_clip", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    silos = dp.Silos({"model": model, "tok": tok, "data": str(setup / "data"), "work": tmp_path / "work2",
+                      "out": tmp_path / "dp", "commit": False}, LoraLibrary.load(setup / "art"))  # a fresh clone
     s0, s1, plain = silos.stats(12, 1.0, 0), silos.stats(12, 1.0, 1), silos.stats(12, math.inf, 0)
     layer = next(iter(s0["sst2"]))
     g = s0["sst2"][layer].privacy
