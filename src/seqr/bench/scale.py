@@ -5,7 +5,9 @@ random shared-A rank-r adapters on q/k/v/o (seeded; calibrated with stand-in sta
 (float16 files) and then measured:
 
   formula        A + B + packed Grams in float32, n r + N (m r + r(r+1)/2) numbers per layer (the tensors routing needs)
-  rss_*          the process's resident growth over the loaded model after LoraLibrary.load, attach, a first forward
+  rss_*          the process's resident growth after LoraLibrary.load, attach, a first forward, over the process with
+                 the model loaded and run once (the library is built and saved by another process, as a server
+                 loads a saved library)
   load_s         LoraLibrary.load of the saved library: the manifest and every file's header (files mapped, not read)
   attach_s       seqr.attach on it: its first use, where every file is read, verified and stacked, and the banks built
   add_s / remove_s   lib.add / lib.remove of one adapter on the bound library (its file and the manifest written),
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 
 from seqr.bench.common import cpu_snapshot, machine_info, machine_line, other_cpu_share, write_json
+from seqr.store import files
 
 SIZES = [10, 100, 1000, 5000]
 QUICK_SIZES = [4, 16]
@@ -183,13 +186,14 @@ def child(a) -> dict:
     ids = {b: torch.randint(0, vocab, (b, a.prompt), generator=torch.Generator().manual_seed(b)) for b in (1, 8)}
     with torch.no_grad():
         model(input_ids=ids[8])
-    base = _settle()
     N, out = a.child, {"N": a.child, "formula_mib": formula_mib(layers, a.child, a.rank)}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        random_library(layers, N, a.rank).save(Path(tmp) / "lib", dtype="float16")
+        files.atomic_write_json(Path(tmp) / "layers.json", layers)
+        subprocess.run([sys.executable, "-m", "seqr.cli", "bench", "scale", "--child", str(N), "--build", tmp,
+                        "--rank", str(a.rank)], check=True)  # another process: as a server loads a saved library
         out["build_save_s"] = time.perf_counter() - t0
-        _settle()
+        base = _settle()
         t0 = time.perf_counter()
         lib = LoraLibrary.load(Path(tmp) / "lib", resident_dtype=a.resident)
         out["load_s"] = time.perf_counter() - t0
@@ -276,9 +280,19 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-out/scale", help="output dir (scale.json, scale.md, scale.png)")
     p.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, 1 round")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--build", help=argparse.SUPPRESS)
+
+
+def build(a) -> None:
+    """Save `--child` random adapters over the layers in `--build`/layers.json as `--build`/lib (float16 files)."""
+    layers = {k: tuple(v) for k, v in files.read_json(Path(a.build) / "layers.json", "layers").items()}
+    random_library(layers, a.child, a.rank).save(Path(a.build) / "lib", dtype="float16")
 
 
 def cmd_scale(a, p) -> int:
+    if a.build is not None:
+        build(a)
+        return 0
     if a.child is not None:
         print(json.dumps(child(a)))
         return 0
