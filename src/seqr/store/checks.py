@@ -2,7 +2,6 @@
 the form the library stores (float32, contiguous; NormStats)."""
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,16 +34,21 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
 
 
+def shape(meta, layer: str, kind: str) -> tuple[int, int]:
+    """The shape the library holds `layer`'s B (m, r) or A (r, n) in."""
+    m, n = meta.layers[layer]
+    return (m, meta.rank) if kind == "B" else (meta.rank, n)
+
+
 def tensors(meta, d: Mapping, where: str, kind: str) -> dict[str, torch.Tensor]:
     if not isinstance(d, Mapping):
         raise ValueError(f"{where}: {kind} must be a dict layer -> tensor, got {type(d).__name__}")
     missing, extra = sorted(set(meta.layers) - set(d)), sorted(set(d) - set(meta.layers))
     if missing or extra:
         raise ValueError(f"{where}: {kind} layers do not match the library (missing {missing}, unexpected {extra})")
-    r, out = meta.rank, {}
+    out = {}
     for layer, t in d.items():
-        m, n = meta.layers[layer]
-        want = (m, r) if kind == "B" else (r, n)
+        want = shape(meta, layer, kind)
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
             raise ValueError(f"{where}, layer {layer}: {kind} must have shape {want}, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
@@ -63,9 +67,8 @@ def stored(meta, shape_of, where: str, kinds: tuple[str, ...]) -> None:
         missing = sorted(layer for layer in meta.layers if shape_of(f"{layer}.{kind}") is None)
         if missing:
             raise ValueError(f"{where}: {kind} layers do not match the library (missing {missing})")
-        for layer, (m, n) in meta.layers.items():
-            want = (m, meta.rank) if kind == "B" else (meta.rank, n)
-            if (got := shape_of(f"{layer}.{kind}")) != want:
+        for layer in meta.layers:
+            if (got := shape_of(f"{layer}.{kind}")) != (want := shape(meta, layer, kind)):
                 raise ValueError(f"{where}, layer {layer}: {kind} must have shape {want}, got {got}")
 
 
@@ -97,7 +100,7 @@ def stats(meta, stats: dict, where: str) -> dict[str, NormStats]:
         raise ValueError(f"{where}: stats must cover exactly the library's layers; got {got}")
     out = {layer: s if isinstance(s, NormStats) else NormStats.from_dict(s) for layer, s in stats.items()}
     if min(s.count for s in out.values()) >= 2 and z_scorable([s.mean for s in out.values()],
-                                                              [math.sqrt(s.m2 / s.count) for s in out.values()]):
+                                                              [s.std for s in out.values()]):
         return out  # every layer checked at once; else the loop names the first that fails
     for layer, s in out.items():
         if s.count < 2 or not s.std > 0:

@@ -442,8 +442,9 @@ class LoraLibrary:
             lib._shared_file = None if sa is None else (sa["file"], sa["sha256"])
             lib._loaded = Loaded(lib, [e["name"] for e in entries], STORAGE_DTYPES[resident_dtype],
                                  STORAGE_DTYPES[storage])
+            layouts: dict = {}  # header text -> parsed entries: the adapter files share one layout
             for i, e in enumerate(entries):
-                lib._load_entry(path, e, i)
+                lib._load_entry(path, e, i, layouts)
                 if lines is not None and len(entries) == len(lines):  # its manifest line, written back as read
                     files.seed_manifest_line(e["name"], lib._adapters[e["name"]], lines[i])
         except (KeyError, TypeError, AttributeError) as e:
@@ -451,13 +452,13 @@ class LoraLibrary:
         lib.path, lib._generation = path, generation
         return lib
 
-    def _load_entry(self, path: Path, e: dict, i: int) -> None:
+    def _load_entry(self, path: Path, e: dict, i: int, layouts: dict) -> None:
         """Adapter i of the manifest: its file mapped and its header checked (B, and A for unique-A libraries, at
         every layer, in the library's shapes), its stats and centroids read; B and A are read on first use."""
         name = e["name"]
         self._check_new(name)
         what = f"library {path}: adapter {name!r}"
-        src = MappedFile(files.confined(path, e["file"], what), what, self._loaded.layouts)
+        src = MappedFile(files.confined(path, e["file"], what), what, layouts)
         checks.stored(self.meta, src.shape, what, kinds=("B",) if self.shared_a else ("B", "A"))
         self._loaded.sources.append((src, e["sha256"]))
         if e.get("stats") is not None and not isinstance(e["stats"], dict):

@@ -108,7 +108,6 @@ class Loaded:
         self.shapes = {"B": {layer: (r, m) for layer, (m, n) in lib.meta.layers.items()},
                        "A": {} if lib.shared_a else {layer: (r, n) for layer, (m, n) in lib.meta.layers.items()}}
         self.sources: list[tuple[MappedFile, str]] | None = []  # (mapped file, its sha256) per adapter
-        self.layouts: dict = {}  # header text -> parsed entries, shared by the files that have it
         self._rows: dict[str, dict[str, torch.Tensor]] | None = None  # attr -> layer -> stacked rows, once filled
         self._verified: set[int] = set()
         self._released: set[str] = set()
@@ -143,7 +142,7 @@ class Loaded:
             for rows in (self._rows or {}).values():
                 rows.pop(layer, None)
             if self._released >= set(self.shapes["B"]):
-                self.sources, self.layouts = None, {}
+                self.sources = None
 
     def fill(self) -> None:
         """Read every adapter's file into the stacked rows (its checksum verified, every value finite)."""
@@ -161,7 +160,7 @@ class Loaded:
             for attr, layers in rows.items():
                 for layer, dst in layers.items():
                     self._check_finite(attr, layer, dst)
-            self._rows, self.sources, self.layouts = rows, None, {}
+            self._rows, self.sources = rows, None
 
     def _read(self, i: int, key: str, check: bool = True) -> torch.Tensor:
         """Tensor `key` of adapter i's file, rounded through the storage dtype, its file's checksum verified first

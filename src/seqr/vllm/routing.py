@@ -137,7 +137,7 @@ class SetRouting:
     def _record(self, names: Sequence[str], idx: torch.Tensor, mask: torch.Tensor, has: torch.Tensor) -> None:
         """Each token with a set: its choice per part (layer), under the trace row of its allowed set."""
         if self._traced is None:
-            self._traced = Trace(list(self.names), self.method, self.k, light=True, router=self.method)
+            self._traced = self._new_trace()
         idx, mask = idx.cpu(), mask.cpu()  # (T, P), (T, N)
         tokens = has.cpu().nonzero()[:, 0]  # (t,) tokens with a set; the others got no update
         rows = torch.tensor([self._set_rows.setdefault(mask[t].numpy().tobytes(), len(self._set_rows))
@@ -145,10 +145,13 @@ class SetRouting:
         for p, name in enumerate(names):
             self._traced.record(name, rows=rows, chosen=idx[tokens, p])
 
+    def _new_trace(self) -> Trace:
+        return Trace(list(self.names), self.method, self.k, light=True, router=self.method)
+
     def trace(self, reset: bool = True) -> Trace:
         """The decisions traced since the last reset, as a light `core.trace.Trace` whose rows are the allowed sets
         seen (`by_set()`, `outside()`, `counts(row)`), with the forwards per mask source in `notes["masks"]`."""
-        tr = self._traced or Trace(list(self.names), self.method, self.k, light=True, router=self.method)
+        tr = self._traced or self._new_trace()
         keys = sorted(self._set_rows, key=self._set_rows.get)
         tr.allowed = torch.stack([torch.frombuffer(bytearray(k), dtype=torch.bool) for k in keys]) if keys else None
         tr.notes = {"masks": dict(self.mask_sources)}
