@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -268,8 +269,10 @@ def test_bench_scale_measures_each_size_in_its_own_process(tmp_path):
         assert r["formula_mib"] == pytest.approx(sum(n * 4 + r["N"] * (m * 4 + 10) for m, n in layers.values()) * 4 / 2**20)
         assert r["formula_mib"] == pytest.approx(formula_mib(layers, r["N"], 4))
         assert r["load_s"] > 0 and r["add_s"] > 0 and r["remove_s"] > 0
+        assert math.isfinite(r["anon_forward_mib"]) and r["anon_forward_mib"] <= r["rss_forward_mib"] + 1
         assert set(r["decode_ms"]) == {"1", "8"} and all(v["seqr"] > 0 and v["untouched"] > 0 and v["seqr_request"] > 0
                                                          for v in r["decode_ms"].values())
     assert (out / "scale.png").stat().st_size > 0 and "| 6 |" in (out / "scale.md").read_text()
+    assert "(anon. " in (out / "scale.md").read_text()
     with pytest.raises(SystemExit):
         bench_main(["scale", "--sizes", "x"])

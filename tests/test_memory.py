@@ -122,6 +122,45 @@ def test_half_resident_library_routes_like_float32_and_holds_half(tmp_path, dtyp
         half.set_resident_dtype("int8")
 
 
+
+def _held(obj) -> dict[int, int]:
+    """Bytes of every distinct tensor storage an object holds in its attributes (tensors, tuples, dicts of them)."""
+    out = {}
+
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            out[_storage(v)] = v.untyped_storage().nbytes()
+        elif isinstance(v, (tuple, list)):
+            for t in v:
+                walk(t)
+        elif isinstance(v, dict):
+            for t in v.values():
+                walk(t)
+        elif hasattr(v, "store"):
+            walk(v.store)
+
+    for v in vars(obj).values():
+        walk(v)
+    return out
+
+
+def test_a_calibrated_half_bank_holds_each_routing_tensor_once(tmp_path):
+    """Measured at N = 100 on SmolLM2 (half resident): the packed Grams were held beside the z-scored ones, and a
+    half shared A was cast to float32 twice (A and A^T), 3.8 MiB of 94; each is now held once."""
+    lib = random_stats(adapter_library(tmp_path / "s", [f"a{i}" for i in range(5)])).set_resident_dtype("float16")
+    bank = lib.bank(lib.layers[0])
+    N, m, n, r = bank.shape
+    x = torch.randn(7, n, generator=torch.Generator().manual_seed(0))
+    bank.delta(x, bank.route(x))  # the forward's casts
+    B, A = N * m * r * 2, n * r * 2  # float16
+    # B (built: no spare rows) + A + A^T in float32 + G/sigma^2 + R blocks + mu, sigma, mu/sigma
+    want = B + A + 2 * A + N * r * (r + 1) // 2 * 4 + N * r * r * 4 + 3 * N * 4
+    assert sum(_held(bank).values()) == want
+    G = bank.G_packed  # derived from the z-scored Grams, exactly up to rounding
+    from seqr.core import routers as rt
+    _, R = rt.qr_positive(bank.B.float())
+    assert torch.allclose(G, rt.pack_gram(R), rtol=1e-5, atol=1e-7)
+
 def test_half_resident_unique_a_library(tmp_path):
     ref = adapter_library(tmp_path / "u", ["x", "y", "z"], a_seed=None)
     half = adapter_library(tmp_path / "u", ["x", "y", "z"], a_seed=None).set_resident_dtype("float16")

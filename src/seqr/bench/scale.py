@@ -7,7 +7,8 @@ random shared-A rank-r adapters on q/k/v/o (seeded; calibrated with stand-in sta
   formula        A + B + packed Grams in float32, n r + N (m r + r(r+1)/2) numbers per layer (the tensors routing needs)
   rss_*          the process's resident growth after LoraLibrary.load, attach, a first forward, over the process with
                  the model loaded and run once (the library is built and saved by another process, as a server
-                 loads a saved library)
+                 loads a saved library); anon_forward_mib: the anonymous part of the growth after the forward (the
+                 rest is shared code first used: libtorch kernels, OpenSSL for the checksums)
   load_s         LoraLibrary.load of the saved library: the manifest and every file's header (files mapped, not read)
   attach_s       seqr.attach on it: its first use, where every file is read, verified and stacked, and the banks built
   add_s / remove_s   lib.add / lib.remove of one adapter on the bound library (its file and the manifest written),
@@ -45,6 +46,15 @@ TARGETS = {"rss_forward_x": 1.15, "rss_forward_x_half": 0.6, "change_s": 0.1, "d
 
 def rss_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+
+def anon_mib() -> float:
+    """The process's anonymous (private, not file-backed) resident memory: what the library's tensors and objects
+    take, without the pages of shared code (libtorch kernels, OpenSSL) that a first use faults in."""
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _settle() -> float:
@@ -193,7 +203,7 @@ def child(a) -> dict:
         subprocess.run([sys.executable, "-m", "seqr.cli", "bench", "scale", "--child", str(N), "--build", tmp,
                         "--rank", str(a.rank)], check=True)  # another process: as a server loads a saved library
         out["build_save_s"] = time.perf_counter() - t0
-        base = _settle()
+        base, base_anon = _settle(), anon_mib()
         t0 = time.perf_counter()
         lib = LoraLibrary.load(Path(tmp) / "lib", resident_dtype=a.resident)
         out["load_s"] = time.perf_counter() - t0
@@ -205,6 +215,7 @@ def child(a) -> dict:
         with torch.no_grad():
             model(input_ids=ids[8])
         out["rss_forward_mib"] = _settle() - base
+        out["anon_forward_mib"] = anon_mib() - base_anon
         out["decode_ms"] = {str(b): _timed_decode(model, lib, ids[b], a.new_tokens, a.repeats) for b in (1, 8)}
         out["routing_share"] = _routing_share(model, ids[8], a.repeats)
         out.update(_changes(model, lib, layers, a.rank))
@@ -220,12 +231,18 @@ def markdown(rows: list[dict], resident: str) -> str:
         d1, d8 = r["decode_ms"]["1"], r["decode_ms"]["8"]
         lines.append(
             f"| {r['N']} | {r['formula_mib']:.1f} | {r['rss_load_mib']:.0f} / {r['rss_attach_mib']:.0f} / "
-            f"{r['rss_forward_mib']:.0f} | {r['rss_forward_mib'] / r['formula_mib']:.2f}× | {_load_cell(r)} | "
+            f"{r['rss_forward_mib']:.0f} | {_ratio_cell(r)} | {_load_cell(r)} | "
             f"{r['add_s']:.3f} / {r['remove_s']:.3f} ({r['add_write_s']:.3f} / {r['remove_write_s']:.3f}; first add "
             f"{r['add_first_s']:.3f}) | "
             f"{r['reattach_add_s']:.2f} / {r['reattach_remove_s']:.2f} | {_decode_cell(d1)} | {_decode_cell(d8)} | "
             f"{100 * r['routing_share']:.0f}% |")
     return "\n".join(lines) + f"\n\nresident dtype: {resident}; files stored float16.\n"
+
+
+def _ratio_cell(r: dict) -> str:
+    """'resident after forward / formula' (then its anonymous part: absent in runs before it was measured)."""
+    cell = f"{r['rss_forward_mib'] / r['formula_mib']:.2f}×"
+    return cell + (f" (anon. {r['anon_forward_mib'] / r['formula_mib']:.2f}×)" if "anon_forward_mib" in r else "")
 
 
 def _load_cell(r: dict) -> str:

@@ -87,8 +87,9 @@ class AdapterBank:
         self._svd_rows: tuple[Rows, Rows, Rows] | None = None  # S (N, r), Vt (N, r, n), prototypes (N, n): lazy
         if self.shared_a:
             _, R = rt.qr_positive(B.to(rt.compute_dtype(B.dtype)))  # (N, r, r)
-            self.G_packed = rt.pack_gram(R)  # (N, r(r+1)/2)
-            self._G_scored, self._offset = rt.fold_zscore(self.G_packed, self.mu, self.sigma)  # derived
+            # only the Grams with the z-score folded in are held: G_packed is derived from them (exactly up to
+            # rounding) when asked for, so a calibrated bank keeps one (N, r(r+1)/2) tensor, not two
+            self._G_scored, self._offset = rt.fold_zscore(rt.pack_gram(R), self.mu, self.sigma)  # (N, r(r+1)/2)
             self._R_stacked = rt.stack_r(R, self.sigma)  # (r, N*r): the few-token form of the same scores
             if self.mu is not None:
                 self._check_overflow(self._G_scored, "G / sigma^2", self.mu, self.sigma)
@@ -160,6 +161,13 @@ class AdapterBank:
         """(N, m, n, r)."""
         N, m, r = self.B.shape
         return N, m, self.A.shape[-1], r
+
+    @property
+    def G_packed(self) -> torch.Tensor:
+        """The packed Grams G_i = R_i^T R_i, (N, r(r+1)/2) (shared A only): the held z-scored Grams times sigma_i^2."""
+        if not self.shared_a:
+            raise ValueError("packed Grams need a shared A; this bank has one A per adapter")
+        return self._G_scored if self.sigma is None else self._G_scored * (self.sigma * self.sigma)[:, None]
 
     @property
     def numel(self) -> int:
@@ -378,10 +386,11 @@ class AdapterBank:
 
     def _cast(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A, B^T and the shared A^T in the activations' dtype (cached): A (r, n) or (N, n, r), Bt (N, r, m),
-        At (n, r) contiguous (z = x @ At without a transpose per call) or None."""
+        At (n, r) contiguous (z = x @ At without a transpose per call) or None. A shared A is held once, as At:
+        the A returned is its transposed view."""
         if dtype not in self._casts:
-            A = self.A.to(dtype)
-            At = A.T.contiguous() if self.shared_a else None
+            At = self.A.to(dtype).T.contiguous() if self.shared_a else None  # (n, r), one copy in dtype
+            A = At.T if self.shared_a else self.A.to(dtype)
             # half-precision B under float32 activations stays as held: the update casts only the rows it gathers
             keep = self.B.element_size() < 4 and dtype == torch.float32
             Bt = (self.B if keep else self.B.to(dtype)).transpose(1, 2)  # (N, r, m)
@@ -431,8 +440,7 @@ class AdapterBank:
         self.mu, self.sigma = cat(self.mu, src.mu), cat(self.sigma, src.sigma)  # (N+1,)
         self._cdf = None if self._cdf is None else (cat(self._cdf[0], src._cdf[0]), self._cdf[1])
         if self.shared_a:
-            self.G_packed, self._G_scored = cat(self.G_packed, src.G_packed), cat(self._G_scored, src._G_scored)
-            self._offset = cat(self._offset, src._offset)  # (N+1,) or None
+            self._G_scored, self._offset = cat(self._G_scored, src._G_scored), cat(self._offset, src._offset)
             r = self.shape[3]
             self._R_stacked = torch.cat([self._R_stacked, src._R_stacked[:, i * r:(i + 1) * r]], dim=1)  # (r, (N+1)r)
         self.names.append(name)
@@ -483,7 +491,7 @@ class AdapterBank:
         self.mu, self.sigma = pick(self.mu), pick(self.sigma)  # (N-1,)
         self._cdf = None if self._cdf is None else (pick(self._cdf[0]), self._cdf[1])
         if self.shared_a:
-            self.G_packed, self._G_scored, self._offset = pick(self.G_packed), pick(self._G_scored), pick(self._offset)
+            self._G_scored, self._offset = pick(self._G_scored), pick(self._offset)  # (N-1, r(r+1)/2), (N-1,)
             r = self.shape[3]
             blocks = self._R_stacked.view(r, N, r).index_select(1, order)  # (r, N-1, r)
             self._R_stacked = blocks.reshape(r, (N - 1) * r).contiguous()  # (r, (N-1)*r)

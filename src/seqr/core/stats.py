@@ -12,7 +12,7 @@ from seqr.core.privacy import Guarantee
 QUANTILE_LEVELS = tuple((k + 0.5) / 32 for k in range(32))  # where calibration samples each adapter's norm CDF
 
 
-@dataclass
+@dataclass(slots=True)
 class NormStats:
     """Welford's running mean / sum of squared deviations (M2) of a stream of scalars, in float64.
 
