@@ -16,13 +16,13 @@ pytestmark = pytest.mark.vllm
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine: plenty for these tests
 
 from vllm import SamplingParams  # noqa: E402
-from vllm.lora.request import LoRARequest  # noqa: E402
 
 from seqr import LoraLibrary  # noqa: E402
 from seqr.hf.generation import Request  # noqa: E402
 from seqr.hf.layers import attach, routing  # noqa: E402
 from seqr.hf.layers import detach as seqr_detach  # noqa: E402
 from seqr.serve.vllm_engine import VllmEngine  # noqa: E402
+from seqr.vllm.sets import SET_KEY  # noqa: E402
 from vllm_tiny import model_and_library  # noqa: E402
 
 NAMES = ["alpha", "beta", "evil", "gamma"]
@@ -57,10 +57,9 @@ def _generate(engine, prompts, sets, n=8):
     """One batch through vLLM (greedy, eos ignored): per row (tokens, logprobs), and the trace of its decisions."""
     def run(e):
         e.trace(on=True)
-        reqs = [LoRARequest(*e.sets.get(s)) for s in sets]
-        outs = e.llm.generate([{"prompt_token_ids": p} for p in prompts],
-                              SamplingParams(max_tokens=n, temperature=0, logprobs=0, ignore_eos=True),
-                              lora_request=reqs, use_tqdm=False)
+        params = [SamplingParams(max_tokens=n, temperature=0, logprobs=0, ignore_eos=True,
+                                 extra_args={SET_KEY: e.columns.of(s)}) for s in sets]  # each request carries its set
+        outs = e.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         rows = []
         for o in outs:
             c = o.outputs[0]
@@ -97,7 +96,8 @@ def _by_set(trace, allowed) -> dict[str, int]:
 def test_tokens_logprobs_and_decisions_equal_transformers_path(engine, reference):
     rows, trace = _generate(engine, PROMPTS, SETS)
     assert sum(trace.outside()) == 0
-    assert trace.notes["masks"]["batch"] >= 8 and "probe" not in trace.notes["masks"]  # masks from the batch, no probe GEMM
+    assert trace.notes["masks"]["batch"] >= 8 and "none" not in trace.notes["masks"]  # every forward's masks from the batch
+    assert not engine.llm.llm_engine.vllm_config.lora_config  # vLLM's LoRA path is off: sets travel with requests
     for prompt, allowed, (tokens, logprobs) in zip(PROMPTS, SETS, rows):
         ref_lp, ref_greedy, ref_counts = _reference_row(reference, prompt, allowed, tokens)
         assert tokens == ref_greedy, (allowed, tokens, ref_greedy)

@@ -1,12 +1,11 @@
-"""The vLLM plugin's plain-torch parts (no vLLM needed): set masks, set adapter files, per-token routing inside
-packed layers, and the engine's vLLM arguments, against brute-force references."""
+"""The vLLM plugin's plain-torch parts (no vLLM needed): set columns and masks, per-token routing inside packed
+layers, and the engine's vLLM arguments, against brute-force references."""
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from conftest import _lora, _stats, _tokens
@@ -15,7 +14,7 @@ from seqr.core.bank import AdapterBank
 from seqr.core.packed import PackedBank
 from seqr.serve.vllm_engine import engine_kwargs
 from seqr.vllm.routing import RoutedPacked, SetRouting, install, packed_parts
-from seqr.vllm.sets import PROBE, Columns, SetAdapters
+from seqr.vllm.sets import Columns, column_mask
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -34,23 +33,20 @@ def test_columns_are_stable_and_never_reused():
     assert cols.sync(["b", "z", "y"]) == [None, "b", "z", "y"]  # a's old column is not handed out again
     with pytest.raises(ValueError, match="'x'"):
         cols.sync(["b", "z", "y", "x"])
-    assert cols.mask({"z"}).tolist() == [0, 0, 1, 0]
+    assert cols.mask({"z"}).tolist() == [False, False, True, False]
     with pytest.raises(KeyError, match="'a'"):
         cols.mask({"a"})
     with pytest.raises(ValueError, match="capacity 1"):
         Columns(["a", "b"], 1)
 
 
-def test_set_adapter_file_is_a_rank1_lora_whose_update_of_one_is_the_mask(tmp_path):
-    sets = SetAdapters(tmp_path, Columns(NAMES, 6))
-    name, lora_id, path = sets.get({"b", "d"})
-    assert sets.get({"d", "b"}) == (name, lora_id, path)  # one adapter per set
-    assert sets.get({"a"})[1] != lora_id
-    t = load_file(f"{path}/adapter_model.safetensors")
-    A, B = t[f"base_model.model.{PROBE}.lora_A.weight"], t[f"base_model.model.{PROBE}.lora_B.weight"]
-    cfg = json.loads(open(f"{path}/adapter_config.json").read())
-    assert cfg["r"] == 1 and cfg["lora_alpha"] == 1 and cfg["target_modules"] == [PROBE]
-    assert (B @ A @ torch.ones(1)).tolist() == [0, 1, 0, 1, 0, 0]  # peft's update of x = 1: the columns of b, d
+def test_a_request_carries_its_sets_columns_and_a_malformed_list_is_refused():
+    cols = Columns(NAMES, 6)
+    assert cols.of({"d", "b"}) == [1, 3] and cols.mask({"b", "d"}).tolist() == [0, 1, 0, 1, 0, 0]
+    assert column_mask([1, 3], 6).dtype == torch.bool
+    for bad in ([6], [-1], [True], ["1"], "13", None):
+        with pytest.raises(ValueError, match="seqr_columns"):
+            column_mask(bad, 6)
 
 
 @pytest.mark.parametrize("method", ["seqr", "arrow", "spectr", "naive"])
@@ -121,24 +117,28 @@ def test_per_request_counts_equal_each_requests_own_decisions():
     assert st.take(["r0", "r1"]) == {"r0": {"counts": {"d": 3}, "outside": 3}, "r1": {"counts": {"d": 3}, "outside": 0}}
 
 
-def test_masks_from_the_input_batch_equal_the_set_probes(tmp_path):
-    """Each token's allowed columns indexed from its request's set adapter (vLLM's input batch: requests in token
-    order, their token counts and LoRA dirs) equal the set probe's output; a forward of another size, or a second
-    forward of the same step, gets None (the probe is used there)."""
+def test_masks_from_the_input_batch_are_each_requests_own_set():
+    """Each token's allowed columns indexed from the set its request carries (vLLM's input batch: requests in token
+    order, their token counts and carried columns) equal that set's mask; a forward of another size, or a second
+    forward of the same step, gets None, and a forward without masks updates no token."""
     cols = Columns(NAMES, 6)
-    sets = SetAdapters(tmp_path, cols)
-    allowed = [{"a", "c"}, None, {"d"}]  # the middle request has no LoRA: no set
-    paths = [None if s is None else sets.get(s)[2] for s in allowed]
+    allowed = [{"a", "c"}, None, {"d"}]  # the middle request carries no set
+    carried = [None if s is None else cols.of(s) for s in allowed]
     st = SetRouting(NAMES, cols.order, "seqr")
-    st.requests(["x", "y", "z"], [2, 1, 3], paths)
-    want = torch.stack([cols.mask(s) if s else torch.zeros(6) for s, n in zip(allowed, [2, 1, 3]) for _ in range(n)])
+    st.requests(["x", "y", "z"], [2, 1, 3], carried)
+    want = torch.stack([cols.mask(s) if s else torch.zeros(6, dtype=torch.bool)
+                        for s, n in zip(allowed, [2, 1, 3]) for _ in range(n)])
     assert torch.equal(st.batch_columns(6), want)  # (T, C)
     assert st.batch_columns(6) is None  # consumed: one forward per step
-    st.requests(["x"], [2], [paths[0]])
+    st.requests(["x"], [2], [carried[0]])
     assert st.batch_columns(5) is None  # a dummy run's token count
+    st.begin(None, 5)  # warm-up: no set anywhere
+    assert st.mask.shape == (5, 4) and not st.has.any() and st.mask_sources["none"] == 1
     st.requests(["y"], [4], [None])  # a step without any set: every token maskless
     st.begin(st.batch_columns(4))
     assert not st.has.any()
+    with pytest.raises(ValueError, match="seqr_columns"):
+        st.requests(["w"], [1], [[9]])  # a column outside the library's: refused, naming the field
 
 
 class _FakePacked(nn.Module):
@@ -183,7 +183,7 @@ def test_routing_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"\['d'\]"):
         SetRouting(NAMES, ["a", "b", "c"], "seqr")
     st = SetRouting(NAMES, NAMES, "seqr")
-    with pytest.raises(RuntimeError, match="set probe"):
+    with pytest.raises(RuntimeError, match="begin"):
         st.update(PackedBank([_bank(12)]), _tokens(3, n=16))
 
 
@@ -191,16 +191,16 @@ def test_engine_kwargs_route_the_registered_families_only(tmp_path):
     for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
         (tmp_path / "config.json").write_text(json.dumps({"architectures": [arch]}))
         kw = engine_kwargs(tmp_path, "/lib", ["a"], method="seqr", k=None, dtype="float32", max_batch=4,
-                           max_model_len=128, max_sets=4)
+                           max_model_len=128)
         assert kw["hf_overrides"]["architectures"] == [f"Seqr{arch}"]
-    assert kw["lora_target_modules"] == [PROBE] and kw["max_lora_rank"] == 1 and kw["enable_lora"]
+    assert not kw.get("enable_lora")  # sets travel in each request's sampling parameters: vLLM's LoRA stays off
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         engine_kwargs(tmp_path, "/lib", ["a"], method="seqr", k=None, dtype="float32", max_batch=4,
-                      max_model_len=128, max_sets=4)
+                      max_model_len=128)
     with pytest.raises(FileNotFoundError, match="config.json"):
         engine_kwargs(tmp_path / "nope", "/lib", ["a"], method="seqr", k=None, dtype="float32", max_batch=4,
-                      max_model_len=128, max_sets=4)
+                      max_model_len=128)
 
 
 def test_a_trace_with_no_forward_is_empty_not_an_error():

@@ -7,20 +7,8 @@ import torch
 
 from seqr.core import registry
 from seqr.core import routers as rt
+from seqr.core.inputs import check_finite, check_inputs, first_nonfinite, shape_of
 from seqr.core.rows import Rows
-
-
-def _first_nonfinite(t: torch.Tensor) -> int | None:
-    """Index of the first adapter whose slice of t (adapter axis first) holds NaN or inf, else None."""
-    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)  # (N,)
-    return int(bad.nonzero()[0]) if bad.any() else None
-
-
-def _check_finite(t: torch.Tensor, what: str, names: Sequence[str]) -> None:
-    """Raise naming the first adapter whose slice of t (adapter axis first) holds NaN or inf."""
-    i = _first_nonfinite(t)
-    if i is not None:
-        raise ValueError(f"{what} of adapter {names[i]!r} (index {i}) contains NaN or inf")
 
 
 class AdapterBank:
@@ -39,38 +27,9 @@ class AdapterBank:
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, *, mu=None, sigma=None, quantiles=None, centroids=None,
                  names: Sequence[str] | None = None):
-        if not isinstance(B, torch.Tensor) or B.dim() != 3:
-            raise ValueError(f"B must be a tensor of shape (N, m, r), got {_shape(B)}")
+        self.names: list[str] = check_inputs(A, B, names)  # B (N, m, r), A (r, n) or (N, r, n): finite, named
         N, m, r = B.shape
-        if N == 0:
-            raise ValueError("an AdapterBank needs at least one adapter, got N=0")
-        if r == 0 or m == 0:
-            raise ValueError(f"B must have positive m and r, got shape {tuple(B.shape)}")
-        names = [str(i) for i in range(N)] if names is None else list(names)
-        bad = [nm for nm in names if not isinstance(nm, str) or not nm]
-        if bad:
-            raise ValueError(f"adapter names must be non-empty strings, got {bad[:5]}")
-        if len(names) != N:
-            raise ValueError(f"got {len(names)} names for {N} adapters")
-        if len(set(names)) != N:
-            dup = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"adapter names must be unique, got duplicates {dup}")
-        if not isinstance(A, torch.Tensor) or A.dim() not in (2, 3):
-            raise ValueError(f"A must be a tensor of shape (r, n) or (N, r, n), got {_shape(A)}")
-        if A.shape[-2] != r or (A.dim() == 3 and A.shape[0] != N):
-            want = f"({r}, n)" if A.dim() == 2 else f"({N}, {r}, n)"
-            raise ValueError(f"A has shape {tuple(A.shape)} but B {tuple(B.shape)} needs {want}")
-        for t, what in ((A, "A"), (B, "B")):
-            if not t.is_floating_point():
-                raise ValueError(f"{what} must be a floating-point tensor, got dtype {t.dtype}")
-        if A.dtype != B.dtype:
-            raise ValueError(f"A and B must share a dtype, got {A.dtype} and {B.dtype}")
-        _check_finite(B, "B", names)
-        if A.dim() == 3:
-            _check_finite(A, "A", names)
-        elif not torch.isfinite(A).all():
-            raise ValueError("the shared A contains NaN or inf")
-        self.names: list[str] = names
+        names = self.names
         self.index = {n: i for i, n in enumerate(names)}
         # B (N, m, r) is kept as a view of a contiguous (N, r, m): the update gathers each token's B^T whole.
         # B, a unique A and the centroids are the first N rows of stores with spare rows (`append`, `remove`)
@@ -87,8 +46,6 @@ class AdapterBank:
         self._svd_rows: tuple[Rows, Rows, Rows] | None = None  # S (N, r), Vt (N, r, n), prototypes (N, n): lazy
         if self.shared_a:
             _, R = rt.qr_positive(B.to(rt.compute_dtype(B.dtype)))  # (N, r, r)
-            # only the Grams with the z-score folded in are held: G_packed is derived from them (exactly up to
-            # rounding) when asked for, so a calibrated bank keeps one (N, r(r+1)/2) tensor, not two
             self._G_scored, self._offset = rt.fold_zscore(rt.pack_gram(R), self.mu, self.sigma)  # (N, r(r+1)/2)
             self._R_stacked = rt.stack_r(R, self.sigma)  # (r, N*r): the few-token form of the same scores
             if self.mu is not None:
@@ -105,7 +62,7 @@ class AdapterBank:
         for t, what in ((mu, "mu"), (sigma, "sigma")):
             if t.shape != (N,):
                 raise ValueError(f"{what} must have shape ({N},), got {tuple(t.shape)}")
-            _check_finite(t[:, None], what, self.names)
+            check_finite(t[:, None], what, self.names)
         if (sigma <= 0).any():
             i = int((sigma <= 0).nonzero()[0])
             raise ValueError(f"sigma of adapter {self.names[i]!r} must be positive, got {float(sigma[i])}")
@@ -115,7 +72,7 @@ class AdapterBank:
 
     def _check_overflow(self, t: torch.Tensor, what: str, mu: torch.Tensor, sigma: torch.Tensor) -> None:
         """Statistics are checked jointly: each finite on its own, they must also z-score without overflow."""
-        i = _first_nonfinite(t)
+        i = first_nonfinite(t)
         if i is not None:
             raise ValueError(f"stats of adapter {self.names[i]!r} overflow {t.dtype} when z-scoring: {what} is not "
                              f"finite (mu={float(mu[i]):.6g}, sigma={float(sigma[i]):.6g})")
@@ -126,7 +83,7 @@ class AdapterBank:
         c = torch.as_tensor(centroids, dtype=rt.compute_dtype(B.dtype), device=B.device)
         if c.shape != (N, n):
             raise ValueError(f"centroids must have shape ({N}, {n}), got {tuple(c.shape)}")
-        _check_finite(c, "centroid", self.names)
+        check_finite(c, "centroid", self.names)
         zero = (c == 0).all(dim=1)  # (N,)
         if zero.any():
             raise ValueError(f"centroid of adapter {self.names[int(zero.nonzero()[0])]!r} is the zero vector")
@@ -142,7 +99,7 @@ class AdapterBank:
         q = torch.as_tensor(quantiles, dtype=self.mu.dtype, device=B.device)
         if q.shape != (N, len(QUANTILE_LEVELS)):
             raise ValueError(f"quantiles must have shape ({N}, {len(QUANTILE_LEVELS)}), got {tuple(q.shape)}")
-        _check_finite(q, "quantiles", self.names)
+        check_finite(q, "quantiles", self.names)
         bad = (q[:, 1:] < q[:, :-1]).any(dim=1)  # (N,)
         if bad.any():
             raise ValueError(f"quantiles of adapter {self.names[int(bad.nonzero()[0])]!r} are not non-decreasing")
@@ -164,9 +121,7 @@ class AdapterBank:
 
     @property
     def G_packed(self) -> torch.Tensor:
-        """The packed Grams G_i = R_i^T R_i, (N, r(r+1)/2) (shared A only): the held z-scored Grams times sigma_i^2."""
-        if not self.shared_a:
-            raise ValueError("packed Grams need a shared A; this bank has one A per adapter")
+        """The packed Grams G_i = R_i^T R_i, (N, r(r+1)/2), shared A only: derived from the z-scored ones held."""
         return self._G_scored if self.sigma is None else self._G_scored * (self.sigma * self.sigma)[:, None]
 
     @property
@@ -202,7 +157,7 @@ class AdapterBank:
     def _flat(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         n = self.A.shape[-1]
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != n:
-            raise ValueError(f"x must have shape (..., {n}), got {_shape(x)}")
+            raise ValueError(f"x must have shape (..., {n}), got {shape_of(x)}")
         return x.reshape(-1, n), tuple(x.shape[:-1])
 
     def z(self, x: torch.Tensor) -> torch.Tensor:
@@ -454,7 +409,7 @@ class AdapterBank:
             raise ValueError(f"adapter {name!r} is already in this bank")
         N, m, n, r = self.shape
         if not isinstance(B, torch.Tensor) or tuple(B.shape) != (m, r):
-            raise ValueError(f"B of adapter {name!r} must have shape ({m}, {r}), got {_shape(B)}")
+            raise ValueError(f"B of adapter {name!r} must have shape ({m}, {r}), got {shape_of(B)}")
         have = {"mu and sigma": self.mu is not None, "quantiles": self._cdf is not None,
                 "a centroid": self.centroids is not None, "its own A": not self.shared_a}
         given = {"mu and sigma": mu is not None and sigma is not None, "quantiles": quantiles is not None,
@@ -522,7 +477,3 @@ class AdapterBank:
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t in dtype, without a dispatch when it already is (the routed layers' hot path calls this per layer)."""
     return t if t.dtype == dtype else t.to(dtype)
-
-
-def _shape(x) -> str:
-    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"{type(x).__name__}"

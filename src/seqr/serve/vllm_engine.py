@@ -2,9 +2,9 @@
 
 vLLM's engine runs on one loop thread here: requests are added to it as they arrive and every `step()` runs
 one continuously batched forward over all live requests (paged KV cache), each token routed per layer among its
-own request's adapters (seqr/vllm/model.py). A request's allowed set travels as its LoRA request: the set adapter
-of seqr/vllm/sets.py. Library changes run on the loop thread once the requests in flight have finished (new ones
-wait behind the change): the library is changed on disk, then every vLLM worker reloads it
+own request's adapters (seqr/vllm/model.py). A request's allowed set travels in its sampling parameters, as
+columns (seqr/vllm/sets.py); vLLM's LoRA support stays off. Library changes run on the loop thread once the
+requests in flight have finished (new ones wait behind the change): the library is changed on disk, then every vLLM worker reloads it
 (`collective_rpc("seqr_reload")`); every request is generated with one library, whole.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from seqr.hf.granularity import default_for
 from seqr.serve.engine import Engine, Manifests, still_allowed
 from seqr.vllm.plugin import ROUTED_ARCHITECTURES
 from seqr.vllm.request import RequestRouter, request_engine_kwargs
-from seqr.vllm.sets import PROBE, Columns, SetAdapters
+from seqr.vllm.sets import SET_KEY, Columns
 from seqr.core.trace import Trace
 from seqr.store.library import LoraLibrary
 
@@ -31,7 +31,7 @@ SET_CAPACITY = 256  # set-mask columns: adapters that may be added over one serv
 
 
 def engine_kwargs(model_dir: str | Path, library_dir: str | Path, columns: list, *, method: str, k: int | None,
-                  dtype: str, max_batch: int, max_model_len: int, max_sets: int) -> dict:
+                  dtype: str, max_batch: int, max_model_len: int) -> dict:
     """The `vllm.LLM` arguments that serve `model_dir` routed over the library (no vLLM import)."""
     cfg_file = Path(model_dir) / "config.json"
     if not cfg_file.is_file():
@@ -47,7 +47,6 @@ def engine_kwargs(model_dir: str | Path, library_dir: str | Path, columns: list,
                 # the routing state's shapes would be frozen at the profile run (docs/results/serve-vllm.md)
                 hf_overrides={"architectures": routed[:1], "seqr_library": str(library_dir), "seqr_columns": columns,
                               "seqr_method": method, "seqr_k": k},
-                enable_lora=True, max_loras=max_sets, max_lora_rank=1, lora_target_modules=[PROBE],
                 worker_extension_cls="seqr.vllm.model.SeqrWorkerExtension")
 
 
@@ -73,7 +72,6 @@ class VllmEngine:
             raise ValueError(f"the vLLM engine routes per token or per request, got granularity {granularity!r}")
         self.columns = Columns(library.names, max(set_capacity, len(library)))
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="seqr-vllm-"))
-        self.sets = SetAdapters(self.work_dir, self.columns)
         self.router = None
         self.manifests = Manifests(self.method, {"granularity": granularity})
         if granularity == "request":
@@ -82,9 +80,9 @@ class VllmEngine:
                                        max_model_len=max_model_len, max_loras=max_sets or max_batch)
         else:
             kw = engine_kwargs(model_dir, library.path, self.columns.order, method=self.method, k=k, dtype=dtype,
-                               max_batch=max_batch, max_model_len=max_model_len, max_sets=max_sets or max_batch)
+                               max_batch=max_batch, max_model_len=max_model_len)
         self.llm = LLM(**{**kw, **llm_kwargs})
-        if self.router is None:  # the workers follow vLLM's batch: masks without the probe, shares per request
+        if self.router is None:  # the workers follow vLLM's batch: each token's request and set, shares per request
             self.llm.collective_rpc("seqr_batch", args=(True,))
         self.tokenizer = self.llm.get_tokenizer()
         self._names = frozenset(library.names)
@@ -196,7 +194,7 @@ class VllmEngine:
         if not still_allowed(request, self._names, fut):
             return
         try:
-            routed, (name, lora_id, path) = self._lora_of(request)
+            routed, carried, lora = self._route(request)
         except Exception as e:
             fut.set_exception(e)
             return
@@ -204,11 +202,12 @@ class VllmEngine:
         params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, seed=request.seed,
                                 stop_token_ids=[] if eos is None or request.ignore_eos else [eos],
                                 ignore_eos=eos is None or request.ignore_eos,
-                                detokenize=False)
+                                detokenize=False, extra_args=carried)
         rid = f"seqr-{next(self._ids)}"
         try:
             prompt = {"prompt_token_ids": list(request.prompt), "cache_salt": self._salt(request.allowed)}
-            self.llm.llm_engine.add_request(rid, prompt, params, lora_request=LoRARequest(name, lora_id, path))
+            self.llm.llm_engine.add_request(rid, prompt, params,
+                                            lora_request=None if lora is None else LoRARequest(*lora))
         except Exception as e:
             fut.set_exception(e)
             return
@@ -217,16 +216,18 @@ class VllmEngine:
     def _salt(self, allowed) -> str:
         """vLLM's prefix-cache salt of a request: its allowed set and the library state (generation and this
         engine's change count), so cached keys are reused only by requests routed among the same adapters of the
-        same library (per-token routing makes the keys depend on both; the LoRA name carries the set too)."""
+        same library (per-token routing makes the keys depend on both)."""
         sets = hashlib.sha256(json.dumps(sorted(allowed)).encode()).hexdigest()[:16]
         return f"seqr-{sets}-g{self.library.generation}-c{self._state}"
 
-    def _lora_of(self, request: Request) -> tuple[dict, tuple[str, int, str]]:
-        """(the request's routing shares as far as known here, the LoRA vLLM serves it with)."""
+    def _route(self, request: Request) -> tuple[dict, dict | None, tuple[str, int, str] | None]:
+        """(the request's routing shares as far as known here, what it carries to the workers in its sampling
+        parameters, the LoRA vLLM serves it with): per token, its set's columns and no LoRA; per request, the
+        adapter its prompt's probe chose, as a vLLM LoRA."""
         if self.router is None:
-            return {}, self.sets.get(request.allowed)
+            return {}, {SET_KEY: self.columns.of(request.allowed)}, None
         name = self.router.choose(list(request.prompt), request.allowed)  # one of its allowed adapters
-        return {name: 1.0}, self.router.lora(name)
+        return {name: 1.0}, None, self.router.lora(name)
 
     def _deliver(self, out) -> tuple[str, str] | None:
         """Hand a request its new tokens; (its id, finish reason) once it has finished."""

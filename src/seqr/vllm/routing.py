@@ -1,10 +1,9 @@
 """Per-token routing inside vLLM's layers, in plain torch (no vLLM import: unit-testable without it).
 
-vLLM gives every request at most one LoRA, and maps each token of a batch to its request's LoRA slot. seqr uses
-that mapping to carry each request's *allowed set*: the request's LoRA is a set adapter (sets.py) on one
-probe layer whose update, applied to a 1 at every token, is the request's allowed mask over the library's
-columns. `SetRouting` reads that mask once per forward; every adapted layer then routes each token among its
-own request's adapters only, with the same bank functions as the transformers path (hf/layers.py):
+Every request carries its *allowed set* as columns in its sampling parameters (sets.py); vLLM's input batch
+gives each step's requests in token order. `SetRouting` turns both into each token's allowed mask over the
+library's columns once per forward; every adapted layer then routes each token among its own request's adapters
+only, with the same bank functions as the transformers path (hf/layers.py):
 y = W x + B_i* A x, i* = the router's choice restricted to the token's mask.
 """
 from __future__ import annotations
@@ -22,7 +21,7 @@ from seqr.core.threads import one_thread
 from seqr.core.packed import PackedBank
 from seqr.core.step import token_step
 from seqr.core.trace import Trace
-from seqr.vllm.sets import read_set_mask
+from seqr.vllm.sets import column_mask
 
 
 class SetRouting:
@@ -38,11 +37,11 @@ class SetRouting:
         self.counting = False  # per-request decision counts (the serving engine's routing shares)
         self.token_request: torch.Tensor | None = None  # (T,) each token's row in `req_ids` (this step's batch)
         self.token_columns: torch.Tensor | None = None  # (T, C) each token's allowed columns, from its request's set
-        self._set_masks: dict[str, torch.Tensor] = {}  # set adapter dir -> (C,) its mask, read once
+        self._set_masks: dict[tuple, torch.Tensor] = {}  # a request's columns -> (C,) its mask
         self.req_ids: list[str] = []  # this step's requests, in token order (vLLM's input batch)
         self._chosen: list[torch.Tensor] = []  # [(T, P)] this forward's choices, for the per-request counts
         self.per_request: dict[str, Counter] = {}  # request id -> adapter -> decisions ("" key: outside its set)
-        self.mask_sources: Counter = Counter()  # forwards whose masks came from the "batch" or the "probe"
+        self.mask_sources: Counter = Counter()  # forwards with the "batch"'s masks, or "none" (warm-up: no set)
         self._traced: Trace | None = None  # decisions since the last `trace()`, in core.trace's format
         self._set_rows: dict[bytes, int] = {}  # an allowed mask (bank order) -> its row in the trace
 
@@ -60,27 +59,40 @@ class SetRouting:
         self.names, self.method, self.k, self.n_columns = list(names), method, k, len(columns)
         self.col_index = torch.tensor([col[n] for n in names], dtype=torch.long)  # (N,)
 
-    def requests(self, req_ids: Sequence[str], tokens: Sequence[int], sets: Sequence[str | None]) -> None:
-        """The next forward's requests in token order, each one's scheduled tokens and its set adapter dir (None:
-        a request without a LoRA, no set), from vLLM's input batch: each token's request and allowed columns."""
+    def requests(self, req_ids: Sequence[str], tokens: Sequence[int], sets: Sequence[Sequence[int] | None]) -> None:
+        """The next forward's requests in token order, each one's scheduled tokens and the columns of its allowed
+        set (None: a request that carries none gets no update), from vLLM's input batch: each token's request and
+        allowed columns."""
         self.req_ids = list(req_ids)
         self.token_request = torch.repeat_interleave(torch.arange(len(self.req_ids)),
                                                      torch.as_tensor(tokens, dtype=torch.long))  # (T,)
-        for path in {p for p in sets if p is not None} - set(self._set_masks):
-            self._set_masks[path] = read_set_mask(path)  # (C,)
-        masks = [self._set_masks[p] if p is not None else torch.zeros(self.n_columns) for p in sets]  # [(C,)]
+        masks = [self._set_mask(s) for s in sets]  # [(C,)]
         self.token_columns = torch.stack(masks)[self.token_request] if masks else None  # (T, C)
+
+    def _set_mask(self, columns: Sequence[int] | None) -> torch.Tensor:
+        """(C,) bool mask of one request's columns (None: no set), made once per distinct set."""
+        key = None if columns is None else tuple(columns)
+        if key not in self._set_masks:
+            self._set_masks[key] = (torch.zeros(self.n_columns, dtype=torch.bool) if key is None
+                                    else column_mask(list(key), self.n_columns))
+        return self._set_masks[key]
 
     def batch_columns(self, T: int) -> torch.Tensor | None:
         """(T, C) the tokens' allowed columns from this step's input batch, or None when this forward is not that
-        batch's (vLLM's warm-up and dummy runs): the caller then reads them from the set probe."""
+        batch's (vLLM's warm-up and dummy runs, which then route no token)."""
         cols, self.token_columns = self.token_columns, None  # one forward per step: never reused by another
         return cols if cols is not None and cols.shape[0] == T else None
 
-    def begin(self, column_mask: torch.Tensor) -> None:
-        """The forward's tokens' allowed masks over the columns, (T, C) (the set probe's output)."""
+    def begin(self, columns: torch.Tensor | None, T: int | None = None, device=None) -> None:
+        """A forward's tokens' allowed columns, (T, C) bool or 0/1 (`batch_columns`); None: a forward of T tokens
+        none of which has a set (vLLM's warm-up), so none is updated."""
         self._chosen = []
-        mask = column_mask[:, self.col_index.to(column_mask.device)] > 0.5  # (T, N)
+        self.mask_sources["none" if columns is None else "batch"] += 1
+        if columns is None:
+            columns = torch.zeros(T, self.n_columns, dtype=torch.bool, device=device)  # (T, C)
+        elif device is not None:
+            columns = columns.to(device)
+        mask = columns[:, self.col_index.to(columns.device)].bool()  # (T, N)
         self.mask, self.has = mask, mask.any(dim=1)  # (T, N), (T,)
         self.every = bool(self.has.all())  # every token has a set: no masking of updates (read once per forward)
         choose = mask if self.every else mask | ~self.has[:, None]  # (T, N) maskless rows: any choice
@@ -93,7 +105,7 @@ class SetRouting:
         mask, has, every, choose = self.mask, self.has, self.every, self.choose_mask
         if mask is None or mask.shape[0] != xf.shape[0]:
             raise RuntimeError(f"routing mask for {None if mask is None else mask.shape[0]} tokens, got "
-                               f"{xf.shape[0]}: the set probe did not run on this forward")
+                               f"{xf.shape[0]}: `begin` did not run for this forward")
         if rt.compiling():  # one graph for every forward: no branch on this forward's masks (rt.compiling)
             choose, every = mask | ~has[:, None], False  # (T, N): maskless rows may choose any, get no update
         idx, upds, _ = token_step(packed, xf, self.method, choose, self.k)  # (T, P), [(T, m_p)]

@@ -1,24 +1,16 @@
-"""Allowed sets as vLLM LoRA requests (no vLLM import here).
+"""Allowed sets as the columns a request carries to vLLM's workers (no vLLM import here).
 
-vLLM maps every token of a batch to its request's LoRA; seqr rides on that mapping to tell each layer which
-adapters a token may use. A *set adapter* is a rank-1 peft LoRA on the model's probe layer (1 -> C) with
-A = [[1]] and B = the set's mask over the library's C columns, so the probe's output on a 1 is exactly the mask
-(0/1 are exact in any float dtype). Columns are assigned once per adapter name and never reused while serving:
-a request in flight across a library change keeps its meaning, and a removed adapter's bit is simply unread.
+Every request carries its allowed set in its sampling parameters (`extra_args[SET_KEY]`: the set's columns, a
+sorted list of ints); the workers read it from vLLM's input batch, which also tells them each token's request
+(seqr/vllm/model.py), so every token is routed among its own request's adapters. Columns are assigned once per
+adapter name and never reused while serving: a request in flight across a library change keeps its meaning, and
+a removed adapter's column is simply unread.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import threading
-from pathlib import Path
-
 import torch
 
-from seqr.store.files import PEFT_CONFIG, PEFT_WEIGHTS, atomic_write_bytes, atomic_write_json, tensors_to_bytes
-
-PROBE = "seqr_set_probe"  # the probe layer's module name in seqr's vLLM model
-SETS_DIR = "seqr_sets"  # under the engine's work dir: one set adapter dir per allowed set
+SET_KEY = "seqr_columns"  # the request's SamplingParams.extra_args key: its allowed set's columns
 
 
 class Columns:
@@ -46,53 +38,27 @@ class Columns:
             self.order[self.col.pop(n)] = None
         return list(self.order)
 
-    def mask(self, allowed) -> torch.Tensor:
-        """(C,) 0/1 float: the set's columns."""
+    def of(self, allowed) -> list[int]:
+        """The set's columns, sorted: what a request carries (`extra_args[SET_KEY]`)."""
         unknown = sorted(a for a in allowed if a not in self.col)
         if unknown:
             raise KeyError(f"unknown adapter(s) {unknown}; the library holds {sorted(self.col)}")
-        m = torch.zeros(self.capacity)
-        m[[self.col[a] for a in allowed]] = 1.0
-        return m
+        return sorted(self.col[a] for a in allowed)
+
+    def mask(self, allowed) -> torch.Tensor:
+        """(C,) bool: the set's columns."""
+        return column_mask(self.of(allowed), self.capacity)
 
 
-class SetAdapters:
-    """Writes (once) and names the set adapter of each allowed set: (lora name, lora int id, dir)."""
-
-    def __init__(self, root: str | Path, columns: Columns):
-        self.root, self.columns = Path(root) / SETS_DIR, columns
-        self._ids: dict[tuple, tuple[str, int, str]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, allowed) -> tuple[str, int, str]:
-        """The set adapter of `allowed` under the current columns (written on first use)."""
-        mask = self.columns.mask(allowed)  # (C,)
-        key = tuple(mask.nonzero()[:, 0].tolist())
-        with self._lock:
-            if key not in self._ids:
-                digest = hashlib.sha256(json.dumps([self.columns.capacity, key]).encode()).hexdigest()[:16]
-                path = self.root / f"set-{digest}"
-                write_set_adapter(path, mask)
-                self._ids[key] = (f"seqr-set-{digest}", len(self._ids) + 1, str(path))
-            return self._ids[key]
-
-
-def write_set_adapter(path: Path, mask: torch.Tensor) -> None:
-    """A peft LoRA dir on the probe: rank 1, alpha 1 (scaling 1), A = [[1]], B = mask (C, 1)."""
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {f"base_model.model.{PROBE}.lora_A.weight": torch.ones(1, 1),
-               f"base_model.model.{PROBE}.lora_B.weight": mask.reshape(-1, 1).clone()}
-    atomic_write_bytes(path / PEFT_WEIGHTS, tensors_to_bytes(tensors))
-    atomic_write_json(path / PEFT_CONFIG, {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": [PROBE],
-                                           "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
-                                           "task_type": "CAUSAL_LM", "fan_in_fan_out": False})
-
-
-def read_set_mask(path: str | Path) -> torch.Tensor:
-    """(C,) the mask a set adapter dir carries (its B), as `write_set_adapter` wrote it."""
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(path) / PEFT_WEIGHTS))[f"base_model.model.{PROBE}.lora_B.weight"][:, 0]
+def column_mask(columns, capacity: int) -> torch.Tensor:
+    """(C,) bool mask of a request's columns (as it carried them), checked: a malformed list is refused, naming it."""
+    if not isinstance(columns, (list, tuple)) or any(isinstance(c, bool) or not isinstance(c, int)
+                                                     or not 0 <= c < capacity for c in columns):
+        raise ValueError(f"a request's {SET_KEY} must be a list of column indices in [0, {capacity}), "
+                         f"got {columns!r}")
+    m = torch.zeros(capacity, dtype=torch.bool)  # (C,)
+    m[list(columns)] = True
+    return m
 
 
 def library_banks(library_dir: str, method: str):
