@@ -155,7 +155,7 @@ def request_choice(st, B: int, T: int) -> torch.Tensor:
         raise ValueError(f"granularity 'request': {B} rows continue {None if rows is None else rows.shape[0]} "
                          f"prefilled ones; after a KV cache's batch_select_indices call "
                          f"seqr.hf.layers.select_rows(model, index) too")
-    return rows.repeat_interleave(T)  # (B*T,)
+    return rows if T == 1 else rows.repeat_interleave(T)  # (B*T,): a decode step's is the rows' own
 
 
 def prompt_choice(bank, xf, z, st, name: str, B: int, T: int) -> torch.Tensor:
