@@ -191,10 +191,12 @@ def test_adapters_added_and_removed_while_serving(engine, files):
     assert engine.adapters == frozenset(NAMES)
 
 
-def test_request_granularity_serves_each_request_through_vllms_own_lora(files, reference, tmp_path):
+@pytest.mark.parametrize("path", ["seqr", "vllm-lora"])
+def test_request_granularity_serves_each_request_with_its_probes_adapter(files, reference, tmp_path, path):
     """--granularity request: each request's adapter is the one the transformers path's probe picks among its set
-    (the boosted 'evil' only where allowed), vLLM's own LoRA then gives the fixed-adapter path's greedy tokens and
-    log-probabilities, the response names the adapter, and library changes apply to the next request."""
+    (the boosted 'evil' only where allowed; the prompts arriving together probed in one forward); seqr's routed
+    model with the set narrowed to it (the default) or vLLM's own LoRA then gives the fixed-adapter path's greedy
+    tokens, the response names the adapter, and library changes apply to the next request."""
     import shutil
 
     from seqr.hf.layers import request_choices
@@ -202,7 +204,8 @@ def test_request_granularity_serves_each_request_through_vllms_own_lora(files, r
     root, model_dir, lib_dir = files
     shutil.copytree(lib_dir, tmp_path / "lib")
     eng = VllmEngine(model_dir, LoraLibrary.load(tmp_path / "lib"), method="seqr", dtype="float32", max_batch=8,
-                     max_model_len=256, work_dir=tmp_path / "work")  # request-level: seqr's default
+                     max_model_len=256, work_dir=tmp_path / "work", request_path=path)  # request-level: the default
+    assert bool(eng.llm.llm_engine.vllm_config.lora_config) == (path == "vllm-lora")
     try:
         futs = [eng.submit(Request(p, s, max_tokens=6, ignore_eos=True)) for p, s in zip(PROMPTS, SETS)]
         results = [f.result(timeout=300) for f in futs]

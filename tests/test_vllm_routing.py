@@ -117,6 +117,30 @@ def test_per_request_counts_equal_each_requests_own_decisions():
     assert st.take(["r0", "r1"]) == {"r0": {"counts": {"d": 3}, "outside": 3}, "r1": {"counts": {"d": 3}, "outside": 0}}
 
 
+def test_sets_of_one_adapter_take_it_without_scoring(monkeypatch):
+    """Request-level serving narrows each request's set to its chosen adapter: every token then gets that adapter's
+    update (the fixed-adapter path), and no router score is computed; a token without a set gets none."""
+    import seqr.vllm.routing as vr
+
+    banks = [_bank(m=12), _bank(m=6, seed=1)]  # two packed parts
+    x = rt.in_compute_dtype(_tokens(6, n=16, seed=4))  # (T, n)
+    cols = Columns(NAMES, 5)
+    st = SetRouting(NAMES, cols.order, "seqr")
+    st.requests(["r0", "r1", "r2"], [2, 3, 1], [cols.of({"c"}), cols.of({"a"}), None])
+    st.begin(st.batch_columns(6))
+    assert st.single
+    monkeypatch.setattr(vr, "token_step", lambda *a, **k: pytest.fail("scored a one-adapter set"))
+    got = st.update(PackedBank(banks), x)  # [(T, m_p)]
+    want = ["c", "c", "a", "a", "a", None]
+    for p, bank in enumerate(banks):
+        for t, name in enumerate(want):
+            ref = torch.zeros(bank.shape[1]) if name is None else bank.delta(x[t:t + 1], name)[0]
+            torch.testing.assert_close(got[p][t], ref, rtol=1e-6, atol=1e-6)
+    st.requests(["r0"], [2], [cols.of({"a", "b"})])  # a set of two: routed as before
+    st.begin(st.batch_columns(2))
+    assert not st.single
+
+
 def test_masks_from_the_input_batch_are_each_requests_own_set():
     """Each token's allowed columns indexed from the set its request carries (vLLM's input batch: requests in token
     order, their token counts and carried columns) equal that set's mask; a forward of another size, or a second
@@ -210,3 +234,21 @@ def test_a_trace_with_no_forward_is_empty_not_an_error():
     st.tracing = True
     tr = st.trace()
     assert len(tr) == 0 and sum(tr.outside()) == 0 and tr.counts() == {} and tr.by_set() == []
+
+
+def test_one_probe_over_prompts_that_arrive_together_chooses_as_each_alone(tmp_path):
+    """The vLLM engine probes the prompts that arrive together in one left-padded forward (positions counted from
+    each prompt's first token): each gets the adapter the probe of its prompt alone picks, within its own set."""
+    from seqr.store.library import LoraLibrary
+    from seqr.vllm.request import RequestRouter
+    from vllm_tiny import model_and_library
+
+    names = ["alpha", "beta", "evil", "gamma"]
+    model_dir, lib_dir = model_and_library(tmp_path, names, boost={"evil": 8.0})
+    router = RequestRouter(model_dir, LoraLibrary.load(lib_dir), tmp_path / "work", method="seqr", export=False)
+    prompts = [[5, 17, 33, 2, 90, 41], [7, 7, 120, 64], [200, 3, 3, 19, 77, 150, 11, 8], [12, 250, 99], [9]]
+    sets = [{"alpha", "beta"}, {"beta", "gamma"}, set(names), {"alpha", "evil"}, {"gamma"}]
+    alone = [router.choose(p, s) for p, s in zip(prompts, sets)]
+    assert router.choose_many(prompts, sets) == alone
+    assert all(n in s for n, s in zip(alone, sets)) and alone[2] == alone[3] == "evil"
+    assert not (tmp_path / "work").exists()  # nothing exported for vLLM's LoRA path

@@ -441,18 +441,18 @@ def _inherited(state: RoutingState, method, adapter, mix, granularity, probe_dep
 
 @torch.no_grad()
 def request_choices(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                    method: str | None = None, allowed=None, probe_depth: float | None = None) -> list[str]:
+                    method: str | None = None, allowed=None, probe_depth: float | None = None,
+                    position_ids: torch.Tensor | None = None) -> list[str]:
     """The adapter granularity "request" gives each row of a prompt batch (input_ids (B, T), left-padded with
-    `attention_mask`), found by its probe alone: the forward routed per token that sums each row's scores over its
-    real tokens and the routed layers (the first `probe_depth` share), stopped there. For engines that then serve
-    each request with that one adapter (e.g. vLLM's own per-request LoRA)."""
+    `attention_mask`, and `position_ids` when given), found by its probe alone: the forward routed per token that
+    sums each row's scores over its real tokens and the routed layers (the first `probe_depth` share), stopped
+    there. For engines that then serve each request with that one adapter (e.g. vLLM)."""
     state = _state(model)
     with routing(model, method, allowed=allowed, granularity="request", probe_depth=probe_depth):
         state.prefill, state.sticky = True, {}
         state.attention_mask = attention_mask
-        kwargs = {"input_ids": input_ids} if attention_mask is None else {"input_ids": input_ids,
-                                                                          "attention_mask": attention_mask}
-        gr.probe(state, model, (), kwargs, None)
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        gr.probe(state, model, (), {k: v for k, v in kwargs.items() if v is not None}, None)
         rows = state.sticky.pop(gr.REQUEST)  # (B,)
     return [state.names[int(i)] for i in rows]
 

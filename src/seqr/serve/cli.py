@@ -39,8 +39,8 @@ def parser() -> Parser:
                         "writer) before it is refused with 503; generation never waits for it")
     p.add_argument("--granularity", choices=GRANULARITIES,
                    help="how far one routing decision reaches: request (seqr's default): one adapter per request "
-                        "for every layer and token, chosen by a probe of its prompt (with --engine vllm served by "
-                        "vLLM's own per-request LoRA); token: per token and layer (the paper; the other routers' "
+                        "for every layer and token, chosen by a probe of its prompt (with --engine vllm, prompts "
+                        "arriving together share one probe); token: per token and layer (the paper; the other routers' "
                         "default); the others: embedded engine only")
     p.add_argument("--probe-depth", type=float, default=1.0,
                    help="with --granularity layers / request: the share of the routed layers the probe sums")

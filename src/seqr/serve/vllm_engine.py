@@ -4,8 +4,8 @@ vLLM's engine runs on one loop thread here: requests are added to it as they arr
 one continuously batched forward over all live requests (paged KV cache), each token routed per layer among its
 own request's adapters (seqr/vllm/model.py). A request's allowed set travels in its sampling parameters, as
 columns (seqr/vllm/sets.py); vLLM's LoRA support stays off. Library changes run on the loop thread once the
-requests in flight have finished (new ones wait behind the change): the library is changed on disk, then every vLLM worker reloads it
-(`collective_rpc("seqr_reload")`); every request is generated with one library, whole.
+requests in flight have finished (new ones wait behind the change): the library is changed on disk, then every
+vLLM worker reloads it (`collective_rpc("seqr_reload")`); every request is generated with one library, whole.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from seqr.hf.generation import Request, Result
 from seqr.hf.granularity import default_for
 from seqr.serve.engine import Engine, Manifests, still_allowed
 from seqr.vllm.plugin import ROUTED_ARCHITECTURES
-from seqr.vllm.request import RequestRouter, request_engine_kwargs
+from seqr.vllm.request import REQUEST_PATHS, RequestRouter, request_engine_kwargs
 from seqr.vllm.sets import SET_KEY, Columns
 from seqr.core.trace import Trace
 from seqr.store.library import LoraLibrary
@@ -52,14 +52,15 @@ def engine_kwargs(model_dir: str | Path, library_dir: str | Path, columns: list,
 
 class VllmEngine:
     """granularity "request" (seqr's default): one adapter per request chosen by a probe of its prompt
-    (seqr/vllm/request.py), served by vLLM's own per-request LoRA on the plain model; "token" (the paper's, the
-    other routers' default): seqr's routed model inside vLLM, every token routed per layer among its request's
-    adapters."""
+    (seqr/vllm/request.py), served by seqr's routed model with the request's set narrowed to it
+    (`request_path="seqr"`) or by vLLM's own per-request LoRA on the plain model ("vllm-lora"); "token" (the
+    paper's, the other routers' default): seqr's routed model inside vLLM, every token routed per layer among its
+    request's adapters."""
 
     def __init__(self, model_dir: str | Path, library: LoraLibrary, *, method: str | None = None, k: int | None = None,
                  dtype: str = "auto", max_batch: int = 8, max_model_len: int = 2048, max_sets: int | None = None,
                  work_dir: str | Path | None = None, set_capacity: int = SET_CAPACITY, granularity: str | None = None,
-                 probe_depth: float = 1.0, **llm_kwargs):
+                 probe_depth: float = 1.0, request_path: str = "seqr", **llm_kwargs):
         from vllm import LLM
 
         if library.path is None:
@@ -70,20 +71,24 @@ class VllmEngine:
         granularity = default_for(self.method) if granularity is None else granularity
         if granularity not in ("token", "request"):
             raise ValueError(f"the vLLM engine routes per token or per request, got granularity {granularity!r}")
+        if request_path not in REQUEST_PATHS:
+            raise ValueError(f"request_path must be one of {REQUEST_PATHS}, got {request_path!r}")
         self.columns = Columns(library.names, max(set_capacity, len(library)))
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="seqr-vllm-"))
-        self.router = None
+        self.router, self.lora = None, granularity == "request" and request_path == "vllm-lora"
         self.manifests = Manifests(self.method, {"granularity": granularity})
         if granularity == "request":
-            self.router = RequestRouter(model_dir, library, self.work_dir, method=self.method, probe_depth=probe_depth)
+            self.router = RequestRouter(model_dir, library, self.work_dir, method=self.method, probe_depth=probe_depth,
+                                        export=self.lora)
+        if self.lora:
             kw = request_engine_kwargs(model_dir, library.rank, dtype=dtype, max_batch=max_batch,
                                        max_model_len=max_model_len, max_loras=max_sets or max_batch)
         else:
             kw = engine_kwargs(model_dir, library.path, self.columns.order, method=self.method, k=k, dtype=dtype,
                                max_batch=max_batch, max_model_len=max_model_len)
         self.llm = LLM(**{**kw, **llm_kwargs})
-        if self.router is None:  # the workers follow vLLM's batch: each token's request and set, shares per request
-            self.llm.collective_rpc("seqr_batch", args=(True,))
+        if not self.lora:  # the workers follow vLLM's batch: each token's request and set (per token: its shares)
+            self.llm.collective_rpc("seqr_batch", args=(self.router is None,))
         self.tokenizer = self.llm.get_tokenizer()
         self._names = frozenset(library.names)
         self._q: queue.Queue = queue.Queue()
@@ -120,7 +125,7 @@ class VllmEngine:
             self._state += 1  # a new cache salt: no prefix computed before the change is reused after it
             if self.router is not None:
                 self.router.sync(self.library)
-            else:
+            if not self.lora:
                 cols = self.columns.sync(self.library.names)
                 self.llm.collective_rpc("seqr_reload", args=(str(self.library.path), cols))
 
@@ -157,22 +162,21 @@ class VllmEngine:
                     jobs.append(self._q.get_nowait())
             except queue.Empty:
                 pass
+            new = []
             for kind, item, fut in jobs:
                 if kind == "stop":
                     self._abort_all()
                     return
                 if kind == "call":
                     calls.append((item, fut))
-                elif calls:
-                    held.append((item, fut))  # after the pending change
                 else:
-                    self._add(item, fut)
+                    (held if calls else new).append((item, fut))  # held: after the pending change
+            self._add_all(new)
             self._cancel_gone()
             if calls and not engine.has_unfinished_requests():
                 for fn, fut in calls:
                     Engine._resolve(fut, fn, self)
-                for item, fut in held:
-                    self._add(item, fut)
+                self._add_all(held)
                 calls, held = [], []
             if engine.has_unfinished_requests():
                 self._step(engine)
@@ -187,14 +191,29 @@ class VllmEngine:
             return
         self._finish([f for out in outputs if (f := self._deliver(out)) is not None])
 
-    def _add(self, request: Request, fut: Future) -> None:
+    def _add_all(self, items: list[tuple[Request, Future]]) -> None:
+        """Add requests that arrived together; per request, their adapters come from one probe over all prompts."""
+        items = [(r, f) for r, f in items if still_allowed(r, self._names, f)]
+        if not items:
+            return
+        chosen: list[str | None] = [None] * len(items)
+        if self.router is not None:
+            try:
+                chosen = self.router.choose_many([list(r.prompt) for r, _ in items], [r.allowed for r, _ in items])
+            except Exception as e:
+                for _, f in items:
+                    f.set_exception(e)
+                return
+        for (request, fut), name in zip(items, chosen):
+            self._add(request, fut, name)
+
+    def _add(self, request: Request, fut: Future, name: str | None) -> None:
+        """Add one request to vLLM; `name`: its adapter (granularity request), chosen by the probe."""
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
-        if not still_allowed(request, self._names, fut):
-            return
         try:
-            routed, carried, lora = self._route(request)
+            routed, carried, lora = self._route(request, name)
         except Exception as e:
             fut.set_exception(e)
             return
@@ -205,7 +224,8 @@ class VllmEngine:
                                 detokenize=False, extra_args=carried)
         rid = f"seqr-{next(self._ids)}"
         try:
-            prompt = {"prompt_token_ids": list(request.prompt), "cache_salt": self._salt(request.allowed)}
+            served = request.allowed if name is None else {name}  # the adapters its tokens may use
+            prompt = {"prompt_token_ids": list(request.prompt), "cache_salt": self._salt(served)}
             self.llm.llm_engine.add_request(rid, prompt, params,
                                             lora_request=None if lora is None else LoRARequest(*lora))
         except Exception as e:
@@ -214,20 +234,21 @@ class VllmEngine:
         self._live[rid] = (request, fut, [], (routed, self.manifests.of(self.library, request.allowed)))
 
     def _salt(self, allowed) -> str:
-        """vLLM's prefix-cache salt of a request: its allowed set and the library state (generation and this
-        engine's change count), so cached keys are reused only by requests routed among the same adapters of the
-        same library (per-token routing makes the keys depend on both)."""
+        """vLLM's prefix-cache salt of a request: the adapters its tokens may use (per token: its allowed set; per
+        request: the one chosen) and the library state (generation and this engine's change count), so cached keys
+        are reused only by requests served by the same adapters of the same library (the keys depend on both)."""
         sets = hashlib.sha256(json.dumps(sorted(allowed)).encode()).hexdigest()[:16]
         return f"seqr-{sets}-g{self.library.generation}-c{self._state}"
 
-    def _route(self, request: Request) -> tuple[dict, dict | None, tuple[str, int, str] | None]:
+    def _route(self, request: Request, name: str | None) -> tuple[dict, dict | None, tuple[str, int, str] | None]:
         """(the request's routing shares as far as known here, what it carries to the workers in its sampling
         parameters, the LoRA vLLM serves it with): per token, its set's columns and no LoRA; per request, the
-        adapter its prompt's probe chose, as a vLLM LoRA."""
-        if self.router is None:
+        adapter `name` its prompt's probe chose, as its one column or as a vLLM LoRA."""
+        if name is None:
             return {}, {SET_KEY: self.columns.of(request.allowed)}, None
-        name = self.router.choose(list(request.prompt), request.allowed)  # one of its allowed adapters
-        return {name: 1.0}, None, self.router.lora(name)
+        if self.lora:
+            return {name: 1.0}, None, self.router.lora(name)
+        return {name: 1.0}, {SET_KEY: self.columns.of({name})}, None  # the set narrowed to its adapter
 
     def _deliver(self, out) -> tuple[str, str] | None:
         """Hand a request its new tokens; (its id, finish reason) once it has finished."""

@@ -1,13 +1,15 @@
-"""Request-level routing on vLLM's own per-request LoRA path (`seqr serve --engine vllm --granularity request`).
+"""Request-level routing in vLLM (`seqr serve --engine vllm --granularity request`).
 
 Each request is routed once, before vLLM sees it: a transformers copy of the model with the library attached runs
-the probe of granularity "request" over the prompt (`seqr.hf.layers.request_choices`: the prompt's calibrated scores
-summed over its tokens and the routed layers, among the request's allowed adapters) and picks one adapter; vLLM then
-serves the whole request with that adapter as a standard LoRA (its own punica kernels) on the plain model. No seqr
-code runs inside vLLM and nothing is routed per generated token.
-
-Adapters are exported as peft dirs named by their content: a re-added or changed adapter gets a new vLLM LoRA
-name and id, so vLLM never serves stale weights under an old id.
+the probe of granularity "request" over the prompts (`seqr.hf.layers.request_choices`: each prompt's calibrated
+scores summed over its tokens and the routed layers, among the request's allowed adapters; the prompts that arrive
+together in one batch) and picks one adapter per request. vLLM then serves the whole request with that adapter,
+in one of two ways (`REQUEST_PATHS`):
+- "seqr" (the default): seqr's routed model with the request's set narrowed to that one adapter, so every token
+  takes it without scoring (the fixed-adapter path, in the compute dtype, as the transformers path applies it);
+- "vllm-lora": vLLM's own per-request LoRA (its punica kernels) on the plain model; no seqr code runs inside vLLM.
+  Adapters are exported as peft dirs named by their content: a re-added or changed adapter gets a new vLLM LoRA
+  name and id, so vLLM never serves stale weights under an old id.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from seqr.store.digest import weights_digest
 from seqr.store.library import LoraLibrary
 
+REQUEST_PATHS = ("seqr", "vllm-lora")  # how vLLM serves a request's chosen adapter
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
 
 
@@ -41,11 +44,12 @@ def request_engine_kwargs(model_dir: str | Path, rank: int, *, dtype: str, max_b
 
 
 class RequestRouter:
-    """The probe model (transformers, float32) with the library attached, and the library's adapters as peft dirs
-    for vLLM: `choose(prompt, allowed)` -> adapter name, `lora(name)` -> (vLLM LoRA name, int id, dir)."""
+    """The probe model (transformers, float32) with the library attached, and (`export`) the library's adapters as
+    peft dirs for vLLM: `choose_many(prompts, allowed)` -> adapter names, `lora(name)` -> (vLLM LoRA name, int id,
+    dir)."""
 
     def __init__(self, model_dir: str | Path, library: LoraLibrary, work_dir: str | Path, *, method: str,
-                 probe_depth: float = 1.0):
+                 probe_depth: float = 1.0, export: bool = True):
         from seqr.hf.models import load_model
 
         self.model, _ = load_model(str(model_dir), dtype="float32")
@@ -55,10 +59,11 @@ class RequestRouter:
         self._loras: dict[str, tuple[str, int, str]] = {}  # name -> (lora name, id, dir) of the current weights
         self._by_digest: dict[str, tuple[str, int, str]] = {}
         self._lock = threading.Lock()
+        self.export = export
         self.sync(library)
 
     def sync(self, library: LoraLibrary) -> None:
-        """Route over `library` from now on: re-attach the probe model, export new or changed adapters."""
+        """Route over `library` from now on: re-attach the probe model, export new or changed adapters (`export`)."""
         from seqr.hf.layers import STATE_ATTR, attach, detach
 
         with self._lock:
@@ -66,7 +71,7 @@ class RequestRouter:
                 detach(self.model)
             attach(self.model, library, method=self.method, granularity="request", probe_depth=self.probe_depth)
             loras = {}
-            for name in library.names:
+            for name in library.names if self.export else ():
                 d = weights_digest(library, name)
                 key = f"{name}-{d}"
                 if key not in self._by_digest:
@@ -75,14 +80,24 @@ class RequestRouter:
                 loras[name] = self._by_digest[key]
             self._loras = loras
 
-    @torch.no_grad()
     def choose(self, prompt: list[int], allowed) -> str:
+        return self.choose_many([prompt], [allowed])[0]
+
+    @torch.no_grad()
+    def choose_many(self, prompts: list[list[int]], allowed: list) -> list[str]:
+        """Each prompt's adapter among its own allowed set, from one probe forward over all of them (left-padded)."""
         from seqr.hf.layers import request_choices
 
+        L = max(map(len, prompts))
+        ids = torch.zeros(len(prompts), L, dtype=torch.long)  # (B, L) left-padded
+        mask = torch.zeros(len(prompts), L, dtype=torch.long)  # (B, L) 1 on real tokens
+        for b, p in enumerate(prompts):
+            ids[b, L - len(p):], mask[b, L - len(p):] = torch.tensor(p, dtype=torch.long), 1
+        padded = not bool(mask.all())  # positions as each prompt's own: counted from its first real token
         with self._lock:
-            ids = torch.tensor([prompt])  # (1, T)
-            return request_choices(self.model, ids, allowed=[set(allowed)], method=self.method,
-                                   probe_depth=self.probe_depth)[0]
+            return request_choices(self.model, ids, mask if padded else None, allowed=[set(a) for a in allowed],
+                                   method=self.method, probe_depth=self.probe_depth,
+                                   position_ids=(mask.cumsum(-1) - 1).clamp_min(0) if padded else None)
 
     def lora(self, name: str) -> tuple[str, int, str]:
         with self._lock:

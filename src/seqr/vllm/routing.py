@@ -33,6 +33,7 @@ class SetRouting:
         self.mask: torch.Tensor | None = None  # (T, N) bool: the tokens' allowed adapters (bank order)
         self.has: torch.Tensor | None = None  # (T,) bool: tokens with at least one allowed adapter
         self.every, self.choose_mask = True, None  # all tokens have a set; the mask routing chooses under
+        self.single = False  # every token's set holds at most one adapter (request-level serving)
         self.tracing = False
         self.counting = False  # per-request decision counts (the serving engine's routing shares)
         self.token_request: torch.Tensor | None = None  # (T,) each token's row in `req_ids` (this step's batch)
@@ -95,6 +96,7 @@ class SetRouting:
         mask = columns[:, self.col_index.to(columns.device)].bool()  # (T, N)
         self.mask, self.has = mask, mask.any(dim=1)  # (T, N), (T,)
         self.every = bool(self.has.all())  # every token has a set: no masking of updates (read once per forward)
+        self.single = bool((mask.sum(1) <= 1).all())  # every set holds one adapter (request-level): no scoring
         choose = mask if self.every else mask | ~self.has[:, None]  # (T, N) maskless rows: any choice
         self.choose_mask = None if bool(choose.all()) else choose  # None: every token may use every adapter
 
@@ -106,9 +108,13 @@ class SetRouting:
         if mask is None or mask.shape[0] != xf.shape[0]:
             raise RuntimeError(f"routing mask for {None if mask is None else mask.shape[0]} tokens, got "
                                f"{xf.shape[0]}: `begin` did not run for this forward")
-        if rt.compiling():  # one graph for every forward: no branch on this forward's masks (rt.compiling)
-            choose, every = mask | ~has[:, None], False  # (T, N): maskless rows may choose any, get no update
-        idx, upds, _ = token_step(packed, xf, self.method, choose, self.k)  # (T, P), [(T, m_p)]
+        if self.single and not rt.compiling():  # each token's one allowed adapter, applied without scoring
+            idx = mask.to(torch.uint8).argmax(1)[:, None].expand(-1, packed.num_parts)  # (T, P)
+            upds = packed.apply(xf, idx, z=packed.z(xf))  # [(T, m_p)]: the fixed-adapter path
+        else:
+            if rt.compiling():  # one graph for every forward: no branch on this forward's masks (rt.compiling)
+                choose, every = mask | ~has[:, None], False  # (T, N): maskless rows may choose any, get no update
+            idx, upds, _ = token_step(packed, xf, self.method, choose, self.k)  # (T, P), [(T, m_p)]
         if self.tracing:
             self._record(names or [f"part{p}" for p in range(idx.shape[1])], idx, mask, has)
         if self.counting:
