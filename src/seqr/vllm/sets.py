@@ -31,7 +31,7 @@ class Columns:
         for n in sorted(names - set(self.col)):
             if self.used >= self.capacity:
                 raise ValueError(f"no set-mask column left for adapter {n!r}: {self.capacity} columns were handed "
-                                 f"out while serving; restart the server or raise --set-capacity")
+                                 f"out while serving; restart the server or give VllmEngine a larger set_capacity")
             self.col[n], self.order[self.used] = self.used, n
             self.used += 1
         for n in set(self.col) - names:
