@@ -3,6 +3,8 @@ pooled stats), per-prompt granularity (incl. choice scoring through a reused KV 
 calibration token sets, and `seqr eval`'s variant passes."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -251,7 +253,7 @@ def test_calibration_token_sets_partition_the_tokens(tok, model, tmp_path):
     assert counts["first4"] == sum(len(ids) for ids, _ in enc[:4])
     alone, n4 = norm_stats_sets(model, tok, tmp_path / "sst2", exs[:4], {"x": ("all", None)}, progress=False)
     for layer, s in stats["all"].items():
-        merged = NormStats(**vars(stats["prompt"][layer])).merge(stats["answer"][layer])
+        merged = dataclasses.replace(stats["prompt"][layer]).merge(stats["answer"][layer])
         assert merged.mean == pytest.approx(s.mean, rel=1e-9) and merged.std == pytest.approx(s.std, rel=1e-9)
         assert stats["first4"][layer].mean == pytest.approx(alone["x"][layer].mean, rel=1e-6)
     with pytest.raises(ValueError, match="token sets must be some of"):
