@@ -8,7 +8,7 @@ random shared-A rank-r adapters on q/k/v/o (seeded; calibrated with stand-in sta
   rss_*          the process's resident growth after LoraLibrary.load, attach, a first forward, over the process with
                  the model loaded and run once (the library is built and saved by another process, as a server
                  loads a saved library); anon_forward_mib: the anonymous part of the growth after the forward (the
-                 rest is shared code first used: libtorch kernels, OpenSSL for the checksums)
+                 rest is file-backed pages of shared code a first use faults in, e.g. libtorch kernels)
   load_s         LoraLibrary.load of the saved library: the manifest and every file's header (files mapped, not read)
   attach_s       seqr.attach on it: its first use, where every file is read, verified and stacked, and the banks built
   add_s / remove_s   lib.add / lib.remove of one adapter on the bound library (its file and the manifest written),
@@ -50,7 +50,7 @@ def rss_mib() -> float:
 
 def anon_mib() -> float:
     """The process's anonymous (private, not file-backed) resident memory: what the library's tensors and objects
-    take, without the pages of shared code (libtorch kernels, OpenSSL) that a first use faults in."""
+    take, without the file-backed pages of shared code (e.g. libtorch kernels) that a first use faults in."""
     for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
         if line.startswith("Anonymous:"):
             return int(line.split()[1]) / 1024

@@ -126,9 +126,9 @@ class AdapterBank:
 
     @property
     def numel(self) -> int:
-        """Numbers held for routing and updates: A, B and the packed Grams (not counting the stats, the Grams
-        with the z-score folded in, derived from these, or the lazily built baseline factors)."""
-        return self.A.numel() + self.B.numel() + (self.G_packed.numel() if self.shared_a else 0)
+        """Numbers held for routing and updates: A, B and the packed Grams (held with the z-score folded in; not
+        counting the stats, the R blocks derived with them, or the lazily built baseline factors)."""
+        return self.A.numel() + self.B.numel() + (self._G_scored.numel() if self.shared_a else 0)
 
     def prepare(self, *methods: str) -> "AdapterBank":
         """Build the lazy factors that the given methods need now (e.g. before timing, or before serving)."""
@@ -344,14 +344,15 @@ class AdapterBank:
         At (n, r) contiguous (z = x @ At without a transpose per call) or None. A shared A is held once, as At:
         the A returned is its transposed view."""
         if dtype not in self._casts:
-            At = self.A.to(dtype).T.contiguous() if self.shared_a else None  # (n, r), one copy in dtype
-            A = At.T if self.shared_a else self.A.to(dtype)
-            # half-precision B under float32 activations stays as held: the update casts only the rows it gathers
+            # half-precision B (and unique A) under float32 activations stay as held: the update casts only the
+            # rows it gathers
             keep = self.B.element_size() < 4 and dtype == torch.float32
             Bt = (self.B if keep else self.B.to(dtype)).transpose(1, 2)  # (N, r, m)
-            if keep and not self.shared_a:
-                A = self.A
-            self._casts[dtype] = (A if self.shared_a else A.transpose(1, 2), Bt, At)
+            if self.shared_a:
+                At = self.A.to(dtype).T.contiguous()  # (n, r): the one copy in dtype
+                self._casts[dtype] = (At.T, Bt, At)
+            else:
+                self._casts[dtype] = ((self.A if keep else self.A.to(dtype)).transpose(1, 2), Bt, None)  # (N, n, r)
         return self._casts[dtype]
 
     # ---------------------------------------------------------------------------------------------- changes
