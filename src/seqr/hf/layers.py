@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from seqr.core import fused
 from seqr.core import registry
 from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
@@ -365,6 +366,8 @@ def attach(model: nn.Module, library: LoraLibrary, *, method: str | None = None,
         setattr(owner, child, RoutedLinear(modules[layer], bank, state, layer))
     state.hook = model.register_forward_pre_hook(state.pre_hook, with_kwargs=True)
     setattr(model, STATE_ATTR, state)
+    if method == "seqr" and library.shared_a:
+        fused.available()  # the fused step built now (once per machine), not inside the first request
     trim_heap()  # the per-adapter tensors the banks replaced: their pages back to the OS
     return model
 

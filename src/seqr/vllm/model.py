@@ -19,6 +19,7 @@ import importlib
 
 from vllm.model_executor.layers.linear import LinearBase
 
+from seqr.core import fused
 from seqr.vllm.plugin import FAMILIES, ROUTED_ARCHITECTURES
 from seqr.vllm.routing import SetRouting, install
 from seqr.vllm.sets import SET_KEY, library_banks
@@ -58,6 +59,8 @@ class SeqrRouted:
         else:
             self.seqr_routing.configure(lib.names, columns, method, k)
         self.seqr_cfg["seqr_columns"] = list(columns)
+        if method == "seqr":
+            fused.available()  # the fused step built at load (once per machine), not inside a request
         return install(self, banks, self.seqr_routing, self.packed_modules_mapping, (LinearBase,))
 
 

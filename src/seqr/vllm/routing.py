@@ -19,7 +19,7 @@ from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
 from seqr.core.threads import one_thread
 from seqr.core.packed import PackedBank
-from seqr.core.step import token_step
+from seqr.core.step import fused_step, token_step
 from seqr.core.trace import Trace
 from seqr.vllm.sets import column_mask
 
@@ -100,14 +100,22 @@ class SetRouting:
         choose = mask if self.every else mask | ~self.has[:, None]  # (T, N) maskless rows: any choice
         self.choose_mask = None if bool(choose.all()) else choose  # None: every token may use every adapter
 
-    def update(self, packed: PackedBank, xf: torch.Tensor, names: Sequence[str] | None = None) -> list[torch.Tensor]:
+    def update(self, packed: PackedBank, xf: torch.Tensor, names: Sequence[str] | None = None,
+               joined: bool = False) -> list[torch.Tensor] | torch.Tensor:
         """The routed updates B_i* A x of tokens xf (T, n), in the compute dtype (fp32 under a bf16 model, like
-        peft), for each part of `packed` (HF layer `names`, for the trace): [(T, m_p)]. A token with no allowed
-        adapter (no set: vLLM's warm-up, a request without one) gets no update."""
+        peft), for each part of `packed` (HF layer `names`, for the trace): [(T, m_p)], or with `joined` one
+        (T, sum m_p). A token with no allowed adapter (no set: vLLM's warm-up, a request without one) gets no
+        update."""
         mask, has, every, choose = self.mask, self.has, self.every, self.choose_mask
         if mask is None or mask.shape[0] != xf.shape[0]:
             raise RuntimeError(f"routing mask for {None if mask is None else mask.shape[0]} tokens, got "
                                f"{xf.shape[0]}: `begin` did not run for this forward")
+        fused = None if rt.compiling() or self.single else fused_step(packed, xf, self.method, choose,
+                                                                        None if every else has, joined)
+        if fused is not None:  # SEQR on a few tokens: one call (core/fused.py); tokens without a set not updated
+            idx, upds, _ = fused  # (T, P), (T, sum m_p) or [(T, m_p)]
+            self._note(names, idx, mask, has)
+            return upds
         if self.single and not rt.compiling():  # each token's one allowed adapter, applied without scoring
             idx = mask.to(torch.uint8).argmax(1)[:, None].expand(-1, packed.num_parts)  # (T, P)
             upds = packed.apply(xf, idx, z=packed.z(xf))  # [(T, m_p)]: the fixed-adapter path
@@ -115,11 +123,16 @@ class SetRouting:
             if rt.compiling():  # one graph for every forward: no branch on this forward's masks (rt.compiling)
                 choose, every = mask | ~has[:, None], False  # (T, N): maskless rows may choose any, get no update
             idx, upds, _ = token_step(packed, xf, self.method, choose, self.k)  # (T, P), [(T, m_p)]
+        self._note(names, idx, mask, has)
+        upds = upds if every else [u * has[:, None].to(u.dtype) for u in upds]  # [(T, m_p)]
+        return torch.cat(upds, dim=-1) if joined and len(upds) > 1 else upds[0] if joined else upds
+
+    def _note(self, names: Sequence[str] | None, idx: torch.Tensor, mask: torch.Tensor, has: torch.Tensor) -> None:
+        """A layer's choices (T, P) into the trace (when tracing) and this forward's counts (when counting)."""
         if self.tracing:
             self._record(names or [f"part{p}" for p in range(idx.shape[1])], idx, mask, has)
         if self.counting:
             self._chosen.append(idx)  # (T, P): counted per request once the forward is done (end())
-        return upds if every else [u * has[:, None].to(u.dtype) for u in upds]  # [(T, m_p)]
 
     def end(self) -> None:
         """After a forward: add its decisions to each request's counts (one pass over every layer's choices).
@@ -197,10 +210,13 @@ class RoutedPacked(nn.Module):
         y, bias = self.base(x)  # (T, sum of part sizes)
         with one_thread(x.device):  # routing's tiny ops ((T, r) products, T gathered B's) on one thread
             xf = rt.in_compute_dtype(x.reshape(-1, x.shape[-1]))  # (T, n), cast once for every part
-            adapted = iter(self.routing.update(self.packed, xf, self.names))  # [(T, m_p)] of the adapted parts
-            outs = [next(adapted) if bank is not None  # (T, m_p)
-                    else xf.new_zeros(xf.shape[0], size, dtype=torch.float32) for _, bank, size in self.parts]
-            upd = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (T, m)
+            if len(self.names) == len(self.parts):  # every part adapted: their updates side by side, (T, m)
+                upd = self.routing.update(self.packed, xf, self.names, joined=True)
+            else:
+                adapted = iter(self.routing.update(self.packed, xf, self.names))  # [(T, m_p)] of the adapted parts
+                upd = torch.cat([next(adapted) if bank is not None  # (T, m_p)
+                                 else xf.new_zeros(xf.shape[0], size, dtype=torch.float32)
+                                 for _, bank, size in self.parts], dim=-1)  # (T, m)
             return (y + upd.view_as(y)).to(y.dtype), bias  # one rounding, as in the transformers path
 
 

@@ -1,0 +1,106 @@
+"""SEQR's routing step for a few tokens as one compiled CPU call (fused_seqr.cpp), the eager step's fast path.
+
+A decode step routes a handful of tokens through every adapted module: the eager step (core/step.py) runs ~30 tiny
+tensor ops per module, each costing more in dispatch than it computes (SmolLM2 inside vLLM: ~12 ms of a ~46 ms
+step at 8 tokens). `seqr_step` does the same work in one call: z = A x, the calibrated norms, the masked argmax
+and the chosen adapters' updates, on one thread. The extension is built once per machine with torch's own
+`cpp_extension` (a C++ compiler and ninja, cached under torch's extensions dir); where it cannot be built the
+eager step runs instead (`available()` says which, `SEQR_FUSED=0` turns the fast path off).
+
+Taken only where it is exact: SEQR with a shared A, z-scored or raw norms (not the percentile score), float32
+compute on CPU, at most `rt.GATHER_TOKENS` tokens or `FUSED_WORK` token-adapter scores, eager (a compiled graph fuses the eager step itself).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+import torch
+
+from seqr.core import routers as rt
+
+# Up to this many (token, adapter) scores per part the fused step beats the eager one at any T (1 or 2 threads,
+# SmolLM2's qkv at N=10: 148 vs 576 us at T=64, 649 vs 1371 us at T=256); beyond it, and past GATHER_TOKENS tokens,
+# the eager step's Gram form scores many tokens for less.
+FUSED_WORK = 8192
+_SOURCE = Path(__file__).with_name("fused_seqr.cpp")
+_lock = threading.Lock()
+_module = None  # the built extension, False once building failed
+_error: str | None = None
+
+
+def _load():
+    global _module, _error
+    with _lock:
+        if _module is None:
+            try:
+                from torch.utils import cpp_extension
+
+                src = _SOURCE.read_text()
+                env = hashlib.sha1(f"{sys.prefix}|{torch.__version__}".encode()).hexdigest()[:10]  # one per venv
+                _module = cpp_extension.load_inline(
+                    name=f"seqr_fused_{env}", cpp_sources=[src], functions=["seqr_step"],
+                    extra_cflags=["-O3", "-march=native"], verbose=False)
+            except Exception as e:  # no compiler, no ninja: the eager step serves, said once
+                _module, _error = False, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+                warnings.warn(f"seqr: the fused SEQR step could not be built ({_error}); routing runs eagerly",
+                              RuntimeWarning, stacklevel=3)
+    return _module
+
+
+def enabled() -> bool:
+    """The fast path is wanted (not turned off with SEQR_FUSED=0)."""
+    return os.environ.get("SEQR_FUSED", "1") != "0"
+
+
+def available() -> bool:
+    """The extension is built (building it on first call) and not turned off."""
+    return enabled() and bool(_load())
+
+
+def build_error() -> str | None:
+    """Why the extension could not be built, or None."""
+    return _error
+
+
+def args_of(bank) -> tuple | None:
+    """The kernel's arguments for an AdapterBank or a PackedBank (At (n, P r), R stacks, offsets, B's), or None
+    where the fused step does not apply to it: no shared A, ranks that differ between parts, a percentile score,
+    a compute dtype other than float32. A PackedBank's are made once (its banks do not change under it)."""
+    cached = getattr(bank, "_fused_args", False)
+    if cached is not False:
+        return cached
+    banks = getattr(bank, "banks", [bank])
+    args = None
+    if all(b.shared_a for b in banks) and len({b.shape[3] for b in banks}) == 1:
+        factors = [b.seqr_factors() for b in banks]  # [(R (r, N r), offsets (N,) or None, percentile or None)]
+        At = bank.At if hasattr(bank, "banks") else bank._cast(torch.float32)[2]  # (n, P r)
+        if all(f[2] is None and f[0].dtype == torch.float32 for f in factors) and At.dtype == torch.float32:
+            empty = torch.empty(0)
+            args = (At.contiguous(), [f[0].contiguous() for f in factors],
+                    [empty if f[1] is None else f[1].float().contiguous() for f in factors],
+                    [b._cast(torch.float32)[1].contiguous() for b in banks])  # B^T (N, r, m): the eager step's, no copy
+    if hasattr(bank, "banks"):
+        bank._fused_args = args
+    return args
+
+
+def seqr_step(xf: torch.Tensor, args: tuple, mask: torch.Tensor | None, has: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(idx (T, P), update (T, sum m_p) float32, z (T, P r)) of tokens xf (T, n) float32 routed by SEQR among the
+    adapters of bool `mask` ((T, N), (1, N) or None: all), with `args` from `args_of`; `has` (T,) bool: tokens
+    that carry a set (the others may take any adapter and get no update; None: all do). None where the fused
+    step does not apply to these tokens (see the module's docstring): the caller runs the eager step."""
+    T, N = xf.shape[0], args[1][0].shape[1] // (args[0].shape[1] // len(args[1]))
+    if not (xf.device.type == "cpu" and xf.dtype == torch.float32 and 0 < T and
+            (T <= rt.GATHER_TOKENS or T * N <= FUSED_WORK) and available()):
+        return None
+    empty = torch.empty(0)
+    idx, upd, z, empty_sets = _load().seqr_step(xf.contiguous(), *args, empty if mask is None else mask.contiguous(),
+                                                empty if has is None else has.contiguous())
+    if empty_sets:
+        raise ValueError("masked_argmax_: a token's allowed set is empty, so no adapter can be chosen")
+    return idx, upd, z
