@@ -40,7 +40,7 @@ def runner(mode: str, dtype: str, lib_dir: str, model: str, prompts: list[list[i
 
     def run():
         return llm.generate([{"prompt_token_ids": p} for p in prompts], sp, lora_request=loras, use_tqdm=False)
-    return run, lambda: None
+    return run, llm.llm_engine.engine_core.shutdown  # its engine processes: os._exit below would leave them running
 
 
 def main(mode: str, dtype: str = "bfloat16", lib_dir: str = "runs/serve/n10/lib") -> None:

@@ -169,3 +169,18 @@ def test_a_failed_build_warns_once_and_routes_eagerly(monkeypatch):
         idx = token_step(bank, x, "seqr", None)[0]
     assert not fused.available() and "Ninja" in fused.build_error()
     assert torch.equal(idx, _eager(monkeypatch, bank, x, "seqr", None)[0])
+
+
+def test_a_set_of_one_is_its_adapter_whatever_the_scores(monkeypatch):
+    """Request-level serving narrows each request's set to its chosen adapter: the fused step applies it as is
+    (no scores read: a NaN or the lowest score changes nothing), like the eager step."""
+    bank, T = _bank(), 6
+    bank._offset[2] = float("nan")
+    x = _tokens(T, n=n, seed=11)
+    mask = torch.zeros(T, N, dtype=torch.bool)
+    mask[torch.arange(T), torch.tensor([2, 0, 5, 2, 1, 4])] = True
+    idx, upd, _ = fused_step(bank, x, "seqr", mask)
+    assert idx.tolist() == [2, 0, 5, 2, 1, 4]
+    e_idx, e_upd, _ = _eager(monkeypatch, bank, x, "seqr", mask)
+    assert torch.equal(idx, e_idx)
+    torch.testing.assert_close(upd, e_upd, rtol=1e-5, atol=1e-6)

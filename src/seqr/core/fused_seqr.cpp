@@ -35,8 +35,16 @@ void apply_part(const float* __restrict zp, const scalar_t* __restrict Bt, int64
 }
 
 // i* = argmax_i ||R'_i z_p|| - o_i over the allowed adapters (mt: (N,) bool, or null: all); -1 when none is.
+// A set of one is its adapter, whatever its score (NaN included), as in the eager step.
 int64_t choose(const float* __restrict zp, const float* __restrict Rp, const float* op, const bool* mt, int64_t N,
                int64_t r, float* __restrict w) {
+  if (mt != nullptr) {  // a set of one (request-level serving narrows each request's set to its adapter): no scores
+    int64_t only = -1, allowed = 0;
+    for (int64_t i = 0; i < N && allowed < 2; ++i) {
+      if (mt[i]) only = i, ++allowed;
+    }
+    if (allowed <= 1) return only;  // its one adapter, or -1: an empty set
+  }
   std::fill(w, w + N * r, 0.f);
   for (int64_t k = 0; k < r; ++k) {  // w = z_p R'_stacked: every R'_i z_p at once, (N r,)
     const float zk = zp[k];

@@ -110,9 +110,9 @@ class SetRouting:
         if mask is None or mask.shape[0] != xf.shape[0]:
             raise RuntimeError(f"routing mask for {None if mask is None else mask.shape[0]} tokens, got "
                                f"{xf.shape[0]}: `begin` did not run for this forward")
-        fused = None if rt.compiling() or self.single else fused_step(packed, xf, self.method, choose,
-                                                                        None if every else has, joined)
-        if fused is not None:  # SEQR on a few tokens: one call (core/fused.py); tokens without a set not updated
+        fused = None if rt.compiling() else fused_step(packed, xf, self.method, choose, None if every else has, joined)
+        if fused is not None:  # SEQR on a few tokens: one call (core/fused.py; a set of one is not scored there);
+            # tokens without a set get no update
             idx, upds, _ = fused  # (T, P), (T, sum m_p) or [(T, m_p)]
             self._note(names, idx, mask, has)
             return upds
