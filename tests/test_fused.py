@@ -184,3 +184,21 @@ def test_a_set_of_one_is_its_adapter_whatever_the_scores(monkeypatch):
     e_idx, e_upd, _ = _eager(monkeypatch, bank, x, "seqr", mask)
     assert torch.equal(idx, e_idx)
     torch.testing.assert_close(upd, e_upd, rtol=1e-5, atol=1e-6)
+
+
+def test_no_token_leaves_its_set_whatever_a_silo_does_to_its_scores(monkeypatch):
+    """Hostile statistics: offsets that make an adapter's score NaN, +-inf or fp32's extremes. The fused step's
+    choice stays inside each token's set and equals the eager step's (tests/test_isolation.py poisons the eager
+    step's own score functions)."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.tensor([float("nan"), float("inf"), float("-inf"), 3.4e38, -3.4e38, 0.0, 1.0])
+    bank = _bank()
+    for trial in range(200):
+        T = 1 + trial % 7
+        bank._offset.copy_(values[torch.randint(0, len(values), (N,), generator=g)])  # score = norm - offset
+        mask = torch.rand(T, N, generator=g) < 0.4
+        mask[torch.arange(T), torch.randint(0, N, (T,), generator=g)] = True  # never empty
+        x = _tokens(T, n=n, seed=trial)
+        idx = fused_step(bank, x, "seqr", mask)[0]
+        assert mask.gather(1, idx[:, None]).all(), trial
+        assert torch.equal(idx, _eager(monkeypatch, bank, x, "seqr", mask)[0]), trial

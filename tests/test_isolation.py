@@ -47,6 +47,8 @@ def lib(tmp_path_factory):
 @pytest.mark.parametrize("method,granularity,mix", CASES)
 def test_no_token_leaves_its_rows_allowed_set_whatever_the_scores(lib, monkeypatch, method, granularity, mix,
                                                                  pattern):
+    monkeypatch.setenv("SEQR_FUSED", "0")  # the eager step's score functions are poisoned here; the fused step's
+    # hostile-statistics test is in tests/test_fused.py
     B, T = len(ROWS), 5
     row_mask = torch.tensor([[n in row for n in NAMES] for row in ROWS])  # (B, N)
     tok_mask = row_mask.repeat_interleave(T, dim=0)  # (B*T, N) prefill; decode steps have one token per row

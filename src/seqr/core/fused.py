@@ -3,21 +3,24 @@
 A decode step routes a handful of tokens through every adapted module: the eager step (core/step.py) runs ~30 tiny
 tensor ops per module, each costing more in dispatch than it computes (SmolLM2 inside vLLM: ~12 ms of a ~46 ms
 step at 8 tokens). `seqr_step` does the same work in one call: z = A x, the calibrated norms, the masked argmax
-and the chosen adapters' updates, on one thread. The extension is built once per machine with torch's own
-`cpp_extension` (a C++ compiler and ninja, cached under torch's extensions dir); where it cannot be built the
-eager step runs instead (`available()` says which, `SEQR_FUSED=0` turns the fast path off).
+and the chosen adapters' updates, on one thread. The extension is built once per venv and CPU with torch's own
+`cpp_extension` (the system's C++ compiler and ninja, cached under torch's extensions dir); where it cannot be
+built the eager step runs instead (`available()` says which, `SEQR_FUSED=0` turns the fast path off).
 
 Taken only where it is exact: SEQR with a shared A, z-scored or raw norms (not the percentile score), float32
-compute on CPU, at most `rt.GATHER_TOKENS` tokens or `FUSED_WORK` token-adapter scores, eager (a compiled graph fuses the eager step itself).
+compute on CPU, at most `rt.GATHER_TOKENS` tokens or `FUSED_WORK` token-adapter scores, eager (a compiled graph
+fuses the eager step itself).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import threading
 import warnings
 from pathlib import Path
+
 import torch
 
 from seqr.core import routers as rt
@@ -39,8 +42,9 @@ def _load():
             try:
                 from torch.utils import cpp_extension
 
+                _ninja_on_path()
                 src = _SOURCE.read_text()
-                env = hashlib.sha1(f"{sys.prefix}|{torch.__version__}".encode()).hexdigest()[:10]  # one per venv
+                env = hashlib.sha1(f"{sys.prefix}|{torch.__version__}|{_cpu_flags()}".encode()).hexdigest()[:10]
                 _module = cpp_extension.load_inline(
                     name=f"seqr_fused_{env}", cpp_sources=[src], functions=["seqr_step"],
                     extra_cflags=["-O3", "-march=native"], verbose=False)
@@ -49,6 +53,27 @@ def _load():
                 warnings.warn(f"seqr: the fused SEQR step could not be built ({_error}); routing runs eagerly",
                               RuntimeWarning, stacklevel=3)
     return _module
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags: the build is -march=native, so a cache shared with another CPU is not reused."""
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+
+
+def _ninja_on_path() -> None:
+    """torch's cpp_extension runs `ninja` from PATH: the `ninja` wheel's binary sits in the venv's bin, which is
+    not on PATH when the venv's python is run without activating it."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def enabled() -> bool:
