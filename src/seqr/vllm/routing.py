@@ -116,16 +116,17 @@ class SetRouting:
             idx, upds, _ = fused  # (T, P), (T, sum m_p) or [(T, m_p)]
             self._note(names, idx, mask, has)
             return upds
-        if self.single and not rt.compiling():  # each token's one allowed adapter, applied without scoring
-            idx = mask.to(torch.uint8).argmax(1)[:, None].expand(-1, packed.num_parts)  # (T, P)
-            upds = packed.apply(xf, idx, z=packed.z(xf))  # [(T, m_p)]: the fixed-adapter path
-        else:
-            if rt.compiling():  # one graph for every forward: no branch on this forward's masks (rt.compiling)
-                choose, every = mask | ~has[:, None], False  # (T, N): maskless rows may choose any, get no update
-            idx, upds, _ = token_step(packed, xf, self.method, choose, self.k)  # (T, P), [(T, m_p)]
-        self._note(names, idx, mask, has)
-        upds = upds if every else [u * has[:, None].to(u.dtype) for u in upds]  # [(T, m_p)]
-        return torch.cat(upds, dim=-1) if joined and len(upds) > 1 else upds[0] if joined else upds
+        with one_thread(xf.device):  # the eager step's tiny ops ((T, r) products, T gathered B's) on one thread
+            if self.single and not rt.compiling():  # each token's one allowed adapter, applied without scoring
+                idx = mask.to(torch.uint8).argmax(1)[:, None].expand(-1, packed.num_parts)  # (T, P)
+                upds = packed.apply(xf, idx, z=packed.z(xf))  # [(T, m_p)]: the fixed-adapter path
+            else:
+                if rt.compiling():  # one graph for every forward: no branch on this forward's masks (rt.compiling)
+                    choose, every = mask | ~has[:, None], False  # (T, N): maskless rows may choose any, no update
+                idx, upds, _ = token_step(packed, xf, self.method, choose, self.k)  # (T, P), [(T, m_p)]
+            self._note(names, idx, mask, has)
+            upds = upds if every else [u * has[:, None].to(u.dtype) for u in upds]  # [(T, m_p)]
+            return torch.cat(upds, dim=-1) if joined and len(upds) > 1 else upds[0] if joined else upds
 
     def _note(self, names: Sequence[str] | None, idx: torch.Tensor, mask: torch.Tensor, has: torch.Tensor) -> None:
         """A layer's choices (T, P) into the trace (when tracing) and this forward's counts (when counting)."""
@@ -208,16 +209,15 @@ class RoutedPacked(nn.Module):
 
     def forward(self, x: torch.Tensor):
         y, bias = self.base(x)  # (T, sum of part sizes)
-        with one_thread(x.device):  # routing's tiny ops ((T, r) products, T gathered B's) on one thread
-            xf = rt.in_compute_dtype(x.reshape(-1, x.shape[-1]))  # (T, n), cast once for every part
-            if len(self.names) == len(self.parts):  # every part adapted: their updates side by side, (T, m)
-                upd = self.routing.update(self.packed, xf, self.names, joined=True)
-            else:
-                adapted = iter(self.routing.update(self.packed, xf, self.names))  # [(T, m_p)] of the adapted parts
-                upd = torch.cat([next(adapted) if bank is not None  # (T, m_p)
-                                 else xf.new_zeros(xf.shape[0], size, dtype=torch.float32)
-                                 for _, bank, size in self.parts], dim=-1)  # (T, m)
-            return (y + upd.view_as(y)).to(y.dtype), bias  # one rounding, as in the transformers path
+        xf = rt.in_compute_dtype(x.reshape(-1, x.shape[-1]))  # (T, n), cast once for every part
+        if len(self.names) == len(self.parts):  # every part adapted: their updates side by side, (T, m)
+            upd = self.routing.update(self.packed, xf, self.names, joined=True)
+        else:
+            adapted = iter(self.routing.update(self.packed, xf, self.names))  # [(T, m_p)] of the adapted parts
+            upd = torch.cat([next(adapted) if bank is not None  # (T, m_p)
+                             else xf.new_zeros(xf.shape[0], size, dtype=torch.float32)
+                             for _, bank, size in self.parts], dim=-1)  # (T, m)
+        return (y + upd.view_as(y)).to(y.dtype), bias  # one rounding, as in the transformers path
 
 
 def packed_parts(module_name: str, packed: dict[str, list[str]]) -> list[str]:
