@@ -34,6 +34,7 @@ from seqr.silo.tasks import load_task
 from seqr.store import files
 from seqr.store.library import LoraLibrary
 from seqr.core.privacy import DPConfig
+from seqr.core.stats import NormStats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from longrun import commit_only, data_and_device  # noqa: E402
@@ -97,6 +98,18 @@ class Silos:
         return ClippedSums({k: torch.tensor(v, dtype=torch.float64) for k, v in d["layers"].items()}, None,
                            d["examples"])
 
+    def ordinary(self, task: str, n: int) -> dict[str, NormStats]:
+        """One silo's release without DP on its first n examples (the eps=inf reference), kept beside the results
+        like the sums (what calibrate writes into the adapter dir): a fresh clone resumes without recomputing it."""
+        f = self.kept / f"calib-{n}" / f"{task}.json"
+        if not f.exists():
+            calibrate(self.ctx["model"], self.ctx["tok"], self.dirs[task], self.examples(task, n), seed=SEED,
+                      progress=False, centroids=False)
+            self._keep(f, files.read_json(self.dirs[task] / files.STATS_FILE, "calibration"),
+                       f"ordinary calibration of {task}, n={n}")
+        d = files.read_json(f, "ordinary calibration")
+        return {layer: NormStats.from_dict(v) for layer, v in d["layers"].items()}
+
     def _keep(self, f: Path, obj: dict, what: str) -> None:
         """Write one silo's clip bound or pre-noise sums beside the results (and commit it with --commit): a fresh
         clone resumes without recomputing them."""
@@ -110,8 +123,7 @@ class Silos:
         out = {}
         for i, task in enumerate(self.lib.names):
             if math.isinf(eps):  # the ordinary release on the same n examples
-                out[task] = calibrate(self.ctx["model"], self.ctx["tok"], self.dirs[task], self.examples(task, n),
-                                      seed=SEED, progress=False, centroids=False)
+                out[task] = self.ordinary(task, n)
                 continue
             g = DPConfig(eps, DELTA, self.clip(task), clip_rule=f"largest row norm on {PUBLIC_N} public examples "
                          f"of {public_task(task, self.lib.names)}").guarantee(n)

@@ -40,6 +40,8 @@ def test_price_of_privacy_passes_stats_and_report(setup, tmp_path, monkeypatch):
     assert {p.name for p in (kept / "sums-12").iterdir()} == {p.name for p in (kept / "clip").iterdir()} == tasks
     monkeypatch.setattr(dp, "dp_sums", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     monkeypatch.setattr(dp, "public_clip", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    assert {p.name for p in (kept / "calib-12").iterdir()} == tasks  # the eps=inf release, kept too
+    monkeypatch.setattr(dp, "calibrate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     silos = dp.Silos({"model": model, "tok": tok, "data": str(setup / "data"), "work": tmp_path / "work2",
                       "out": tmp_path / "dp", "commit": False}, LoraLibrary.load(setup / "art"))  # a fresh clone
     s0, s1, plain = silos.stats(12, 1.0, 0), silos.stats(12, 1.0, 1), silos.stats(12, math.inf, 0)
