@@ -119,7 +119,7 @@ def seqr_step(xf: torch.Tensor, args: tuple, mask: torch.Tensor | None, has: tor
     adapters of bool `mask` ((T, N), (1, N) or None: all), with `args` from `args_of`; `has` (T,) bool: tokens
     that carry a set (the others may take any adapter and get no update; None: all do). None where the fused
     step does not apply to these tokens (see the module's docstring): the caller runs the eager step."""
-    T, N = xf.shape[0], args[1][0].shape[1] // (args[0].shape[1] // len(args[1]))
+    T, N = xf.shape[0], args[3][0].shape[0]  # tokens; adapters (the first part's B^T is (N, r, m))
     if not (xf.device.type == "cpu" and xf.dtype == torch.float32 and 0 < T and
             (T <= rt.GATHER_TOKENS or T * N <= FUSED_WORK) and available()):
         return None

@@ -367,7 +367,7 @@ def attach(model: nn.Module, library: LoraLibrary, *, method: str | None = None,
     state.hook = model.register_forward_pre_hook(state.pre_hook, with_kwargs=True)
     setattr(model, STATE_ATTR, state)
     if method == "seqr" and library.shared_a:
-        fused.available()  # the fused step built now (once per machine), not inside the first request
+        fused.available()  # the fused step built now (once per venv and CPU), not inside the first request
     trim_heap()  # the per-adapter tensors the banks replaced: their pages back to the OS
     return model
 

@@ -60,7 +60,7 @@ class SeqrRouted:
             self.seqr_routing.configure(lib.names, columns, method, k)
         self.seqr_cfg["seqr_columns"] = list(columns)
         if method == "seqr":
-            fused.available()  # the fused step built at load (once per machine), not inside a request
+            fused.available()  # the fused step built at load (once per venv and CPU), not inside a request
         return install(self, banks, self.seqr_routing, self.packed_modules_mapping, (LinearBase,))
 
 
