@@ -1,5 +1,6 @@
 """Figures of the measurements whose commands write JSON only, drawn from the committed JSON (no rerun):
-docs/results/forward.png, serve_ray.png, fast_path_sst2_seeds.png and vllm_serve/serve_vllm.png.
+docs/results/forward.png, serve_ray.png, fast_path_sst2_seeds.png, vllm_serve/serve_vllm.png and
+vllm_serve/token_ratio.png.
 
 Usage: python scripts/results_figures.py [--results docs/results]
 """
@@ -68,6 +69,33 @@ def fast_path(doc: dict, out: Path) -> str:
     return save_png(fig, out, "fast_path_sst2_seeds.png")
 
 
+def token_ratio(read, out: Path) -> str:
+    """SEQR per token inside vLLM / vLLM without adapters (requests/s, `seqr bench serve`), each run a point, one
+    column per version of the engine, N = 10 and 100."""
+    plt = pyplot()
+    ratio = lambda f: [read(f"vllm_serve/{f}.json")["vllm_vs_vllm_base_no_adapters"]["requests_per_s"]]  # noqa: E731
+    runs = lambda key, n: [r["ratio"] for r in read("vllm_serve/token_in_place.json")[key]  # noqa: E731
+                           if r["adapters"] == n]
+    versions = {  # label -> {N: ratios}
+        "probe GEMM\ncarries sets": {10: ratio("n10_run3"), 100: ratio("n100_run3")},
+        "masks from\nvLLM's batch": {10: ratio("n10_token_batchmasks")},
+        "sets in requests,\nno vLLM LoRA": {10: ratio("n10_token_sets_in_requests")},
+        "fused step": {10: ratio("n10_token_fused"), 100: ratio("n100_token_fused")},
+        "update added\nin place": {n: runs("in_place", n) for n in (10, 100)},
+        "+ loop woken\nby outputs": {n: runs("in_place_and_loop_woken_by_outputs", n) for n in (10, 100)}}
+    fig, ax = plt.subplots(figsize=(8.5, 3.8), layout="constrained")
+    for n, dx, color in ((10, -0.1, "tab:blue"), (100, 0.1, "tab:orange")):
+        xs = [(i + dx, v) for i, vals in enumerate(versions.values()) for v in vals.get(n, [])]
+        ax.plot([x for x, _ in xs], [v for _, v in xs], "o", color=color, label=f"N = {n}", alpha=0.8)
+    ax.axhline(0.8, color="gray", linestyle="--", linewidth=1, label="target 0.8")
+    ax.set_xticks(range(len(versions)), list(versions), fontsize=8)
+    ax.set_ylim(0.5, 0.9)
+    ax.set_ylabel("requests/s, SEQR / no adapters")
+    ax.set_title("SEQR per token inside vLLM against vLLM with no adapters, each run of seqr bench serve (2 cores)")
+    ax.legend(fontsize=8, loc="upper left")
+    return save_png(fig, out, "token_ratio.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default="docs/results", help="the results dir holding the JSON")
@@ -80,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             serving({f"N = {n}": read(f"vllm_serve/n{n}_run3.json") for n in (10, 100)},
                     ["one_process", "vllm", "vllm_lora_per_request", "vllm_base_no_adapters"], root / "vllm_serve",
                     "serve_vllm.png", "seqr serve: embedded engine, vLLM + SEQR, vLLM per-request LoRA, vLLM without "
-                    "adapters (8 clients, 30 s)")]
+                    "adapters (8 clients, 30 s)"),
+            token_ratio(read, root / "vllm_serve")]
     print("\n".join(made))
     return 0
 

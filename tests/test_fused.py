@@ -106,6 +106,45 @@ def test_fused_packed_parts_and_tokens_without_a_set(monkeypatch):
     assert [u.shape[1] for u in parts] == [20, 8, 8]
 
 
+@pytest.mark.parametrize("xdt,ydt", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                     (torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+def test_into_adds_the_update_to_the_output_rounded_once(xdt, ydt):
+    """seqr_step_into (vLLM's layers: x in the model's dtype, the update added into the layer's output in place) is
+    seqr_step on x in float32 followed by (y + update).to(y.dtype), bit for bit; a token without a set keeps y."""
+    pb, T = PackedBank([_bank(20, seed=0), _bank(8, seed=1), _bank(8, seed=2)]), 9
+    x = _tokens(T, n=2 * n, seed=4).to(xdt)[:, :n]  # (T, n) rows of a wider tensor: strided, as a view comes
+    mask, has = _mask(T, seed=4), torch.ones(T, dtype=torch.bool)
+    has[3] = False
+    args = fused.args_of(pb)
+    want_idx, upd, _ = fused.seqr_step(x.float().contiguous(), args, mask | ~has[:, None], has)  # (T, 3), (T, 36)
+    y0 = _tokens(T, n=36, seed=5).to(ydt)  # (T, 36): the base layer's output
+    y = y0.clone()
+    idx = fused.seqr_step_into(x, y, args, mask | ~has[:, None], has)
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(y, (y0 + upd).to(ydt))
+    assert torch.equal(y[3], y0[3]) and not torch.equal(y, y0)
+    assert fused.seqr_step_into(x, y.t(), args, mask) is None  # a transposed output: not served, untouched
+    assert fused.seqr_step_into(x.double(), y, args, mask) is None  # float64: the eager step's
+
+
+def test_tokens_split_over_threads_route_as_on_one(monkeypatch):
+    """Enough tokens to split over two threads: every token's choice and update as on one thread, bit for bit."""
+    pb, T = PackedBank([_bank(20, seed=0), _bank(8, seed=1)]), 300
+    x, mask = _tokens(T, n=n, seed=6), _mask(T, seed=6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(fused, "PARALLEL_WORK", 1)  # every token may go to either thread
+        got = fused.seqr_step(x, fused.args_of(pb), mask)
+        monkeypatch.setattr(fused, "PARALLEL_WORK", 0)
+        one = fused.seqr_step(x, fused.args_of(pb), mask)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(got, one):
+        assert torch.equal(a, b)
+    assert mask.gather(1, got[0]).all()
+
+
 def test_fused_ranks_nan_scores_like_the_eager_step(monkeypatch):
     """A silo whose statistics make its score NaN or -inf ranks below every finite allowed score and above every
     adapter outside the set; a token whose allowed scores are all NaN gets its first allowed adapter."""

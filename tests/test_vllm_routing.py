@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from conftest import _lora, _stats, _tokens
+from seqr.core import fused
 from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
 from seqr.core.packed import PackedBank
@@ -199,6 +200,34 @@ def test_install_routes_packed_parts_and_skips_unadapted_ones():
     assert isinstance(model.layer.qkv_proj.base, _FakePacked)
     with pytest.raises(ValueError, match="layer.up_proj"):
         install(model, {"layer.up_proj": _bank(16)}, st, {}, (_FakePacked,))
+
+
+@pytest.mark.skipif(not fused.available(), reason="fused step not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fully_adapted_layer_adds_the_fused_update_in_place(monkeypatch, dtype):
+    """q | k | v all adapted: the fused step adds the routed updates into the layer's output in place, the same
+    bits as the joined update added and rounded once, the same choices counted; a token without a set is unchanged."""
+    banks = [_bank(12), _bank(6, seed=1), _bank(6, seed=2)]
+    st = SetRouting(NAMES, NAMES, "seqr")
+    layer = RoutedPacked(_FakePacked(16, [12, 6, 6]).to(dtype), [(f"l.{p}", b, b.shape[1])
+                                                                  for p, b in zip("qkv", banks)], st)
+    x = _tokens(5, n=16, seed=2).to(dtype)
+    cols = torch.ones(5, 4)
+    cols[1] = 0  # token 1 carries no set
+    calls = []
+    into = fused.seqr_step_into
+    monkeypatch.setattr(fused, "seqr_step_into", lambda *a: calls.append(1) or into(*a))
+    runs = []
+    for takes_into in (True, False):
+        if not takes_into:
+            monkeypatch.setattr(st, "update_into", lambda *a: False)
+        st.begin(cols)
+        st.tracing = True
+        y, _ = layer(x)
+        runs.append((y, st.trace().by_set()))
+    assert calls == [1]
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    assert torch.equal(runs[0][0][1], layer.base.lin(x)[1])  # no set: the base output, untouched
 
 
 def test_routing_errors_name_the_problem():

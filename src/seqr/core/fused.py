@@ -3,7 +3,7 @@
 A decode step routes a handful of tokens through every adapted module: the eager step (core/step.py) runs ~30 tiny
 tensor ops per module, each costing more in dispatch than it computes (SmolLM2 inside vLLM: ~12 ms of a ~46 ms
 step at 8 tokens). `seqr_step` does the same work in one call: z = A x, the calibrated norms, the masked argmax
-and the chosen adapters' updates, on one thread. The extension is built once per venv and CPU with torch's own
+and the chosen adapters' updates, the tokens split over torch's threads. The extension is built once per venv and CPU with torch's own
 `cpp_extension` (the system's C++ compiler and ninja, cached under torch's extensions dir); where it cannot be
 built the eager step runs instead (`available()` says which, `SEQR_FUSED=0` turns the fast path off).
 
@@ -29,6 +29,12 @@ from seqr.core import routers as rt
 # SmolLM2's qkv at N=10: 148 vs 576 us at T=64, 649 vs 1371 us at T=256); beyond it, and past GATHER_TOKENS tokens,
 # the eager step's Gram form scores many tokens for less.
 FUSED_WORK = 8192
+# Tokens are split over torch's intra-op threads only where each thread gets this many multiply-adds (about 50
+# prefill tokens of SmolLM2's qkv_proj): inside vLLM's worker a parallel region costs tens of microseconds, so a
+# decode step's few tokens stay on one thread (splitting them measured 8.44 against 9.24 requests/s under `seqr bench
+# serve`, N = 10, the adapter-free server 11.3 / 11.1 beside them). 0: always one thread.
+PARALLEL_WORK = 1 << 20
+_HALF_OR_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 _SOURCE = Path(__file__).with_name("fused_seqr.cpp")
 _lock = threading.Lock()
 _module = None  # the built extension, False once building failed
@@ -37,6 +43,8 @@ _error: str | None = None
 
 def _load():
     global _module, _error
+    if _module is not None:  # built (or failed) already: no lock on the per-layer path
+        return _module
     with _lock:
         if _module is None:
             try:
@@ -46,7 +54,7 @@ def _load():
                 src = _SOURCE.read_text()
                 env = hashlib.sha1(f"{sys.prefix}|{torch.__version__}|{_cpu_flags()}".encode()).hexdigest()[:10]
                 _module = cpp_extension.load_inline(
-                    name=f"seqr_fused_{env}", cpp_sources=[src], functions=["seqr_step"],
+                    name=f"seqr_fused_{env}", cpp_sources=[src], functions=["seqr_step", "seqr_step_into"],
                     extra_cflags=["-O3", "-march=native"], verbose=False)
             except Exception as e:  # no compiler, no ninja: the eager step serves, said once
                 _module, _error = False, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
@@ -113,19 +121,44 @@ def args_of(bank) -> tuple | None:
     return args
 
 
+def _applies(x: torch.Tensor, N: int) -> bool:
+    """The fused step serves these tokens: CPU, at most GATHER_TOKENS of them or FUSED_WORK scores, and built."""
+    T = x.shape[0]
+    return x.device.type == "cpu" and 0 < T and (T <= rt.GATHER_TOKENS or T * N <= FUSED_WORK) and available()
+
+
+def _flags(mask: torch.Tensor | None, has: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    empty = torch.empty(0)
+    return empty if mask is None else mask.contiguous(), empty if has is None else has.contiguous()
+
+
+def _refuse_empty(empty_sets: int) -> None:
+    if empty_sets:
+        raise ValueError("masked_argmax_: a token's allowed set is empty, so no adapter can be chosen")
+
+
 def seqr_step(xf: torch.Tensor, args: tuple, mask: torch.Tensor | None, has: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(idx (T, P), update (T, sum m_p) float32, z (T, P r)) of tokens xf (T, n) float32 routed by SEQR among the
     adapters of bool `mask` ((T, N), (1, N) or None: all), with `args` from `args_of`; `has` (T,) bool: tokens
     that carry a set (the others may take any adapter and get no update; None: all do). None where the fused
     step does not apply to these tokens (see the module's docstring): the caller runs the eager step."""
-    T, N = xf.shape[0], args[3][0].shape[0]  # tokens; adapters (the first part's B^T is (N, r, m))
-    if not (xf.device.type == "cpu" and xf.dtype == torch.float32 and 0 < T and
-            (T <= rt.GATHER_TOKENS or T * N <= FUSED_WORK) and available()):
+    if xf.dtype != torch.float32 or not _applies(xf, args[3][0].shape[0]):  # N: the first part's B^T (N, r, m)
         return None
-    empty = torch.empty(0)
-    idx, upd, z, empty_sets = _load().seqr_step(xf.contiguous(), *args, empty if mask is None else mask.contiguous(),
-                                                empty if has is None else has.contiguous())
-    if empty_sets:
-        raise ValueError("masked_argmax_: a token's allowed set is empty, so no adapter can be chosen")
+    idx, upd, z, empty_sets = _module.seqr_step(xf.contiguous(), *args, *_flags(mask, has), PARALLEL_WORK)
+    _refuse_empty(empty_sets)
     return idx, upd, z
+
+
+def seqr_step_into(x: torch.Tensor, y: torch.Tensor, args: tuple, mask: torch.Tensor | None,
+                   has: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`seqr_step` on tokens x (T, n) in the model's dtype (read as float32, the compute dtype), their updates added
+    to the layer's output y (T, sum m_p) in place, rounded once to y's dtype as (y + update).to(y.dtype) would.
+    Returns idx (T, P), or None (y untouched) where the fused step does not apply."""
+    if not (x.dtype in _HALF_OR_FLOAT and y.dtype in _HALF_OR_FLOAT and x.dim() == 2 and x.stride(1) == 1
+            and y.dim() == 2 and y.is_contiguous() and y.shape[0] == x.shape[0] and y.device == x.device
+            and _applies(x, args[3][0].shape[0])):
+        return None
+    idx, empty_sets = _module.seqr_step_into(x, y, *args, *_flags(mask, has), PARALLEL_WORK)
+    _refuse_empty(empty_sets)
+    return idx

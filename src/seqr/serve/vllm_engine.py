@@ -96,6 +96,8 @@ class VllmEngine:
         self._live: dict[str, tuple] = {}  # id -> (request, future, tokens, (shares, manifest at its start))
         self._closed = False
         self._state = 0  # library changes applied by this engine (part of every request's cache salt)
+        self._wake = threading.Event()  # a job was queued or the engine core sent a step's outputs
+        self._ready = self._wake_on_outputs()
         self._thread = threading.Thread(target=self._run, name="seqr-vllm-engine", daemon=True)
         self._thread.start()
 
@@ -106,14 +108,18 @@ class VllmEngine:
     # ------------------------------------------------------------------------------------------ interface
     def submit(self, request: Request) -> Future:
         fut: Future = Future()
-        self._q.put(("generate", request, fut))
+        self._put(("generate", request, fut))
         return fut
 
     def call(self, fn) -> Future:
         """Run fn(engine) on the loop thread, between two steps."""
         fut: Future = Future()
-        self._q.put(("call", fn, fut))
+        self._put(("call", fn, fut))
         return fut
+
+    def _put(self, job: tuple) -> None:
+        self._q.put(job)
+        self._wake.set()
 
     def change(self, fn):
         """fn(library) (it changes the library on disk), then every worker reloads it; returns fn's result."""
@@ -144,7 +150,7 @@ class VllmEngine:
         if self._closed:
             return
         self._closed = True
-        self._q.put(("stop", None, Future()))
+        self._put(("stop", None, Future()))
         self._thread.join(timeout=60)
         self.llm.llm_engine.engine_core.shutdown()
 
@@ -156,6 +162,8 @@ class VllmEngine:
         engine, calls, held = self.llm.llm_engine, [], []
         while True:
             busy = engine.has_unfinished_requests()
+            if busy:
+                self._await_work()
             try:
                 jobs = [self._q.get()] if not busy and not calls else []  # idle: wait for work
                 while True:
@@ -178,8 +186,32 @@ class VllmEngine:
                     Engine._resolve(fut, fn, self)
                 self._add_all(held)
                 calls, held = [], []
-            if engine.has_unfinished_requests():
+            if engine.has_unfinished_requests() and (self._ready is None or not self._ready.empty()):
                 self._step(engine)
+
+    def _wake_on_outputs(self):
+        """vLLM's queue of the engine core's step outputs (its multiprocess client), made to wake the loop on every
+        arrival; None where the client has none (in-process: `step()` runs the forward itself). The engine core
+        steps on its own: a loop blocked in `step()` would add requests that arrive meanwhile only after the next
+        step, which then runs with the batch short of them."""
+        q = getattr(self.llm.llm_engine.engine_core, "outputs_queue", None)
+        if not isinstance(q, queue.Queue):
+            return None
+        put = q.put_nowait  # vLLM's output thread calls this on the object itself
+
+        def put_and_wake(item):
+            put(item)
+            self._wake.set()
+        q.put_nowait = put_and_wake
+        return q
+
+    def _await_work(self) -> None:
+        """While requests run: wait until the engine core has sent a step's outputs or a job was queued."""
+        if self._ready is None:
+            return
+        self._wake.clear()
+        if self._ready.empty() and self._q.empty():  # a put after clear() sets the event again: no lost wake-up
+            self._wake.wait(timeout=1.0)
 
     def _step(self, engine) -> None:
         try:

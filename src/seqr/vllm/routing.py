@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from seqr.core import registry
+from seqr.core import fused, registry
 from seqr.core import routers as rt
 from seqr.core.bank import AdapterBank
 from seqr.core.threads import one_thread
@@ -99,6 +99,22 @@ class SetRouting:
         self.single = bool((mask.sum(1) <= 1).all())  # every set holds one adapter (request-level): no scoring
         choose = mask if self.every else mask | ~self.has[:, None]  # (T, N) maskless rows: any choice
         self.choose_mask = None if bool(choose.all()) else choose  # None: every token may use every adapter
+
+    def update_into(self, packed: PackedBank, x: torch.Tensor, y: torch.Tensor, names: Sequence[str]) -> bool:
+        """The routed updates of tokens x (T, n), in the model's dtype, added into the layer's output y (T, sum m_p)
+        in place by the fused step (one call, x read and y rounded inside it), as `update` with `joined` and then
+        (y + upd).to(y.dtype) would. False (y untouched) where the fused step does not serve: call `update`."""
+        mask = self.mask
+        if mask is None or mask.shape[0] != x.shape[0] or self.method != "seqr" or rt.compiling() \
+                or not fused.enabled():
+            return False
+        args = fused.args_of(packed)
+        idx = None if args is None else fused.seqr_step_into(x, y, args, self.choose_mask,
+                                                             None if self.every else self.has)
+        if idx is None:
+            return False
+        self._note(names, idx, mask, self.has)
+        return True
 
     def update(self, packed: PackedBank, xf: torch.Tensor, names: Sequence[str] | None = None,
                joined: bool = False) -> list[torch.Tensor] | torch.Tensor:
@@ -209,7 +225,11 @@ class RoutedPacked(nn.Module):
 
     def forward(self, x: torch.Tensor):
         y, bias = self.base(x)  # (T, sum of part sizes)
-        xf = rt.in_compute_dtype(x.reshape(-1, x.shape[-1]))  # (T, n), cast once for every part
+        x2 = x.reshape(-1, x.shape[-1])  # (T, n)
+        if len(self.names) == len(self.parts) and y.is_contiguous() and \
+                self.routing.update_into(self.packed, x2, y.view(x2.shape[0], -1), self.names):
+            return y, bias  # y += B_i* A x per part, rounded once: the fused step, in place
+        xf = rt.in_compute_dtype(x2)  # (T, n), cast once for every part
         if len(self.names) == len(self.parts):  # every part adapted: their updates side by side, (T, m)
             upd = self.routing.update(self.packed, xf, self.names, joined=True)
         else:
