@@ -281,3 +281,37 @@ def test_one_probe_over_prompts_that_arrive_together_chooses_as_each_alone(tmp_p
     assert router.choose_many(prompts, sets) == alone
     assert all(n in s for n, s in zip(alone, sets)) and alone[2] == alone[3] == "evil"
     assert not (tmp_path / "work").exists()  # nothing exported for vLLM's LoRA path
+
+
+def test_the_vllm_loop_wakes_on_a_step_output_or_a_new_job_and_not_before():
+    """The engine's loop waits while vLLM's engine core steps: an output put by vLLM's output thread, or a request
+    submitted meanwhile, wakes it at once (the request then joins the next step); nothing else does."""
+    import queue
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from seqr.serve.vllm_engine import VllmEngine
+
+    eng = VllmEngine.__new__(VllmEngine)  # the loop's parts only: no vLLM
+    outputs = queue.Queue()
+    eng.llm = SimpleNamespace(llm_engine=SimpleNamespace(engine_core=SimpleNamespace(outputs_queue=outputs)))
+    eng._q, eng._wake = queue.Queue(), threading.Event()
+    eng._ready = eng._wake_on_outputs()
+    assert eng._ready is outputs
+
+    def waited(wake) -> float:
+        done = threading.Event()
+        t0 = time.monotonic()
+        threading.Thread(target=lambda: (eng._await_work(), done.set()), daemon=True).start()
+        assert not done.wait(0.2)  # nothing to do: still waiting
+        wake()
+        assert done.wait(0.5)
+        return time.monotonic() - t0
+
+    assert waited(lambda: outputs.put_nowait("step")) < 0.7  # vLLM's output thread puts a step's outputs
+    outputs.get_nowait()
+    assert waited(lambda: eng._put(("generate", None, None))) < 0.7  # a request arrives
+    eng._await_work()  # a job is queued already: no wait at all
+    eng.llm.llm_engine.engine_core = SimpleNamespace()  # the in-process client: step() itself waits
+    assert eng._wake_on_outputs() is None
