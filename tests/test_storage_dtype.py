@@ -135,3 +135,23 @@ def test_build_and_info_cli_store_and_show_the_dtype(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["build", *dirs, "-o", str(tmp_path / "x"), "--dtype", "int8"])
     assert e.value.code == 2 and "int8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_vllm_holds_a_library_in_its_stored_dtype_and_routes_as_from_float32(tmp_path, dtype):
+    """vLLM's workers keep a half-precision library half in memory (the stored values exactly: the routed layers
+    read half the bytes); every token's choice and update equal those of the same library held in float32."""
+    from seqr.core.packed import PackedBank
+    from seqr.core.step import token_step
+    from seqr.vllm.sets import library_banks
+
+    _library().save(tmp_path / "lib", dtype=dtype)
+    lib, banks = library_banks(str(tmp_path / "lib"), "seqr")
+    full = LoraLibrary.load(tmp_path / "lib")  # float32 in memory
+    x = torch.randn(7, 40, generator=torch.Generator().manual_seed(3))  # (T, n)
+    for layer in LAYERS:
+        assert banks[layer].B.dtype == getattr(torch, dtype) and full.bank(layer).B.dtype == torch.float32
+        got = token_step(PackedBank([banks[layer]]), x, "seqr", None)
+        want = token_step(PackedBank([full.bank(layer).prepare("seqr")]), x, "seqr", None)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1][0], want[1][0], rtol=1e-6, atol=1e-6)

@@ -62,9 +62,13 @@ def column_mask(columns, capacity: int) -> torch.Tensor:
 
 
 def library_banks(library_dir: str, method: str):
-    """(library, {layer: AdapterBank}) loaded from disk and prepared for `method`."""
+    """(library, {layer: AdapterBank}) loaded from disk and prepared for `method`, held in the dtype its files store:
+    a half-precision library stays half in memory (the same values; the routing math still runs in float32), which
+    halves what each routed layer reads per token."""
     from seqr.store.library import LoraLibrary
 
     lib = LoraLibrary.load(library_dir)
+    if lib.resident_dtype != lib.storage_dtype:
+        lib.set_resident_dtype(lib.storage_dtype)
     banks = {layer: lib.bank(layer).prepare(method) for layer in lib.layers}
     return lib, banks
