@@ -82,7 +82,8 @@ def token_ratio(read, out: Path) -> str:
         "sets in requests,\nno vLLM LoRA": {10: ratio("n10_token_sets_in_requests")},
         "fused step": {10: ratio("n10_token_fused"), 100: ratio("n100_token_fused")},
         "update added\nin place": {n: runs("in_place", n) for n in (10, 100)},
-        "+ loop woken\nby outputs": {n: runs("in_place_and_loop_woken_by_outputs", n) for n in (10, 100)}}
+        "+ loop woken\nby outputs": {n: runs("in_place_and_loop_woken_by_outputs", n) for n in (10, 100)},
+        "+ checks once\nper forward": {n: runs("and_checks_once_per_forward", n) for n in (10, 100)}}
     fig, ax = plt.subplots(figsize=(8.5, 3.8), layout="constrained")
     for n, dx, color in ((10, -0.1, "tab:blue"), (100, 0.1, "tab:orange")):
         xs = [(i + dx, v) for i, vals in enumerate(versions.values()) for v in vals.get(n, [])]

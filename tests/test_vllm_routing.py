@@ -215,8 +215,8 @@ def test_a_fully_adapted_layer_adds_the_fused_update_in_place(monkeypatch, dtype
     cols = torch.ones(5, 4)
     cols[1] = 0  # token 1 carries no set
     calls = []
-    into = fused.seqr_step_into
-    monkeypatch.setattr(fused, "seqr_step_into", lambda *a: calls.append(1) or into(*a))
+    into = fused.step_into_prepared
+    monkeypatch.setattr(fused, "step_into_prepared", lambda *a: calls.append(1) or into(*a))
     runs = []
     for takes_into in (True, False):
         if not takes_into:

@@ -127,7 +127,9 @@ def _applies(x: torch.Tensor, N: int) -> bool:
     return x.device.type == "cpu" and 0 < T and (T <= rt.GATHER_TOKENS or T * N <= FUSED_WORK) and available()
 
 
-def _flags(mask: torch.Tensor | None, has: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def flags(mask: torch.Tensor | None, has: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's (mask, has) arguments (see `seqr_step`): made once per forward by a caller that routes many
+    layers under the same masks (vLLM's SetRouting), rather than once per layer."""
     empty = torch.empty(0)
     return empty if mask is None else mask.contiguous(), empty if has is None else has.contiguous()
 
@@ -145,12 +147,30 @@ def seqr_step(xf: torch.Tensor, args: tuple, mask: torch.Tensor | None, has: tor
     step does not apply to these tokens (see the module's docstring): the caller runs the eager step."""
     if xf.dtype != torch.float32 or not _applies(xf, args[3][0].shape[0]):  # N: the first part's B^T (N, r, m)
         return None
-    idx, upd, z, empty_sets = _module.seqr_step(xf.contiguous(), *args, *_flags(mask, has), PARALLEL_WORK)
+    idx, upd, z, empty_sets = _module.seqr_step(xf.contiguous(), *args, *flags(mask, has), PARALLEL_WORK)
     _refuse_empty(empty_sets)
     return idx, upd, z
 
 
-def seqr_step_into(x: torch.Tensor, y: torch.Tensor, args: tuple, mask: torch.Tensor | None,
+def prepare(mask: torch.Tensor | None, has: torch.Tensor | None, T: int, N: int, device) -> tuple | None:
+    """Once per forward, for a caller that routes many layers of T tokens over N adapters under the same masks
+    (vLLM's SetRouting): the kernel's (mask, has) arguments where the fused step serves these tokens (CPU, few
+    enough, built and wanted), else None. Then `step_into_prepared` per layer checks almost nothing: a decode
+    step's routed layers run with the caches cold (the base model's weights stream through them in between), where
+    every Python-side check costs microseconds (`scripts/vllm_routing_cost.py --into --cold`)."""
+    probe = torch.empty(T, 0, device=device)
+    return flags(mask, has) if enabled() and _applies(probe, N) else None
+
+
+def step_into_prepared(x: torch.Tensor, y: torch.Tensor, args: tuple, prepared: tuple) -> torch.Tensor:
+    """`seqr_step_into` with this forward's `prepare`d masks, for x (T, n) of the model's half or float32 dtype with
+    contiguous rows and y (T, sum m_p) contiguous (the kernel refuses other layouts): idx (T, P)."""
+    idx, empty_sets = _module.seqr_step_into(x, y, *args, *prepared, PARALLEL_WORK)
+    _refuse_empty(empty_sets)
+    return idx
+
+
+def seqr_step_into(x: torch.Tensor, y: torch.Tensor, args: tuple, mask: torch.Tensor | None = None,
                    has: torch.Tensor | None = None) -> torch.Tensor | None:
     """`seqr_step` on tokens x (T, n) in the model's dtype (read as float32, the compute dtype), their updates added
     to the layer's output y (T, sum m_p) in place, rounded once to y's dtype as (y + update).to(y.dtype) would.
@@ -159,6 +179,4 @@ def seqr_step_into(x: torch.Tensor, y: torch.Tensor, args: tuple, mask: torch.Te
             and y.dim() == 2 and y.is_contiguous() and y.shape[0] == x.shape[0] and y.device == x.device
             and _applies(x, args[3][0].shape[0])):
         return None
-    idx, empty_sets = _module.seqr_step_into(x, y, *args, *_flags(mask, has), PARALLEL_WORK)
-    _refuse_empty(empty_sets)
-    return idx
+    return step_into_prepared(x, y, args, flags(mask, has))

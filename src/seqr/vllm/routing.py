@@ -33,6 +33,7 @@ class SetRouting:
         self.mask: torch.Tensor | None = None  # (T, N) bool: the tokens' allowed adapters (bank order)
         self.has: torch.Tensor | None = None  # (T,) bool: tokens with at least one allowed adapter
         self.every, self.choose_mask = True, None  # all tokens have a set; the mask routing chooses under
+        self.fused_flags: tuple | None = None  # this forward's masks as the fused step takes them (SEQR), or None
         self.single = False  # every token's set holds at most one adapter (request-level serving)
         self.tracing = False
         self.counting = False  # per-request decision counts (the serving engine's routing shares)
@@ -99,21 +100,21 @@ class SetRouting:
         self.single = bool((mask.sum(1) <= 1).all())  # every set holds one adapter (request-level): no scoring
         choose = mask if self.every else mask | ~self.has[:, None]  # (T, N) maskless rows: any choice
         self.choose_mask = None if bool(choose.all()) else choose  # None: every token may use every adapter
+        self.fused_flags = fused.prepare(self.choose_mask, None if self.every else self.has, mask.shape[0],
+                                         mask.shape[1], mask.device) if self.method == "seqr" else None
 
     def update_into(self, packed: PackedBank, x: torch.Tensor, y: torch.Tensor, names: Sequence[str]) -> bool:
         """The routed updates of tokens x (T, n), in the model's dtype, added into the layer's output y (T, sum m_p)
         in place by the fused step (one call, x read and y rounded inside it), as `update` with `joined` and then
         (y + upd).to(y.dtype) would. False (y untouched) where the fused step does not serve: call `update`."""
-        mask = self.mask
-        if mask is None or mask.shape[0] != x.shape[0] or self.method != "seqr" or rt.compiling() \
-                or not fused.enabled():
+        mask, prepared = self.mask, self.fused_flags  # prepared: the fused step serves this forward (begin)
+        if prepared is None or mask.shape[0] != x.shape[0] or x.dtype == torch.float64 or x.stride(1) != 1 \
+                or rt.compiling():
             return False
         args = fused.args_of(packed)
-        idx = None if args is None else fused.seqr_step_into(x, y, args, self.choose_mask,
-                                                             None if self.every else self.has)
-        if idx is None:
+        if args is None:
             return False
-        self._note(names, idx, mask, self.has)
+        self._note(names, fused.step_into_prepared(x, y, args, prepared), mask, self.has)
         return True
 
     def update(self, packed: PackedBank, xf: torch.Tensor, names: Sequence[str] | None = None,
@@ -222,15 +223,16 @@ class RoutedPacked(nn.Module):
                 raise ValueError(f"adapters of {name} have {bank.shape[1]} outputs; vLLM's layer has {size}")
         self.packed = PackedBank([bank for _, bank, _ in self.parts if bank is not None])
         self.names = [name for name, bank, _ in self.parts if bank is not None]  # the adapted parts' HF layers
+        self.full = len(self.names) == len(self.parts)  # every part adapted: the updates cover the whole output
 
     def forward(self, x: torch.Tensor):
         y, bias = self.base(x)  # (T, sum of part sizes)
         x2 = x.reshape(-1, x.shape[-1])  # (T, n)
-        if len(self.names) == len(self.parts) and y.is_contiguous() and \
-                self.routing.update_into(self.packed, x2, y.view(x2.shape[0], -1), self.names):
+        if self.full and y.is_contiguous() and self.routing.update_into(self.packed, x2, y.view(x2.shape[0], -1),
+                                                                        self.names):
             return y, bias  # y += B_i* A x per part, rounded once: the fused step, in place
         xf = rt.in_compute_dtype(x2)  # (T, n), cast once for every part
-        if len(self.names) == len(self.parts):  # every part adapted: their updates side by side, (T, m)
+        if self.full:  # their updates side by side, (T, m)
             upd = self.routing.update(self.packed, xf, self.names, joined=True)
         else:
             adapted = iter(self.routing.update(self.packed, xf, self.names))  # [(T, m_p)] of the adapted parts
