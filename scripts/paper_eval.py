@@ -63,8 +63,8 @@ def plan(stage: str, lib: Path, unique: Path) -> tuple[dict[str, Path], EvalConf
         return ({"shared-0": lib}, EvalConfig(tasks=tasks, max_eval=EXACT_N, noise=(), model=MODEL),
                 ("seqr", "spectr", "naive"))
     if stage == "noise":
-        return ({"final": lib}, EvalConfig(tasks=tasks, max_eval=NOISE_N, noise=NOISE_LEVELS, model=MODEL),
-                ("seqr",))
+        return ({"final": lib}, EvalConfig(tasks=tasks, max_eval=NOISE_N, noise=(), model=MODEL),
+                tuple(("seqr", {"noise": (level,)}) for level in NOISE_LEVELS))  # one pass per level, each committed
     libs = {f"step-{s}": lib / "checkpoints" / f"step-{s}" for s in STEPS}
     return {**libs, "final": lib}, EvalConfig(tasks=tasks, max_eval=NOISE_N, noise=(), model=MODEL), ("oracle", "seqr")
 
@@ -82,7 +82,8 @@ def run_stage(stage: str, a, model, tok) -> None:
         before = finished_passes(out / files.EVAL_RESULTS)
         evaluate(model, tok, libs, data, c, out_dir=out)
         if a.commit and finished_passes(out / files.EVAL_RESULTS) != before:  # a reused pass is no news
-            tag = f" [{c.variant()}]" if c.variant() else ""
+            label = " ".join(x for x in (c.variant(), " ".join(f"noise={n}" for n in c.noise)) if x)
+            tag = f" [{label}]" if label else ""
             commit_only(out / files.EVAL_RESULTS, f"Issue 28: eval {stage} {method}{tag} pass")
 
 
