@@ -3,9 +3,10 @@
 A decode step routes a handful of tokens through every adapted module: the eager step (core/step.py) runs ~30 tiny
 tensor ops per module, each costing more in dispatch than it computes (SmolLM2 inside vLLM: ~12 ms of a ~46 ms
 step at 8 tokens). `seqr_step` does the same work in one call: z = A x, the calibrated norms, the masked argmax
-and the chosen adapters' updates, the tokens split over torch's threads. The extension is built once per venv and CPU with torch's own
-`cpp_extension` (the system's C++ compiler and ninja, cached under torch's extensions dir); where it cannot be
-built the eager step runs instead (`available()` says which, `SEQR_FUSED=0` turns the fast path off).
+and the chosen adapters' updates (a large prefill's tokens split over torch's threads). The extension is built
+once per venv and CPU with torch's own `cpp_extension` (the system's C++ compiler and ninja, cached under torch's
+extensions dir); where it cannot be built the eager step runs instead (`available()` says which, `SEQR_FUSED=0`
+turns the fast path off).
 
 Taken only where it is exact: SEQR with a shared A, z-scored or raw norms (not the percentile score), float32
 compute on CPU, at most `rt.GATHER_TOKENS` tokens or `FUSED_WORK` token-adapter scores, eager (a compiled graph
@@ -121,10 +122,10 @@ def args_of(bank) -> tuple | None:
     return args
 
 
-def _applies(x: torch.Tensor, N: int) -> bool:
-    """The fused step serves these tokens: CPU, at most GATHER_TOKENS of them or FUSED_WORK scores, and built."""
-    T = x.shape[0]
-    return x.device.type == "cpu" and 0 < T and (T <= rt.GATHER_TOKENS or T * N <= FUSED_WORK) and available()
+def _serves(T: int, N: int, device: torch.device) -> bool:
+    """The fused step serves T tokens over N adapters on `device`: CPU, at most GATHER_TOKENS tokens or FUSED_WORK
+    scores, built and wanted."""
+    return device.type == "cpu" and 0 < T and (T <= rt.GATHER_TOKENS or T * N <= FUSED_WORK) and available()
 
 
 def flags(mask: torch.Tensor | None, has: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +146,7 @@ def seqr_step(xf: torch.Tensor, args: tuple, mask: torch.Tensor | None, has: tor
     adapters of bool `mask` ((T, N), (1, N) or None: all), with `args` from `args_of`; `has` (T,) bool: tokens
     that carry a set (the others may take any adapter and get no update; None: all do). None where the fused
     step does not apply to these tokens (see the module's docstring): the caller runs the eager step."""
-    if xf.dtype != torch.float32 or not _applies(xf, args[3][0].shape[0]):  # N: the first part's B^T (N, r, m)
+    if xf.dtype != torch.float32 or not _serves(xf.shape[0], args[3][0].shape[0], xf.device):  # N: B^T (N, r, m)
         return None
     idx, upd, z, empty_sets = _module.seqr_step(xf.contiguous(), *args, *flags(mask, has), PARALLEL_WORK)
     _refuse_empty(empty_sets)
@@ -158,8 +159,7 @@ def prepare(mask: torch.Tensor | None, has: torch.Tensor | None, T: int, N: int,
     enough, built and wanted), else None. Then `step_into_prepared` per layer checks almost nothing: a decode
     step's routed layers run with the caches cold (the base model's weights stream through them in between), where
     every Python-side check costs microseconds (`scripts/vllm_routing_cost.py --into --cold`)."""
-    probe = torch.empty(T, 0, device=device)
-    return flags(mask, has) if enabled() and _applies(probe, N) else None
+    return flags(mask, has) if _serves(T, N, device) else None
 
 
 def step_into_prepared(x: torch.Tensor, y: torch.Tensor, args: tuple, prepared: tuple) -> torch.Tensor:
@@ -177,6 +177,6 @@ def seqr_step_into(x: torch.Tensor, y: torch.Tensor, args: tuple, mask: torch.Te
     Returns idx (T, P), or None (y untouched) where the fused step does not apply."""
     if not (x.dtype in _HALF_OR_FLOAT and y.dtype in _HALF_OR_FLOAT and x.dim() == 2 and x.stride(1) == 1
             and y.dim() == 2 and y.is_contiguous() and y.shape[0] == x.shape[0] and y.device == x.device
-            and _applies(x, args[3][0].shape[0])):
+            and _serves(x.shape[0], args[3][0].shape[0], x.device)):
         return None
     return step_into_prepared(x, y, args, flags(mask, has))
