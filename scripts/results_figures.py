@@ -69,6 +69,11 @@ def fast_path(doc: dict, out: Path) -> str:
     return save_png(fig, out, "fast_path_sst2_seeds.png")
 
 
+def compiled(read, n: int, key: str) -> list[float]:
+    """A ratio of every committed run of the compiled engines' comparison at N = n (vllm_serve/compiled_n*.json)."""
+    return [read(f"vllm_serve/compiled_n{n}_r{r}.json")[key]["requests_per_s"] for r in (1, 2, 3)]
+
+
 def token_ratio(read, out: Path) -> str:
     """SEQR per token inside vLLM / vLLM without adapters (requests/s, `seqr bench serve`), each run a point, one
     column per version of the engine, N = 10 and 100."""
@@ -83,14 +88,16 @@ def token_ratio(read, out: Path) -> str:
         "fused step": {10: ratio("n10_token_fused"), 100: ratio("n100_token_fused")},
         "update added\nin place": {n: runs("in_place", n) for n in (10, 100)},
         "+ loop woken\nby outputs": {n: runs("in_place_and_loop_woken_by_outputs", n) for n in (10, 100)},
-        "+ checks once\nper forward": {n: runs("and_checks_once_per_forward", n) for n in (10, 100)}}
-    fig, ax = plt.subplots(figsize=(8.5, 3.8), layout="constrained")
+        "+ checks once\nper forward": {n: runs("and_checks_once_per_forward", n) for n in (10, 100)},
+        "eager, beside\nthe compiled": {n: compiled(read, n, "vllm_vs_vllm_base_no_adapters") for n in (10, 100)},
+        "compiled / vLLM\ncompiled": {n: compiled(read, n, "vllm_compiled_vs_vllm_base_compiled") for n in (10, 100)}}
+    fig, ax = plt.subplots(figsize=(10.5, 3.8), layout="constrained")
     for n, dx, color in ((10, -0.1, "tab:blue"), (100, 0.1, "tab:orange")):
         xs = [(i + dx, v) for i, vals in enumerate(versions.values()) for v in vals.get(n, [])]
         ax.plot([x for x, _ in xs], [v for _, v in xs], "o", color=color, label=f"N = {n}", alpha=0.8)
     ax.axhline(0.8, color="gray", linestyle="--", linewidth=1, label="target 0.8")
     ax.set_xticks(range(len(versions)), list(versions), fontsize=8)
-    ax.set_ylim(0.5, 0.9)
+    ax.set_ylim(0.5, 1.05)
     ax.set_ylabel("requests/s, SEQR / no adapters")
     ax.set_title("SEQR per token inside vLLM against vLLM with no adapters, each run of seqr bench serve (2 cores)")
     ax.legend(fontsize=8, loc="upper left")

@@ -237,7 +237,8 @@ def test_vllm_lora_reference_serves_in_the_dtype_seqr_serve_chooses(dtype, nativ
         (tmp_path / "peft" / n / "adapter_config.json").write_text(json.dumps({"r": 4}))
     p = argparse.ArgumentParser()
     bs.add_serve_args(p)
-    a = p.parse_args(["lib", "--model", str(tmp_path / "model"), "--engines", "embedded,vllm,vllm-lora,vllm-base",
+    a = p.parse_args(["lib", "--model", str(tmp_path / "model"), "--engines",
+                      "embedded,vllm,vllm-lora,vllm-base,vllm-base-compiled",
                       "--peft-root", str(tmp_path / "peft"), "--dtype", dtype, "--clients", "3"])
     modes = bs._modes(a, p, ["a", "b"], "auth.json")
     _, args, models = modes["vllm_lora_per_request"]
@@ -246,6 +247,9 @@ def test_vllm_lora_reference_serves_in_the_dtype_seqr_serve_chooses(dtype, nativ
     assert modes["vllm"][1][modes["vllm"][1].index("--dtype") + 1] == dtype  # seqr serve resolves auto the same way
     _, base, models = modes["vllm_base_no_adapters"]  # the ceiling: the same server with no adapter at all
     assert base == args[:len(base)] and "--enable-lora" not in base and models == ["base"] * 3
+    assert "--enforce-eager" in base  # eager, as seqr's vLLM engine runs; the compiled one is vLLM's default
+    _, compiled, _ = modes["vllm_base_compiled"]
+    assert [x for x in base if x != "--enforce-eager"] == compiled
     assert "--granularity" not in modes["vllm"][1]  # the server's own default unless asked
     a.granularity = "token"  # the routing inside vLLM's layers: every seqr server routes per token
     assert all(m[1][m[1].index("--granularity") + 1] == "token" for m in

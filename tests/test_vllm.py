@@ -1,7 +1,7 @@
 """seqr inside vLLM (CPU build), against seqr's transformers path on a tiny random Llama (and a Qwen2).
 
 Needs vLLM (its own venv, see README "Serving on vLLM"): skipped where `import vllm` fails, marked `vllm`.
-Run: `.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm.py` (about 4 minutes on 2 cores).
+Run: `.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm.py` (about 5 minutes on 2 cores).
 """
 from __future__ import annotations
 
@@ -40,10 +40,11 @@ def files(tmp_path_factory):
     return root, model_dir, lib_dir
 
 
-def _engine(files, dtype):
+def _engine(files, dtype, compile=True):
     root, model_dir, lib_dir = files
     return VllmEngine(model_dir, LoraLibrary.load(lib_dir), method="seqr", dtype=dtype, max_batch=8,
-                      max_model_len=256, work_dir=root / f"work-{dtype}", set_capacity=16, granularity="token")
+                      max_model_len=256, work_dir=root / f"work-{dtype}-{compile}", set_capacity=16,
+                      granularity="token", compile=compile)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +94,17 @@ def _by_set(trace, allowed) -> dict[str, int]:
     return {n: c for s, n, c in trace.by_set() if set(s) == set(allowed)}
 
 
-def test_tokens_logprobs_and_decisions_equal_transformers_path(engine, reference):
-    rows, trace = _generate(engine, PROMPTS, SETS)
+@pytest.mark.parametrize("compiled", [True, False])
+def test_tokens_logprobs_and_decisions_equal_transformers_path(engine, files, reference, compiled):
+    """Compiled (vLLM's default: the model traced once, each routed layer's update one op in the graph) and eager."""
+    if not compiled:
+        engine = _engine(files, "float32", compile=False)
+    try:
+        rows, trace = _generate(engine, PROMPTS, SETS)
+    finally:
+        if not compiled:
+            engine.close()
+    assert bool(engine.llm.llm_engine.vllm_config.compilation_config.mode) == compiled
     assert sum(trace.outside()) == 0
     assert trace.notes["masks"]["batch"] >= 8 and "none" not in trace.notes["masks"]  # every forward's masks from the batch
     assert not engine.llm.llm_engine.vllm_config.lora_config  # vLLM's LoRA path is off: sets travel with requests

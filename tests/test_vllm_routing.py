@@ -247,6 +247,10 @@ def test_engine_kwargs_route_the_registered_families_only(tmp_path):
                            max_model_len=128)
         assert kw["hf_overrides"]["architectures"] == [f"Seqr{arch}"]
     assert not kw.get("enable_lora")  # sets travel in each request's sampling parameters: vLLM's LoRA stays off
+    assert kw["enforce_eager"] and kw["compilation_config"] == {"mode": 0}
+    kw = engine_kwargs(tmp_path, "/lib", ["a"], method="seqr", k=None, dtype="float32", max_batch=4,
+                       max_model_len=128, compile_cache=tmp_path / "cc")
+    assert not kw["enforce_eager"] and kw["compilation_config"] == {"cache_dir": str(tmp_path / "cc")}
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         engine_kwargs(tmp_path, "/lib", ["a"], method="seqr", k=None, dtype="float32", max_batch=4,
@@ -315,3 +319,63 @@ def test_the_vllm_loop_wakes_on_a_step_output_or_a_new_job_and_not_before():
     eng._await_work()  # a job is queued already: no wait at all
     eng.llm.llm_engine.engine_core = SimpleNamespace()  # the in-process client: step() itself waits
     assert eng._wake_on_outputs() is None
+
+
+def _routed_model(banks, routing, key):
+    """A one-block vLLM-style model, q, v and o adapted (k not: its part of the update is zeros)."""
+    model = nn.Module()
+    model.layer = nn.Module()
+    model.layer.qkv_proj, model.layer.o_proj = _FakePacked(16, [12, 6, 6]), _FakePacked(16, [16])
+    install(model, banks, routing, {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}, (_FakePacked,), key=key)
+    return model
+
+
+def _library(names, seed):
+    A, B = _lora(len(names), 34, 16, 4, seed=seed)  # B rows: q (12) | v (6) | o (16)
+    mu, sigma = _stats(len(names), seed=seed)
+    return {layer: AdapterBank(A, B[:, rows], mu=mu, sigma=sigma, names=names) for layer, rows in
+            (("layer.q_proj", slice(0, 12)), ("layer.v_proj", slice(12, 18)), ("layer.o_proj", slice(18, 34)))}
+
+
+def test_a_compiled_model_routes_each_forwards_sets_with_the_library_of_the_moment():
+    """Compiled once with every guard dropped (as vLLM runs its compiled model), each routed layer's update is one
+    opaque op (seqr::routed_add_) that reads the routing state at run time: forwards of other token counts and
+    sets, and a library changed after compiling (an adapter fewer, the layers re-wrapped), give exactly the eager
+    model's outputs and choices."""
+    routing = SetRouting(NAMES, NAMES, "seqr")
+    model = _routed_model(_library(NAMES, 0), routing, key=f"test{id(routing)}")
+
+    def forward(x):
+        return model.layer.qkv_proj(x)[0], model.layer.o_proj(x)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(forward, backend="aot_eager", fullgraph=True, dynamic=True,
+                             options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+    forwards = [(9, NAMES, 0), (5, NAMES, 1), (12, NAMES[1:], 2), (3, NAMES[1:], 3)]
+    for i, (T, names, seed) in enumerate(forwards):
+        if i == 2:  # "a" removed: the banks lose an adapter, every layer is re-wrapped; the graph stays
+            routing.configure(names, NAMES, "seqr", None)
+            install(model, _library(names, 5), routing, {"qkv_proj": ["q_proj", "k_proj", "v_proj"]},
+                    (_FakePacked,), key=f"test{id(routing)}")
+        x = _tokens(T, n=16, seed=seed)
+        cols = _mask_cols(T, seed, allowed=[NAMES.index(a) for a in names])
+        outs = []
+        for fn in (forward, compiled):
+            routing.begin(cols)
+            routing.tracing = True
+            outs.append((*fn(x), routing.trace().by_set()))
+        assert all(torch.equal(a, b) for a, b in zip(outs[0][:2], outs[1][:2])), (T, names)
+        assert outs[0][2] == outs[1][2] and outs[0][2], (T, names)
+        if i == 0:  # the eager forward routed: its outputs differ from the base layers'
+            assert not torch.allclose(outs[0][0], model.layer.qkv_proj.base.lin(x))
+
+
+def _mask_cols(T, seed, allowed):
+    """(T, C) allowed columns: each token a random non-empty subset of `allowed`; one token without a set."""
+    g = torch.Generator().manual_seed(seed)
+    cols = torch.zeros(T, len(NAMES))
+    for t in range(T):
+        pick = [c for c in allowed if torch.rand((), generator=g) < 0.6] or allowed[:1]
+        cols[t, pick] = 1
+    cols[T // 2] = 0  # a request without a set: no update
+    return cols

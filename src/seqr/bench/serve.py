@@ -101,8 +101,9 @@ def stop(proc, timeout_s: float = 60) -> None:
 
 
 # vllm-lora: vLLM's own serving, one LoRA per request (the reference); vllm-base: vLLM serving the base model with
-# no adapter at all, the ceiling any adapter serving inside vLLM can reach on the machine
-ENGINES = ("embedded", "vllm", "vllm-lora", "vllm-base")
+# no adapter at all, eager as seqr's vLLM engine runs, the ceiling any adapter serving inside vLLM can reach on the
+# machine; -compiled: with vLLM's compilation (its default: torch.compile, inductor on CPU)
+ENGINES = ("embedded", "vllm", "vllm-compiled", "vllm-lora", "vllm-base", "vllm-base-compiled")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -115,8 +116,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="Write one sentence about the weather.", help="every client's prompt")
     p.add_argument("--engines", default="embedded",
                    help=f"comma list of {ENGINES}, run one after another: seqr serve's embedded engine, seqr serve "
-                        "--engine vllm (SEQR per token), `vllm serve --enable-lora` with client i's requests on "
-                        "adapter i (needs --peft-root), and `vllm serve` of the base model alone (no adapters)")
+                        "--engine vllm (SEQR inside vLLM) eager or compiled (its default), `vllm serve --enable-lora` with "
+                        "client i's requests on adapter i (needs --peft-root), and `vllm serve` of the base model "
+                        "alone (no adapters), eager or compiled (vLLM's default)")
     p.add_argument("--peft-root", help="with vllm-lora: dir of the library's peft adapter dirs, one per name")
     p.add_argument("--dtype", default="auto", help="the servers' --dtype (auto, float32, bfloat16)")
     p.add_argument("--granularity", choices=("token", "request"), default=None,
@@ -142,24 +144,30 @@ def _modes(a: argparse.Namespace, parser: argparse.ArgumentParser, names: list[s
             modes[f"ray_{a.ray_replicas}_replicas"] = (None, [*seqr_args, "--ray", "--replicas", str(a.ray_replicas)],
                                                        None)
     if "vllm" in engines:
-        modes["vllm"] = (None, [*seqr_args, "--engine", "vllm"], None)
+        modes["vllm"] = (None, [*seqr_args, "--engine", "vllm", "--enforce-eager"], None)
+    if "vllm-compiled" in engines:
+        modes["vllm_compiled"] = (None, [*seqr_args, "--engine", "vllm"], None)
     if "vllm-lora" in engines:
         modes["vllm_lora_per_request"] = _vllm_lora(a, parser, names)
     if "vllm-base" in engines:
         modes["vllm_base_no_adapters"] = (_VLLM_SERVER, _vllm_args(a), ["base"] * a.clients)
+    if "vllm-base-compiled" in engines:
+        modes["vllm_base_compiled"] = (_VLLM_SERVER, _vllm_args(a, eager=False), ["base"] * a.clients)
     return modes
 
 
 _VLLM_SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 
 
-def _vllm_args(a: argparse.Namespace) -> list[str]:
-    """vLLM's own OpenAI server over the base model, in the dtype seqr serve chooses for `--dtype`."""
+def _vllm_args(a: argparse.Namespace, eager: bool = True) -> list[str]:
+    """vLLM's own OpenAI server over the base model, in the dtype seqr serve chooses for `--dtype`; eager, or with
+    vLLM's default compilation."""
     from seqr.hf import dtypes
     from seqr.hf.models import resolve_source
 
-    return ["--model", resolve_source(a.model).ref, "--max-num-seqs", str(a.max_batch), "--enforce-eager",
-            "--max-model-len", "2048", "--served-model-name", "base", "--dtype", dtypes.name(dtypes.choose(a.dtype)[0])]
+    return ["--model", resolve_source(a.model).ref, "--max-num-seqs", str(a.max_batch),
+            *(["--enforce-eager"] if eager else []), "--max-model-len", "2048", "--served-model-name", "base",
+            "--dtype", dtypes.name(dtypes.choose(a.dtype)[0])]
 
 
 def _vllm_lora(a: argparse.Namespace, parser: argparse.ArgumentParser, names: list[str]) -> tuple:
@@ -206,7 +214,8 @@ def cmd_serve(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for label in modes:
         r = res[label]
         print(f"{label:>22}: {r['requests_per_s']:.3f} req/s, {r['output_tokens_per_s']} tok/s, p50 {r['p50_s']} s, "
-              f"p95 {r['p95_s']} s, {r['requests']} ok, {r['errors']} errors", file=sys.stderr)
+              f"p95 {r['p95_s']} s, {r['requests']} ok, {r['errors']} errors, started in {r['start_s']} s",
+              file=sys.stderr)
     if a.json:
         from seqr.store import files
         files.atomic_write_json(a.json, res)
@@ -214,14 +223,19 @@ def cmd_serve(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _measure(a: argparse.Namespace, command, args: list[str], keys: list[str], models) -> dict:
+    import time
+
     import httpx
 
+    t0 = time.perf_counter()
     proc, url = launch(args, command=command, timeout_s=900)
+    start_s = round(time.perf_counter() - t0, 1)  # until the server answers: load, profile and (if on) compile
     try:
         for i, k in enumerate(keys[:4]):  # warm-up, untimed: first forwards allocate
             body = {"prompt": a.prompt, "max_tokens": 2, **({"model": models[i]} if models else {})}
             httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {k}"}, timeout=300)
-        return run_load(url, keys, seconds=a.seconds, max_tokens=a.max_tokens, prompt=a.prompt, models=models)
+        return {**run_load(url, keys, seconds=a.seconds, max_tokens=a.max_tokens, prompt=a.prompt, models=models),
+                "start_s": start_s}
     finally:
         stop(proc)
 
@@ -230,8 +244,12 @@ def _add_ratios(res: dict) -> None:
     """Side-by-side ratios of the modes measured in this run."""
     pairs = [("ray_vs_one_process", next((k for k in res if k.startswith("ray_")), None), "one_process"),
              ("vllm_vs_one_process", "vllm", "one_process"),
+             ("vllm_compiled_vs_one_process", "vllm_compiled", "one_process"),
              ("vllm_vs_vllm_lora_per_request", "vllm", "vllm_lora_per_request"),
              ("vllm_vs_vllm_base_no_adapters", "vllm", "vllm_base_no_adapters"),
+             ("vllm_compiled_vs_vllm_base_compiled", "vllm_compiled", "vllm_base_compiled"),
+             ("vllm_compiled_vs_eager", "vllm_compiled", "vllm"),
+             ("vllm_base_compiled_vs_eager", "vllm_base_compiled", "vllm_base_no_adapters"),
              ("vllm_base_no_adapters_vs_one_process", "vllm_base_no_adapters", "one_process")]
     for label, x, y in pairs:
         if x in res and y in res:

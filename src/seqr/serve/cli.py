@@ -31,6 +31,9 @@ def parser() -> Parser:
     p.add_argument("--engine", choices=ENGINES, default="embedded",
                    help="embedded: transformers' generate here; vllm: seqr's routed model inside vLLM (continuous "
                         "batching, paged KV cache; needs vLLM installed)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="with --engine vllm: run the model eager; by default vLLM compiles it (torch.compile, inductor "
+                        "on CPU: a slower start, faster steps), each routed layer's update one op in the graph")
     p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (scale-out)")
     p.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each with model + library")
     p.add_argument("--ray-address", help="with --ray: join this Ray cluster (default: start a local one)")
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         app, engine = build_app(a.library, a.model, a.auth, adapters_root=a.adapters_root,
                                 model_name=a.served_model_name, max_prompt_tokens=a.max_prompt_tokens,
                                 max_tokens_limit=a.max_tokens_limit, max_batch=a.max_batch, dtype=a.dtype,
-                                engine=a.engine, granularity=a.granularity, probe_depth=a.probe_depth)
+                                engine=a.engine, granularity=a.granularity, probe_depth=a.probe_depth,
+                                enforce_eager=a.enforce_eager)
     except (ValueError, FileNotFoundError) as e:
         print(f"seqr serve: {e}", file=sys.stderr)
         return 2

