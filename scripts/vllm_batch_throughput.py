@@ -1,7 +1,7 @@
 """Steady-state batch throughput of vLLM on SmolLM2-135M-Instruct: 8 prompts x 16 tokens per call, median of 5
 calls after one warm-up, for the base model alone (`plain`), vLLM's LoRA serving (`lora`, 8 adapters), or seqr's
 routed model (`seqr`, through VllmEngine, routing per token). Run from .venv-vllm; set VLLM_CPU_OMP_THREADS_BIND (auto / 0-1) and
-EAGER=0 (torch.compile; plain and lora only) to compare settings:
+EAGER=0 (vLLM's torch.compile; vLLM turns it off for its LoRA serving) to compare settings:
 
     .venv-vllm/bin/python scripts/vllm_batch_throughput.py seqr bfloat16 runs/serve/n10/lib
 """
@@ -20,7 +20,8 @@ def runner(mode: str, dtype: str, lib_dir: str, model: str, prompts: list[list[i
         from seqr.store.library import LoraLibrary
 
         lib = LoraLibrary.load(lib_dir)
-        eng = VllmEngine(model, lib, dtype=dtype, max_batch=8, max_model_len=512, granularity="token")
+        eng = VllmEngine(model, lib, dtype=dtype, max_batch=8, max_model_len=512, granularity="token",
+                         compile=os.environ.get("EAGER", "1") != "1")
 
         def run():
             futs = [eng.submit(Request(prompt=p, max_tokens=16, allowed=set(lib.names), ignore_eos=True))
