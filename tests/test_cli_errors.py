@@ -201,6 +201,7 @@ def test_help_lists_every_bench_subcommand_and_the_demo_time_of_the_readme():
                                                          "layers or request; got 0.5 with --granularity token"),
     (["--granularity", "request", "--probe-depth", "0"], "got 0.0 with --granularity request"),
     (["--granularity", "sentence"], "invalid choice: 'sentence'"),
+    (["--enforce-eager"], "--enforce-eager applies to --engine vllm (the embedded engine never compiles)"),
 ])
 def test_a_bad_routing_mode_of_seqr_serve_is_one_line_before_the_model_loads(extra, needle, files, no_model, capsys):
     code, lines = run(["serve", files["lib"], "--model", files["model"], "--auth", files["auth"], "--port", "0",

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < a.probe_depth <= 1 or (a.probe_depth != 1 and a.granularity not in (None, *PROBED)):
         p.error(f"--probe-depth must be in (0, 1] and needs --granularity {' or '.join(PROBED)}; got "
                 f"{a.probe_depth} with --granularity {a.granularity}")
+    if a.enforce_eager and a.engine != "vllm":
+        p.error(f"--enforce-eager applies to --engine vllm (the {a.engine} engine never compiles)")
     bind_or_exit(p, a.host, a.port).close()  # a taken port fails now, not after the model has loaded
     from seqr.store import files
 
