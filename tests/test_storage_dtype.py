@@ -93,6 +93,27 @@ def test_adds_to_a_half_precision_library_are_rounded_and_checked_after_rounding
         add("x", other)
 
 
+def test_a_view_with_other_centroids_holds_them_as_a_saved_library_would(tmp_path):
+    """with_stats(stats, centroids): a released set of centroids (e.g. a private one) replaces the named adapters'
+    only, rounded through the storage dtype as a save and load would; the library itself is untouched."""
+    lib = _library()
+    lib.save(tmp_path / "lib", dtype="float16")
+    g = torch.Generator().manual_seed(5)
+    new = {layer: torch.randn(n, generator=g) for layer, (m, n) in LAYERS.items()}
+    view = lib.with_stats({}, centroids={"a3": new})
+    for layer in LAYERS:
+        assert torch.equal(view.centroids("a3")[layer], new[layer].half().float())
+        assert torch.equal(view.centroids("a4")[layer], lib.centroids("a4")[layer])
+        assert not torch.equal(lib.centroids("a3")[layer], view.centroids("a3")[layer])
+    view.save(tmp_path / "view")
+    back = LoraLibrary.load(tmp_path / "view")
+    assert all(torch.equal(back.centroids("a3")[k], view.centroids("a3")[k]) for k in LAYERS)
+    with pytest.raises(ValueError, match="adapter 'a3', layer l1: a centroid must be a float tensor of shape"):
+        lib.with_stats({}, centroids={"a3": {**new, "l1": torch.ones(3)}})
+    with pytest.raises(KeyError, match=r"unknown adapter\(s\) \['zz'\]"):
+        lib.with_stats({}, centroids={"zz": new})
+
+
 def test_storage_dtype_errors_and_defaults(tmp_path):
     lib = _library()
     with pytest.raises(ValueError, match="'float8'"):

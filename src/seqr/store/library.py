@@ -234,17 +234,20 @@ class LoraLibrary:
         self.drop_banks()
         self._persist(undo=lambda: setattr(ad, "stats", old))
 
-    def with_stats(self, stats: dict[str, dict[str, NormStats]]) -> "LoraLibrary":
-        """An unbound copy (nothing it does touches disk) sharing this library's tensors, with the stats of
-        the adapters named in `stats` replaced: e.g. noised mu for a robustness study."""
-        unknown = [n for n in stats if n not in self._adapters]
-        if unknown:
-            raise KeyError(f"stats given for unknown adapter(s) {unknown}; the library holds {self.names}")
+    def with_stats(self, stats: dict[str, dict[str, NormStats]],
+                   centroids: dict[str, dict[str, torch.Tensor]] | None = None) -> "LoraLibrary":
+        """An unbound copy (nothing it does touches disk) sharing this library's tensors, with the stats (e.g. noised
+        mu) and centroids (e.g. a private release; held as saved ones are) of the adapters named in each replaced."""
+        centroids = centroids or {}
+        if unknown := sorted(n for n in {*stats, *centroids} if n not in self._adapters):
+            raise KeyError(f"stats or centroids for unknown adapter(s) {unknown}; the library holds {self.names}")
         new = LoraLibrary(self.meta)
         new.shared_A, new.storage_dtype, new.resident_dtype = self.shared_A, self.storage_dtype, self.resident_dtype
         new._adapters = {n: replace(a, B=banks.derived(new, n, a.B, "B"), A=banks.derived(new, n, a.A, "A"), file=None,
                                     sha256=None, stats=checks.stats(self.meta, stats[n], f"adapter {n!r}")
-                                    if n in stats else a.stats) for n, a in self._adapters.items()}
+                                    if n in stats else a.stats,
+                                    centroids=new._stored(checks.centroids(self.meta, centroids[n], f"adapter {n!r}"))
+                                    if n in centroids else a.centroids) for n, a in self._adapters.items()}
         return new
 
     def normalised(self, how: str = "z", pooled: bool = False) -> "LoraLibrary":
