@@ -203,9 +203,10 @@ def report(out: Path) -> Path:
              f"Paper-budget library, {EVAL_N} dev examples per task (the steps stage's, whose oracle normalises), "
              f"delta = {DELTA:g}, clip bound from {PUBLIC_N} public examples of another task, centroids withheld. "
              "Made by `python scripts/dp_price.py`.", "", *rows, "", f"![price of privacy]({fig})", ""]
-    missing = [label(*key) for key in plan() if label(*key) not in doc["libraries"]]
+    labels = [label(*key) for key in plan()]
+    missing = [lb for lb in labels if lb not in doc["libraries"]]
     if missing:  # the passes still to run (`dp_price.py run --commit` resumes with them)
-        lines += [f"Not yet run ({len(missing)} of {len(plan())} passes): {', '.join(missing)}.", ""]
+        lines += [f"Not yet run ({len(missing)} of {len(labels)} passes): {', '.join(missing)}.", ""]
     path = out / "report.md"
     files.atomic_write_bytes(path, "\n".join(lines).encode())
     return path

@@ -235,13 +235,14 @@ class RoutedPacked(nn.Module):
     def forward(self, x: torch.Tensor):
         y, bias = self.base(x)  # (T, sum of part sizes)
         x2 = x.reshape(-1, x.shape[-1])  # (T, n)
+        if not y.is_contiguous():  # (not a layout vLLM's linear layers return) the update added out of place
+            return (y + self.joined_update(x2).view_as(y)).to(y.dtype), bias  # one rounding, as in transformers
+        y2 = y.view(x2.shape[0], -1)  # (T, m): y's own storage
         if torch.compiler.is_compiling() and self.key:
-            torch.ops.seqr.routed_add_(x2, y.view(x2.shape[0], -1), self.key)  # y += update, outside the graph
-            return y, bias
-        if self.full and y.is_contiguous() and self.routing.update_into(self.packed, x2, y.view(x2.shape[0], -1),
-                                                                        self.names):
-            return y, bias  # y += B_i* A x per part, rounded once: the fused step, in place
-        return (y + self.joined_update(x2).view_as(y)).to(y.dtype), bias  # one rounding, as in transformers
+            torch.ops.seqr.routed_add_(x2, y2, self.key)  # y += update: one op, run outside the graph
+        else:
+            self.add_update_(x2, y2)  # y += B_i* A x per part, in place, rounded once
+        return y, bias
 
     def joined_update(self, x2: torch.Tensor) -> torch.Tensor:
         """(T, m) float32: every part's routed update of tokens x2 (T, n) side by side, zeros for a part with no
@@ -255,7 +256,8 @@ class RoutedPacked(nn.Module):
                           for _, bank, size in self.parts], dim=-1)  # (T, m)
 
     def add_update_(self, x2: torch.Tensor, y2: torch.Tensor) -> None:
-        """y2 (T, m) += the routed updates of x2 (T, n), in place, rounded once: what `forward` adds."""
+        """y2 (T, m) += the routed updates of x2 (T, n), in place, rounded once as (y2 + update).to(y2.dtype):
+        the fused step where it serves, else the update computed by `joined_update` and added."""
         if not (self.full and y2.is_contiguous() and self.routing.update_into(self.packed, x2, y2, self.names)):
             y2.copy_((y2 + self.joined_update(x2)).to(y2.dtype))
 
