@@ -7,8 +7,10 @@ import torch
 
 from seqr import LoraLibrary, attach, detach, routing
 from seqr.eval.evaluate import EvalConfig, evaluate
+from seqr.core.privacy import DPConfig
 from seqr.hf.models import device_of
 from seqr.silo.calibrate import calibrate
+from seqr.silo.private import dp_release, dp_sums
 from seqr.silo.train import TrainConfig, train
 from seqr.store import files
 from test_evaluate import task_examples
@@ -86,3 +88,27 @@ def test_cuda_train_calibrate_route_and_eval_match_the_cpu(tmp_path, tok):
             assert a["pred"] == b["pred"], (method, t)
     assert docs["cuda"]["config"]["dtype"] == "float32"
     assert (tmp_path / "cuda" / TASKS[0] / files.STATS_FILE).exists()
+
+
+@cuda
+def test_cuda_dp_calibration_clips_and_sums_like_the_cpu(tmp_path, tok):
+    """The private release's pre-noise sums (clipped per example) do not depend on where the model ran, so the same
+    seeded noise gives the same release."""
+    adapter = _adapters(tmp_path, tok, "cpu")[TASKS[0]]
+    exs = task_examples(TASKS[0], "train", 8)
+    cfg = DPConfig(epsilon=1.0, delta=1e-5, clip=0.5, centroid_clip=0.5)
+    g = cfg.guarantee(len(exs), centroids=True)
+    sums, release = {}, {}
+    for d in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = tiny_chat_llama(len(tok)).to(d)
+        sums[d] = dp_sums(model, tok, adapter, exs, g.clip, g.centroid_clip, batch_size=4, progress=False)
+        release[d] = dp_release(sums[d], g, torch.Generator().manual_seed(7))
+    free = dp_sums(tiny_chat_llama(len(tok)).to("cuda"), tok, adapter, exs, 1e9, 1e9, progress=False)
+    for layer, v in sums["cpu"].stats.items():
+        assert sums["cuda"].stats[layer].device.type == "cpu"
+        torch.testing.assert_close(sums["cuda"].stats[layer], v, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(sums["cuda"].centroids[layer], sums["cpu"].centroids[layer], rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(free.stats[layer], v)  # the bound of 0.5 clipped something
+        a, b = release["cpu"][0][layer], release["cuda"][0][layer]
+        assert a.privacy == b.privacy and abs(a.mean - b.mean) <= 1e-4 * max(1.0, abs(a.mean))
