@@ -12,6 +12,10 @@ Per silo and calibration size n (each on its own training examples, the first n 
   then only draws the Gaussian noise (dp_release, seeded here so the study repeats; a real release draws from OS
   entropy), centroids withheld so the whole budget goes to mu and sigma;
 - epsilon = inf: the ordinary calibration (no DP) on the same n examples.
+The centroid routers (CENTROID_METHODS) get the same grid from a second release per pass, the stats and the centroids
+together (two composed Gaussian releases under one (epsilon, DELTA), seqr.core.privacy): C_c by the same public rule,
+each silo's clipped per-example mean inputs summed once per n (kept as float16 safetensors, the sum over n; its
+rounding is far below the noise), and beside them the ordinary token-mean centroids of the same pass for epsilon = inf.
 Each library is evaluated with SEQR on the steps stage's EVAL_N dev examples per task, whose oracle pass
 (docs/results/paper_library/steps) normalises the accuracy; the report adds bootstrap intervals, the spread over
 seeds, and the figure beside the noise-on-mu curve of the same examples.
@@ -22,6 +26,7 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,11 +34,13 @@ import torch
 from seqr.eval.evaluate import EvalConfig, evaluate, load_data
 from seqr.hf.models import load_model
 from seqr.silo.calibrate import calibrate
-from seqr.silo.private import ClippedSums, dp_release, dp_sums, public_clip
+from seqr.silo.calibrate import traced_batches
+from seqr.silo.private import ClippedSums, dp_release, dp_sums, example_rows, public_clip
 from seqr.silo.tasks import load_task
 from seqr.store import files
 from seqr.store.library import LoraLibrary
-from seqr.core.privacy import DPConfig
+from seqr.core import registry
+from seqr.core.privacy import DPConfig, clipped_sum
 from seqr.core.stats import NormStats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,6 +56,8 @@ SEEDS = (0, 1, 2)
 EVAL_N = 100  # the steps stage's examples (seed 0): its oracle pass normalises
 PUBLIC_N = 16
 SEED = 0
+CENTROID_METHODS = ("centroid", "centroid-seqr")  # the centroid routers (centroid-seqr@3), on their release
+RELEASES = {"stats": ("seqr",), "centroids": CENTROID_METHODS}  # release -> the routers evaluated on it
 
 
 def public_task(task: str, tasks: list[str]) -> str:
@@ -56,13 +65,15 @@ def public_task(task: str, tasks: list[str]) -> str:
     return next(t for t in ("sst2", "cola", *tasks) if t != task)
 
 
-def label(n: int, eps: float, seed: int) -> str:
-    return f"n={n} eps={'inf' if math.isinf(eps) else f'{eps:g}'} seed={seed}"
+def label(n: int, eps: float, seed: int, release: str = "stats") -> str:
+    core = f"n={n} eps={'inf' if math.isinf(eps) else f'{eps:g}'} seed={seed}"
+    return core if release == "stats" else f"{core} release={release}"
 
 
-def plan() -> list[tuple[int, float, int]]:
-    """Every (calibration examples, epsilon, seed) pass, no-DP first per size, in the order they run."""
-    return [(n, eps, seed) for n in SIZES for eps in (math.inf, *EPSILONS)
+def plan() -> list[tuple[int, float, int, str]]:
+    """Every (calibration examples, epsilon, seed, release) pass in the order they run: SEQR's (the stats alone)
+    first, then the centroid routers'; per size no-DP first."""
+    return [(n, eps, seed, release) for release in RELEASES for n in SIZES for eps in (math.inf, *EPSILONS)
             for seed in ((SEED,) if math.isinf(eps) else SEEDS)]
 
 
@@ -77,15 +88,18 @@ class Silos:
     def examples(self, task: str, n: int):
         return load_task(task, "train", data_dir=self.ctx["data"], max_examples=n, seed=SEED)
 
-    def clip(self, task: str) -> float:
-        f = self.kept / "clip" / f"{task}.json"
+    def clip(self, task: str, centroids: bool = False) -> float:
+        """C (or C_c with `centroids`) by the public rule, on PUBLIC_N examples of another silo's task."""
+        key, where = ("centroid_clip", "clip-centroids") if centroids else ("clip", "clip")
+        f = self.kept / where / f"{task}.json"
         if not f.exists():
             public = load_task(public_task(task, self.lib.names), "train", data_dir=self.ctx["data"],
                                max_examples=PUBLIC_N, seed=SEED)
-            c, _ = public_clip(self.ctx["model"], self.ctx["tok"], self.dirs[task], public, progress=False)
-            self._keep(f, {"clip": c, "public_task": public_task(task, self.lib.names), "public_examples": PUBLIC_N},
-                       f"clip bound of {task}")
-        return float(files.read_json(f, "clip bound")["clip"])
+            c, cc = public_clip(self.ctx["model"], self.ctx["tok"], self.dirs[task], public, centroids=centroids,
+                                progress=False)
+            self._keep(f, {key: cc if centroids else c, "public_task": public_task(task, self.lib.names),
+                           "public_examples": PUBLIC_N}, f"{key.replace('_', ' ')} bound of {task}")
+        return float(files.read_json(f, "clip bound")[key])
 
     def sums(self, task: str, n: int) -> ClippedSums:
         f = self.kept / f"sums-{n}" / f"{task}.json"
@@ -110,26 +124,69 @@ class Silos:
         d = files.read_json(f, "ordinary calibration")
         return {layer: NormStats.from_dict(v) for layer, v in d["layers"].items()}
 
+    def centroids(self, task: str, n: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(layer -> the clipped sum of the first n examples' mean inputs, layer -> their ordinary token-mean
+        centroid), from one traced pass kept beside the results (float16; the sum stored over n)."""
+        f = self.kept / f"centroids-{n}" / f"{task}.safetensors"
+        if not f.exists():
+            clipped, plain = centroid_pass(self.ctx["model"], self.ctx["tok"], self.dirs[task],
+                                           self.examples(task, n), self.clip(task, centroids=True))
+            half = {**{f"dp/{k}": (v / n).half() for k, v in clipped.items()},
+                    **{f"plain/{k}": v.half() for k, v in plain.items()}}  # (n_layer,) each
+            if bad := [k for k, v in half.items() if not torch.isfinite(v).all()]:
+                raise ValueError(f"centroids of {task} overflow float16 in {bad[:3]}")
+            self._keep(f, half, f"clipped and ordinary centroids of {task}, n={n}")
+        t = files.read_tensors(f, "centroid sums")
+        return ({k[3:]: v.double() * n for k, v in t.items() if k.startswith("dp/")},
+                {k[6:]: v.float() for k, v in t.items() if k.startswith("plain/")})
+
     def _keep(self, f: Path, obj: dict, what: str) -> None:
-        """Write one silo's clip bound or pre-noise sums beside the results (and commit it with --commit): a fresh
-        clone resumes without recomputing them."""
+        """Write one silo's clip bound or pre-noise sums (JSON; tensors as safetensors) beside the results (and
+        commit it with --commit): a fresh clone resumes without recomputing them."""
         f.parent.mkdir(parents=True, exist_ok=True)
-        files.atomic_write_json(f, obj)
+        if f.suffix == ".safetensors":
+            files.atomic_write_bytes(f, files.tensors_to_bytes(obj))
+        else:
+            files.atomic_write_json(f, obj)
         if self.ctx["commit"]:
             commit_only(f, f"Issue 33: price of privacy, {what}")
 
-    def stats(self, n: int, eps: float, seed: int) -> dict:
-        """{task: per-layer NormStats} every silo releases for this pass."""
-        out = {}
+    def release(self, n: int, eps: float, seed: int, release: str = "stats") -> tuple[dict, dict | None]:
+        """({task: per-layer NormStats}, {task: layer -> centroid} or None) every silo releases for this pass:
+        the stats alone, or the stats and the centroids together (`release="centroids"`)."""
+        cents = release == "centroids"
+        stats, means = {}, ({} if cents else None)
         for i, task in enumerate(self.lib.names):
             if math.isinf(eps):  # the ordinary release on the same n examples
-                out[task] = self.ordinary(task, n)
+                stats[task] = self.ordinary(task, n)
+                if cents:
+                    means[task] = self.centroids(task, n)[1]
                 continue
-            g = DPConfig(eps, DELTA, self.clip(task), clip_rule=f"largest row norm on {PUBLIC_N} public examples "
-                         f"of {public_task(task, self.lib.names)}").guarantee(n)
+            g = DPConfig(eps, DELTA, self.clip(task), self.clip(task, centroids=True) if cents else None,
+                         clip_rule=f"largest row norm on {PUBLIC_N} public examples of "
+                                   f"{public_task(task, self.lib.names)}").guarantee(n, centroids=cents)
+            sums = self.sums(task, n)
+            sums = replace(sums, centroids=self.centroids(task, n)[0]) if cents else sums
             gen = torch.Generator().manual_seed(1000 * seed + i)  # the study's repeats (a real release: OS entropy)
-            out[task] = dp_release(self.sums(task, n), g, gen)[0]
-        return out
+            stats[task], m = dp_release(sums, g, gen)
+            if cents:
+                means[task] = m
+        return stats, means
+
+
+def centroid_pass(model, tok, adapter_dir: Path, examples, centroid_clip: float) -> tuple[dict, dict]:
+    """One traced pass over a silo's examples: (layer -> its slice of sum_e clip(c_e, C_c), c_e the example's
+    mean inputs, as seqr.silo.private.dp_sums sums them; layer -> the mean input over all real tokens, the
+    ordinary centroid seqr.silo.calibrate computes)."""
+    clipped, sums, tokens = 0.0, {}, 0
+    for b in traced_batches(model, tok, adapter_dir, examples, batch_size=8, progress=False, scoring="choices",
+                            inputs=True):
+        clipped = clipped + clipped_sum(example_rows(b)[1], centroid_clip)  # (sum n,)
+        for layer, x in b.inputs.items():
+            sums[layer] = sums.get(layer, 0.0) + x.sum(0)  # (n,)
+        tokens += int(b.tokens.sum())
+    parts = clipped.split([v.shape[0] for v in sums.values()])
+    return dict(zip(sums, parts)), {k: v / max(tokens, 1) for k, v in sums.items()}
 
 
 def run(ctx: dict, commit: bool) -> None:
@@ -138,15 +195,17 @@ def run(ctx: dict, commit: bool) -> None:
     cfg = EvalConfig(tasks=lib.names, max_eval=EVAL_N, noise=(), model=ctx["name"], methods=("seqr",))
     data = load_data(cfg.tasks, cfg.split, data_dir=ctx["data"], max_eval=EVAL_N, seed=cfg.seed)
     out = Path(ctx["out"])
-    for n, eps, seed in plan():
-        name = label(n, eps, seed)
-        if f"{name} seqr" in finished_passes(out / files.EVAL_RESULTS):
+    for n, eps, seed, release in plan():
+        name, methods = label(n, eps, seed, release), RELEASES[release]
+        keys = {f"{name} {registry.get(m).key(min(cfg.k, len(lib)))}" for m in methods}  # as evaluate stores them
+        if keys <= finished_passes(out / files.EVAL_RESULTS):
             continue
         print(f"[dp-price] {name}", file=sys.stderr, flush=True)
-        evaluate(ctx["model"], ctx["tok"], {name: lib.with_stats(silos.stats(n, eps, seed))}, data, cfg,
-                 out_dir=out)
+        stats, means = silos.release(n, eps, seed, release)
+        evaluate(ctx["model"], ctx["tok"], {name: lib.with_stats(stats, centroids=means)}, data,
+                 replace(cfg, methods=methods), out_dir=out)
         if commit:
-            commit_only(out / files.EVAL_RESULTS, f"Issue 33: price of privacy, {name} seqr pass")
+            commit_only(out / files.EVAL_RESULTS, f"Issue 33: price of privacy, {name} {', '.join(methods)} pass")
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -154,9 +213,9 @@ STEPS = Path("docs/results/paper_library/steps")
 
 
 def summarise(doc: dict, steps: dict) -> dict:
-    """{n: {eps: {"norm", "ci", "seeds": [norm per seed], "own"}}}: SEQR's accuracy over the steps stage's final
-    oracle (same examples, checked), averaged over the tasks and the seeds; the 95% bootstrap interval resamples
-    the examples (the seeds averaged within each draw)."""
+    """{router: {n: {eps: {"norm", "ci", "seeds": [norm per seed], "own"}}}}: each router's accuracy over the steps
+    stage's final oracle (same examples, checked), averaged over the tasks and the seeds; the 95% bootstrap interval
+    resamples the examples (the seeds averaged within each draw)."""
     from seqr.eval import bootstrap, report as er
 
     for t in er.tasks(doc):
@@ -166,19 +225,44 @@ def summarise(doc: dict, steps: dict) -> dict:
     groups: dict = {}
     for lb, e in doc["libraries"].items():
         kv = dict(part.split("=") for part in lb.split())
-        groups.setdefault((int(kv["n"]), float(kv["eps"])), []).append(e["methods"]["seqr"])
+        for method, res in e["methods"].items():
+            groups.setdefault((method, int(kv["n"]), float(kv["eps"])), []).append(res)
     ts = er.tasks(doc)
-    for (n, eps), passes in sorted(groups.items()):
+    for (method, n, eps), passes in sorted(groups.items(), key=lambda g: (_router_order(g[0][0]), *g[0][1:])):
         norms = []
         for res in passes:
             entry = {**oracle_entry, "methods": {**oracle_entry["methods"], "_dp": res}}
             norms.append(sum(er.normalised(steps, entry, "_dp", t) for t in ts) / len(ts))
         draws = bootstrap.norm_draws(steps, oracle_entry, passes, idx)
         own = [er.pass_own_share(r, ts) for r in passes]
-        out.setdefault(n, {})[eps] = {"norm": sum(norms) / len(norms), "seeds": norms,
-                                      "ci": bootstrap.interval(draws["avg"], bootstrap.LEVEL),
-                                      "own": sum(own) / len(own)}
+        out.setdefault(method, {}).setdefault(n, {})[eps] = {
+            "norm": sum(norms) / len(norms), "seeds": norms, "ci": bootstrap.interval(draws["avg"], bootstrap.LEVEL),
+            "own": None if None in own else sum(own) / len(own)}
     return out
+
+
+def _router_order(key: str) -> int:
+    """Where a stored method key (centroid-seqr@3) comes in RELEASES' order."""
+    order = [m for methods in RELEASES.values() for m in methods]
+    name = key.partition("@")[0]
+    return order.index(name) if name in order else len(order)
+
+
+def _eps(e: float) -> str:
+    return "inf" if math.isinf(e) else f"{e:g}"
+
+
+def _table(res: dict) -> list[str]:
+    rows = ["| router | calibration examples | epsilon | accuracy / oracle % | 95% CI | per seed | own share % |",
+            "|---|---:|---:|---:|---|---|---:|"]
+    for router, by_n in res.items():
+        for n, r in by_n.items():
+            for e, v in r.items():
+                ci = f"{100 * v['ci'][0]:.1f}-{100 * v['ci'][1]:.1f}" if v["ci"] else "-"
+                own = "-" if v["own"] is None else f"{100 * v['own']:.1f}"
+                rows.append(f"| {router} | {n} | {'no DP' if math.isinf(e) else f'{e:g}'} | {100 * v['norm']:.1f} | "
+                            f"{ci} | {', '.join(f'{100 * x:.1f}' for x in v['seeds'])} | {own} |")
+    return rows
 
 
 def report(out: Path) -> Path:
@@ -187,22 +271,17 @@ def report(out: Path) -> Path:
     doc = files.read_json(out / files.EVAL_RESULTS, "price-of-privacy results")
     steps = files.read_json(STEPS / files.EVAL_RESULTS, "steps results")
     res = summarise(doc, steps)
-    files.atomic_write_json(out / "summary.json", {str(n): {("inf" if math.isinf(e) else f"{e:g}"): v
-                                                            for e, v in r.items()} for n, r in res.items()})
+    files.atomic_write_json(out / "summary.json", {router: {str(n): {_eps(e): v for e, v in r.items()}
+                                                            for n, r in by_n.items()} for router, by_n in res.items()})
     final = steps["libraries"]["final"]
     noise = er.noise_summary({**steps, "libraries": {"shared-0": final}}) if final.get("noise") else {}
     fig = plots.privacy(res, noise, out)
-    rows = ["| calibration examples | epsilon | SEQR / oracle % | 95% CI | per seed | own share % |",
-            "|---:|---:|---:|---|---|---:|"]
-    for n, r in res.items():
-        for e, v in r.items():
-            ci = f"{100 * v['ci'][0]:.1f}-{100 * v['ci'][1]:.1f}" if v["ci"] else "-"
-            rows.append(f"| {n} | {'no DP' if math.isinf(e) else f'{e:g}'} | {100 * v['norm']:.1f} | {ci} | "
-                        f"{', '.join(f'{100 * x:.1f}' for x in v['seeds'])} | {100 * v['own']:.1f} |")
-    lines = ["# The price of privacy: SEQR with differentially private calibration", "",
+    lines = ["# The price of privacy: routing with differentially private calibration", "",
              f"Paper-budget library, {EVAL_N} dev examples per task (the steps stage's, whose oracle normalises), "
-             f"delta = {DELTA:g}, clip bound from {PUBLIC_N} public examples of another task, centroids withheld. "
-             "Made by `python scripts/dp_price.py`.", "", *rows, "", f"![price of privacy]({fig})", ""]
+             f"delta = {DELTA:g}, clip bounds from {PUBLIC_N} public examples of another task. SEQR: the stats "
+             "released alone (centroids withheld). The centroid routers: the stats and the centroids released "
+             "together under the same (epsilon, delta). Made by `python scripts/dp_price.py`.", "",
+             *_table(res), "", f"![price of privacy]({fig})", ""]
     labels = [label(*key) for key in plan()]
     missing = [lb for lb in labels if lb not in doc["libraries"]]
     if missing:  # the passes still to run (`dp_price.py run --commit` resumes with them)

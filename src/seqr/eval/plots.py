@@ -248,41 +248,44 @@ def variants(main: dict, study: dict, out: Path, label: str = "shared-0") -> str
 
 
 def privacy(res: dict, noise: dict, out: Path) -> str:
-    """The price of privacy: SEQR's accuracy over the oracle's and its own-adapter share against epsilon (log x;
-    "no DP" at the right), one line per calibration size with its bootstrap band; beside it the noise-on-mu curve
-    of the same examples (`noise`: report.noise_summary), when there is one."""
+    """The price of privacy: each router's accuracy over the oracle's and its own-adapter share against epsilon
+    (log x; "no DP" at the right), one line per router (colour) and calibration size (line style), SEQR's with its
+    bootstrap band; beside it the noise-on-mu curve of the same examples (`noise`: report.noise_summary), when
+    there is one. `res`: {router: {n: {eps: {"norm", "ci", "own"}}}}."""
     plt = pyplot()
     panels = 3 if noise else 2
-    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8))
-    for j, (n, r) in enumerate(res.items()):
-        finite = sorted(e for e in r if e != float("inf"))
-        top = 2 * max(finite) if finite else 1.0  # where "no DP" is drawn
-        xs = [e if e != float("inf") else top for e in [*finite, *(e for e in r if e == float("inf"))]]
-        keys = [*finite, *(e for e in r if e == float("inf"))]
-        for ax, what in ((axes[0], "norm"), (axes[1], "own")):
-            ys = [100 * r[e][what] for e in keys]
-            ax.plot(xs, ys, "o-", color=f"C{j}", label=f"{n} calibration examples")
-            if what == "norm" and all(r[e]["ci"] for e in keys):
-                ax.fill_between(xs, [100 * r[e]["ci"][0] for e in keys], [100 * r[e]["ci"][1] for e in keys],
-                                color=f"C{j}", alpha=0.15)
-        for ax in axes[:2]:
-            ax.set_xscale("log")
-            ax.set_xticks(xs, [f"{e:g}" if e != float("inf") else "no DP" for e in keys])
-            ax.minorticks_off()
-    axes[0].set_ylabel("SEQR accuracy / oracle's (%)")
+    fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 4.0))
+    styles = ("o-", "s--", "^:", "d-.")
+    for i, (router, by_n) in enumerate(res.items()):
+        for j, (n, r) in enumerate(by_n.items()):
+            keys = [*sorted(e for e in r if e != float("inf")), *(e for e in r if e == float("inf"))]
+            finite = [e for e in keys if e != float("inf")]
+            xs = [e if e != float("inf") else 2 * max(finite, default=0.5) for e in keys]  # "no DP" drawn at 2 max
+            for ax, what in ((axes[0], "norm"), (axes[1], "own")):
+                if any(r[e][what] is None for e in keys):
+                    continue
+                ax.plot(xs, [100 * r[e][what] for e in keys], styles[j % len(styles)], color=f"C{i}",
+                        label=f"{router}, {n} examples")
+                if what == "norm" and i == 0 and all(r[e]["ci"] for e in keys):
+                    ax.fill_between(xs, [100 * r[e]["ci"][0] for e in keys], [100 * r[e]["ci"][1] for e in keys],
+                                    color=f"C{i}", alpha=0.12)
+                ax.set_xscale("log")
+                ax.set_xticks(xs, [f"{e:g}" if e != float("inf") else "no DP" for e in keys])
+                ax.minorticks_off()
+    axes[0].set_ylabel("accuracy / oracle's (%)")
     axes[1].set_ylabel("decisions routed to the own adapter (%)")
     for ax in axes[:2]:
         ax.set_xlabel("epsilon (delta 1e-5)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     if noise:
         lv = sorted(noise)
-        axes[2].plot(lv, [100 * noise[v][0] for v in lv], "o-", color="C3")
+        axes[2].plot(lv, [100 * noise[v][0] for v in lv], "o-", color="C0")
         axes[2].set_xlabel("noise on mu (std multiples), no DP")
         axes[2].set_ylabel("SEQR accuracy / oracle's (%)")
         axes[2].set_title("the paper's noise curve, same examples", fontsize=9)
         axes[2].grid(alpha=0.3)
-    fig.suptitle("SEQR with differentially private calibration")
+    fig.suptitle("Routing with differentially private calibration")
     fig.tight_layout()
     return save_png(fig, out, "privacy.png")
 
