@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -44,6 +45,28 @@ def learned_lines(doc: dict) -> tuple[list[str], dict]:
              f"accuracy is **{res['points']:+.1f} points** over the untouched model's (target: at least +15).", ""]
             + _table(["task", "untouched %", "own adapter %", "only own right", "only untouched right", "sign-test p",
                       "learned"], rows), res)
+
+
+def tried_lines(learned: dict, training: dict | None) -> list[str]:
+    """What was tried for each task whose own adapter did not learn (item 4): its learning-rate sweep against the
+    untouched model, the chosen rate, and where the training loss started and ended (training.json)."""
+    runs = {r["task"]: r for r in (training or {}).get("tasks", [])}
+    stuck = [t for t, r in learned["tasks"].items() if not r["learned"] and t in runs]
+    rows = []
+    for t in stuck:
+        sweep, run = runs[t]["sweep"], runs[t]["run"]
+        rates = ", ".join(f"{float(k):g}: {100 * v:.0f}" for k, v in sorted(sweep["rates"].items(),
+                                                                          key=lambda kv: float(kv[0])))
+        rows.append([t, f"{100 * sweep['base_accuracy']:.0f}", rates, f"{sweep['chosen_lr']:g}", run["steps"],
+                     f"{run['loss'][0]:.2f}", f"{statistics.fmean(run['loss'][-50:]):.2f}",
+                     f"{learned['tasks'][t]['p']:.2g}"])
+    if not rows:
+        return []
+    return (["What was tried for the tasks whose own adapter did not learn: a learning-rate sweep (accuracy on 100 "
+             "dev examples per rate, against the untouched model's on the same examples), then the recipe at the "
+             "best rate; the training loss per step is in training.json.", ""]
+            + _table(["task", "untouched % (sweep)", "sweep: rate -> accuracy %", "chosen rate", "steps",
+                      "loss, first step", "loss, mean of the last 50 steps", "full-dev sign-test p"], rows))
 
 
 def verdict_lines(doc: dict) -> tuple[list[str], dict]:
@@ -173,6 +196,9 @@ def write(out: Path) -> Path:
         for fn, key in ((learned_lines, "learned"), (verdict_lines, "seqr_vs")):
             more, summary[key] = fn(docs["main"])
             lines += more
+            if key == "learned":
+                training = out / "training.json"
+                lines += tried_lines(summary[key], files.read_json(training, "training") if training.exists() else None)
         lines += ["Full tables and figures (Tables 3-4, Figures 3-4, own-adapter shares): [main/report.md](main/report.md).",
                   "", "![accuracy](main/accuracy_shared.png)", ""]
     if docs["exact"]:

@@ -220,3 +220,16 @@ def test_finished_passes_name_base_methods_and_noise(tmp_path):
     f.write_text(json.dumps({"base": {"tasks": {}}, "libraries": {
         "shared-0": {"methods": {"seqr": {}, "lag@3": {}}, "noise": {"0.5@0": {}}}, "step-12": {"methods": {}, "noise": {}}}}))
     assert pe.finished_passes(f) == {"base", "shared-0 seqr", "shared-0 lag@3", "shared-0 0.5@0"}
+
+
+def test_report_says_what_was_tried_for_a_task_that_did_not_learn():
+    pr = _script("paper_report")
+    learned = {"tasks": {"sst2": {"learned": True, "p": 1e-9}, "cola": {"learned": False, "p": 0.5}}}
+    run = {"steps": 250, "loss": [5.7] + [1.0] * 149 + [0.2] * 50}
+    training = {"tasks": [{"task": t, "sweep": {"rates": {"0.002": 0.7, "0.0005": 0.78}, "base_accuracy": 0.78,
+                                                "chosen_lr": 0.0005}, "run": run} for t in ("sst2", "cola")]}
+    lines = pr.tried_lines(learned, training)
+    rows = [ln for ln in lines if ln.startswith("| ") and "task" not in ln]
+    assert rows == ["| cola | 78 | 0.0005: 78, 0.002: 70 | 0.0005 | 250 | 5.70 | 0.20 | 0.5 |"]  # only the stuck one
+    assert pr.tried_lines(learned, None) == [] and pr.tried_lines({"tasks": {"sst2": {"learned": True}}}, training) == []
+
