@@ -13,9 +13,10 @@ Per silo and calibration size n (each on its own training examples, the first n 
   entropy), centroids withheld so the whole budget goes to mu and sigma;
 - epsilon = inf: the ordinary calibration (no DP) on the same n examples.
 The centroid routers (CENTROID_METHODS) get the same grid from a second release per pass, the stats and the centroids
-together (two composed Gaussian releases under one (epsilon, DELTA), seqr.core.privacy): C_c by the same public rule,
-each silo's clipped per-example mean inputs summed once per n (kept as float16 safetensors, the sum over n; its
-rounding is far below the noise), and beside them the ordinary token-mean centroids of the same pass for epsilon = inf.
+together (two composed Gaussian releases under one (epsilon, DELTA), seqr.core.privacy): the public centre p and C_c
+from the same public sample, each silo's clipped per-example mean inputs (less p) summed once per n (kept as float16
+safetensors, the sum over n; its rounding is far below the noise), and beside them the ordinary token-mean centroids
+of the same pass for epsilon = inf.
 Each library is evaluated with SEQR on the steps stage's EVAL_N dev examples per task, whose oracle pass
 (docs/results/paper_library/steps) normalises the accuracy; the report adds bootstrap intervals, the spread over
 seeds, and the figure beside the noise-on-mu curve of the same examples.
@@ -88,18 +89,32 @@ class Silos:
     def examples(self, task: str, n: int):
         return load_task(task, "train", data_dir=self.ctx["data"], max_examples=n, seed=SEED)
 
-    def clip(self, task: str, centroids: bool = False) -> float:
-        """C (or C_c with `centroids`) by the public rule, on PUBLIC_N examples of another silo's task."""
-        key, where = ("centroid_clip", "clip-centroids") if centroids else ("clip", "clip")
-        f = self.kept / where / f"{task}.json"
+    def _public(self, task: str):
+        return load_task(public_task(task, self.lib.names), "train", data_dir=self.ctx["data"],
+                         max_examples=PUBLIC_N, seed=SEED)
+
+    def clip(self, task: str) -> float:
+        """C by the public rule, on PUBLIC_N examples of another silo's task."""
+        f = self.kept / "clip" / f"{task}.json"
         if not f.exists():
-            public = load_task(public_task(task, self.lib.names), "train", data_dir=self.ctx["data"],
-                               max_examples=PUBLIC_N, seed=SEED)
-            c, cc = public_clip(self.ctx["model"], self.ctx["tok"], self.dirs[task], public, centroids=centroids,
-                                progress=False)
-            self._keep(f, {key: cc if centroids else c, "public_task": public_task(task, self.lib.names),
-                           "public_examples": PUBLIC_N}, f"{key.replace('_', ' ')} bound of {task}")
-        return float(files.read_json(f, "clip bound")[key])
+            c = public_clip(self.ctx["model"], self.ctx["tok"], self.dirs[task], self._public(task), progress=False)
+            self._keep(f, {"clip": c.clip, "public_task": public_task(task, self.lib.names),
+                           "public_examples": PUBLIC_N}, f"clip bound of {task}")
+        return float(files.read_json(f, "clip bound")["clip"])
+
+    def centre(self, task: str) -> tuple[float, dict[str, torch.Tensor]]:
+        """(C_c, the centre p) by the public rule: the mean of the public sample's centroid rows (kept in float16,
+        and used as kept) and the largest distance of one of them from it."""
+        f = self.kept / "clip-centroids" / f"{task}.json"
+        if not f.exists():
+            b = public_clip(self.ctx["model"], self.ctx["tok"], self.dirs[task], self._public(task), centroids=True,
+                            progress=False)
+            self._keep(f.with_suffix(".safetensors"), {k: v.half() for k, v in b.center.items()},
+                       f"public centre of {task}'s centroid rows")
+            self._keep(f, {"centroid_clip": b.centroid_clip, "public_task": public_task(task, self.lib.names),
+                           "public_examples": PUBLIC_N}, f"centroid clip bound of {task}")
+        p = files.read_tensors(f.with_suffix(".safetensors"), "public centre")
+        return float(files.read_json(f, "centroid clip bound")["centroid_clip"]), {k: v.double() for k, v in p.items()}
 
     def sums(self, task: str, n: int) -> ClippedSums:
         f = self.kept / f"sums-{n}" / f"{task}.json"
@@ -130,7 +145,7 @@ class Silos:
         f = self.kept / f"centroids-{n}" / f"{task}.safetensors"
         if not f.exists():
             clipped, plain = centroid_pass(self.ctx["model"], self.ctx["tok"], self.dirs[task],
-                                           self.examples(task, n), self.clip(task, centroids=True))
+                                           self.examples(task, n), *self.centre(task))
             half = {**{f"dp/{k}": (v / n).half() for k, v in clipped.items()},
                     **{f"plain/{k}": v.half() for k, v in plain.items()}}  # (n_layer,) each
             if bad := [k for k, v in half.items() if not torch.isfinite(v).all()]:
@@ -162,11 +177,12 @@ class Silos:
                 if cents:
                     means[task] = self.centroids(task, n)[1]
                 continue
-            g = DPConfig(eps, DELTA, self.clip(task), self.clip(task, centroids=True) if cents else None,
-                         clip_rule=f"largest row norm on {PUBLIC_N} public examples of "
-                                   f"{public_task(task, self.lib.names)}").guarantee(n, centroids=cents)
+            public = f"{PUBLIC_N} public examples of {public_task(task, self.lib.names)}"
+            cc, p = self.centre(task) if cents else (None, None)
+            g = DPConfig(eps, DELTA, self.clip(task), cc, clip_rule=f"largest row norm on {public}",
+                         centroid_center=p, center_rule=f"the mean of {public}").guarantee(n, centroids=cents)
             sums = self.sums(task, n)
-            sums = replace(sums, centroids=self.centroids(task, n)[0]) if cents else sums
+            sums = replace(sums, centroids=self.centroids(task, n)[0], center=p) if cents else sums
             gen = torch.Generator().manual_seed(1000 * seed + i)  # the study's repeats (a real release: OS entropy)
             stats[task], m = dp_release(sums, g, gen)
             if cents:
@@ -174,14 +190,16 @@ class Silos:
         return stats, means
 
 
-def centroid_pass(model, tok, adapter_dir: Path, examples, centroid_clip: float) -> tuple[dict, dict]:
-    """One traced pass over a silo's examples: (layer -> its slice of sum_e clip(c_e, C_c), c_e the example's
-    mean inputs, as seqr.silo.private.dp_sums sums them; layer -> the mean input over all real tokens, the
-    ordinary centroid seqr.silo.calibrate computes)."""
+def centroid_pass(model, tok, adapter_dir: Path, examples, centroid_clip: float,
+                  center: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """One traced pass over a silo's examples: (layer -> its slice of sum_e clip(c_e - p, C_c), c_e the example's
+    mean inputs and p the public `center`, as seqr.silo.private.dp_sums sums them; layer -> the mean input over all
+    real tokens, the ordinary centroid seqr.silo.calibrate computes)."""
     clipped, sums, tokens = 0.0, {}, 0
     for b in traced_batches(model, tok, adapter_dir, examples, batch_size=8, progress=False, scoring="choices",
                             inputs=True):
-        clipped = clipped + clipped_sum(example_rows(b)[1], centroid_clip)  # (sum n,)
+        p = torch.cat([center[k] for k in b.inputs])  # (sum n,)
+        clipped = clipped + clipped_sum(example_rows(b)[1] - p, centroid_clip)  # (sum n,)
         for layer, x in b.inputs.items():
             sums[layer] = sums.get(layer, 0.0) + x.sum(0)  # (n,)
         tokens += int(b.tokens.sum())

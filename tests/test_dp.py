@@ -15,7 +15,7 @@ from seqr import LoraLibrary
 from seqr.core.argfmt import BadValue
 from seqr.core.privacy import (DPConfig, Guarantee, clipped_sum, noise_multiplier, release_moments, unguaranteed)
 from seqr.silo.calibrate import calibrate, norm_stats
-from seqr.silo.private import dp_sums
+from seqr.silo.private import dp_release, dp_sums
 from seqr.silo.tasks import Example
 from seqr.store import files
 from test_cli_errors import assert_one_line, no_model, run  # noqa: F401  (no_model: a fixture)
@@ -132,6 +132,27 @@ def test_the_per_example_summaries_match_the_non_dp_path_one_example_at_a_time(t
         torch.testing.assert_close(sums.centroids[layer], want, rtol=1e-5, atol=1e-6)
 
 
+def test_centred_centroid_rows_sum_clip_c_minus_p_and_release_p_plus_their_noisy_mean(tok, adapters):
+    model, exs = tiny_chat_llama(len(tok)), _examples(5)
+    free = dp_sums(model, tok, adapters / "alpha", exs, 1e9, 1e9, batch_size=2, progress=False)
+    p = {k: v / 5 + 0.1 for k, v in free.centroids.items()}  # a fixed public point near the rows (n,) each
+    rows = dp_sums(model, tok, adapters / "alpha", exs, 1e9, 1e9, centroid_center=p, batch_size=2, progress=False)
+    for layer, v in rows.centroids.items():  # nothing clipped: the sum of c_e - p
+        torch.testing.assert_close(v, free.centroids[layer] - 5 * p[layer], rtol=1e-9, atol=1e-9)
+    Cc = 0.5  # below the centred rows' norms: clipping binds, and one example still moves the sum by <= 2 C_c
+    cents = lambda s: torch.cat(list(s.centroids.values()))  # noqa: E731  (sum n,)
+    base, replaced = (dp_sums(model, tok, adapters / "alpha", e, 1e9, Cc, centroid_center=p, progress=False)
+                      for e in (exs, exs[:-1] + _examples(1, long=True)))
+    assert float(torch.linalg.vector_norm(cents(base) - cents(replaced))) <= 2 * Cc * (1 + 1e-9)
+    assert float(torch.linalg.vector_norm(cents(base))) <= 5 * Cc * (1 + 1e-9)
+    g = DPConfig(1000.0, D, clip=1.0, centroid_clip=0.1, centroid_center=p).guarantee(5, centroids=True)
+    draws = torch.stack([torch.cat(list(dp_release(rows, g, torch.Generator().manual_seed(i))[1].values()))
+                         for i in range(50)])  # (50, sum n) released centroids (the noise is small at eps 1000)
+    assert g.centroid_center == "given" and rows.center is p and g.centroid_noise_std / 5 < 0.01
+    want = torch.cat([v / 5 for v in free.centroids.values()])  # the plain mean of the rows: p is added back
+    assert ((draws.double().mean(0) - want).abs() < 5 * g.centroid_noise_std / 5 / math.sqrt(50) + 1e-6).all()
+
+
 def test_a_dir_that_already_holds_stats_is_calibrated_on_raw_norms_again(tok, adapters, tmp_path):
     from peft_factory import make_adapter
 
@@ -245,14 +266,18 @@ def test_the_public_rule_sets_c_to_the_largest_row_norm_of_the_public_sample(cli
     g = Guarantee.from_dict(json.loads(capsys.readouterr().out)["privacy"])
     tok, adapter = chat_tokenizer(), cli_files[4]
     model = tiny_chat_llama(len(tok))  # the saved model's weights
-    norms, cnorms = [], []
+    norms, crows = [], []
     for ex in load_task(public, "train"):  # reference: each public example alone through the non-DP path
         cent = {}
         st, _ = norm_stats(model, tok, adapter, [ex], progress=False, centroids=cent)
         norms.append(math.sqrt(sum(s.mean ** 2 + (s.var + s.mean ** 2) ** 2 for s in st.values())))
-        cnorms.append(math.sqrt(sum(float((c.double() ** 2).sum()) for c in cent.values())))
-    assert g.clip == pytest.approx(max(norms), rel=1e-5) and g.centroid_clip == pytest.approx(max(cnorms), rel=1e-5)
+        crows.append(torch.cat([c.double() for c in cent.values()]))
+    rows = torch.stack(crows)  # (3, sum n): C_c is the largest distance from their mean, the centre
+    cc = float(torch.linalg.vector_norm(rows - rows.mean(0), dim=1).max())
+    assert g.clip == pytest.approx(max(norms), rel=1e-5) and g.centroid_clip == pytest.approx(cc, rel=1e-4)
+    assert cc < float(torch.linalg.vector_norm(rows, dim=1).max())  # centred: a smaller bound, less noise
     assert "3 public examples" in g.clip_rule and g.examples == 4 and g.epsilon == 2.0
+    assert g.centroid_center == f"the mean of 3 public examples of {public}" and "around the mean" in g.describe()
 
 
 def test_a_malformed_privacy_record_is_refused_naming_the_field():

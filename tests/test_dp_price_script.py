@@ -42,8 +42,10 @@ def test_price_of_privacy_passes_stats_and_report(setup, tmp_path, monkeypatch):
 
     exs = dp.load_task("sst2", "train", data_dir=str(setup / "data"), max_examples=6, seed=0)
     adapter = LoraLibrary.load(setup / "art").to_peft("sst2", tmp_path / "one" / "sst2")
-    clipped, plain = dp.centroid_pass(model, tok, adapter, exs, 0.5)  # one pass: the private sums and the plain ones
-    ref = dp_sums(model, tok, adapter, exs, 1.0, 0.5, batch_size=4, progress=False).centroids
+    free = dp_sums(model, tok, adapter, exs, 1.0, 1e9, batch_size=4, progress=False).centroids
+    centre = {k: v / 6 for k, v in free.items()}  # (n,) each: any fixed point
+    clipped, plain = dp.centroid_pass(model, tok, adapter, exs, 0.5, centre)  # one pass: the private and plain sums
+    ref = dp_sums(model, tok, adapter, exs, 1.0, 0.5, centroid_center=centre, batch_size=4, progress=False).centroids
     dp.calibrate(model, tok, adapter, exs, progress=False)
     for layer, c in files.read_tensors(adapter / files.CENTROIDS_FILE, "centroids").items():
         torch.testing.assert_close(clipped[layer], ref[layer], rtol=1e-9, atol=1e-12)
@@ -55,7 +57,8 @@ def test_price_of_privacy_passes_stats_and_report(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(dp, "public_clip", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     assert {p.name for p in (kept / "calib-12").iterdir()} == tasks  # the eps=inf release, kept too
     assert {p.name for p in (kept / "centroids-12").iterdir()} == {t.replace(".json", ".safetensors") for t in tasks}
-    assert {p.name for p in (kept / "clip-centroids").iterdir()} == tasks
+    assert {p.name for p in (kept / "clip-centroids").iterdir()} == tasks | {t.replace(".json", ".safetensors")
+                                                                             for t in tasks}
     monkeypatch.setattr(dp, "calibrate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     monkeypatch.setattr(dp, "centroid_pass", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     silos = dp.Silos({"model": model, "tok": tok, "data": str(setup / "data"), "work": tmp_path / "work2",
@@ -70,6 +73,8 @@ def test_price_of_privacy_passes_stats_and_report(setup, tmp_path, monkeypatch):
     c_stats, c_means = silos.release(12, 1.0, 0, "centroids")  # the stats and the centroids, one guarantee
     gc = c_stats["sst2"][layer].privacy
     assert gc.centroid_clip > 0 and gc.epsilon == 1.0 and c_stats["sst2"][layer].mean != s0["sst2"][layer].mean
+    assert gc.centroid_center.startswith("the mean of 4 public examples of") and gc.centroid_clip == silos.centre(
+        "sst2")[0]
     assert set(c_means) == {t[:-5] for t in tasks} and c_means["sst2"][layer].shape == (silos.lib.meta.layers[layer][1],)
     assert plain["sst2"][layer].privacy is None and plain["sst2"][layer].count > 12  # per token, no DP
 

@@ -6,12 +6,14 @@ in seqr.core.privacy; this module runs the model to get each example's summaries
 
 The clip bound C is a public choice: given (`--dp-clip`), or taken from a public sample by `public_clip`, the
 largest per-example row norm on examples the silo may publish (another task's data, never its own training
-data), so that rows like the public ones are not clipped. The same rule gives C_c for the centroids.
+data), so that rows like the public ones are not clipped. The same sample gives the centroids' public centre p,
+the mean of its centroid rows, and C_c, the largest distance of one of them from p.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -45,15 +47,17 @@ class ClippedSums:
     """The pre-noise sums over examples of their clipped rows."""
 
     stats: dict[str, torch.Tensor]  # layer -> (2,): sum of clipped (mean norm, mean squared norm)
-    centroids: dict[str, torch.Tensor] | None  # layer -> (n,): its slice of the sum of clipped centroid rows
+    centroids: dict[str, torch.Tensor] | None  # layer -> (n,): its slice of the sum of clipped rows c_e - p
     examples: int
+    center: dict[str, torch.Tensor] | None = None  # layer -> (n,): the public centre p (None: 0)
 
 
 def dp_sums(model, tokenizer, adapter_dir: str | Path, examples, clip: float, centroid_clip: float | None = None,
-            *, tokens: str = "all", batch_size: int = 8, progress: bool = True,
-            scoring: str = "choices") -> ClippedSums:
-    """sum_e clip(v_e, C) (and sum_e clip(c_e, C_c) with a `centroid_clip`): one example moves either sum by at
-    most its clip bound when added or removed, sqrt(2) C (2 C_c) when replaced."""
+            *, centroid_center: dict[str, torch.Tensor] | None = None, tokens: str = "all", batch_size: int = 8,
+            progress: bool = True, scoring: str = "choices") -> ClippedSums:
+    """sum_e clip(v_e, C) (and sum_e clip(c_e - p, C_c) with a `centroid_clip`, p the public `centroid_center`
+    or 0): one example moves either sum by at most its clip bound when added or removed, sqrt(2) C (2 C_c) when
+    replaced."""
     check_examples(len(examples))
     total = cents = 0.0
     for b in traced_batches(model, tokenizer, adapter_dir, examples, batch_size=batch_size, progress=progress,
@@ -61,25 +65,49 @@ def dp_sums(model, tokenizer, adapter_dir: str | Path, examples, clip: float, ce
         rows, c = example_rows(b, tokens)
         total = total + clipped_sum(rows, clip)  # (2L,)
         if c is not None:
-            cents = cents + clipped_sum(c, centroid_clip)  # (sum n,)
+            p = 0.0 if centroid_center is None else _row(centroid_center, b.inputs)  # (sum n,)
+            cents = cents + clipped_sum(c - p, centroid_clip)  # (sum n,)
         layers, sizes = list(b.norms), [x.shape[1] for x in b.inputs.values()]
     stats = dict(zip(layers, total.reshape(-1, 2)))  # layer -> (2,)
     return ClippedSums(stats, dict(zip(layers, cents.split(sizes))) if centroid_clip is not None else None,
-                       len(examples))
+                       len(examples), centroid_center if centroid_clip is not None else None)
+
+
+def _row(per_layer: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-layer vectors concatenated in the order of a batch's centroid row (`like`'s layers)."""
+    if missing := [k for k in like if k not in per_layer]:
+        raise ValueError(f"the centroid centre has no vector for layer(s) {missing[:3]}")
+    return torch.cat([per_layer[k].double() for k in like])  # (sum n,)
+
+
+class PublicBounds(NamedTuple):
+    """What the public rule takes from a public sample: C, and with centroids C_c and the centre p."""
+
+    clip: float
+    centroid_clip: float | None = None
+    center: dict[str, torch.Tensor] | None = None  # layer -> (n,) float64
 
 
 def public_clip(model, tokenizer, adapter_dir: str | Path, public_examples, *, tokens: str = "all",
                 centroids: bool = False, batch_size: int = 8, progress: bool = True,
-                scoring: str = "choices") -> tuple[float, float | None]:
-    """(C, C_c or None) by the public rule: the largest per-example row norm over `public_examples`, which must be
-    data the silo may publish (never its private training data: C would then leak it)."""
-    c = cc = 0.0
+                scoring: str = "choices") -> PublicBounds:
+    """C by the public rule, the largest per-example row norm over `public_examples`, which must be data the silo
+    may publish (never its private training data: C would then leak it); with `centroids` also the centre p, the
+    mean of their centroid rows, and C_c, the largest distance of one of those rows from p."""
+    c, rows, sizes = 0.0, [], {}
     for b in traced_batches(model, tokenizer, adapter_dir, public_examples, batch_size=batch_size,
                             progress=progress, scoring=scoring, inputs=centroids):
-        rows, cents = example_rows(b, tokens)
-        c = max(c, float(torch.linalg.vector_norm(rows, dim=1).max()))
-        cc = cc if cents is None else max(cc, float(torch.linalg.vector_norm(cents, dim=1).max()))
-    return c, (cc if centroids else None)
+        r, cents = example_rows(b, tokens)
+        c = max(c, float(torch.linalg.vector_norm(r, dim=1).max()))
+        if cents is not None:
+            rows.append(cents.float())  # (B, sum n)
+            sizes = {k: x.shape[1] for k, x in b.inputs.items()}
+    if not centroids:
+        return PublicBounds(c)
+    every = torch.cat(rows).double()  # (P, sum n)
+    p = every.mean(0)  # (sum n,)
+    cc = float(torch.linalg.vector_norm(every - p, dim=1).max())
+    return PublicBounds(c, cc, dict(zip(sizes, p.split(list(sizes.values())))))
 
 
 def dp_release(sums: ClippedSums, g: Guarantee,
@@ -94,7 +122,9 @@ def dp_release(sums: ClippedSums, g: Guarantee,
              for k, m, s in zip(layers, mu, sigma)}
     if g.centroid_clip is None:
         return stats, None
-    return stats, {k: release_centroids(v, g, gen).float() for k, v in sums.centroids.items()}  # (n,) each
+    p = sums.center or {}
+    return stats, {k: (release_centroids(v, g, gen) + p.get(k, 0.0)).float()  # (n,) each: the noisy mean + p
+                   for k, v in sums.centroids.items()}
 
 
 def dp_calibrate(model, tokenizer, adapter_dir: str | Path, examples, dp: DPConfig, *, centroids: bool = True,
@@ -106,7 +136,8 @@ def dp_calibrate(model, tokenizer, adapter_dir: str | Path, examples, dp: DPConf
     centroids released under DP too (or withheld, `centroids=False`; the whole budget then goes to the stats)."""
     g = dp.guarantee(len(examples), centroids=centroids)  # refuses bad values before the model runs
     sums = dp_sums(model, tokenizer, adapter_dir, examples, g.clip, g.centroid_clip, tokens=tokens,
-                   batch_size=batch_size, progress=progress, scoring=scoring)
+                   centroid_center=dp.centroid_center if centroids else None, batch_size=batch_size,
+                   progress=progress, scoring=scoring)
     stats, means = dp_release(sums, g, generator)
     return ship(adapter_dir, stats, means, noise=noise, seed=seed, examples=len(examples), tokens=None,
                 token_set=tokens, privacy=g.to_dict())
@@ -128,7 +159,8 @@ def add_dp_args(p) -> None:
                    help="L2 bound on each example's mean input, all layers concatenated (DP centroids)")
     g.add_argument("--dp-public", metavar="TASK",
                    help="set C (and C_c) not given to the largest per-example row norm on a public sample: "
-                        "TASK's train split (another task than --task, data the silo may publish)")
+                        "TASK's train split (another task than --task, data the silo may publish); the centroid "
+                        "rows are then clipped around the sample's mean row (much less noise)")
     g.add_argument("--dp-public-examples", type=int, default=16, metavar="N", help="size of that public sample")
     g.add_argument("--dp-accountant", choices=("pld", "rdp"), default="pld", help="dp-accounting's accountant")
 
@@ -164,9 +196,12 @@ def dp_request(p, a, examples: int) -> tuple[DPConfig | None, list | None]:
 def with_public_clip(cfg: DPConfig, model, tokenizer, a, public) -> DPConfig:
     """`cfg` with the clip bounds it lacks taken from the public sample (`public_clip`), the rule recorded."""
     centroids = not a.withhold_centroids
-    c, cc = public_clip(model, tokenizer, a.adapter, public, tokens=a.tokens, centroids=centroids,
-                        batch_size=a.batch_size, scoring=a.scoring, progress=False)
+    b = public_clip(model, tokenizer, a.adapter, public, tokens=a.tokens, centroids=centroids,
+                    batch_size=a.batch_size, scoring=a.scoring, progress=False)
     rule = f"largest per-example row norm on {len(public)} public examples of {a.dp_public}"
-    return replace(cfg, clip=cfg.clip or c, centroid_clip=cfg.centroid_clip or cc,
+    centred = centroids and not cfg.centroid_clip  # a given C_c bounds the rows themselves (centre 0)
+    return replace(cfg, clip=cfg.clip or b.clip, centroid_clip=cfg.centroid_clip or b.centroid_clip,
                    clip_rule=f"C: {'given' if cfg.clip else rule}" + (
-                       f"; C_c: {'given' if cfg.centroid_clip else rule}" if centroids else ""))
+                       f"; C_c: {'given' if cfg.centroid_clip else rule + ' from their mean'}" if centroids else ""),
+                   centroid_center=b.center if centred else None,
+                   center_rule=f"the mean of {len(public)} public examples of {a.dp_public}" if centred else None)
