@@ -153,6 +153,15 @@ def test_centred_centroid_rows_sum_clip_c_minus_p_and_release_p_plus_their_noisy
     assert ((draws.double().mean(0) - want).abs() < 5 * g.centroid_noise_std / 5 / math.sqrt(50) + 1e-6).all()
 
 
+def test_a_public_centre_needs_two_public_examples(tok, adapters):
+    from seqr.silo.private import public_clip
+
+    model = tiny_chat_llama(len(tok))
+    with pytest.raises(BadValue, match="at least 2 public examples, got 1"):
+        public_clip(model, tok, adapters / "alpha", _examples(1), centroids=True, progress=False)
+    assert public_clip(model, tok, adapters / "alpha", _examples(1), progress=False).centroid_clip is None
+
+
 def test_a_dir_that_already_holds_stats_is_calibrated_on_raw_norms_again(tok, adapters, tmp_path):
     from peft_factory import make_adapter
 
@@ -244,7 +253,11 @@ def cli_files(tmp_path_factory):
     (["--dp-epsilon", "1", "--dp-clip", "1"], "--dp-delta"),
     (["--dp-epsilon", "1", "--dp-delta", "1e-5"], "--dp-clip C and --dp-centroid-clip C_c"),
     (["--dp-clip", "1"], "--dp-clip needs --dp-epsilon"),
-    (["--dp-epsilon", "1", "--dp-delta", "1e-5", "--dp-public", "SILO"], "is the silo's own task")])
+    (["--dp-epsilon", "1", "--dp-delta", "1e-5", "--dp-public", "SILO"], "is the silo's own task"),
+    (["--dp-epsilon", "1", "--dp-delta", "1e-5", "--dp-public", "sst2", "--dp-public-examples", "1"],
+     "--dp-public-examples must be at least 2 (centroids are clipped around the sample's mean row), got 1"),
+    (["--dp-epsilon", "1", "--dp-delta", "1e-5", "--dp-public", "sst2", "--dp-public-examples", "0",
+      "--withhold-centroids"], "--dp-public-examples must be a positive integer, got 0")])
 def test_bad_values_at_the_cli_are_one_line_exit_2_before_the_model_loads(extra, needle, cli_files, no_model,
                                                                           capsys):
     argv = [cli_files[-1] if a == "SILO" else a for a in cli_files + extra]

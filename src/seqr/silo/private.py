@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from seqr.core.argfmt import BadValue
 from seqr.core.privacy import (DPConfig, Guarantee, check_examples, clipped_sum, noise_generator,
                                release_centroids, release_moments)
 from seqr.core.stats import NormStats
@@ -105,6 +106,8 @@ def public_clip(model, tokenizer, adapter_dir: str | Path, public_examples, *, t
     if not centroids:
         return PublicBounds(c)
     every = torch.cat(rows).double()  # (P, sum n)
+    if len(every) < 2:
+        raise BadValue(f"a public centre and C_c need at least 2 public examples, got {len(every)}")
     p = every.mean(0)  # (sum n,)
     cc = float(torch.linalg.vector_norm(every - p, dim=1).max())
     return PublicBounds(c, cc, dict(zip(sizes, p.split(list(sizes.values())))))
@@ -188,8 +191,10 @@ def dp_request(p, a, examples: int) -> tuple[DPConfig | None, list | None]:
         return cfg, None
     if a.dp_public == a.task:
         p.error(f"--dp-public {a.dp_public!r} is the silo's own task; C must come from public data")
-    if a.dp_public_examples < 1:
-        p.error(f"--dp-public-examples must be a positive integer, got {a.dp_public_examples}")
+    if a.dp_public_examples < (2 if centroids else 1):
+        p.error(f"--dp-public-examples must be at least {2 if centroids else 1} (centroids are clipped around "
+                f"the sample's mean row), got {a.dp_public_examples}" if centroids else
+                f"--dp-public-examples must be a positive integer, got {a.dp_public_examples}")
     return cfg, check_task(p, a.dp_public, a.data, a.dp_public_examples, a.seed)
 
 
