@@ -298,7 +298,8 @@ def report(out: Path) -> Path:
              f"Paper-budget library, {EVAL_N} dev examples per task (the steps stage's, whose oracle normalises), "
              f"delta = {DELTA:g}, clip bounds from {PUBLIC_N} public examples of another task. SEQR: the stats "
              "released alone (centroids withheld). The centroid routers: the stats and the centroids released "
-             "together under the same (epsilon, delta). Made by `python scripts/dp_price.py`.", "",
+             "together under the same (epsilon, delta), the centroid rows clipped around the public sample's mean "
+             "row. Made by `python scripts/dp_price.py`.", "",
              *_table(res), "", f"![price of privacy]({fig})", ""]
     labels = [label(*key) for key in plan()]
     missing = [lb for lb in labels if lb not in doc["libraries"]]
