@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 from seqr.eval import plots, study
+from seqr.eval.evaluate import EvalConfig
+from seqr.hf import granularity
 from seqr.eval import report as er
 from seqr.store import files
 
@@ -119,7 +121,26 @@ def variants_lines(main: dict, variants: dict, out: Path) -> tuple[list[str], di
              "SEQR with one routing setting changed, against every method of the main stage on the same examples: "
              "+a/-b counts the examples only the variant / only the other method answers right, with the exact "
              f"sign-test p. 'learned tasks': the {n_learned} tasks whose own adapter beats the untouched model.", ""]
-            + er.variants_table(res) + [""] + ([f"![variants]({fig})", ""] if fig else []), res)
+            + er.variants_table(res) + [""] + default_lines(main, variants)
+            + ([f"![variants]({fig})", ""] if fig else []), res)
+
+
+def default_lines(main: dict, variants: dict) -> list[str]:
+    """Every variant against the library's default router (SEQR at granularity.DEFAULT), which another variant
+    replaces only by beating it with p < 0.05."""
+    ref = EvalConfig(tasks=["_"], granularity=granularity.DEFAULT).variant()
+    vs = study.against(main, variants, ref)
+    if not vs:
+        return []
+    rows = [[v, f"+{r['only_variant']}/-{r['only_other']}", f"{r['p']:.2g}",
+             ("better" if r["only_variant"] > r["only_other"] else "worse") if r["p"] < 0.05 else "no difference"]
+            for v, r in vs.items()]
+    wins = [v for v, r in vs.items() if r["p"] < 0.05 and r["only_variant"] > r["only_other"]]
+    return ([f"Against the default router (SEQR, {ref}): "
+             + (f"{', '.join(wins)} beat{'s' if len(wins) == 1 else ''} it with p < 0.05; the default also weighs "
+                "what each decision costs per token ([granularity costs](../layer_routing/granularity_costs.md))."
+                if wins else "no variant beats it with p < 0.05, so the default stays."), ""]
+            + _table(["variant", "only it / only the default right", "sign-test p", "verdict (p < 0.05)"], rows))
 
 
 def unique_lines(main: dict, unique: dict) -> tuple[list[str], dict]:

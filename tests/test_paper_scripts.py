@@ -198,7 +198,7 @@ def test_report_from_every_stage(setup, monkeypatch, tmp_path):
     assert set(summary["seqr_vs"]) == {"base", "mu", "arrow", "lag@2", "centroid", "centroid-seqr@2"}
     assert set(summary["exactness"]) == {"spectr", "naive"} and set(summary["noise"]) == {"0", "0.5", "1"}
     for section in ("Did each adapter learn", "Does SEQR beat", "Exactness", "under noise", "Routability vs",
-                    "Routing variants", "shared frozen A cost"):
+                    "Routing variants", "Against the default router (SEQR, granularity=request)", "shared frozen A cost"):
         assert section in text
     assert "Not yet evaluated" not in text
     for png in ("main/accuracy_shared.png", "noise/noise.png", "routability_vs_training.png", "variants.png"):

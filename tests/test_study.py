@@ -95,3 +95,17 @@ def test_variants_against_every_main_method_by_hand():
     moved["libraries"]["lib"]["variant"] = "granularity=layers"
     with pytest.raises(ValueError, match="task 'b'.*other examples"):
         study.variants(main, moved, "lib")
+
+
+def test_each_variant_against_the_default_variant_by_hand():
+    """study.against: every other variant pass against the reference variant (the default router), paired."""
+    main = _doc({"oracle": {"a": (GOLD["a"],), "b": (GOLD["b"],)}})
+    ref = {"a": (GOLD["a"][:6] + [9] * 6,), "b": ([1, 1, 0, 0, 0, 1],)}  # right on a 0-5; b 0,1,4
+    win = {"a": (GOLD["a"][:10] + [9] * 2,), "b": ([1, 1, 1, 0, 0, 0],)}  # right on a 0-9; b 0,1,2,4,5
+    other = _doc({"seqr": ref})
+    other["libraries"] = {"request": {**other["libraries"]["lib"], "variant": "granularity=request"},
+                          "layers": {**_doc({"seqr": win})["libraries"]["lib"], "variant": "granularity=layers"}}
+    res = study.against(main, other, "granularity=request")
+    # by hand: a: +4 (6-9) / -0; b: +2 (2, 5) / -0 (4 is right for both, 3 for neither)
+    assert res == {"granularity=layers": {"only_variant": 6, "only_other": 0, "p": pytest.approx(_binom_two_sided(6, 0))}}
+    assert study.against(main, other, "granularity=depth") == {}  # no such reference pass

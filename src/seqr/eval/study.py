@@ -114,6 +114,22 @@ def variants(main: dict, other: dict, label: str, key: str = "seqr") -> dict:
     return out
 
 
+def against(main: dict, other: dict, ref: str, key: str = "seqr") -> dict:
+    """Each variant pass of `other` against its variant `ref` (e.g. the default router's, "granularity=request") on
+    `main`'s examples: {variant: {"only_variant", "only_other", "p"}} (paired exact sign test); {} without `ref`."""
+    same_examples(main, other, "the variant passes")
+    passes = {e["variant"]: e["methods"][key] for e in other["libraries"].values()
+              if e.get("variant") and key in e["methods"]}
+    if ref not in passes:
+        return {}
+    ts, out = er.tasks(main), {}
+    for v, res in passes.items():
+        if v != ref:
+            a, b = _only_all(res, passes[ref], main["examples"], ts)
+            out[v] = {"only_variant": a, "only_other": b, "p": sign_test_p(a, b)}
+    return out
+
+
 def _only_all(ra: dict, rb: dict, gold: dict, ts: list[str]) -> tuple[int, int]:
     """(examples only pass a answers right, only pass b does) over every task."""
     pairs = [_only(ra["tasks"][t]["pred"], rb["tasks"][t]["pred"], gold[t]["gold"]) for t in ts]
