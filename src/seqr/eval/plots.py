@@ -256,11 +256,17 @@ def privacy(res: dict, noise: dict, out: Path) -> str:
     panels = 3 if noise else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 4.0))
     styles = ("o-", "s--", "^:", "d-.")
+    every = sorted({e for by_n in res.values() for r in by_n.values() for e in r})  # one x axis for all lines
+    at = {e: e if e != float("inf") else 2 * max([x for x in every if x != float("inf")], default=0.5)
+          for e in every}  # "no DP" drawn at twice the largest epsilon
+    for ax in axes[:2]:
+        ax.set_xscale("log")
+        ax.set_xticks([at[e] for e in every], [f"{e:g}" if e != float("inf") else "no DP" for e in every])
+        ax.minorticks_off()
     for i, (router, by_n) in enumerate(res.items()):
         for j, (n, r) in enumerate(by_n.items()):
-            keys = [*sorted(e for e in r if e != float("inf")), *(e for e in r if e == float("inf"))]
-            finite = [e for e in keys if e != float("inf")]
-            xs = [e if e != float("inf") else 2 * max(finite, default=0.5) for e in keys]  # "no DP" drawn at 2 max
+            keys = sorted(r)
+            xs = [at[e] for e in keys]
             for ax, what in ((axes[0], "norm"), (axes[1], "own")):
                 if any(r[e][what] is None for e in keys):
                     continue
@@ -269,9 +275,6 @@ def privacy(res: dict, noise: dict, out: Path) -> str:
                 if what == "norm" and i == 0 and all(r[e]["ci"] for e in keys):
                     ax.fill_between(xs, [100 * r[e]["ci"][0] for e in keys], [100 * r[e]["ci"][1] for e in keys],
                                     color=f"C{i}", alpha=0.12)
-                ax.set_xscale("log")
-                ax.set_xticks(xs, [f"{e:g}" if e != float("inf") else "no DP" for e in keys])
-                ax.minorticks_off()
     axes[0].set_ylabel("accuracy / oracle's (%)")
     axes[1].set_ylabel("decisions routed to the own adapter (%)")
     for ax in axes[:2]:
