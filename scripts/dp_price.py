@@ -36,7 +36,7 @@ from seqr.eval.evaluate import EvalConfig, evaluate, load_data
 from seqr.hf.models import load_model
 from seqr.silo.calibrate import calibrate
 from seqr.silo.calibrate import traced_batches
-from seqr.silo.private import ClippedSums, dp_release, dp_sums, example_rows, public_clip
+from seqr.silo.private import ClippedSums, dp_release, dp_sums, example_rows, layer_row, public_clip
 from seqr.silo.tasks import load_task
 from seqr.store import files
 from seqr.store.library import LoraLibrary
@@ -198,8 +198,7 @@ def centroid_pass(model, tok, adapter_dir: Path, examples, centroid_clip: float,
     clipped, sums, tokens = 0.0, {}, 0
     for b in traced_batches(model, tok, adapter_dir, examples, batch_size=8, progress=False, scoring="choices",
                             inputs=True):
-        p = torch.cat([center[k] for k in b.inputs])  # (sum n,)
-        clipped = clipped + clipped_sum(example_rows(b)[1] - p, centroid_clip)  # (sum n,)
+        clipped = clipped + clipped_sum(example_rows(b)[1] - layer_row(center, b.inputs), centroid_clip)  # (sum n,)
         for layer, x in b.inputs.items():
             sums[layer] = sums.get(layer, 0.0) + x.sum(0)  # (n,)
         tokens += int(b.tokens.sum())

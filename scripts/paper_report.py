@@ -214,12 +214,12 @@ def write(out: Path) -> Path:
     summary, missing = {}, []
     if docs["main"]:
         plots.write_report(docs["main"], out / "main")
-        for fn, key in ((learned_lines, "learned"), (verdict_lines, "seqr_vs")):
-            more, summary[key] = fn(docs["main"])
-            lines += more
-            if key == "learned":
-                training = out / "training.json"
-                lines += tried_lines(summary[key], files.read_json(training, "training") if training.exists() else None)
+        training = out / "training.json"
+        more, summary["learned"] = learned_lines(docs["main"])
+        lines += more + tried_lines(summary["learned"],
+                                    files.read_json(training, "training") if training.exists() else None)
+        more, summary["seqr_vs"] = verdict_lines(docs["main"])
+        lines += more
         lines += ["Full tables and figures (Tables 3-4, Figures 3-4, own-adapter shares): [main/report.md](main/report.md).",
                   "", "![accuracy](main/accuracy_shared.png)", ""]
     if docs["exact"]:

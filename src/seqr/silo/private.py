@@ -66,7 +66,7 @@ def dp_sums(model, tokenizer, adapter_dir: str | Path, examples, clip: float, ce
         rows, c = example_rows(b, tokens)
         total = total + clipped_sum(rows, clip)  # (2L,)
         if c is not None:
-            p = 0.0 if centroid_center is None else _row(centroid_center, b.inputs)  # (sum n,)
+            p = 0.0 if centroid_center is None else layer_row(centroid_center, b.inputs)  # (sum n,)
             cents = cents + clipped_sum(c - p, centroid_clip)  # (sum n,)
         layers, sizes = list(b.norms), [x.shape[1] for x in b.inputs.values()]
     stats = dict(zip(layers, total.reshape(-1, 2)))  # layer -> (2,)
@@ -74,7 +74,7 @@ def dp_sums(model, tokenizer, adapter_dir: str | Path, examples, clip: float, ce
                        len(examples), centroid_center if centroid_clip is not None else None)
 
 
-def _row(per_layer: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> torch.Tensor:
+def layer_row(per_layer: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-layer vectors concatenated in the order of a batch's centroid row (`like`'s layers)."""
     if missing := [k for k in like if k not in per_layer]:
         raise ValueError(f"the centroid centre has no vector for layer(s) {missing[:3]}")
@@ -192,9 +192,8 @@ def dp_request(p, a, examples: int) -> tuple[DPConfig | None, list | None]:
     if a.dp_public == a.task:
         p.error(f"--dp-public {a.dp_public!r} is the silo's own task; C must come from public data")
     if a.dp_public_examples < (2 if centroids else 1):
-        p.error(f"--dp-public-examples must be at least {2 if centroids else 1} (centroids are clipped around "
-                f"the sample's mean row), got {a.dp_public_examples}" if centroids else
-                f"--dp-public-examples must be a positive integer, got {a.dp_public_examples}")
+        need = "at least 2 (centroids are clipped around the sample's mean row)" if centroids else "a positive integer"
+        p.error(f"--dp-public-examples must be {need}, got {a.dp_public_examples}")
     return cfg, check_task(p, a.dp_public, a.data, a.dp_public_examples, a.seed)
 
 
