@@ -1,7 +1,7 @@
 """Evaluate the committed paper-budget library (issue 28, item 5-6), one pass at a time, each committed at once.
 
-Usage: SEQR_TASK_DATA=../shared/data/tasks python scripts/paper_eval.py [--stage main|exact|steps|noise|variants|unique|all]
-       [--device cuda] [--commit]
+Usage: SEQR_TASK_DATA=../shared/data/tasks python scripts/paper_eval.py
+       [--stage main|exact|steps|noise|variants|unique|checkpoint|all] [--device cuda] [--commit]
 Every pass runs the base model in float32 (on any machine or device), so passes made on different machines
 combine in one eval.json; a pass already in the stage's eval.json is skipped, so a fresh clone continues with the
 next one. Stages (each its own `seqr eval` results document under OUT):
@@ -14,6 +14,8 @@ next one. Stages (each its own `seqr eval` results document under OUT):
          the routers in their native setting, for the shared-vs-unique comparison (the paper's Table 2)
   noise  the steps stage's examples and document: the final library's seqr with noise on mu at NOISE_LEVELS
          sigmas (Figure 6; its seqr and oracle passes are the steps stage's)
+  checkpoint  full dev splits on the step-CHECKPOINT snapshot: CHECKPOINT_PASSES, the one-decision modes (layer-summed
+         and request-level) against every main method on adapters that have trained ~50 steps
 """
 from __future__ import annotations
 
@@ -41,12 +43,16 @@ EXACT_N, NOISE_N = 20, 100
 NOISE_LEVELS = (0.1, 0.2, 0.5, 1.0)
 STEPS = (12, 50)
 UNIQUE = ("oracle", "spectr", "mu", "arrow", "lag", "centroid")  # spectr: the exact norm router without shared A
-STAGES = ("main", "exact", "steps", "noise", "variants", "unique")
+STAGES = ("main", "exact", "steps", "noise", "variants", "unique", "checkpoint")
 # EvalConfig overrides of the seqr passes in the variants stage, most telling first
 VARIANTS = ({"granularity": "request"}, {"granularity": "layers"}, {"granularity": "request-reuse"},
             {"granularity": "depth"}, {"granularity": "request", "probe_depth": 0.5},
             {"granularity": "prompt"}, {"normalise": "ratio"}, {"normalise": "raw"}, {"pooled": True})
+CHECKPOINT = 50
+CHECKPOINT_PASSES = ("oracle", "base", ("seqr", VARIANTS[1]), ("seqr", VARIANTS[0]), "seqr", "centroid", "arrow",
+                     "mu", "centroid-seqr", "lag")
 FOLDER = {"noise": "steps"}  # a stage that adds passes to another stage's document
+ISSUE = {"checkpoint": 30}  # the issue a stage's commits name (28 otherwise)
 
 
 def plan(stage: str, lib: Path, unique: Path) -> tuple[dict[str, Path], EvalConfig, tuple]:
@@ -65,6 +71,9 @@ def plan(stage: str, lib: Path, unique: Path) -> tuple[dict[str, Path], EvalConf
     if stage == "noise":
         return ({"final": lib}, EvalConfig(tasks=tasks, max_eval=NOISE_N, noise=(), model=MODEL),
                 tuple(("seqr", {"noise": (level,)}) for level in NOISE_LEVELS))  # one pass per level, each committed
+    if stage == "checkpoint":
+        return ({f"step-{CHECKPOINT}": lib / "checkpoints" / f"step-{CHECKPOINT}"},
+                EvalConfig(tasks=tasks, max_eval=None, noise=(), model=MODEL), CHECKPOINT_PASSES)
     libs = {f"step-{s}": lib / "checkpoints" / f"step-{s}" for s in STEPS}
     return {**libs, "final": lib}, EvalConfig(tasks=tasks, max_eval=NOISE_N, noise=(), model=MODEL), ("oracle", "seqr")
 
@@ -84,7 +93,7 @@ def run_stage(stage: str, a, model, tok) -> None:
         if a.commit and finished_passes(out / files.EVAL_RESULTS) != before:  # a reused pass is no news
             label = " ".join(x for x in (c.variant(), " ".join(f"noise={n}" for n in c.noise)) if x)
             tag = f" [{label}]" if label else ""
-            commit_only(out / files.EVAL_RESULTS, f"Issue 28: eval {stage} {method}{tag} pass")
+            commit_only(out / files.EVAL_RESULTS, f"Issue {ISSUE.get(stage, 28)}: eval {stage} {method}{tag} pass")
 
 
 def finished_passes(path: Path) -> set[str]:
