@@ -15,7 +15,7 @@ next one. Stages (each its own `seqr eval` results document under OUT):
   noise  the steps stage's examples and document: the final library's seqr with noise on mu at NOISE_LEVELS
          sigmas (Figure 6; its seqr and oracle passes are the steps stage's)
   checkpoint  full dev splits on the step-CHECKPOINT snapshot: CHECKPOINT_PASSES, the one-decision modes (layer-summed
-         and request-level) against every main method on adapters that have trained ~50 steps
+         and request-level) against every main method on adapters that have trained ~50 steps (base: main's)
 """
 from __future__ import annotations
 
@@ -49,8 +49,9 @@ VARIANTS = ({"granularity": "request"}, {"granularity": "layers"}, {"granularity
             {"granularity": "depth"}, {"granularity": "request", "probe_depth": 0.5},
             {"granularity": "prompt"}, {"normalise": "ratio"}, {"normalise": "raw"}, {"pooled": True})
 CHECKPOINT = 50
-CHECKPOINT_PASSES = ("oracle", "base", ("seqr", VARIANTS[1]), ("seqr", VARIANTS[0]), "seqr", "centroid", "arrow",
-                     "mu", "centroid-seqr", "lag")
+# base is the main stage's (the same untouched model on the same examples)
+CHECKPOINT_PASSES = ("oracle", "seqr", ("seqr", VARIANTS[1]), ("seqr", VARIANTS[0]), "centroid", "arrow", "mu",
+                     "centroid-seqr", "lag")
 FOLDER = {"noise": "steps"}  # a stage that adds passes to another stage's document
 ISSUE = {"checkpoint": 30}  # the issue a stage's commits name (28 otherwise)
 
