@@ -5,8 +5,9 @@ Usage: python scripts/paper_report.py [--out docs/results/paper_library]
 Sections: did each adapter learn (own adapter vs the untouched model per task, exact sign tests); the full-dev
 comparison (Tables 3-4, Figures 3-4, SEQR against every method: main/report.md); exactness (spectr and naive
 decide as seqr does); SEQR under noise on mu (Figure 6: the noise passes of the steps stage's final library);
-routability vs training (step-12, step-50, final); SEQR's routing variants against every main method; shared
-against unique A (Table 2) and the routers on ordinary LoRA.
+routability vs training (step-12, step-50, final); SEQR's routing variants against every main method, and the
+one-decision modes task by task; shared against unique A (Table 2) and the routers on ordinary LoRA; the
+one-decision modes against every method on the step-50 snapshot (the checkpoint stage).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from seqr.store import files
 OUT = Path("docs/results/paper_library")
 LABEL = "shared-0"
 UNIQUE_LABEL = "unique-0"
+ONE_DECISION = ("granularity=request", "granularity=layers")  # one adapter per request / per token for all layers
 
 
 def load(out: Path, stage: str) -> dict | None:
@@ -143,6 +145,53 @@ def default_lines(main: dict, variants: dict) -> list[str]:
             + _table(["variant", "only it / only the default right", "sign-test p", "verdict (p < 0.05)"], rows))
 
 
+def per_task_lines(main: dict, other: dict, label: str) -> tuple[list[str], dict]:
+    """Per task, every method's accuracy beside the one-decision modes (ONE_DECISION), and each mode's sign test
+    against per-token SEQR on the task: where it wins and where it does not (the layer-routing issue's item 1)."""
+    res = study.per_task(main, other, label)
+    modes = [v for v in ONE_DECISION if v in res["variants"]]
+    shown = res["methods"] + modes
+    tested = [v for v in modes if all(v in r["vs"] for r in res["tasks"].values())]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    rows = [[t, {None: "?", True: "yes", False: "no"}[r["learned"]], *(pct(r["acc"][k]) for k in shown),
+             *(f"+{r['vs'][v]['only_variant']}/-{r['vs'][v]['only_other']} (p={r['vs'][v]['p']:.2g})" for v in tested)]
+            for t, r in res["tasks"].items()]
+    said = []
+    for v in tested:
+        sig = {t: r["vs"][v] for t, r in res["tasks"].items() if r["vs"][v]["p"] < 0.05}
+        won = [t for t, r in sig.items() if r["only_variant"] > r["only_other"]]
+        lost = [t for t in sig if t not in won]
+        said.append(f"{v} beats per-token SEQR with p < 0.05 on {len(won)} of {len(rows)} tasks "
+                    f"({', '.join(won) or 'none'}) and loses on {len(lost)} ({', '.join(lost) or 'none'}).")
+    header = ["task", "own > untouched", *("untouched" if k == "base" else k for k in shown),
+              *(f"{v} vs seqr" for v in tested)]
+    return (["Per task (accuracy %; 'own > untouched': the own adapter scores above the untouched model; 'vs seqr': "
+             "examples only "
+             "the mode / only per-token SEQR answers right, exact sign test on the task):", ""]
+            + _table(header, rows) + ([" ".join(said), ""] if said else []), res)
+
+
+def checkpoint_lines(main: dict, ckpt: dict, out: Path) -> tuple[list[str], dict]:
+    """Item 1 of the layer-routing issue on the step-50 snapshot: the one-decision modes against every method on
+    adapters that trained ~50 steps (full dev; the untouched model's pass is the main stage's)."""
+    study.same_examples(main, ckpt, "the checkpoint passes")
+    label = next(lb for lb, e in ckpt["libraries"].items() if not e.get("variant"))
+    view = {**ckpt, "base": main.get("base"),
+            "libraries": {lb: e for lb, e in ckpt["libraries"].items() if not e.get("variant")}}
+    methods = view["libraries"][label]["methods"]
+    res = study.variants(view, ckpt, label) if "oracle" in methods else {}
+    more, tasks = per_task_lines(view, ckpt, label)
+    pending = [m for m in ("oracle", "seqr", "mu", "arrow", "lag@3", "centroid", "centroid-seqr@3") if m not in methods]
+    pending += [v for v in ONE_DECISION if v not in tasks["variants"]]
+    n = sum(len(v["gold"]) for v in ckpt["examples"].values())
+    lines = [f"## The one-decision modes on the {label} snapshot (full dev splits, {n} examples)", "",
+             f"The same comparison on the adapters after {label.split('-')[-1]} training steps "
+             "(`python scripts/paper_eval.py --stage checkpoint`): each mode against every method of the snapshot."]
+    lines += ["", *er.variants_table(res), ""] if res else [""]
+    lines += more + ([f"Passes still to run on this snapshot: {', '.join(pending)}.", ""] if pending else [])
+    return lines, {"variants": res, "per_task": tasks}
+
+
 def unique_lines(main: dict, unique: dict) -> tuple[list[str], dict]:
     """Item 7: the paper's Table 2 (does a shared frozen A cost accuracy?) and the routers in their native setting."""
     res = study.shared_vs_unique(main, unique, LABEL, UNIQUE_LABEL)
@@ -205,7 +254,7 @@ def oracle_steps_lines(doc: dict) -> list[str]:
 
 
 def write(out: Path) -> Path:
-    docs = {st: load(out, st) for st in ("main", "exact", "steps", "variants", "unique")}
+    docs = {st: load(out, st) for st in ("main", "exact", "steps", "variants", "unique", "checkpoint")}
     first = next((d for d in docs.values() if d), None)
     n = len(next(iter(first["libraries"].values()))["adapters"]) if first else 0
     lines = ["# The paper-budget library: evaluation", "",
@@ -234,6 +283,11 @@ def write(out: Path) -> Path:
         lines += more
     if docs["main"] and docs["variants"]:
         more, summary["variants"] = variants_lines(docs["main"], docs["variants"], out)
+        lines += more
+        more, summary["variants_per_task"] = per_task_lines(docs["main"], docs["variants"], LABEL)
+        lines += more
+    if docs["main"] and docs["checkpoint"]:
+        more, summary["checkpoint"] = checkpoint_lines(docs["main"], docs["checkpoint"], out)
         lines += more
     if docs["main"] and docs["unique"]:
         more, summary["shared_vs_unique"] = unique_lines(docs["main"], docs["unique"])

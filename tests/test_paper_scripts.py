@@ -171,6 +171,7 @@ def test_report_from_every_stage(setup, monkeypatch, tmp_path):
     monkeypatch.setattr(pe, "NOISE_LEVELS", (0.5, 1.0))
     monkeypatch.setattr(pe, "EXACT_N", 4)
     monkeypatch.setattr(pe, "NOISE_N", 4)
+    monkeypatch.setattr(pe, "CHECKPOINT", 2)
     if not (setup / "uniq" / files.MANIFEST).exists():
         test_unique_a_build_trains_and_stores_each_adapters_own_a(setup)
     base = ["--data", str(setup / "data"), "--model", str(setup / "model"), "--library", str(setup / "art"),
@@ -180,7 +181,8 @@ def test_report_from_every_stage(setup, monkeypatch, tmp_path):
     monkeypatch.setattr(pr, "final_steps", lambda: 4)
     text = pr.write(setup / "ev").read_text()
     summary = json.loads((setup / "ev" / "summary.json").read_text())
-    assert set(summary) == {"learned", "seqr_vs", "exactness", "noise", "routability", "variants", "shared_vs_unique"}
+    assert set(summary) == {"learned", "seqr_vs", "exactness", "noise", "routability", "variants", "shared_vs_unique",
+                            "variants_per_task", "checkpoint"}
     uniq = summary["shared_vs_unique"]  # Table 2: own adapters each way, routers each way, the native setting
     assert set(uniq["oracle"]) == {"sst2", "cola"} and set(uniq["methods"]) == set(pe.UNIQUE) - {"lag"} | {"lag@2"}
     assert set(uniq["native"]) == set(uniq["methods"]) - {"oracle"}
@@ -195,10 +197,31 @@ def test_report_from_every_stage(setup, monkeypatch, tmp_path):
     for v in summary["variants"].values():  # each variant tested against every main method on the same examples
         assert set(v["vs"]) == {"base", "oracle", "seqr", "mu", "arrow", "lag@2", "centroid", "centroid-seqr@2"}
     assert set(summary["routability"]) == {"step-1", "step-2", "final"}
+    ckpt_doc = json.loads((setup / "ev" / "checkpoint" / files.EVAL_RESULTS).read_text())
+    one = {EvalConfig(tasks=["_"], **v).variant() for v in (pe.VARIANTS[0], pe.VARIANTS[1])}  # request, layers
+    assert set(ckpt_doc["libraries"]) == {"step-2"} | {f"step-2 [{v}]" for v in one} and not ckpt_doc.get("base")
+    ckpt = summary["checkpoint"]
+    assert set(ckpt["variants"]) == one and set(ckpt["per_task"]["variants"]) == one
+    for v in one:  # against every method of the snapshot, the untouched model's pass taken from the main stage
+        assert set(ckpt["variants"][v]["vs"]) == {"base", "oracle", "seqr", "mu", "arrow", "lag@2", "centroid",
+                                                   "centroid-seqr@2"}
+    snap, gold = ckpt_doc["libraries"]["step-2"]["methods"], ckpt_doc["examples"]
+    for t, r in ckpt["per_task"]["tasks"].items():  # per task, the mode against per-token SEQR, counted from preds
+        mode = ckpt_doc["libraries"]["step-2 [granularity=layers]"]["methods"]["seqr"]["tasks"][t]["pred"]
+        tok = snap["seqr"]["tasks"][t]["pred"]
+        g = gold[t]["gold"]
+        assert r["vs"]["granularity=layers"]["only_variant"] == sum(a == y != b for a, b, y in zip(mode, tok, g))
+        assert r["vs"]["granularity=layers"]["only_other"] == sum(b == y != a for a, b, y in zip(mode, tok, g))
+        assert r["acc"]["oracle"] == snap["oracle"]["tasks"][t]["acc"]
+        assert r["acc"]["base"] == main_doc["base"]["tasks"][t]["acc"]  # the main stage's untouched pass
+    every = {EvalConfig(tasks=["_"], **v).variant() for v in pe.VARIANTS}
+    assert set(summary["variants_per_task"]["variants"]) == every
     assert set(summary["seqr_vs"]) == {"base", "mu", "arrow", "lag@2", "centroid", "centroid-seqr@2"}
     assert set(summary["exactness"]) == {"spectr", "naive"} and set(summary["noise"]) == {"0", "0.5", "1"}
     for section in ("Did each adapter learn", "Does SEQR beat", "Exactness", "under noise", "Routability vs",
-                    "Routing variants", "Against the default router (SEQR, granularity=request)", "shared frozen A cost"):
+                    "Routing variants", "Against the default router (SEQR, granularity=request)",
+                    "shared frozen A cost",
+                    "one-decision modes on the step-2 snapshot", "granularity=layers vs seqr"):
         assert section in text
     assert "Not yet evaluated" not in text
     for png in ("main/accuracy_shared.png", "noise/noise.png", "routability_vs_training.png", "variants.png"):
@@ -211,7 +234,7 @@ def test_report_from_every_stage(setup, monkeypatch, tmp_path):
     (tmp_path / "steps" / files.EVAL_RESULTS).write_text(json.dumps(steps))
     text = pr.write(tmp_path).read_text()
     assert "own adapters so far" in text and "| step-1 |" in text and "| final |" in text
-    assert "Not yet evaluated: main, exact, variants, unique, noise" in text
+    assert "Not yet evaluated: main, exact, variants, unique, checkpoint, noise" in text
 
 
 def test_finished_passes_name_base_methods_and_noise(tmp_path):

@@ -130,6 +130,30 @@ def against(main: dict, other: dict, ref: str, key: str = "seqr") -> dict:
     return out
 
 
+def per_task(main: dict, other: dict, label: str, ref: str = "seqr", key: str = "seqr") -> dict:
+    """Task by task, every method of `main`'s library `label` and every variant pass of `other` on it (the same
+    examples): {"methods": main's keys, "variants": the variants, "tasks": {task: {"acc": {method or variant: accuracy},
+    "learned": own adapter above the untouched model (None without a base pass), "vs": {variant: its paired sign
+    test against `main`'s `ref` on the task}}}}; where a variant wins and where it does not."""
+    same_examples(main, other, "the variant passes")
+    entry, gold, base = main["libraries"][label], main["examples"], main.get("base")
+    keys = er.method_keys({**main, "libraries": {label: entry}}, "shared" if entry["shared_a"] else "unique")
+    variants = {e["variant"]: e["methods"][key] for e in other["libraries"].values()
+                if e.get("variant") and key in e["methods"] and e["adapters"] == entry["adapters"]}
+    rows = {}
+    for t in er.tasks(main):
+        acc = {k: er.task_acc(main, entry, k, t) for k in keys} | {v: r["tasks"][t]["acc"] for v, r in variants.items()}
+        vs = {}
+        if ref in entry["methods"]:
+            for v, r in variants.items():
+                a, b = _only(r["tasks"][t]["pred"], entry["methods"][ref]["tasks"][t]["pred"], gold[t]["gold"])
+                vs[v] = {"only_variant": a, "only_other": b, "p": sign_test_p(a, b)}
+        oracle = entry["methods"].get("oracle")
+        rows[t] = {"acc": acc, "vs": vs, "learned": None if base is None or oracle is None
+                   else oracle["tasks"][t]["acc"] > base["tasks"][t]["acc"]}
+    return {"methods": keys, "variants": list(variants), "tasks": rows}
+
+
 def _only_all(ra: dict, rb: dict, gold: dict, ts: list[str]) -> tuple[int, int]:
     """(examples only pass a answers right, only pass b does) over every task."""
     pairs = [_only(ra["tasks"][t]["pred"], rb["tasks"][t]["pred"], gold[t]["gold"]) for t in ts]
