@@ -184,9 +184,12 @@ def checkpoint_lines(main: dict, ckpt: dict, out: Path) -> tuple[list[str], dict
     pending = [m for m in ("oracle", "seqr", "mu", "arrow", "lag@3", "centroid", "centroid-seqr@3") if m not in methods]
     pending += [v for v in ONE_DECISION if v not in tasks["variants"]]
     n = sum(len(v["gold"]) for v in ckpt["examples"].values())
+    tok = study.routability(view).get(label)
     lines = [f"## The one-decision modes on the {label} snapshot (full dev splits, {n} examples)", "",
              f"The same comparison on the adapters after {label.split('-')[-1]} training steps "
-             "(`python scripts/paper_eval.py --stage checkpoint`): each mode against every method of the snapshot."]
+             "(`python scripts/paper_eval.py --stage checkpoint`): each mode against every method of the snapshot."
+             + (f" Per-token SEQR here: {100 * tok['norm']:.1f}% of the oracle, own share {100 * tok['own']:.1f}%."
+                if tok else "")]
     lines += ["", *er.variants_table(res), ""] if res else [""]
     lines += more + ([f"Passes still to run on this snapshot: {', '.join(pending)}.", ""] if pending else [])
     return lines, {"variants": res, "per_task": tasks}

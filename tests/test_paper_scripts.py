@@ -221,7 +221,7 @@ def test_report_from_every_stage(setup, monkeypatch, tmp_path):
     for section in ("Did each adapter learn", "Does SEQR beat", "Exactness", "under noise", "Routability vs",
                     "Routing variants", "Against the default router (SEQR, granularity=request)",
                     "shared frozen A cost",
-                    "one-decision modes on the step-2 snapshot", "granularity=layers vs seqr"):
+                    "one-decision modes on the step-2 snapshot", "Per-token SEQR here", "granularity=layers vs seqr"):
         assert section in text
     assert "Not yet evaluated" not in text
     for png in ("main/accuracy_shared.png", "noise/noise.png", "routability_vs_training.png", "variants.png"):
