@@ -166,12 +166,11 @@ def per_task_lines(main: dict, other: dict, label: str) -> tuple[list[str], dict
     header = ["task", "own > untouched", *("untouched" if k == "base" else k for k in shown),
               *(f"{v} vs seqr" for v in tested)]
     return (["Per task (accuracy %; 'own > untouched': the own adapter scores above the untouched model; 'vs seqr': "
-             "examples only "
-             "the mode / only per-token SEQR answers right, exact sign test on the task):", ""]
+             "examples only the mode / only per-token SEQR answers right, exact sign test on the task):", ""]
             + _table(header, rows) + ([" ".join(said), ""] if said else []), res)
 
 
-def checkpoint_lines(main: dict, ckpt: dict, out: Path) -> tuple[list[str], dict]:
+def checkpoint_lines(main: dict, ckpt: dict) -> tuple[list[str], dict]:
     """Item 1 of the layer-routing issue on the step-50 snapshot: the one-decision modes against every method on
     adapters that trained ~50 steps (full dev; the untouched model's pass is the main stage's)."""
     study.same_examples(main, ckpt, "the checkpoint passes")
@@ -181,7 +180,7 @@ def checkpoint_lines(main: dict, ckpt: dict, out: Path) -> tuple[list[str], dict
     methods = view["libraries"][label]["methods"]
     res = study.variants(view, ckpt, label) if "oracle" in methods else {}
     more, tasks = per_task_lines(view, ckpt, label)
-    pending = [m for m in ("oracle", "seqr", "mu", "arrow", "lag@3", "centroid", "centroid-seqr@3") if m not in methods]
+    pending = [m for m in er.method_keys(main, "shared") if m != "base" and m not in methods]  # main's methods
     pending += [v for v in ONE_DECISION if v not in tasks["variants"]]
     n = sum(len(v["gold"]) for v in ckpt["examples"].values())
     tok = study.routability(view).get(label)
@@ -290,7 +289,7 @@ def write(out: Path) -> Path:
         more, summary["variants_per_task"] = per_task_lines(docs["main"], docs["variants"], LABEL)
         lines += more
     if docs["main"] and docs["checkpoint"]:
-        more, summary["checkpoint"] = checkpoint_lines(docs["main"], docs["checkpoint"], out)
+        more, summary["checkpoint"] = checkpoint_lines(docs["main"], docs["checkpoint"])
         lines += more
     if docs["main"] and docs["unique"]:
         more, summary["shared_vs_unique"] = unique_lines(docs["main"], docs["unique"])

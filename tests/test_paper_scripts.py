@@ -234,6 +234,7 @@ def test_report_from_every_stage(setup, monkeypatch, tmp_path):
     (tmp_path / "steps" / files.EVAL_RESULTS).write_text(json.dumps(steps))
     text = pr.write(tmp_path).read_text()
     assert "own adapters so far" in text and "| step-1 |" in text and "| final |" in text
+    assert "Passes still to run on this snapshot" not in pr.write(setup / "ev").read_text()  # all in (k = 2)
     assert "Not yet evaluated: main, exact, variants, unique, checkpoint, noise" in text
 
 

@@ -132,9 +132,9 @@ def against(main: dict, other: dict, ref: str, key: str = "seqr") -> dict:
 
 def per_task(main: dict, other: dict, label: str, ref: str = "seqr", key: str = "seqr") -> dict:
     """Task by task, every method of `main`'s library `label` and every variant pass of `other` on it (the same
-    examples): {"methods": main's keys, "variants": the variants, "tasks": {task: {"acc": {method or variant: accuracy},
-    "learned": own adapter above the untouched model (None without a base pass), "vs": {variant: its paired sign
-    test against `main`'s `ref` on the task}}}}; where a variant wins and where it does not."""
+    examples): {"methods": main's keys, "variants": the variants, "tasks": {task: {"acc": {method or variant:
+    accuracy}, "learned": own adapter above the untouched model (None without a base pass), "vs": {variant: its
+    paired sign test against `main`'s `ref` on the task}}}}; where a variant wins and where it does not."""
     same_examples(main, other, "the variant passes")
     entry, gold, base = main["libraries"][label], main["examples"], main.get("base")
     keys = er.method_keys({**main, "libraries": {label: entry}}, "shared" if entry["shared_a"] else "unique")
