@@ -174,9 +174,9 @@ def checkpoint_lines(main: dict, ckpt: dict) -> tuple[list[str], dict]:
     """Item 1 of the layer-routing issue on the step-50 snapshot: the one-decision modes against every method on
     adapters that trained ~50 steps (full dev; the untouched model's pass is the main stage's)."""
     study.same_examples(main, ckpt, "the checkpoint passes")
-    label = next(lb for lb, e in ckpt["libraries"].items() if not e.get("variant"))
     view = {**ckpt, "base": main.get("base"),
             "libraries": {lb: e for lb, e in ckpt["libraries"].items() if not e.get("variant")}}
+    label = next(iter(view["libraries"]))
     methods = view["libraries"][label]["methods"]
     res = study.variants(view, ckpt, label) if "oracle" in methods else {}
     more, tasks = per_task_lines(view, ckpt, label)

@@ -88,9 +88,7 @@ def variants(main: dict, other: dict, label: str, key: str = "seqr") -> dict:
     entry = main["libraries"][label]
     same_examples(main, other, "the variant passes")
     ts, gold, idx = er.tasks(main), main["examples"], bootstrap.resample(main)
-    base = main.get("base")
-    learned_ts = [t for t in ts if base is None or
-                  entry["methods"]["oracle"]["tasks"][t]["acc"] > base["tasks"][t]["acc"]]
+    learned_ts = [t for t in ts if _above_base(main, entry, t) is not False]
     out = {}
     for var_label, e in other["libraries"].items():
         if not e.get("variant") or key not in e["methods"] or e["adapters"] != entry["adapters"]:
@@ -136,7 +134,7 @@ def per_task(main: dict, other: dict, label: str, ref: str = "seqr", key: str = 
     accuracy}, "learned": own adapter above the untouched model (None without a base pass), "vs": {variant: its
     paired sign test against `main`'s `ref` on the task}}}}; where a variant wins and where it does not."""
     same_examples(main, other, "the variant passes")
-    entry, gold, base = main["libraries"][label], main["examples"], main.get("base")
+    entry, gold = main["libraries"][label], main["examples"]
     keys = er.method_keys({**main, "libraries": {label: entry}}, "shared" if entry["shared_a"] else "unique")
     variants = {e["variant"]: e["methods"][key] for e in other["libraries"].values()
                 if e.get("variant") and key in e["methods"] and e["adapters"] == entry["adapters"]}
@@ -148,10 +146,15 @@ def per_task(main: dict, other: dict, label: str, ref: str = "seqr", key: str = 
             for v, r in variants.items():
                 a, b = _only(r["tasks"][t]["pred"], entry["methods"][ref]["tasks"][t]["pred"], gold[t]["gold"])
                 vs[v] = {"only_variant": a, "only_other": b, "p": sign_test_p(a, b)}
-        oracle = entry["methods"].get("oracle")
-        rows[t] = {"acc": acc, "vs": vs, "learned": None if base is None or oracle is None
-                   else oracle["tasks"][t]["acc"] > base["tasks"][t]["acc"]}
+        rows[t] = {"acc": acc, "vs": vs, "learned": _above_base(main, entry, t)}
     return {"methods": keys, "variants": list(variants), "tasks": rows}
+
+
+def _above_base(doc: dict, entry: dict, task: str) -> bool | None:
+    """Whether the library's own adapter (its oracle pass) scores above the untouched model on the task; None
+    without either pass."""
+    oracle, base = er.task_acc(doc, entry, "oracle", task), er.task_acc(doc, entry, "base", task)
+    return None if oracle is None or base is None else oracle > base
 
 
 def _only_all(ra: dict, rb: dict, gold: dict, ts: list[str]) -> tuple[int, int]:
