@@ -153,8 +153,8 @@ def per_task(main: dict, other: dict, label: str, ref: str = "seqr", key: str = 
 def _above_base(doc: dict, entry: dict, task: str) -> bool | None:
     """Whether the library's own adapter (its oracle pass) scores above the untouched model on the task; None
     without either pass."""
-    oracle, base = er.task_acc(doc, entry, "oracle", task), er.task_acc(doc, entry, "base", task)
-    return None if oracle is None or base is None else oracle > base
+    oracle, base = entry["methods"].get("oracle"), doc.get("base")  # a document may have no base pass at all
+    return None if oracle is None or base is None else oracle["tasks"][task]["acc"] > base["tasks"][task]["acc"]
 
 
 def _only_all(ra: dict, rb: dict, gold: dict, ts: list[str]) -> tuple[int, int]:
