@@ -163,7 +163,14 @@ class VllmEngine:
         self._closed = True
         self._put(("stop", None, Future()))
         self._thread.join(timeout=60)
+        import psutil  # a vLLM dependency
+
+        started = [c for c in psutil.Process().children(recursive=True) if not _resource_tracker(c)]
         self.llm.llm_engine.engine_core.shutdown()
+        _, lingering = psutil.wait_procs(started, timeout=30)  # shutdown() may return while one is still exiting
+        for c in lingering:
+            c.kill()
+        psutil.wait_procs(lingering, timeout=10)
 
     # ------------------------------------------------------------------------------------------ loop
     def _run(self) -> None:
@@ -347,3 +354,13 @@ def _shares(got: dict | None, allowed) -> tuple[dict, int]:
     got = got or {"counts": {}, "outside": 0}
     total = sum(got["counts"].values())
     return ({n: c / total for n, c in got["counts"].items() if n in allowed} if total else {}), got["outside"]
+
+
+def _resource_tracker(proc) -> bool:
+    """multiprocessing's resource tracker: it outlives everything else and exits with this process."""
+    import psutil
+
+    try:
+        return "resource_tracker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
