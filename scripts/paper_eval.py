@@ -47,11 +47,12 @@ STAGES = ("main", "exact", "steps", "noise", "variants", "unique", "checkpoint")
 # EvalConfig overrides of the seqr passes in the variants stage, most telling first
 VARIANTS = ({"granularity": "request"}, {"granularity": "layers"}, {"granularity": "request-reuse"},
             {"granularity": "depth"}, {"granularity": "request", "probe_depth": 0.5},
-            {"granularity": "prompt"}, {"normalise": "ratio"}, {"normalise": "raw"}, {"pooled": True})
+            {"granularity": "prompt"}, {"normalise": "ratio"}, {"normalise": "raw"}, {"pooled": True},
+            {"granularity": "request-vote"})
 CHECKPOINT = 50
 # base is the main stage's (the same untouched model on the same examples)
 CHECKPOINT_PASSES = ("oracle", "seqr", ("seqr", VARIANTS[1]), ("seqr", VARIANTS[0]), "centroid", "arrow", "mu",
-                     "centroid-seqr", "lag")
+                     "centroid-seqr", "lag", ("seqr", VARIANTS[-1]))
 FOLDER = {"noise": "steps"}  # a stage that adds passes to another stage's document
 ISSUE = {"checkpoint": 30}  # the issue a stage's commits name (28 otherwise)
 

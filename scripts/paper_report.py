@@ -26,7 +26,8 @@ from seqr.store import files
 OUT = Path("docs/results/paper_library")
 LABEL = "shared-0"
 UNIQUE_LABEL = "unique-0"
-ONE_DECISION = ("granularity=request", "granularity=layers")  # one adapter per request / per token for all layers
+# one adapter per request (by summed scores, by the tokens' votes) / per token for all layers
+ONE_DECISION = ("granularity=request", "granularity=request-vote", "granularity=layers")
 
 
 def load(out: Path, stage: str) -> dict | None:

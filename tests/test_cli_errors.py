@@ -198,7 +198,8 @@ def test_help_lists_every_bench_subcommand_and_the_demo_time_of_the_readme():
 
 @pytest.mark.parametrize("extra, needle", [
     (["--granularity", "token", "--probe-depth", "0.5"], "--probe-depth must be in (0, 1] and needs --granularity "
-                                                         "layers or request; got 0.5 with --granularity token"),
+                                                         "layers, request or request-vote; got 0.5 with "
+                                                         "--granularity token"),
     (["--granularity", "request", "--probe-depth", "0"], "got 0.0 with --granularity request"),
     (["--granularity", "sentence"], "invalid choice: 'sentence'"),
     (["--enforce-eager"], "--enforce-eager applies to --engine vllm (the embedded engine never compiles)"),

@@ -21,7 +21,8 @@ ROWS = [{"a2"}, {"a0", "a3"}, {"a1"}]  # one allowed set per batch row: three us
 PATTERNS = ("mixed", "extreme")  # the allowed adapters' scores: NaN and -inf mixed, or fp32's lowest
 CASES = ([(m, "token", None) for m in ("seqr", "spectr", "arrow", "naive", "lag")]
          + [(m, g, None) for m in ("seqr", "spectr", "naive", "arrow") for g in ("prompt", "prompt-vote", "layers",
-                                                                                   "depth", "request", "request-reuse")]
+                                                                                   "depth", "request", "request-reuse",
+                                                                                   "request-vote")]
          + [(m, "token", 2) for m in ("seqr", "spectr", "naive", "arrow")])
 
 

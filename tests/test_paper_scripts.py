@@ -198,7 +198,8 @@ def test_report_from_every_stage(setup, monkeypatch, tmp_path):
         assert set(v["vs"]) == {"base", "oracle", "seqr", "mu", "arrow", "lag@2", "centroid", "centroid-seqr@2"}
     assert set(summary["routability"]) == {"step-1", "step-2", "final"}
     ckpt_doc = json.loads((setup / "ev" / "checkpoint" / files.EVAL_RESULTS).read_text())
-    one = {EvalConfig(tasks=["_"], **v).variant() for v in (pe.VARIANTS[0], pe.VARIANTS[1])}  # request, layers
+    one = {EvalConfig(tasks=["_"], **p[1]).variant() for p in pe.CHECKPOINT_PASSES if isinstance(p, tuple)}
+    assert one == {f"granularity={g}" for g in ("request", "layers", "request-vote")}
     assert set(ckpt_doc["libraries"]) == {"step-2"} | {f"step-2 [{v}]" for v in one} and not ckpt_doc.get("base")
     ckpt = summary["checkpoint"]
     assert set(ckpt["variants"]) == one and set(ckpt["per_task"]["variants"]) == one

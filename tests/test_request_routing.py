@@ -40,7 +40,8 @@ def _probe_reference(lib, mode: str, depth: float = 1.0, allowed_idx=None):
                 st["calls"] += 1
                 if st["calls"] <= limit:
                     real = st["mask"].reshape(-1, 1).bool()  # (B*T, 1)
-                    add = z if mode == "layers" else torch.where(real, z, 0.0).view(B, T, -1).sum(1)  # (B*T | B, N)
+                    add = (z if mode in ("layers", "request-vote")  # (B*T, N) per token
+                           else torch.where(real, z, 0.0).view(B, T, -1).sum(1))  # (B, N) per row
                     st["sum"] = add if st["sum"] is None else st["sum"] + add
                 i = z.argmax(-1)  # (B*T,)
             else:
@@ -53,9 +54,27 @@ def _probe_reference(lib, mode: str, depth: float = 1.0, allowed_idx=None):
         mask = torch.ones_like(ids) if mask is None else mask
         st.update(sum=None, choice=None, calls=0, mask=mask)
         model(ids, attention_mask=mask)
-        st["choice"] = st["sum"].argmax(-1)  # (B*T,) or (B,)
+        st["choice"] = (_vote(st["sum"], mask) if mode == "request-vote"
+                        else st["sum"].argmax(-1))  # (B*T,) or (B,)
         return model(ids, attention_mask=mask).logits, st["choice"]
     return run
+
+
+def _vote(token_sums: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Granularity "request-vote" by counting: each real token votes for the argmax of its summed scores; a row
+    takes the adapter with the most votes, ties broken by the row's summed score (B,)."""
+    B, T = mask.shape
+    sums = token_sums.view(B, T, -1)  # (B, T, N)
+    out = []
+    for b in range(B):
+        real = [t for t in range(T) if mask[b, t]]
+        votes = {}
+        for t in real:
+            i = int(sums[b, t].argmax())
+            votes[i] = votes.get(i, 0) + 1
+        total = sums[b, real].sum(0)  # (N,)
+        out.append(max(votes, key=lambda i: (votes[i], float(total[i]))))
+    return torch.tensor(out)
 
 
 def _count_calls(model) -> dict:
@@ -67,23 +86,24 @@ def _count_calls(model) -> dict:
     return n
 
 
+@pytest.mark.parametrize("mode", ["request", "request-vote"])
 @pytest.mark.parametrize("depth", [1.0, 0.5, 0.1])
 @pytest.mark.parametrize("allowed", [None, [{"alpha", "gamma"}, {"beta"}, {"beta", "gamma"}]])
 @torch.no_grad()
-def test_request_granularity_equals_the_two_pass_brute_force(lib, depth, allowed):
+def test_request_granularity_equals_the_two_pass_brute_force(lib, mode, depth, allowed):
     ids = _ids(B=3, T=6, seed=31)
     mask = torch.ones(3, 6, dtype=torch.long)
     mask[1, :2] = 0  # a left-padded row: its padding never counts
     model = seqr.attach(tiny_llama(), lib)
     calls = _count_calls(model)
-    with seqr.routing(model, "seqr", granularity="request", probe_depth=depth, allowed=allowed, trace=True) as tr:
+    with seqr.routing(model, "seqr", granularity=mode, probe_depth=depth, allowed=allowed, trace=True) as tr:
         got = model(ids, attention_mask=mask).logits
     n_layers = len(lib.layers)
     assert calls["calls"] == n_layers + probed_layers(n_layers, depth)  # the probe stopped after its layers
     if allowed is None:
-        want, choice = _probe_reference(lib, "request", depth)(ids, mask)
+        want, choice = _probe_reference(lib, mode, depth)(ids, mask)
     else:  # each row alone under its own set: the reference takes one allowed set at a time
-        rows = [_probe_reference(lib, "request", depth, [lib.names.index(a) for a in allowed[b]])(ids[b:b + 1],
+        rows = [_probe_reference(lib, mode, depth, [lib.names.index(a) for a in allowed[b]])(ids[b:b + 1],
                                                                                                   mask[b:b + 1])
                 for b in range(3)]
         want, choice = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
@@ -341,3 +361,26 @@ def test_request_choices_runs_only_the_probe_and_picks_what_generation_uses(lib)
         assert names == [next(iter(tr.counts(row=b))) for b in range(3)]
         assert all(n in a for n, a in zip(names, allowed))
     torch.testing.assert_close(model(ids, attention_mask=mask).logits, before)  # the attached routing unchanged
+
+
+def test_request_vote_counts_tokens_where_request_sums_score_mass():
+    """Row 0: three tokens lean to adapter 1 a little, one token to adapter 0 by far: "request" would take 0, the
+    vote takes 1. Row 1: adapters 0 and 2 get two real votes each (the padded position's vote for 1 does not
+    count): the better summed score, 2's, breaks the tie. Row 2 may use only adapter 2."""
+    from types import SimpleNamespace
+
+    from seqr.hf import granularity as gr
+
+    sums = torch.tensor([[[0., 1, 0], [0, 1, 0], [0, 1, 0], [50, 0, 0], [0, 0, 0]],
+                         [[9., 99, 0], [3, 0, 0], [0, 0, 2], [3, 0, 0], [0, 0, 5]],
+                         [[0., 9, 1], [0, 9, 1], [9, 0, 1], [0, 9, 1], [0, 9, 1]]])  # (B=3, T=5, N=3)
+    real = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]).bool()  # (B, T)
+    allowed = torch.tensor([[True, True, True], [True, True, True], [False, False, True]])  # (B, N)
+    st = SimpleNamespace(probe_rows=(3, 5), layer_sum=sums.reshape(15, 3).clone(), sticky={},
+                         cfg=SimpleNamespace(allowed=allowed), real_tokens=lambda B, T: real.reshape(-1),
+                         token_mask=lambda B, T: allowed.repeat_interleave(T, dim=0))
+    gr._vote_rows(st)
+    assert st.sticky[gr.REQUEST].tolist() == [1, 2, 2]
+    assert _vote(sums.reshape(15, 3), real).tolist()[:2] == [1, 2]  # the counting reference agrees
+    row_sums = torch.where(real.unsqueeze(-1), sums, 0.0).sum(1)  # (B, N) what "request" compares
+    assert row_sums[0].argmax() == 0  # the sum would have taken the one loud token's adapter

@@ -146,6 +146,7 @@ GRANULARITY_RULES = {
     "layers": lambda P, G, d: ((d * P, d * G), (d * P, d * G)),  # every forward probed first
     "request": lambda P, G, d: ((d * P, 0), (d * P, 0)),  # one probe prefill, then the fixed-adapter path
     "request-reuse": lambda P, G, d: ((0, 0), (P, 0)),  # the prefill is the probe, then the fixed-adapter path
+    "request-vote": lambda P, G, d: ((d * P, 0), (d * P, 0)),  # "request"'s probe, a vote instead of a sum
 }
 
 

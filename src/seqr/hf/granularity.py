@@ -13,6 +13,10 @@
   request-reuse  "request" with its probe reused as the prefill: the one prefill forward routes the prompt per
                token (the paper) and keeps its KV cache while it sums the same scores; the row's argmax serves
                every later token (no extra prefill, no decode cost; the prompt itself is not re-run)
+  request-vote "request" decided by a vote instead of a sum: each real prompt token's own argmax of its scores
+               summed over the routed layers (the "layers" choice) is one vote; the row's adapter is the one most
+               tokens chose (ties: the better summed score). A few tokens whose scores run far above one adapter's
+               calibration can no longer outweigh the rest of the prompt (same cost as "request")
 
 `probe_depth` < 1 (layers, request) sums only the first share of the routed layers, in forward order, and stops
 the probe forward there: a cheaper probe. Each function reads and writes the model's `RoutingState` (`st`).
@@ -26,8 +30,9 @@ import torch
 from seqr.core import registry
 from seqr.core import routers as rt
 
-GRANULARITIES = ("token", "prompt", "prompt-vote", "layers", "depth", "request", "request-reuse")
-PROBED = ("layers", "request")  # the granularities that run a probe forward first
+GRANULARITIES = ("token", "prompt", "prompt-vote", "layers", "depth", "request", "request-reuse", "request-vote")
+REQUEST_PROBED = ("request", "request-vote")  # one adapter per row for all layers and tokens, chosen by a probe
+PROBED = ("layers", *REQUEST_PROBED)  # the granularities that run a probe forward first
 DEFAULT = "request"  # SEQR's granularity unless one is given: it beat per-token SEQR (docs/results/layer-routing.md)
 DEFAULT_METHOD = "seqr"  # the router DEFAULT applies to; every other method routes per token unless told otherwise
 REQUEST = "__request__"  # the sticky key of a request-level choice (one per row for every layer)
@@ -80,6 +85,8 @@ def probe(st, model, args, kwargs, past) -> None:
     if st.cfg.granularity == "layers":
         B, T = st.probe_rows
         st.shared = rt.masked_argmax_(st.layer_sum, st.token_mask(B, T))  # (B*T,)
+    elif st.cfg.granularity == "request-vote":
+        _vote_rows(st)
     else:
         _decide_rows(st)
 
@@ -90,6 +97,20 @@ def _decide_rows(st) -> None:
     m = st.cfg.allowed
     m = None if m is None else m.to(st.layer_sum.device).expand(B, -1)  # (B, N)
     st.sticky[REQUEST] = rt.masked_argmax_(st.layer_sum, m)  # (B,)
+
+
+def _vote_rows(st) -> None:
+    """Granularity "request-vote": each row's adapter is the one most of its real tokens pick by their own summed
+    scores (st.layer_sum (B*T, N)) among the allowed; ties go to the better sum over the row."""
+    B, T = st.probe_rows
+    real = st.real_tokens(B, T).view(B, T).to(st.layer_sum.dtype)  # (B, T)
+    top = rt.masked_argmax_(st.layer_sum.clone(), st.token_mask(B, T)).view(B, T)  # (B, T) each token's pick
+    votes = torch.zeros(B, st.layer_sum.shape[1], dtype=real.dtype, device=real.device)  # (B, N)
+    votes.scatter_add_(1, top, real)  # (B, N) real tokens per adapter
+    summed = (st.layer_sum.view(B, T, -1) * real.unsqueeze(-1)).sum(1)  # (B, N) "request"'s row sums
+    scaled = summed / (summed.abs().amax(1, keepdim=True) + 1)  # (B, N) in (-1, 1), the sums' order kept
+    st.layer_sum = votes + 0.4 * scaled  # (B, N) the tie-break moves a score by under 0.8: never one vote
+    _decide_rows(st)
 
 
 def _crop(past, before: int) -> None:
@@ -105,8 +126,8 @@ def _crop(past, before: int) -> None:
 
 
 def probe_choice(bank, xf, z, st, mask, B: int, T: int) -> torch.Tensor:
-    """Inside the probe: route per token, add this layer's scores to the sum (per token for "layers", per row
-    over its real tokens for "request"), and stop the probe after its last layer."""
+    """Inside the probe: route per token, add this layer's scores to the sum (per token for "layers" and
+    "request-vote", per row over its real tokens for "request"), and stop the probe after its last layer."""
     s = bank.scores(xf, st.cfg.method, z=z)  # (B*T, N)
     if st.cfg.granularity == "request":
         _add_row_sums(st, s, B, T)

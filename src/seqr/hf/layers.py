@@ -224,7 +224,7 @@ class RoutingState:
         if self.trace is not None:
             self.trace.next_step()
         g = self.cfg.granularity
-        if g == "layers" or (g == "request" and (self.prefill or gr.REQUEST not in self.sticky)):
+        if g == "layers" or (g in gr.REQUEST_PROBED and (self.prefill or gr.REQUEST not in self.sticky)):
             gr.probe(self, module, args, kwargs, past)
 
 
@@ -276,7 +276,7 @@ def routed_update(bank: AdapterBank, x: torch.Tensor, st: RoutingState, name: st
                 idx = gr.prompt_choice(bank, xf, z, st, name, B, T)  # (B*T,)
             elif cfg.granularity == "layers":
                 idx = gr.layers_choice(st, B, T)  # (B*T,)
-            elif cfg.granularity == "request":
+            elif cfg.granularity in gr.REQUEST_PROBED:
                 idx = gr.request_choice(st, B, T)  # (B*T,)
             elif cfg.granularity == gr.REUSE:
                 idx = gr.reuse_choice(bank, xf, z, st, mask, B, T)  # (B*T,)
@@ -398,11 +398,12 @@ def routing(model: nn.Module, method: str | None = None, *, adapter=None, allowe
     (a first forward measures them: twice the compute); `granularity="request"`: one adapter per row for all
     layers and every later token, the argmax of the prompt's scores summed over its real tokens and the layers (one
     extra prefill, nothing extra per decoded token); `granularity="request-reuse"`: the same choice made inside the
-    one prefill, which routes the prompt per token and keeps its KV cache (no extra prefill); `probe_depth` < 1
-    (layers, request): only the first share of
-    the routed layers, in forward order, decides, and the probe forward stops after them; `granularity="depth"`: per token and layer, the argmax of
-    the scores summed over that layer and the routed layers before it (one forward); `mix=K`: the top K adapters per token,
-    softmax(score/temperature)-weighted. Without `granularity` (and `probe_depth`), a score router keeps the
+    one prefill, which routes the prompt per token and keeps its KV cache (no extra prefill);
+    `granularity="request-vote"`: "request" with each real prompt token voting for its own layer-summed argmax,
+    the row taking the most-voted adapter; `probe_depth` < 1 (layers, request, request-vote): only the first share
+    of the routed layers, in forward order, decides, and the probe forward stops after them; `granularity="depth"`:
+    per token and layer, the argmax of the scores summed over that layer and the routed layers before it (one
+    forward); `mix=K`: the top K adapters per token, softmax(score/temperature)-weighted. Without `granularity` (and `probe_depth`), a score router keeps the
     ones given to `attach` or an enclosing block, else its default: request-level for SEQR, per token for every
     other router (`seqr.hf.granularity.default_for`)."""
     state = _state(model)

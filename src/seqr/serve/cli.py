@@ -46,7 +46,8 @@ def parser() -> Parser:
                         "arriving together share one probe); token: per token and layer (the paper; the other routers' "
                         "default); the others: embedded engine only")
     p.add_argument("--probe-depth", type=float, default=1.0,
-                   help="with --granularity layers / request: the share of the routed layers the probe sums")
+                   help="with --granularity layers / request / request-vote: the share of the routed layers the "
+                        "probe sums")
     add_dtype_arg(p)
     return p
 
@@ -59,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= a.port <= 65535:
         p.error(f"--port must be in [0, 65535], got {a.port}")
     if not 0 < a.probe_depth <= 1 or (a.probe_depth != 1 and a.granularity not in (None, *PROBED)):
-        p.error(f"--probe-depth must be in (0, 1] and needs --granularity {' or '.join(PROBED)}; got "
-                f"{a.probe_depth} with --granularity {a.granularity}")
+        probed = f"{', '.join(PROBED[:-1])} or {PROBED[-1]}"
+        p.error(f"--probe-depth must be in (0, 1] and needs --granularity {probed}; got {a.probe_depth} with "
+                f"--granularity {a.granularity}")
     if a.enforce_eager and a.engine != "vllm":
         p.error(f"--enforce-eager applies to --engine vllm (the {a.engine} engine never compiles)")
     bind_or_exit(p, a.host, a.port).close()  # a taken port fails now, not after the model has loaded
