@@ -341,7 +341,8 @@ def test_generate_and_the_embedded_engine_serve_one_adapter_per_request(lib):
 
 
 @torch.no_grad()
-def test_request_choices_runs_only_the_probe_and_picks_what_generation_uses(lib):
+@pytest.mark.parametrize("granularity", ["request", "request-vote"])
+def test_request_choices_runs_only_the_probe_and_picks_what_generation_uses(lib, granularity):
     from seqr.hf.layers import request_choices
 
     ids = _ids(B=3, T=6, seed=53)
@@ -353,14 +354,16 @@ def test_request_choices_runs_only_the_probe_and_picks_what_generation_uses(lib)
     calls = _count_calls(model)
     for depth in (1.0, 0.5):
         calls["calls"] = 0
-        names = request_choices(model, ids, mask, allowed=allowed, probe_depth=depth)
+        names = request_choices(model, ids, mask, allowed=allowed, probe_depth=depth, granularity=granularity)
         assert calls["calls"] == probed_layers(len(lib.layers), depth)  # the probe only, no real forward
-        with seqr.routing(model, "seqr", granularity="request", probe_depth=depth, allowed=allowed,
+        with seqr.routing(model, "seqr", granularity=granularity, probe_depth=depth, allowed=allowed,
                           trace="choices") as tr:
             model(ids, attention_mask=mask)
         assert names == [next(iter(tr.counts(row=b))) for b in range(3)]
         assert all(n in a for n, a in zip(names, allowed))
     torch.testing.assert_close(model(ids, attention_mask=mask).logits, before)  # the attached routing unchanged
+    with pytest.raises(ValueError, match="granularity must be one of .*got 'layers'"):
+        request_choices(model, ids, mask, granularity="layers")
 
 
 def test_request_vote_counts_tokens_where_request_sums_score_mass():

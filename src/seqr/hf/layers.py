@@ -403,9 +403,9 @@ def routing(model: nn.Module, method: str | None = None, *, adapter=None, allowe
     the row taking the most-voted adapter; `probe_depth` < 1 (layers, request, request-vote): only the first share
     of the routed layers, in forward order, decides, and the probe forward stops after them; `granularity="depth"`:
     per token and layer, the argmax of the scores summed over that layer and the routed layers before it (one
-    forward); `mix=K`: the top K adapters per token, softmax(score/temperature)-weighted. Without `granularity` (and `probe_depth`), a score router keeps the
-    ones given to `attach` or an enclosing block, else its default: request-level for SEQR, per token for every
-    other router (`seqr.hf.granularity.default_for`)."""
+    forward); `mix=K`: the top K adapters per token, softmax(score/temperature)-weighted. Without `granularity`
+    (and `probe_depth`), a score router keeps the ones given to `attach` or an enclosing block, else its default:
+    request-level for SEQR, per token for every other router (`seqr.hf.granularity.default_for`)."""
     state = _state(model)
     saved, saved_trace = state.cfg, state.trace
     if method is None and adapter is None:  # keep the current choice: its method, or its fixed adapters
@@ -446,13 +446,17 @@ def _inherited(state: RoutingState, method, adapter, mix, granularity, probe_dep
 @torch.no_grad()
 def request_choices(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                     method: str | None = None, allowed=None, probe_depth: float | None = None,
-                    position_ids: torch.Tensor | None = None) -> list[str]:
-    """The adapter granularity "request" gives each row of a prompt batch (input_ids (B, T), left-padded with
-    `attention_mask`, and `position_ids` when given), found by its probe alone: the forward routed per token that
-    sums each row's scores over its real tokens and the routed layers (the first `probe_depth` share), stopped
-    there. For engines that then serve each request with that one adapter (e.g. vLLM)."""
+                    position_ids: torch.Tensor | None = None, granularity: str = "request") -> list[str]:
+    """The adapter `granularity` ("request", or "request-vote") gives each row of a prompt batch (input_ids (B, T),
+    left-padded with `attention_mask`, and `position_ids` when given), found by its probe alone: the forward routed
+    per token that sums each row's scores over its real tokens and the routed layers (the first `probe_depth`
+    share; "request-vote": each token's sum is its vote), stopped there. For engines that then serve each request
+    with that one adapter (e.g. vLLM)."""
+    if granularity not in gr.REQUEST_PROBED:
+        raise ValueError(f"request_choices decides per request: granularity must be one of {gr.REQUEST_PROBED}, "
+                         f"got {granularity!r}")
     state = _state(model)
-    with routing(model, method, allowed=allowed, granularity="request", probe_depth=probe_depth):
+    with routing(model, method, allowed=allowed, granularity=granularity, probe_depth=probe_depth):
         state.prefill, state.sticky = True, {}
         state.attention_mask = attention_mask
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}

@@ -44,7 +44,8 @@ def parser() -> Parser:
                    help="how far one routing decision reaches: request (seqr's default): one adapter per request "
                         "for every layer and token, chosen by a probe of its prompt (with --engine vllm, prompts "
                         "arriving together share one probe); token: per token and layer (the paper; the other routers' "
-                        "default); the others: embedded engine only")
+                        "default); request-vote: request decided by the prompt tokens' votes; the others: "
+                        "embedded engine only")
     p.add_argument("--probe-depth", type=float, default=1.0,
                    help="with --granularity layers / request / request-vote: the share of the routed layers the "
                         "probe sums")

@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from seqr.hf.generation import Request, Result
-from seqr.hf.granularity import default_for
+from seqr.hf.granularity import REQUEST_PROBED, default_for
 from seqr.serve.engine import Engine, Manifests, still_allowed
 from seqr.vllm.plugin import ROUTED_ARCHITECTURES
 from seqr.vllm.request import REQUEST_PATHS, RequestRouter, request_engine_kwargs
@@ -73,17 +73,18 @@ class VllmEngine:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         self.library, self.method, self.k = library, method or library.default_method, k
         granularity = default_for(self.method) if granularity is None else granularity
-        if granularity not in ("token", "request"):
-            raise ValueError(f"the vLLM engine routes per token or per request, got granularity {granularity!r}")
+        if granularity not in ("token", *REQUEST_PROBED):
+            raise ValueError(f"the vLLM engine routes per token or per request ({REQUEST_PROBED}), got granularity "
+                             f"{granularity!r}")
         if request_path not in REQUEST_PATHS:
             raise ValueError(f"request_path must be one of {REQUEST_PATHS}, got {request_path!r}")
         self.columns = Columns(library.names, max(set_capacity, len(library)))
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="seqr-vllm-"))
-        self.router, self.lora = None, granularity == "request" and request_path == "vllm-lora"
+        self.router, self.lora = None, granularity in REQUEST_PROBED and request_path == "vllm-lora"
         self.manifests = Manifests(self.method, {"granularity": granularity})
-        if granularity == "request":
+        if granularity in REQUEST_PROBED:
             self.router = RequestRouter(model_dir, library, self.work_dir, method=self.method, probe_depth=probe_depth,
-                                        export=self.lora)
+                                        export=self.lora, granularity=granularity)
         if self.lora:
             kw = request_engine_kwargs(model_dir, library.rank, dtype=dtype, max_batch=max_batch,
                                        max_model_len=max_model_len, max_loras=max_sets or max_batch)

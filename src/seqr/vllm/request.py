@@ -1,4 +1,4 @@
-"""Request-level routing in vLLM (`seqr serve --engine vllm --granularity request`).
+"""Request-level routing in vLLM (`seqr serve --engine vllm --granularity request` or `request-vote`).
 
 Each request is routed once, before vLLM sees it: a transformers copy of the model with the library attached runs
 the probe of granularity "request" over the prompts (`seqr.hf.layers.request_choices`: each prompt's calibrated
@@ -49,11 +49,11 @@ class RequestRouter:
     dir)."""
 
     def __init__(self, model_dir: str | Path, library: LoraLibrary, work_dir: str | Path, *, method: str,
-                 probe_depth: float = 1.0, export: bool = True):
+                 probe_depth: float = 1.0, export: bool = True, granularity: str = "request"):
         from seqr.hf.models import load_model
 
         self.model, _ = load_model(str(model_dir), dtype="float32")
-        self.method, self.probe_depth = method, probe_depth
+        self.method, self.probe_depth, self.granularity = method, probe_depth, granularity
         self.root = Path(work_dir) / "seqr_adapters"
         self._ids = itertools.count(1)
         self._loras: dict[str, tuple[str, int, str]] = {}  # name -> (lora name, id, dir) of the current weights
@@ -69,7 +69,8 @@ class RequestRouter:
         with self._lock:
             if hasattr(self.model, STATE_ATTR):
                 detach(self.model)
-            attach(self.model, library, method=self.method, granularity="request", probe_depth=self.probe_depth)
+            attach(self.model, library, method=self.method, granularity=self.granularity,
+                   probe_depth=self.probe_depth)
             loras = {}
             for name in library.names if self.export else ():
                 d = weights_digest(library, name)
@@ -96,7 +97,7 @@ class RequestRouter:
         padded = not bool(mask.all())  # positions as each prompt's own: counted from its first real token
         with self._lock:
             return request_choices(self.model, ids, mask if padded else None, allowed=[set(a) for a in allowed],
-                                   method=self.method, probe_depth=self.probe_depth,
+                                   method=self.method, probe_depth=self.probe_depth, granularity=self.granularity,
                                    position_ids=(mask.cumsum(-1) - 1).clamp_min(0) if padded else None)
 
     def lora(self, name: str) -> tuple[str, int, str]:
