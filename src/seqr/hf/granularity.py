@@ -18,7 +18,7 @@
                tokens chose (ties: the better summed score). A few tokens whose scores run far above one adapter's
                calibration can no longer outweigh the rest of the prompt (same cost as "request")
 
-`probe_depth` < 1 (layers, request) sums only the first share of the routed layers, in forward order, and stops
+`probe_depth` < 1 (layers, request, request-vote) sums only the first share of the routed layers, in forward order, and stops
 the probe forward there: a cheaper probe. Each function reads and writes the model's `RoutingState` (`st`).
 """
 from __future__ import annotations
@@ -107,9 +107,10 @@ def _vote_rows(st) -> None:
     top = rt.masked_argmax_(st.layer_sum.clone(), st.token_mask(B, T)).view(B, T)  # (B, T) each token's pick
     votes = torch.zeros(B, st.layer_sum.shape[1], dtype=real.dtype, device=real.device)  # (B, N)
     votes.scatter_add_(1, top, real)  # (B, N) real tokens per adapter
-    summed = (st.layer_sum.view(B, T, -1) * real.unsqueeze(-1)).sum(1)  # (B, N) "request"'s row sums
-    scaled = summed / (summed.abs().amax(1, keepdim=True) + 1)  # (B, N) in (-1, 1), the sums' order kept
-    st.layer_sum = votes + 0.4 * scaled  # (B, N) the tie-break moves a score by under 0.8: never one vote
+    summed = torch.where(real.unsqueeze(-1) > 0, st.layer_sum.view(B, T, -1), 0.0).sum(1)  # (B, N) "request"'s
+    summed = summed.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # (B, N) NaN never wins a tie
+    rank = summed.argsort(1).argsort(1).to(votes.dtype) / summed.shape[1]  # (B, N) in [0, 1), the sums' order
+    st.layer_sum = votes + 0.5 * rank  # (B, N) the tie-break moves a score by under 0.5: never one vote
     _decide_rows(st)
 
 
