@@ -9,6 +9,7 @@ import pytest
 
 from seqr.eval import demo
 
+from seqr.hf.granularity import DEFAULT
 from seqr.store import files
 from test_evaluate import task_examples
 from tiny_chat import save_chat_model, write_task_dir
@@ -37,8 +38,8 @@ def test_demo_runs_end_to_end_then_reuses_every_cached_step(setup, capsys, monke
     lib = doc["libraries"]["shared-0"]
     assert set(lib["methods"]) == {"oracle", "mu", "arrow", "lag@2", "spectr", "seqr"} and doc["base"]
     assert all(r["n"] == 4 for r in lib["methods"]["seqr"]["tasks"].values())
-    default = doc["libraries"]["shared-0 [granularity=request]"]  # the default router's pass, on the same examples
-    assert set(default["methods"]) == {"seqr"} and default["routing"]["granularity"] == "request"
+    default = doc["libraries"][f"shared-0 [granularity={DEFAULT}]"]  # the default router's pass, same examples
+    assert set(default["methods"]) == {"seqr"} and default["routing"]["granularity"] == DEFAULT == "request-vote"
     assert default["fingerprint"] == lib["fingerprint"] and doc["config"]["granularity"] == "token"
     assert "## The default router" in cap.out and "SEQR deciding once per request" in cap.out
     assert (out / "eval" / "variants.png").stat().st_size > 1000  # the default router beside every method

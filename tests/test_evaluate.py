@@ -15,6 +15,7 @@ from seqr.store import files
 from seqr.eval import plots
 from seqr.silo.calibrate import calibrate
 from seqr.hf.choices import choice_logprobs
+from seqr.hf.granularity import DEFAULT
 from seqr.silo.tasks import Example
 from peft_factory import make_adapter
 from tiny_chat import tiny_chat_llama
@@ -384,8 +385,8 @@ def test_conclusion_states_what_the_sign_tests_and_shares_say():
     assert "not significantly different from arrow (+0/-0, p = 1)" in text
     assert "70.0% of its decisions, against 50.0% by chance (1/2)" in text
     assert "## The default router" not in text  # no request-level pass in this document
-    d["libraries"]["shared-0 [granularity=request]"] = {  # the demo's default-router pass: right on 0-10
-        "shared_a": True, "adapters": ["a", "b"], "noise": {}, "variant": "granularity=request",
+    d["libraries"][f"shared-0 [granularity={DEFAULT}]"] = {  # the demo's default-router pass: right on 0-10
+        "shared_a": True, "adapters": ["a", "b"], "noise": {}, "variant": f"granularity={DEFAULT}",
         "methods": {"seqr": res(11, own=9)}}
     text = er.markdown(d)
     head = text[text.index("## The default router"):text.index("## Conclusion")]
@@ -413,8 +414,9 @@ def test_the_default_router_section_warns_when_one_adapter_takes_every_request()
          "base": res(1, spread), "examples": {t: {"ids": ["0", "1", "2", "3"], "gold": gold} for t in ts},
          "libraries": {"shared-0": {"shared_a": True, "adapters": ["a", "b"], "noise": {}, "methods": {
              "oracle": res(4, spread), "seqr": res(3, spread)}},
-             "shared-0 [granularity=request]": {"shared_a": True, "adapters": ["a", "b"], "noise": {},
-                                                "variant": "granularity=request", "methods": {"seqr": res(3, spread)}}}}
+             f"shared-0 [granularity={DEFAULT}]": {"shared_a": True, "adapters": ["a", "b"], "noise": {},
+                                                  "variant": f"granularity={DEFAULT}",
+                                                  "methods": {"seqr": res(3, spread)}}}}
     assert "to one adapter" not in er.markdown(d) and "(chance 50.0%)" in er.markdown(d)
-    d["libraries"]["shared-0 [granularity=request]"]["methods"]["seqr"] = res(3, {t: {"a": 10} for t in ts})
+    d["libraries"][f"shared-0 [granularity={DEFAULT}]"]["methods"]["seqr"] = res(3, {t: {"a": 10} for t in ts})
     assert "every request of every task to one adapter, a:" in er.markdown(d)

@@ -220,7 +220,7 @@ def test_report_from_every_stage(setup, monkeypatch, tmp_path):
     assert set(summary["seqr_vs"]) == {"base", "mu", "arrow", "lag@2", "centroid", "centroid-seqr@2"}
     assert set(summary["exactness"]) == {"spectr", "naive"} and set(summary["noise"]) == {"0", "0.5", "1"}
     for section in ("Did each adapter learn", "Does SEQR beat", "Exactness", "under noise", "Routability vs",
-                    "Routing variants", "Against the default router (SEQR, granularity=request)",
+                    "Routing variants", "Against the default router (SEQR, granularity=request-vote)",
                     "shared frozen A cost",
                     "one-decision modes on the step-2 snapshot", "Per-token SEQR here", "granularity=layers vs seqr"):
         assert section in text

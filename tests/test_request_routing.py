@@ -264,13 +264,14 @@ def test_attached_granularity_is_the_models_default_and_routing_blocks_inherit_o
 
 @torch.no_grad()
 def test_the_default_is_request_level_seqr_and_the_papers_per_token_routing_one_flag_away(lib):
-    """attach() without a granularity routes SEQR once per request (it beat per-token SEQR on the paper-budget
-    library); every other router keeps the paper's per-token routing, and granularity="token" brings it back."""
+    """attach() without a granularity routes SEQR once per request by the prompt tokens' votes (it beat the
+    summed request-level choice and per-token SEQR on the paper-budget library); every other router keeps the
+    paper's per-token routing, and granularity="token" brings it back."""
     from seqr.serve.engine import Engine
 
     ids = _ids(B=2, T=5, seed=53)
     default, request, token = (seqr.attach(tiny_llama(), lib, **kw) for kw in
-                               ({}, {"granularity": "request"}, {"granularity": "token"}))
+                               ({}, {"granularity": "request-vote"}, {"granularity": "token"}))
     torch.testing.assert_close(default(ids).logits, request(ids).logits)
     assert not torch.allclose(default(ids).logits, token(ids).logits, atol=1e-4)
     for method in ("arrow", "spectr"):  # another router named in a block: per token, as the paper routes it
@@ -290,7 +291,7 @@ def test_the_default_is_request_level_seqr_and_the_papers_per_token_routing_one_
     class Tok:  # the engine reads only these two ids
         pad_token_id, eos_token_id = 0, None
 
-    for method, want in ((None, "request"), ("arrow", "token")):
+    for method, want in ((None, "request-vote"), ("arrow", "token")):
         engine = Engine(tiny_llama(), Tok(), lib, method=method)
         engine.close()
         assert engine.mode["granularity"] == want, method

@@ -302,7 +302,7 @@ def _sign_sentence(tests: list[tuple[str, int, int, float]], subject: str) -> st
 
 
 def _default_lines(doc: dict) -> list[str]:
-    """The library's default router first, when the document holds its pass (a `seqr eval --granularity request`
+    """The library's default router first, when the document holds its pass (a `seqr eval --granularity request-vote`
     pass of seqr beside the main library, as `seqr demo` runs): its accuracy over the oracle's with a 95% bootstrap
     interval, its own-adapter share, and its paired sign test against every method of the main library."""
     from seqr.eval import study
@@ -317,8 +317,9 @@ def _default_lines(doc: dict) -> list[str]:
         return []
     tests = [("per-token SEQR" if k == "seqr" else k, v["only_variant"], v["only_other"], v["p"])
              for k, v in sorted(res["vs"].items(), key=lambda kv: kv[0] != "seqr") if k != "oracle"]  # seqr first
-    out = [f"The default router, SEQR deciding once per request (`granularity=\"{DEFAULT}\"`: the prompt's calibrated "
-           f"scores summed over its tokens and the routed layers, one adapter for the whole request), reaches "
+    out = [f"The default router, SEQR deciding once per request (`granularity=\"{DEFAULT}\"`: each prompt token votes "
+           f"for the adapter its calibrated scores summed over the routed layers favour, and the most-voted adapter "
+           f"serves the whole request), reaches "
            f"{100 * res['norm']:.1f}% of the oracle's accuracy"
            + (f" (95% bootstrap interval {_interval(res['ci'])})" if res["ci"] else "")
            + (f" and routes {100 * res['own']:.1f}% of its decisions to the input's own adapter (chance "

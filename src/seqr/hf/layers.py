@@ -333,7 +333,7 @@ def attach(model: nn.Module, library: LoraLibrary, *, method: str | None = None,
            k: int | None = None, granularity: str | None = None, probe_depth: float = 1.0) -> nn.Module:
     """Replace each linear layer named in the library by a routed layer; returns the model. It routes with
     `method`, by default the library's (`LoraLibrary.default_method`: seqr for a shared A, spectr otherwise), at
-    `granularity` (see `routing`; by default SEQR decides once per request, "request", and every other method
+    `granularity` (see `routing`; by default SEQR decides once per request, "request-vote", and every other method
     per token: `granularity="token"` is the paper's per-token routing), or applies fixed `adapter`(s) (a
     name, or one per batch row) until a `routing` block says otherwise."""
     method = library.default_method if method is None and adapter is None else method
@@ -446,8 +446,8 @@ def _inherited(state: RoutingState, method, adapter, mix, granularity, probe_dep
 @torch.no_grad()
 def request_choices(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                     method: str | None = None, allowed=None, probe_depth: float | None = None,
-                    position_ids: torch.Tensor | None = None, granularity: str = "request") -> list[str]:
-    """The adapter `granularity` ("request", or "request-vote") gives each row of a prompt batch (input_ids (B, T),
+                    position_ids: torch.Tensor | None = None, granularity: str = gr.DEFAULT) -> list[str]:
+    """The adapter `granularity` ("request-vote", the default, or "request") gives each row of a prompt batch (input_ids (B, T),
     left-padded with `attention_mask`, and `position_ids` when given), found by its probe alone: the forward routed
     per token that sums each row's scores over its real tokens and the routed layers (the first `probe_depth`
     share; "request-vote": each token's sum is its vote), stopped there. For engines that then serve each request

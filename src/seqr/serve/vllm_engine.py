@@ -54,7 +54,8 @@ def engine_kwargs(model_dir: str | Path, library_dir: str | Path, columns: list,
 
 
 class VllmEngine:
-    """granularity "request" (seqr's default): one adapter per request chosen by a probe of its prompt
+    """granularity "request-vote" (seqr's default) or "request": one adapter per request chosen by a probe of its
+    prompt
     (seqr/vllm/request.py), served by seqr's routed model with the request's set narrowed to it
     (`request_path="seqr"`) or by vLLM's own per-request LoRA on the plain model ("vllm-lora"); "token" (the
     paper's, the other routers' default): seqr's routed model inside vLLM, every token routed per layer among its

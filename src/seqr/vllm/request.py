@@ -1,9 +1,10 @@
-"""Request-level routing in vLLM (`seqr serve --engine vllm --granularity request` or `request-vote`).
+"""Request-level routing in vLLM (`seqr serve --engine vllm`, granularity `request-vote`, the default, or `request`).
 
 Each request is routed once, before vLLM sees it: a transformers copy of the model with the library attached runs
-the probe of granularity "request" over the prompts (`seqr.hf.layers.request_choices`: each prompt's calibrated
-scores summed over its tokens and the routed layers, among the request's allowed adapters; the prompts that arrive
-together in one batch) and picks one adapter per request. vLLM then serves the whole request with that adapter,
+the probe of the request-level granularity over the prompts (`seqr.hf.layers.request_choices`: each prompt token's
+calibrated scores summed over the routed layers, then its tokens' votes ("request-vote") or the sum over its tokens
+("request"), among the request's allowed adapters; the prompts that arrive together in one batch) and picks one
+adapter per request. vLLM then serves the whole request with that adapter,
 in one of two ways (`REQUEST_PATHS`):
 - "seqr" (the default): seqr's routed model with the request's set narrowed to that one adapter, so every token
   takes it without scoring (the fixed-adapter path, in the compute dtype, as the transformers path applies it);
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from seqr.hf.granularity import DEFAULT
 from seqr.store.digest import weights_digest
 from seqr.store.library import LoraLibrary
 
@@ -49,7 +51,7 @@ class RequestRouter:
     dir)."""
 
     def __init__(self, model_dir: str | Path, library: LoraLibrary, work_dir: str | Path, *, method: str,
-                 probe_depth: float = 1.0, export: bool = True, granularity: str = "request"):
+                 probe_depth: float = 1.0, export: bool = True, granularity: str = DEFAULT):
         from seqr.hf.models import load_model
 
         self.model, _ = load_model(str(model_dir), dtype="float32")
