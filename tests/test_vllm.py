@@ -19,6 +19,7 @@ from vllm import SamplingParams  # noqa: E402
 
 from seqr import LoraLibrary  # noqa: E402
 from seqr.hf.generation import Request  # noqa: E402
+from seqr.hf.granularity import DEFAULT  # noqa: E402
 from seqr.hf.layers import attach, routing  # noqa: E402
 from seqr.hf.layers import detach as seqr_detach  # noqa: E402
 from seqr.serve.vllm_engine import VllmEngine  # noqa: E402
@@ -201,11 +202,12 @@ def test_adapters_added_and_removed_while_serving(engine, files):
     assert engine.adapters == frozenset(NAMES)
 
 
-@pytest.mark.parametrize("path,granularity", [("seqr", None), ("vllm-lora", None), ("seqr", "request-vote")])
+@pytest.mark.parametrize("path,granularity", [("seqr", None), ("vllm-lora", None), ("seqr", "request")])
 def test_request_granularity_serves_each_request_with_its_probes_adapter(files, reference, tmp_path, path,
                                                                           granularity):
-    """--granularity request: each request's adapter is the one the transformers path's probe picks among its set
-    (the boosted 'evil' only where allowed; the prompts arriving together probed in one forward); seqr's routed
+    """Request-level routing (the default, request-vote, and request): each request's adapter is the one the
+    transformers path's probe picks among its set (the boosted 'evil' only where allowed; the prompts arriving
+    together probed in one forward); seqr's routed
     model with the set narrowed to it (the default) or vLLM's own LoRA then gives the fixed-adapter path's greedy
     tokens, the response names the adapter, and library changes apply to the next request."""
     import shutil
@@ -216,16 +218,16 @@ def test_request_granularity_serves_each_request_with_its_probes_adapter(files, 
     shutil.copytree(lib_dir, tmp_path / "lib")
     eng = VllmEngine(model_dir, LoraLibrary.load(tmp_path / "lib"), method="seqr", dtype="float32", max_batch=8,
                      max_model_len=256, work_dir=tmp_path / "work", request_path=path,
-                     granularity=granularity)  # None: request-level, the default
+                     granularity=granularity)  # None: the default, request-vote
     assert bool(eng.llm.llm_engine.vllm_config.lora_config) == (path == "vllm-lora")
     try:
         futs = [eng.submit(Request(p, s, max_tokens=6, ignore_eos=True)) for p, s in zip(PROMPTS, SETS)]
         results = [f.result(timeout=300) for f in futs]
         for r, p, s in zip(results, PROMPTS, SETS):
-            (name,) = request_choices(reference, torch.tensor([p]), allowed=[s], granularity=granularity or "request")
+            (name,) = request_choices(reference, torch.tensor([p]), allowed=[s], granularity=granularity or DEFAULT)
             assert r.routing == {name: 1.0} and name in s
             assert (r.manifest["router"], r.manifest["granularity"], r.manifest["allowed"]) == (
-                "seqr", granularity or "request", len(s))
+                "seqr", granularity or DEFAULT, len(s))
             with routing(reference, adapter=name):
                 logits = reference(input_ids=torch.tensor([p + r.tokens[:-1]])).logits[0].float()  # (L, V)
             assert r.tokens == logits[len(p) - 1:].argmax(-1).tolist(), (name, r.tokens)

@@ -93,7 +93,9 @@ class VllmEngine:
             kw = engine_kwargs(model_dir, library.path, self.columns.order, method=self.method, k=k, dtype=dtype,
                                max_batch=max_batch, max_model_len=max_model_len,
                                compile_cache=self._compile_cache(library) if compile else None)
+        before = {c.pid for c in _children()}
         self.llm = LLM(**{**kw, **llm_kwargs})
+        self._procs = [c for c in _children() if c.pid not in before]  # vLLM's engine core and workers: this engine's
         if not self.lora:  # the workers follow vLLM's batch: each token's request and set (per token: its shares)
             self.llm.collective_rpc("seqr_batch", args=(self.router is None,))
         self.tokenizer = self.llm.get_tokenizer()
@@ -167,9 +169,9 @@ class VllmEngine:
         self._thread.join(timeout=60)
         import psutil  # a vLLM dependency
 
-        started = [c for c in psutil.Process().children(recursive=True) if not _resource_tracker(c)]
+        mine = {c.pid: c for c in self._procs + [d for c in self._procs for d in _children(c)]}  # and their own
         self.llm.llm_engine.engine_core.shutdown()
-        _, lingering = psutil.wait_procs(started, timeout=30)  # shutdown() may return while one is still exiting
+        _, lingering = psutil.wait_procs(list(mine.values()), timeout=30)  # shutdown() may return before they exit
         for c in lingering:
             c.kill()
         psutil.wait_procs(lingering, timeout=10)
@@ -356,6 +358,16 @@ def _shares(got: dict | None, allowed) -> tuple[dict, int]:
     got = got or {"counts": {}, "outside": 0}
     total = sum(got["counts"].values())
     return ({n: c / total for n, c in got["counts"].items() if n in allowed} if total else {}), got["outside"]
+
+
+def _children(proc=None) -> list:
+    """The live descendants of `proc` (this process by default), multiprocessing's resource tracker left out."""
+    import psutil
+
+    try:
+        return [c for c in (proc or psutil.Process()).children(recursive=True) if not _resource_tracker(c)]
+    except psutil.Error:  # proc has exited
+        return []
 
 
 def _resource_tracker(proc) -> bool:
