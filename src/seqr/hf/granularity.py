@@ -19,8 +19,9 @@
                calibration can no longer outweigh the rest of the prompt (same cost as "request"). SEQR's
                DEFAULT: on the paper-budget library it beat "request" (+207/-98, p = 4e-10) and every baseline
 
-`probe_depth` < 1 (layers, request, request-vote) sums only the first share of the routed layers, in forward order, and stops
-the probe forward there: a cheaper probe. Each function reads and writes the model's `RoutingState` (`st`).
+`probe_depth` < 1 (layers, request, request-vote) sums only the first share of the routed layers, in forward
+order, and stops the probe forward there: a cheaper probe. Each function reads and writes the model's
+`RoutingState` (`st`).
 """
 from __future__ import annotations
 

@@ -447,10 +447,10 @@ def _inherited(state: RoutingState, method, adapter, mix, granularity, probe_dep
 def request_choices(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                     method: str | None = None, allowed=None, probe_depth: float | None = None,
                     position_ids: torch.Tensor | None = None, granularity: str = gr.DEFAULT) -> list[str]:
-    """The adapter `granularity` ("request-vote", the default, or "request") gives each row of a prompt batch (input_ids (B, T),
-    left-padded with `attention_mask`, and `position_ids` when given), found by its probe alone: the forward routed
-    per token that sums each row's scores over its real tokens and the routed layers (the first `probe_depth`
-    share; "request-vote": each token's sum is its vote), stopped there. For engines that then serve each request
+    """The adapter `granularity` ("request-vote", the default, or "request") gives each row of a prompt batch
+    (input_ids (B, T), left-padded with `attention_mask`, and `position_ids` when given), found by its probe alone:
+    the forward routed per token that sums each row's scores over its real tokens and the routed layers (the first
+    `probe_depth` share; "request-vote": each token's sum is its vote), stopped there. For engines that then serve each request
     with that one adapter (e.g. vLLM)."""
     if granularity not in gr.REQUEST_PROBED:
         raise ValueError(f"request_choices decides per request: granularity must be one of {gr.REQUEST_PROBED}, "
