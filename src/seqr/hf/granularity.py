@@ -35,6 +35,7 @@ from seqr.core import routers as rt
 GRANULARITIES = ("token", "prompt", "prompt-vote", "layers", "depth", "request", "request-reuse", "request-vote")
 REQUEST_PROBED = ("request", "request-vote")  # one adapter per row for all layers and tokens, chosen by a probe
 PROBED = ("layers", *REQUEST_PROBED)  # the granularities that run a probe forward first
+VLLM_SERVED = ("token", *REQUEST_PROBED)  # what the vLLM engine serves: per token inside vLLM, per request before it
 DEFAULT = "request-vote"  # SEQR's granularity unless one is given: it beat "request" (docs/results/layer-routing.md)
 DEFAULT_METHOD = "seqr"  # the router DEFAULT applies to; every other method routes per token unless told otherwise
 REQUEST = "__request__"  # the sticky key of a request-level choice (one per row for every layer)
@@ -105,12 +106,11 @@ def _vote_rows(st) -> None:
     """Granularity "request-vote": each row's adapter is the one most of its real tokens pick by their own summed
     scores (st.layer_sum (B*T, N)) among the allowed; ties go to the better sum over the row."""
     B, T = st.probe_rows
-    real = st.real_tokens(B, T).view(B, T).to(st.layer_sum.dtype)  # (B, T)
-    top = rt.masked_argmax_(st.layer_sum.clone(), st.token_mask(B, T)).view(B, T)  # (B, T) each token's pick
-    votes = torch.zeros(B, st.layer_sum.shape[1], dtype=real.dtype, device=real.device)  # (B, N)
-    votes.scatter_add_(1, top, real)  # (B, N) real tokens per adapter
-    summed = torch.where(real.unsqueeze(-1) > 0, st.layer_sum.view(B, T, -1), 0.0).sum(1)  # (B, N) "request"'s
+    summed = _row_sums(st, st.layer_sum, B, T)  # (B, N) "request"'s row sums, taken before the argmax masks in place
     summed = summed.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # (B, N) NaN never wins a tie
+    real = st.real_tokens(B, T).view(B, T).to(summed.dtype)  # (B, T)
+    top = rt.masked_argmax_(st.layer_sum, st.token_mask(B, T)).view(B, T)  # (B, T) each token's pick
+    votes = torch.zeros_like(summed).scatter_add_(1, top, real)  # (B, N) real tokens per adapter
     rank = summed.argsort(1).argsort(1).to(votes.dtype) / summed.shape[1]  # (B, N) in [0, 1), the sums' order
     st.layer_sum = votes + 0.5 * rank  # (B, N) the tie-break moves a score by under 0.5: never one vote
     _decide_rows(st)
@@ -143,10 +143,15 @@ def probe_choice(bank, xf, z, st, mask, B: int, T: int) -> torch.Tensor:
     return rt.masked_argmax_(s, mask)  # (B*T,)
 
 
+def _row_sums(st, s: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """Scores s (B*T, N) summed over each row's real tokens: (B, N)."""
+    real = st.real_tokens(B, T).view(B, T, 1)  # (B, T, 1) bool
+    return torch.where(real, s.view(B, T, -1), 0.0).sum(1)  # (B, N)
+
+
 def _add_row_sums(st, s: torch.Tensor, B: int, T: int) -> None:
     """Add one layer's scores s (B*T, N) over each row's real tokens to the rows' sums st.layer_sum (B, N)."""
-    real = st.real_tokens(B, T).view(B, T, 1).to(s.dtype)  # (B, T, 1)
-    s_add = torch.where(real > 0, s.view(B, T, -1), 0.0).sum(1)  # (B, N) this layer's scores over the prompt
+    s_add = _row_sums(st, s, B, T)  # (B, N) this layer's scores over the prompt
     st.layer_sum = s_add if st.layer_sum is None else st.layer_sum.add_(s_add)  # (B, N)
 
 

@@ -450,8 +450,8 @@ def request_choices(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     """The adapter `granularity` ("request-vote", the default, or "request") gives each row of a prompt batch
     (input_ids (B, T), left-padded with `attention_mask`, and `position_ids` when given), found by its probe alone:
     the forward routed per token that sums each row's scores over its real tokens and the routed layers (the first
-    `probe_depth` share; "request-vote": each token's sum is its vote), stopped there. For engines that then serve each request
-    with that one adapter (e.g. vLLM)."""
+    `probe_depth` share; "request-vote": each token's sum is its vote), stopped there. For engines that then serve
+    each request with that one adapter (e.g. vLLM)."""
     if granularity not in gr.REQUEST_PROBED:
         raise ValueError(f"request_choices decides per request: granularity must be one of {gr.REQUEST_PROBED}, "
                          f"got {granularity!r}")

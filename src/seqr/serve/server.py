@@ -93,7 +93,7 @@ def make_engine(kind: str, model: str, lib, *, method: str, max_batch: int, dtyp
                 granularity: str | None = None, probe_depth: float = 1.0, enforce_eager: bool = False):
     """The serving engine `kind` over the model (anything seqr.load_model takes) and library; `enforce_eager`:
     the vllm engine runs the model eager instead of compiled (vLLM's default)."""
-    from seqr.hf.granularity import GRANULARITIES, REQUEST_PROBED, check_probe_depth, default_for
+    from seqr.hf.granularity import GRANULARITIES, VLLM_SERVED, check_probe_depth, default_for
 
     granularity = default_for(method) if granularity is None else granularity
     if granularity not in GRANULARITIES:
@@ -107,7 +107,7 @@ def make_engine(kind: str, model: str, lib, *, method: str, max_batch: int, dtyp
         raise ValueError(f"enforce_eager applies to the vllm engine (the embedded one never compiles), got {kind!r}")
     dtype = say_choice(dtype, "seqr serve")  # auto: bfloat16 where the machine multiplies it natively
     if kind == "vllm":
-        if granularity not in ("token", *REQUEST_PROBED):
+        if granularity not in VLLM_SERVED:
             raise ValueError(f"--engine vllm routes per token or per request; granularity {granularity!r} is "
                              f"served by the embedded engine")
         try:

@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from seqr.hf.generation import Request, Result
-from seqr.hf.granularity import REQUEST_PROBED, default_for
+from seqr.hf.granularity import REQUEST_PROBED, VLLM_SERVED, default_for
 from seqr.serve.engine import Engine, Manifests, still_allowed
 from seqr.vllm.plugin import ROUTED_ARCHITECTURES
 from seqr.vllm.request import REQUEST_PATHS, RequestRouter, request_engine_kwargs
@@ -74,8 +74,8 @@ class VllmEngine:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         self.library, self.method, self.k = library, method or library.default_method, k
         granularity = default_for(self.method) if granularity is None else granularity
-        if granularity not in ("token", *REQUEST_PROBED):
-            raise ValueError(f"the vLLM engine routes per token or per request ({REQUEST_PROBED}), got granularity "
+        if granularity not in VLLM_SERVED:
+            raise ValueError(f"the vLLM engine routes per token or per request ({VLLM_SERVED}), got granularity "
                              f"{granularity!r}")
         if request_path not in REQUEST_PATHS:
             raise ValueError(f"request_path must be one of {REQUEST_PATHS}, got {request_path!r}")
