@@ -32,9 +32,9 @@ def test_granularity_quick_numbers_checks_and_files(tmp_path, capsys):
                 assert r[f"{what}_over_untouched"] == pytest.approx(r[key] / res["untouched"][key])
                 assert r[f"{what}_over_token"] == pytest.approx(r[key] / res["token"][key])
         checks = p["checks"]
-        assert set(checks) == {"request", "request@0.5", "untouched_unchanged"}
+        assert set(checks) == {"request", "request@0.5", "request-vote", "untouched_unchanged"}
         assert all(c["ok"] for c in checks.values())
-        for mode in ("request", "request@0.5"):  # one adapter per row, a real one
+        for mode in ("request", "request@0.5", "request-vote"):  # one adapter per row, a real one
             assert len(checks[mode]["adapters"]) == p["batch"] and checks[mode]["one_adapter_per_row"]
     text = capsys.readouterr().out
     assert (out / "granularity_costs.md").read_text().strip() in text

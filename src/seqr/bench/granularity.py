@@ -29,6 +29,7 @@ from tqdm import tqdm
 from seqr.bench.common import contention_note, cpu_snapshot, machine_info, machine_line, num, other_cpu_share, ratio
 from seqr.bench.common import write_json
 from seqr.bench.model import DEFAULT_MODEL, _int_list, load_base, seqr_library, write_adapters
+from seqr.hf.granularity import REQUEST_PROBED
 from seqr.store.files import atomic_write_bytes
 
 # mode -> routing(...) keywords (None: the untouched model; "adapter" filled with the library's first adapter)
@@ -43,13 +44,15 @@ MODES = {
     "request": {"method": "seqr", "granularity": "request"},
     "request@0.5": {"method": "seqr", "granularity": "request", "probe_depth": 0.5},
     "request-reuse": {"method": "seqr", "granularity": "request-reuse"},
+    "request-vote": {"method": "seqr", "granularity": "request-vote"},
 }
 ABOUT = {"untouched": "the model without adapters", "fixed": "every token through the library's first adapter",
          "token": "seqr per token and layer (the paper)", "depth": "per token and layer, scores summed over the "
          "layers so far", "prompt": "per row and layer, chosen at prefill", "layers": "per token for all layers, "
          "a probe forward first (every forward)", "request": "per row for all layers and tokens, a probe prefill "
          "first", "request-reuse": "per row for the generated tokens, chosen inside the one prefill (routed per "
-         "token)", "@0.5": "the probe sums the first half of the routed layers and stops there"}
+         "token)", "request-vote": "request with the row's adapter voted by its prompt tokens (SEQR's default)",
+         "@0.5": "the probe sums the first half of the routed layers and stops there"}
 DEFAULTS = {"full": {"batch": [1, 8], "prompt": 64, "new_tokens": 16, "adapters": 10},
             "quick": {"batch": [1, 2], "prompt": 8, "new_tokens": 4, "adapters": 4}}
 
@@ -97,7 +100,7 @@ def request_checks(model, modes: dict, ids: torch.Tensor, steps: int, names: lis
     with those adapters."""
     out = {}
     for mode, how in modes.items():
-        if not how or how.get("granularity") != "request":
+        if not how or how.get("granularity") not in REQUEST_PROBED:
             continue
         (tokens, tr), _ = one_call(model, how, ids, steps, trace=True)
         used = [tr.counts(row=b) for b in range(ids.shape[0])]
