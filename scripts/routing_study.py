@@ -151,11 +151,6 @@ def _own_share(res: dict, tasks: list[str]) -> float | None:
 
 
 def report() -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from seqr.eval import report as er
     from seqr.store import files
 
@@ -201,11 +196,26 @@ def report() -> None:
              "routed to the input's own task adapter (chance: 10%). vs paper: examples only this variant got right / "
              "only paper-default SEQR got right, and the two-sided exact sign-test p. Made by "
              "`python scripts/routing_study.py report`.", ""]
+    lines += _table_lines(rows, tasks)
+    arrow = shared["methods"]["arrow"]
+    conclusion = _conclusion_lines(rows, seqr_runs, lambda res: er.paired(
+        ref, {"methods": {"x": res, "arrow": arrow}}, "x", "arrow") if res is not arrow else None)
+    lines += _axis4_lines() + _best_lines(rows) + conclusion + _confirm_lines()
+    (DOCS / "study.md").write_text("\n".join(lines))
+    (DOCS / "summary.md").write_text("\n".join(_summary_lines(rows)))
+    _figure(rows, DOCS / "study.png")
+    print((DOCS / "study.md").read_text())
+
+
+def _table_lines(rows: dict, tasks: list[str]) -> list[str]:
+    """One Markdown table per axis (the reference methods, each study axis, the adapters), paper SEQR atop each."""
+    lines = []
     for axis in ("reference", *AXES, "adapters"):
         sel = {k: v for k, v in rows.items() if v[0] == axis}
         if not sel:
             continue
-        title = {"reference": "Reference methods (runs/eval-ten)", "adapters": "The adapters themselves"}.get(axis, AXES.get(axis))
+        title = {"reference": "Reference methods (runs/eval-ten)",
+                 "adapters": "The adapters themselves"}.get(axis, AXES.get(axis))
         if axis != "reference":
             sel = {PAPER: rows[PAPER], **sel}
         lines += [f"## {title}", "", "| variant | avg | " + " | ".join(tasks) + " | own share | vs paper |",
@@ -215,12 +225,16 @@ def report() -> None:
             lines.append(f"| {k} | **{n['avg']:.1f}** | " + " | ".join(f"{n[t]:.1f}" for t in tasks)
                          + f" | {'' if o is None else f'{o:.1f}'} | {vs} |")
         lines.append("")
-    arrow = shared["methods"]["arrow"]
-    conclusion = _conclusion_lines(rows, seqr_runs, lambda res: er.paired(
-        ref, {"methods": {"x": res, "arrow": arrow}}, "x", "arrow") if res is not arrow else None)
-    lines += _axis4_lines() + _best_lines(rows) + conclusion + _confirm_lines()
-    (DOCS / "study.md").write_text("\n".join(lines))
-    (DOCS / "summary.md").write_text("\n".join(_summary_lines(rows)))
+    return lines
+
+
+def _figure(rows: dict, path: Path) -> None:
+    """Every row's average accuracy / oracle as a bar (reference methods grey), paper SEQR dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1))
     names = list(rows)
     ax.barh(range(len(names)), [rows[k][1]["avg"] for k in names], color=["#888" if rows[k][0] == "reference" else
@@ -232,8 +246,8 @@ def report() -> None:
     ax.set_xlabel("average accuracy / oracle (%)")
     ax.set_xlim(min(rows[k][1]["avg"] for k in names) - 5, 105)
     fig.tight_layout()
-    fig.savefig(DOCS / "study.png", dpi=120)
-    print((DOCS / "study.md").read_text())
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _axis4_lines() -> list[str]:

@@ -10,6 +10,7 @@ import torch
 
 import seqr
 from seqr.eval import report as er
+from seqr.eval import cli as eval_cli
 from seqr.eval import evaluate as ev
 from seqr.store import files
 from seqr.eval import plots
@@ -258,7 +259,7 @@ def test_report_and_figures_replot_from_json(doc, tmp_path, capsys):
     assert "| seqr | 100.0 | 100.0 |" in text  # own pass and reference pass: the norm-max by construction
     before = text
     report.unlink()
-    assert ev.main(["--replot", "--out", str(out)]) == 0
+    assert eval_cli.main(["--replot", "--out", str(out)]) == 0
     assert report.read_text() == before and "Table 3" in capsys.readouterr().out
 
 
@@ -271,7 +272,7 @@ def test_cli_end_to_end_from_a_model_dir_and_jsonl(adapter_dirs, model, tok, tmp
         (data_dir / t / "dev.jsonl").write_text("".join(json.dumps(e.__dict__ | {"choices": list(e.choices)}) + "\n"
                                                         for e in task_examples(t, "dev", 4)))
     lib = seqr.LoraLibrary.from_peft(adapter_dirs).save(tmp_path / "lib")
-    rc = ev.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
+    rc = eval_cli.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
                   "--noise", "1", "--out", str(out), "--k", "2"])
     assert rc == 0
     saved = json.loads((out / files.EVAL_RESULTS).read_text())
@@ -280,7 +281,7 @@ def test_cli_end_to_end_from_a_model_dir_and_jsonl(adapter_dirs, model, tok, tmp
     assert all(r["n"] == 3 for r in saved["base"]["tasks"].values())
     assert "accuracy normalised by the oracle" in capsys.readouterr().out
     # a routing variant joins the same results under its own label; the paper-routing tables stay as they were
-    rc = ev.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
+    rc = eval_cli.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
                   "--noise", "", "--out", str(out), "--methods", "seqr", "--normalise", "ratio", "--granularity", "prompt"])
     assert rc == 0
     saved2 = json.loads((out / files.EVAL_RESULTS).read_text())
@@ -293,11 +294,11 @@ def test_cli_end_to_end_from_a_model_dir_and_jsonl(adapter_dirs, model, tok, tmp
         if oracle[t]["acc"]:
             assert cells[t] == pytest.approx(var["methods"]["seqr"]["tasks"][t]["acc"] / oracle[t]["acc"])
     assert "## Routing variants" in capsys.readouterr().out
-    rc = ev.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
+    rc = eval_cli.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
                   "--noise", "", "--out", str(out), "--methods", "seqr", "--granularity", "layers"])
     saved3 = json.loads((out / files.EVAL_RESULTS).read_text())
     assert rc == 0 and list(saved3["libraries"]["shared-0 [granularity=layers]"]["methods"]) == ["seqr"]
-    rc = ev.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
+    rc = eval_cli.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
                   "--noise", "", "--out", str(out), "--methods", "seqr", "--granularity", "request",
                   "--probe-depth", "0.5"])
     saved4 = json.loads((out / files.EVAL_RESULTS).read_text())
@@ -305,7 +306,7 @@ def test_cli_end_to_end_from_a_model_dir_and_jsonl(adapter_dirs, model, tok, tmp
     assert rc == 0 and list(req["methods"]) == ["seqr"] and req["routing"]["probe_depth"] == 0.5
     assert saved4["libraries"]["shared-0"] == saved["libraries"]["shared-0"]  # earlier passes kept, not redone
     with pytest.raises(SystemExit) as bad:  # a shortened probe only where a probe runs
-        ev.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--out", str(out),
+        eval_cli.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--out", str(out),
                  "--granularity", "prompt", "--probe-depth", "0.5"])
     assert bad.value.code == 2 and "probe_depth applies to" in capsys.readouterr().err
 

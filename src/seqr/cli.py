@@ -15,7 +15,7 @@ VERBS = {
     "calibrate": ("seqr.silo.calibrate", "per-layer activation-norm stats of an adapter on its own data"),
     "build": ("seqr.silo.build", "build a routing library from calibrated adapter dirs"),
     "info": ("seqr.silo.info", "describe a library: adapters, layers, rank, shared A, sizes, stats"),
-    "eval": ("seqr.eval.evaluate", "evaluate every routing method on held-out task data: JSON, Markdown, PNG figures"),
+    "eval": ("seqr.eval.cli", "evaluate every routing method on held-out task data: JSON, Markdown, PNG figures"),
     "serve": ("seqr.serve.cli", "OpenAI-compatible HTTP service; each user routed only among their authorised adapters"),
     "costs": ("seqr.core.costs", "print routing MACs and storage per method (the paper's Table 1)"),
     "bench": ("seqr.bench.cli", "benchmarks: `seqr bench routing|forward|generate|serve|train|scale|granularity` "

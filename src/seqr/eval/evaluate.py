@@ -1,4 +1,5 @@
-"""`seqr eval`: every routing method on every task's held-out split, written to one JSON document.
+"""What `seqr eval` (seqr.eval.cli) runs: every routing method on every task's held-out split, written to one
+JSON document.
 
 A *pass* runs one method over the eval examples of every task with a library attached to the model. Per
 task it stores the prediction of every example and, for the routers (arrow, lag, spectr, seqr), what its
@@ -24,19 +25,15 @@ from pathlib import Path
 import torch
 
 from seqr.store import files
-from seqr.hf.dtypes import add_arg as add_dtype_arg
-from seqr.hf.dtypes import say_choice
 from seqr.hf.dtypes import name as dtype_name
 from seqr.silo.calibrate import add_noise, parse_calibration, recalibrated
 from seqr.hf.granularity import check_probe_depth
 from seqr.hf.layers import GRANULARITIES, attach, detach, routing
-from seqr.hf.models import add_device_arg, parse_device
 from seqr.store.library import LoraLibrary
 from seqr.hf.choices import choice_logprobs
 from seqr.core import registry
 from seqr.core.stats import NORMALISATIONS
 from seqr.silo.tasks import Example, SCORINGS
-from seqr.core.argfmt import Parser, existing_dir
 
 METHODS = tuple(r.name for r in registry.routers() if r.evaluated)  # the default passes, in report order
 FORMAT = "seqr-eval"
@@ -282,15 +279,8 @@ def evaluate(model, tokenizer, libraries: dict[str, LoraLibrary], data: dict[str
     model. The untouched model's pass ("base") is run once. Results are saved after every pass.
     With cfg.calibration, each adapter is first recalibrated on its own task's train split (read from
     `train_data`, like load_task's data_dir)."""
-    if not libraries:
-        raise ValueError("evaluate needs at least one library")
+    _check(libraries, data, cfg)
     cfg = replace(cfg, dtype=dtype_name(next(model.parameters()).dtype))  # bf16 passes never reuse fp32 ones
-    for label, lib in libraries.items():
-        if lib.uncalibrated:
-            raise ValueError(f"library {label!r}: adapter(s) {lib.uncalibrated} have no stats; run seqr calibrate")
-    missing = [t for t in cfg.tasks if not data.get(t)]
-    if missing:
-        raise ValueError(f"no eval examples for task(s) {missing}")
     path = None if out_dir is None else Path(out_dir) / files.EVAL_RESULTS
     doc = _resume(path, cfg)
     doc["examples"] = {t: {"ids": [ex.id for ex in data[t]], "gold": [ex.label for ex in data[t]]} for t in cfg.tasks}
@@ -318,12 +308,7 @@ def evaluate(model, tokenizer, libraries: dict[str, LoraLibrary], data: dict[str
                                scoring=cfg.scoring, progress=progress)
         calibrated, lib = lib, lib.normalised(cfg.normalise, cfg.pooled)
         label = f"{label} [{tag}]" if tag else label
-        fp, opts = fingerprint(lib), cfg.routing_options()
-        entry = doc["libraries"].get(label)
-        if entry is None or entry.get("fingerprint") != fp or entry.get("routing", opts) != opts:
-            entry = doc["libraries"][label] = {"fingerprint": fp, "shared_a": lib.shared_a, "adapters": lib.names,
-                                               "path": path_, "methods": {}, "noise": {}, "routing": opts,
-                                               "variant": tag}
+        entry = _entry(doc, label, lib, path_, cfg)
         ref = lib.default_method
         for method in cfg.methods:
             if not _applies(method, lib, label):
@@ -342,6 +327,30 @@ def evaluate(model, tokenizer, libraries: dict[str, LoraLibrary], data: dict[str
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     save()
     return doc
+
+
+def _check(libraries: dict[str, LoraLibrary], data: dict[str, list[Example]], cfg: EvalConfig) -> None:
+    """One line naming what cannot be evaluated: no library, an adapter without stats, a task without examples."""
+    if not libraries:
+        raise ValueError("evaluate needs at least one library")
+    for label, lib in libraries.items():
+        if lib.uncalibrated:
+            raise ValueError(f"library {label!r}: adapter(s) {lib.uncalibrated} have no stats; run seqr calibrate")
+    missing = [t for t in cfg.tasks if not data.get(t)]
+    if missing:
+        raise ValueError(f"no eval examples for task(s) {missing}")
+
+
+def _entry(doc: dict, label: str, lib: LoraLibrary, path: str | None, cfg: EvalConfig) -> dict:
+    """The results entry of `label`: the stored one while its library (fingerprint) and routing options are the
+    same, else a fresh one (its passes rerun)."""
+    fp, opts = fingerprint(lib), cfg.routing_options()
+    entry = doc["libraries"].get(label)
+    if entry is None or entry.get("fingerprint") != fp or entry.get("routing", opts) != opts:
+        entry = doc["libraries"][label] = {"fingerprint": fp, "shared_a": lib.shared_a, "adapters": lib.names,
+                                           "path": path, "methods": {}, "noise": {}, "routing": opts,
+                                           "variant": cfg.variant()}
+    return entry
 
 
 def _planned(libraries: dict, cfg: EvalConfig) -> int:
@@ -402,105 +411,9 @@ def _resume(path: Path | None, cfg: EvalConfig) -> dict:
     return doc
 
 
-# ---------------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------------------------ data
 def load_data(tasks: list[str], split: str, *, data_dir=None, source: str = "auto", max_eval: int | None = None,
               seed: int = 0) -> dict[str, list[Example]]:
     from seqr.silo.tasks import load_task
 
     return {t: load_task(t, split, data_dir=data_dir, source=source, max_examples=max_eval, seed=seed) for t in tasks}
-
-
-def main(argv: list[str] | None = None) -> int:
-    from seqr.eval import plots
-
-    p = Parser(prog="seqr eval", description=(
-        "Evaluate oracle, base, mu, arrow, lag, spectr and seqr on each task's held-out split; write eval.json, "
-        "report.md and PNG figures to --out. Finished passes in --out are reused."))
-    p.add_argument("--library", action="append", default=[], metavar="DIR",
-                   help="a calibrated library (seqr build); repeat for several seeds; unique-A libraries are "
-                        "detected and reported as the shared-vs-unique comparison")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="the base model the libraries adapt")
-    p.add_argument("--data", type=existing_dir,
-                   help="JSONL task dir <task>/{train,dev}.jsonl (default $SEQR_TASK_DATA, else HF datasets)")
-    p.add_argument("--tasks", nargs="+", help="tasks to evaluate (default: the first library's adapter names)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=registry.names(), metavar="METHOD",
-                   help=f"passes to run, of {registry.names()}")
-    p.add_argument("--k", type=int, default=3, help="LAG's ARROW shortlist size (default 3)")
-    p.add_argument("--split", default="dev", help="held-out split (default dev)")
-    p.add_argument("--max-eval", type=int, default=100, help="examples per task, a seeded subset (0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the examples subset")
-    p.add_argument("--noise", default="0.25,0.5,0.75,1",
-                   help="comma-separated std multiples of noise on mu for the robustness curve ('' for none)")
-    p.add_argument("--noise-seed", type=int, default=0, help="seed of the noise on mu")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per forward")
-    p.add_argument("--scoring", choices=SCORINGS, default="choices", help="answer format the adapters were trained on")
-    g = p.add_argument_group("routing variants of the seqr / spectr passes (default: the paper's)")
-    g.add_argument("--normalise", choices=NORMALISATIONS, default="z",
-                   help="z-score (paper), raw norm, norm / mu, or percentile (each adapter's own norm CDF; needs "
-                        "stats calibrated with quantiles)")
-    g.add_argument("--pooled-stats", action="store_true", help="one mu, sigma per adapter pooled over layers")
-    g.add_argument("--granularity", choices=GRANULARITIES, default="token",
-                   help="per token (paper); prompt: mean score over the prompt, kept for later tokens; prompt-vote: "
-                        "the majority of the prompt tokens' picks; layers: one adapter per token for all layers, by "
-                        "the score summed over layers (two forwards); depth: per token and layer, by the score "
-                        "summed over that layer and the ones before it (one forward); request: one adapter per prompt for "
-                        "all layers and later tokens, by the prompt's score summed over its tokens and the layers "
-                        "(one extra prefill; SEQR's default in attach and serve, evaluated here as a variant so the "
-                        "default compares every router as the paper routes it)")
-    g.add_argument("--probe-depth", type=float, default=1.0,
-                   help="with --granularity layers / request: the share of the routed layers (in forward order) "
-                        "whose summed scores decide; the probe forward stops after them (default 1: all)")
-    g.add_argument("--mix", type=int, help="top-K softmax(score / temperature) mixture per token")
-    g.add_argument("--temperature", type=float, default=1.0, help="with --mix: softmax temperature")
-    g.add_argument("--calibration", metavar="TOKENS[@N]",
-                   help="first recalibrate every adapter on N (default 60) examples of its own task's train split, "
-                        "from the token set all|prompt|answer|content (adapter names must be task names)")
-    p.add_argument("--out", default="eval-out", help="output dir (default eval-out)")
-    p.add_argument("--replot", action="store_true", help="only redraw report.md and figures from --out/eval.json")
-    add_dtype_arg(p)
-    add_device_arg(p)
-    a = p.parse_args(argv)
-    device = parse_device(p, a.device)
-    out = Path(a.out)
-    if a.replot:
-        try:
-            doc = files.read_json(out / files.EVAL_RESULTS, "eval results (run seqr eval first)")
-        except (FileNotFoundError, ValueError) as e:
-            p.error(str(e))
-    else:
-        if not a.library:
-            p.error("give at least one --library DIR (or --replot)")
-        try:
-            noise = tuple(float(x) for x in a.noise.split(",") if x.strip())
-        except ValueError:
-            p.error(f"--noise must be comma-separated numbers, got {a.noise!r}")
-        libs, count = {}, {"shared": 0, "unique": 0}
-        for d in a.library:
-            try:
-                lib = LoraLibrary.load(d)
-            except (FileNotFoundError, ValueError) as e:  # before any model loads: one line naming the dir
-                p.error(f"--library {d}: {e}")
-            kind = "shared" if lib.shared_a else "unique"
-            libs[f"{kind}-{count[kind]}"] = lib
-            count[kind] += 1
-        tasks = a.tasks or next(iter(libs.values())).names
-        try:
-            cfg = EvalConfig(tasks=tasks, methods=tuple(a.methods), k=a.k, split=a.split, max_eval=a.max_eval or None,
-                             seed=a.seed, noise=noise, noise_seed=a.noise_seed, batch_size=a.batch_size,
-                             scoring=a.scoring, model=a.model, normalise=a.normalise, pooled=a.pooled_stats,
-                             granularity=a.granularity, mix=a.mix, temperature=a.temperature,
-                             probe_depth=a.probe_depth,
-                             calibration=a.calibration)
-        except ValueError as e:
-            p.error(str(e))
-        data = load_data(cfg.tasks, cfg.split, data_dir=a.data, max_eval=cfg.max_eval, seed=cfg.seed)
-        from seqr.hf.models import load_model
-
-        model, tok = load_model(a.model, dtype=say_choice(a.dtype, "seqr eval"), device=device)
-        doc = evaluate(model, tok, libs, data, cfg, out_dir=out, train_data=a.data)
-        doc["command"] = "seqr eval " + " ".join(sys.argv[2:] if argv is None else argv)
-        files.atomic_write_json(out / files.EVAL_RESULTS, doc)
-    report, figs = plots.write_report(doc, out)
-    print(report.read_text())
-    print(f"seqr eval: wrote {out / files.EVAL_RESULTS}, {report} and {len(figs)} figure(s) to {out}", file=sys.stderr)
-    return 0
