@@ -273,7 +273,7 @@ def test_cli_end_to_end_from_a_model_dir_and_jsonl(adapter_dirs, model, tok, tmp
                                                         for e in task_examples(t, "dev", 4)))
     lib = seqr.LoraLibrary.from_peft(adapter_dirs).save(tmp_path / "lib")
     rc = eval_cli.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
-                  "--noise", "1", "--out", str(out), "--k", "2"])
+                        "--noise", "1", "--out", str(out), "--k", "2"])
     assert rc == 0
     saved = json.loads((out / files.EVAL_RESULTS).read_text())
     assert saved["config"]["max_eval"] == 3 and saved["libraries"]["shared-0"]["path"] == str(lib)
@@ -282,7 +282,7 @@ def test_cli_end_to_end_from_a_model_dir_and_jsonl(adapter_dirs, model, tok, tmp
     assert "accuracy normalised by the oracle" in capsys.readouterr().out
     # a routing variant joins the same results under its own label; the paper-routing tables stay as they were
     rc = eval_cli.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
-                  "--noise", "", "--out", str(out), "--methods", "seqr", "--normalise", "ratio", "--granularity", "prompt"])
+                        "--noise", "", "--out", str(out), "--methods", "seqr", "--normalise", "ratio", "--granularity", "prompt"])
     assert rc == 0
     saved2 = json.loads((out / files.EVAL_RESULTS).read_text())
     var = saved2["libraries"]["shared-0 [normalise=ratio granularity=prompt]"]
@@ -295,19 +295,19 @@ def test_cli_end_to_end_from_a_model_dir_and_jsonl(adapter_dirs, model, tok, tmp
             assert cells[t] == pytest.approx(var["methods"]["seqr"]["tasks"][t]["acc"] / oracle[t]["acc"])
     assert "## Routing variants" in capsys.readouterr().out
     rc = eval_cli.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
-                  "--noise", "", "--out", str(out), "--methods", "seqr", "--granularity", "layers"])
+                        "--noise", "", "--out", str(out), "--methods", "seqr", "--granularity", "layers"])
     saved3 = json.loads((out / files.EVAL_RESULTS).read_text())
     assert rc == 0 and list(saved3["libraries"]["shared-0 [granularity=layers]"]["methods"]) == ["seqr"]
     rc = eval_cli.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
-                  "--noise", "", "--out", str(out), "--methods", "seqr", "--granularity", "request",
-                  "--probe-depth", "0.5"])
+                        "--noise", "", "--out", str(out), "--methods", "seqr", "--granularity", "request",
+                        "--probe-depth", "0.5"])
     saved4 = json.loads((out / files.EVAL_RESULTS).read_text())
     req = saved4["libraries"]["shared-0 [granularity=request probe_depth=0.5]"]
     assert rc == 0 and list(req["methods"]) == ["seqr"] and req["routing"]["probe_depth"] == 0.5
     assert saved4["libraries"]["shared-0"] == saved["libraries"]["shared-0"]  # earlier passes kept, not redone
     with pytest.raises(SystemExit) as bad:  # a shortened probe only where a probe runs
         eval_cli.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--out", str(out),
-                 "--granularity", "prompt", "--probe-depth", "0.5"])
+                      "--granularity", "prompt", "--probe-depth", "0.5"])
     assert bad.value.code == 2 and "probe_depth applies to" in capsys.readouterr().err
 
 
