@@ -282,7 +282,8 @@ def test_cli_end_to_end_from_a_model_dir_and_jsonl(adapter_dirs, model, tok, tmp
     assert "accuracy normalised by the oracle" in capsys.readouterr().out
     # a routing variant joins the same results under its own label; the paper-routing tables stay as they were
     rc = eval_cli.main(["--library", str(lib), "--model", str(mdir), "--data", str(data_dir), "--max-eval", "3",
-                        "--noise", "", "--out", str(out), "--methods", "seqr", "--normalise", "ratio", "--granularity", "prompt"])
+                        "--noise", "", "--out", str(out), "--methods", "seqr", "--normalise", "ratio",
+                        "--granularity", "prompt"])
     assert rc == 0
     saved2 = json.loads((out / files.EVAL_RESULTS).read_text())
     var = saved2["libraries"]["shared-0 [normalise=ratio granularity=prompt]"]
