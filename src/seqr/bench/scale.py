@@ -1,4 +1,4 @@
-"""`seqr bench scale`: what N adapters cost as N grows (issue 31): memory, load, changes, decode, routing share.
+"""`seqr bench scale`: what N adapters cost as N grows: memory, load, changes, decode, routing share.
 
 For each N (--sizes), in a fresh process (resident memory only grows within one), on the float32 base model: N
 random shared-A rank-r adapters on q/k/v/o (seeded; calibrated with stand-in stats) are saved as a library

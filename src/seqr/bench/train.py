@@ -205,7 +205,7 @@ def summarise(tasks: dict, fast_dtype: torch.dtype, why: str) -> dict:
 
 
 def targets(result: dict) -> dict:
-    """Each target of issue 13 that this run measured: value, target, met."""
+    """Each of the fast path's targets (`TARGETS`) that this run measured: value, target, met."""
     out = {"speedup": (result["speedup"], ">="), "sign_test_p": (result["sign_test_p"], ">")}
     ev = result.get("eval")
     if ev:

@@ -1,4 +1,4 @@
-"""Differentially private calibration (issue 33): the Gaussian mechanism on clipped per-example summaries.
+"""Differentially private calibration: the Gaussian mechanism on clipped per-example summaries.
 
 The unit of privacy is one training example. Adjacency is **replace-one**: two datasets are neighbours when they
 hold the same number n of examples and differ in one of them. n is public (the silo declares how many examples

@@ -1,7 +1,7 @@
 """A library's per-layer `AdapterBank`s: built from its adapters on first use, then kept in step with each added or
 removed adapter in place (O(m r) per layer for the adapter's rows, not a rebuild of every bank). The banks' stacked
 rows are the storage: each adapter's own B (and A, with one A per adapter) is read from them (`Views`), so the
-library holds every adapter once (issue 31)."""
+library holds every adapter once."""
 from __future__ import annotations
 
 from collections.abc import Mapping
