@@ -223,9 +223,9 @@ def child(a) -> dict:
 
 
 def markdown(rows: list[dict], resident: str) -> str:
-    lines = [f"| N | formula MiB | resident after load / attach / forward MiB | × formula | load / attach s | add / remove s "
-             f"(file writes) | reattach s | decode b1 ms per token / per request (× untouched) | decode b8 ms per "
-             f"token / per request (× untouched) | routing share |",
+    lines = ["| N | formula MiB | resident after load / attach / forward MiB | × formula | load / attach s | add / remove s "
+             "(file writes) | reattach s | decode b1 ms per token / per request (× untouched) | decode b8 ms per "
+             "token / per request (× untouched) | routing share |",
              "|---:|---:|---|---:|---:|---|---|---|---|---:|"]
     for r in rows:
         d1, d8 = r["decode_ms"]["1"], r["decode_ms"]["8"]
