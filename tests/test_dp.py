@@ -25,9 +25,11 @@ E, D = 1.0, 1e-5
 
 
 def _delta_of_gaussian(mu: float, eps: float) -> float:
-    """The exact delta(eps) of a Gaussian mechanism with sensitivity / std = mu (Balle & Wang 2018, Theorem 8)."""
-    phi = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))  # noqa: E731
-    return phi(mu / 2 - eps / mu) - math.exp(eps) * phi(-mu / 2 - eps / mu)
+    """The exact delta(eps) of a Gaussian mechanism with sensitivity / std = mu (Balle & Wang 2018, Theorem 8);
+    the second term in log space, so a large epsilon does not overflow exp(eps)."""
+    from scipy.special import log_ndtr
+
+    return math.exp(log_ndtr(mu / 2 - eps / mu)) - math.exp(eps + log_ndtr(-mu / 2 - eps / mu))
 
 
 # ------------------------------------------------------------------------------------------ (a) the noise scale
@@ -43,6 +45,14 @@ def test_the_noise_multiplier_is_what_the_accountant_needs_for_epsilon_delta(acc
     assert exact <= D * (1 + 1e-6)  # both accountants are conservative
     if accountant == "pld":  # and PLD is tight: 1% less noise breaks delta
         assert _delta_of_gaussian(math.sqrt(releases) / (0.99 * nm), E) > D
+
+
+@pytest.mark.parametrize("epsilon", [8.0, 100.0, 1000.0])
+@pytest.mark.parametrize("releases", [1, 2])
+def test_a_large_epsilon_gets_the_noise_the_exact_gaussian_delta_needs(epsilon, releases):
+    nm = noise_multiplier(epsilon, D, releases)  # the PLD grid grows with epsilon: its precision stays relative
+    assert _delta_of_gaussian(math.sqrt(releases) / nm, epsilon) <= D * (1 + 1e-6)  # enough noise
+    assert _delta_of_gaussian(math.sqrt(releases) / (0.99 * nm), epsilon) > D  # and 1% less is not enough
 
 
 def test_the_noise_std_used_is_the_multiplier_times_the_sensitivity():
