@@ -47,6 +47,7 @@ weights are trained without DP and are not covered. The noise is drawn by torch 
 """
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -130,8 +131,6 @@ def noise_multiplier(epsilon: float, delta: float, releases: int = 1, accountant
     PLD discretises the privacy loss on a grid (pessimistically, so the bound stays valid): its default step,
     1e-4, is kept up to epsilon 1 and grows with epsilon above, so the relative precision stays 1e-4 and the
     grid stays small (at epsilon 1000 the default step would take minutes per calibration)."""
-    import functools
-
     import dp_accounting as dpa
 
     step = 1e-4 * max(1.0, epsilon)  # the PLD grid's step in privacy loss
